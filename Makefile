@@ -1,0 +1,28 @@
+# Two commands: `make demo` (set up, run the demo) and `make test` (set up, run the tests).
+# The virtual environment is created on first use; torch is installed first, pinned to the CPU build.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/mergegate demo --out demo-out
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/merge_vs_mergekit.py
+
+clean:
+	rm -rf $(VENV) demo-out bench-out

@@ -1,0 +1,59 @@
+"""Provenance: `mergegate.json` beside the merged model — recipe, input and output hashes, versions, seed.
+
+It holds no timestamps or output paths, so the same recipe and inputs rebuild it byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..checkpoint import sha256_file
+from .plan import MergePlan
+
+PROVENANCE_FILE = "mergegate.json"
+
+
+def hash_inputs(plan: MergePlan) -> dict[str, dict]:
+    """sha256 of every file that defines each input model (weights, index, config, tokenizer)."""
+    jobs = {(ref, path): None for ref, ck in plan.checkpoints.items() for path in ck.input_files()}
+    with ThreadPoolExecutor(2) as pool:
+        digests = dict(zip(jobs, pool.map(lambda key: sha256_file(key[1]), jobs)))
+    inputs: dict[str, dict] = {}
+    for (ref, path), digest in digests.items():
+        entry = inputs.setdefault(ref, {"path": str(plan.checkpoints[ref].path.resolve()), "files": {}})
+        entry["files"][path.name] = digest
+    return inputs
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("mergegate", "torch", "safetensors", "tokenizers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def write_provenance(plan: MergePlan, folder: Path, input_hashes: dict, shard_size) -> dict:
+    outputs = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    record = {
+        "format": "mergegate.provenance/1",
+        "recipe": plan.recipe.model_dump(exclude_none=True, mode="json"),
+        "method": plan.method.name,
+        "seed": plan.seed,
+        "base_model": plan.base,
+        "tokenizer_source": plan.tokenizer_source,
+        "out_dtype": str(plan.out_dtype).removeprefix("torch."),
+        "shard_size": str(shard_size),
+        "inputs": input_hashes,
+        "versions": versions(),
+        "outputs": outputs,
+    }
+    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record

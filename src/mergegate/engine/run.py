@@ -1,0 +1,207 @@
+"""Execution: stream tensors through the method on a thread pool, write shards in a temporary folder,
+rename it into place only when everything (weights, config, tokenizer, provenance) is complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import ShardedWriter, copy_model_files, parse_size
+from ..errors import IncompatibleModels, MergegateError
+from ..methods import NonFiniteInput
+from .plan import MergePlan, TensorJob, plan_merge
+from .provenance import PROVENANCE_FILE, hash_inputs, write_provenance
+
+DEFAULT_SHARD_SIZE = "5GB"
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    files: list[str]
+    tensors: int
+    bytes_written: int
+    seconds: float
+    provenance: dict
+
+
+class _ByteBudget:
+    """Admits jobs while their estimated memory fits; a job larger than the budget runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, amount: int) -> None:
+        with self._cond:
+            while self.used and self.used + amount > self.limit:
+                self._cond.wait()
+            self.used += amount
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.used -= amount
+            self._cond.notify_all()
+
+
+def merge(recipe, out_dir: str | Path, *, shard_size: str | int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
+          seed: int = 0, workers: int | None = None, overwrite: bool = False, progress: bool | None = None,
+          memory_budget: int = DEFAULT_MEMORY_BUDGET, check_lineage: bool = True) -> MergeResult:
+    """Merge the models a recipe names into `out_dir` (Hugging Face format, safetensors).
+
+    Nothing appears at `out_dir` unless the whole merge succeeds. Raises a MergegateError subclass, naming
+    the file, tensor or field at fault, when an input is refused.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise MergegateError(f"{out_dir} exists and is not empty; choose another folder or pass --overwrite")
+    plan = plan_merge(recipe, allow_pickle=allow_pickle, seed=seed, check_lineage=check_lineage)
+    return run_merge(plan, out_dir, shard_size=shard_size, workers=workers, progress=progress,
+                     memory_budget=memory_budget)
+
+
+def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT_SHARD_SIZE,
+              workers: int | None = None, progress: bool | None = None,
+              memory_budget: int = DEFAULT_MEMORY_BUDGET) -> MergeResult:
+    started = time.perf_counter()
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.mergegate-partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    workers = workers or min(4, os.cpu_count() or 1)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="mergegate-hash")
+    input_hashes = hasher.submit(hash_inputs, plan)
+    writer = None
+    threads_before = torch.get_num_threads()
+    # One intra-op thread per worker: parallelism comes from the pool, and reductions (norms, sums) then
+    # run in a fixed order, so the bytes do not depend on the machine's core count.
+    torch.set_num_threads(1)
+    try:
+        writer = ShardedWriter(staging, [job.output for job in plan.jobs], parse_size(shard_size))
+        _stream(plan, writer, workers, memory_budget, progress)
+        writer.close()
+        copy_model_files(plan.checkpoints[plan.reference], plan.checkpoints[plan.tokenizer_source],
+                         staging, plan.out_dtype)
+        provenance = write_provenance(plan, staging, input_hashes.result(), shard_size)
+        _replace(staging, out_dir)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+        hasher.shutdown(wait=True, cancel_futures=True)
+    files = sorted(p.name for p in out_dir.iterdir())
+    return MergeResult(out_dir, files, len(plan.jobs), writer.total_bytes, time.perf_counter() - started, provenance)
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.mergegate-old"
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None) -> None:
+    budget = _ByteBudget(budget_bytes)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _Progress(len(plan.jobs), plan.total_bytes, plan.method.name) if show else None
+    pending: set[Future] = set()
+    failure: BaseException | None = None
+
+    def finish(done: set[Future]) -> None:
+        nonlocal failure
+        for future in done:
+            pending.discard(future)
+            job = future.job
+            budget.release(min(job.work_bytes, budget_bytes))
+            error = future.exception()
+            if error is not None and failure is None:
+                failure = error
+            elif bar is not None:
+                bar.advance(job.output.nbytes)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="mergegate") as pool:
+        try:
+            for job in plan.jobs:
+                while pending and budget.used + min(job.work_bytes, budget_bytes) > budget_bytes:
+                    finish(wait(pending, return_when=FIRST_COMPLETED).done)
+                if failure is not None:
+                    break
+                budget.acquire(min(job.work_bytes, budget_bytes))
+                future = pool.submit(_compute, plan, job, writer)
+                future.job = job
+                pending.add(future)
+            while pending:
+                finish(wait(pending, return_when=FIRST_COMPLETED).done)
+        finally:
+            for future in pending:
+                future.cancel()
+            if bar is not None:
+                bar.stop()
+    if failure is not None:
+        raise failure
+
+
+def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter) -> None:
+    if job.passthrough:
+        writer.write(job.name, plan.checkpoints[plan.reference].read(job.name))
+        return
+    refs = ([plan.base] if plan.base else []) + plan.others
+    inputs = [_load(plan, ref, job.name) for ref in refs]
+    base = inputs.pop(0) if plan.base else None
+    rng = torch.Generator().manual_seed(job.seed) if plan.method.random else None
+    try:
+        merged = plan.method(base, inputs, job.per_model, job.shared, rng)
+    except NonFiniteInput as exc:
+        ref = plan.base if exc.index < 0 else plan.others[exc.index]
+        tensor = plan.checkpoints[ref].tensors[job.name]
+        raise IncompatibleModels(
+            f"tensor '{job.name}' of model '{ref}' ({tensor.file}) holds NaN or infinite values"
+        ) from None
+    except ValueError as exc:
+        raise MergegateError(f"tensor '{job.name}': {exc}") from None
+    writer.write(job.name, merged.to(job.output.dtype))
+
+
+def _load(plan: MergePlan, ref: str, name: str) -> torch.Tensor:
+    tensor = plan.checkpoints[ref].read(name)
+    if plan.load_dtype is not None and tensor.dtype != plan.load_dtype:
+        tensor = tensor.to(plan.load_dtype)  # mergekit rounds inputs to `dtype` before merging
+    return tensor.to(plan.compute_dtype)
+
+
+class _Progress:
+    """A rich progress bar: tensors, bytes, rate and ETA."""
+
+    def __init__(self, tensors: int, total_bytes: int, label: str):
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        self._progress = Progress(TextColumn(f"merging ({label})"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+        self._bytes = self._progress.add_task("bytes", total=total_bytes)
+        self._progress.start()
+        self.tensors, self.done = tensors, 0
+
+    def advance(self, nbytes: int) -> None:
+        self.done += 1
+        self._progress.update(self._bytes, advance=nbytes, description=f"{self.done}/{self.tensors} tensors")
+
+    def stop(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,183 @@
+"""The method registry: a merge method is a pure function over tensors plus typed parameters.
+
+A method declares two frozen dataclasses: `Shared` (one value per tensor, e.g. `normalize`, `t`) and
+`PerModel` (one value per input model, e.g. `weight`, `density`). Their fields *are* the recipe's
+parameter names and defaults, so the recipe validator, the planner and the docs all read the same
+declaration. A field without a default is required, as in mergekit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from ..errors import RecipeError
+
+BaseRule = Literal["required", "ignored", "optional"]
+PerModelScope = Literal["input", "non_base"]
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """For methods without parameters of this kind."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One recipe parameter as a method declares it."""
+
+    name: str  # the recipe's spelling (`lambda`, not `lambda_`)
+    field: str  # the dataclass field
+    kind: type  # float, bool or int
+    default: Any  # dataclasses.MISSING when required
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Validate one scalar the way mergekit does: numbers for floats (YAML '1e-3' strings too), real bools."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise RecipeError(f"{where}: parameter '{self.name}' must be true or false, got {value!r}")
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}")
+        try:
+            number = self.kind(float(value)) if self.kind is int else float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}") from None
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            raise RecipeError(
+                f"{where}: parameter '{self.name}' must be within [{self.low}, {self.high}], got {number!r}"
+            )
+        return number
+
+
+def param(default: Any = dataclasses.MISSING, *, name: str | None = None, low=None, high=None) -> Any:
+    """A dataclass field that is a recipe parameter; `name` overrides the spelling (for `lambda`)."""
+    meta = {"recipe_name": name, "low": low, "high": high}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _specs(cls: type) -> tuple[ParamSpec, ...]:
+    hints = {"float": float, "bool": bool, "int": int}
+    specs = []
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, type) else hints[str(f.type)]
+        specs.append(
+            ParamSpec(
+                name=f.metadata.get("recipe_name") or f.name,
+                field=f.name,
+                kind=kind,
+                default=f.default,
+                low=f.metadata.get("low"),
+                high=f.metadata.get("high"),
+            )
+        )
+    return tuple(specs)
+
+
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method. `fn(base, tensors, per_model, shared, rng) -> Tensor`.
+
+    `base` is the base model's tensor (None when the method ignores it); `tensors` are the other inputs
+    in recipe order; `per_model[i]` are the typed parameters of `tensors[i]`; `rng` is a generator seeded
+    per tensor, so random methods give the same bytes whatever order tensors are computed in.
+    """
+
+    name: str
+    fn: MethodFn
+    shared: type
+    per_model: type
+    base: BaseRule
+    per_model_scope: PerModelScope
+    min_models: int
+    max_models: int | None
+    random: bool
+    summary: str
+
+    @property
+    def shared_params(self) -> tuple[ParamSpec, ...]:
+        return _specs(self.shared)
+
+    @property
+    def per_model_params(self) -> tuple[ParamSpec, ...]:
+        return _specs(self.per_model)
+
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.shared_params + self.per_model_params]
+
+    def __call__(
+        self,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        per_model: Sequence[Any],
+        shared: Any,
+        rng: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        inputs = ([base] if base is not None else []) + list(tensors)
+        for position, tensor in enumerate(inputs):
+            if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteInput(position - (base is not None))
+        return self.fn(base, list(tensors), list(per_model), shared, rng)
+
+
+class NonFiniteInput(ValueError):
+    """An input holds NaN or infinity. `index` is its position in `tensors`; -1 is the base."""
+
+    def __init__(self, index: int):
+        self.index = index
+        super().__init__(f"input {'base' if index < 0 else index} holds NaN or infinite values")
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    shared: type = NoParams,
+    per_model: type = NoParams,
+    base: BaseRule = "required",
+    per_model_scope: PerModelScope = "non_base",
+    min_models: int = 1,
+    max_models: int | None = None,
+    random: bool = False,
+) -> Callable[[MethodFn], MethodFn]:
+    """Register `fn` under `name`. Counts are of models other than the base (all models when base is ignored)."""
+
+    def wrap(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _REGISTRY[name] = MergeMethod(
+            name, fn, shared, per_model, base, per_model_scope, min_models, max_models, random, summary
+        )
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RecipeError(
+            f"merge_method: unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
