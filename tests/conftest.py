@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny Llama checkpoints built with transformers in a temp dir (fixed seeds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """A base LlamaForCausalLM (hidden 64, 2 layers) and three fine-tunes = base + small seeded deltas."""
+    from mergegate.samples import write_family
+
+    return write_family(tmp_path_factory.mktemp("family"), finetunes=3)
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe dict to YAML and return its path."""
+
+    def write(recipe: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+def recipe_for(method: str, family: dict[str, Path], models=("ft1", "ft2", "ft3"), base=True, **parameters) -> dict:
+    weights = parameters.pop("weights", [1.0] * len(models))
+    recipe = {
+        "merge_method": method,
+        "models": [{"model": str(family[m]), "parameters": {"weight": w}} for m, w in zip(models, weights)],
+    }
+    if base:
+        recipe["base_model"] = str(family["base"])
+    if parameters:
+        recipe["parameters"] = parameters
+    return recipe

@@ -1,0 +1,203 @@
+"""The engine end to end on real tiny Llama checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergegate import merge, plan_merge
+from mergegate.checkpoint import ShardedWriter
+
+from . import reference
+from .conftest import recipe_for
+
+MODELS = ("ft1", "ft2", "ft3")
+
+
+def _load(family, name):
+    return load_file(family[name] / "model.safetensors")
+
+
+def _expected(method: str, family) -> dict[str, torch.Tensor]:
+    base = _load(family, "base")
+    fts = [_load(family, m) for m in MODELS]
+    weights = [1.0, 0.5, 0.8]
+    out = {}
+    for name, b in base.items():
+        xs = [ft[name] for ft in fts]
+        if method == "linear":
+            out[name] = sum(w * x for w, x in zip(weights, xs)) / sum(weights)
+        elif method == "task_arithmetic":
+            out[name] = reference.task_vectors(b, xs, weights, lam=0.7)
+        elif method == "ties":
+            masks = [reference.top_k_mask(x - b, 0.4) for x in xs]
+            out[name] = reference.task_vectors(b, xs, weights, masks, consensus=True, normalize=True)
+        elif method == "breadcrumbs":
+            masks = [reference.crumbs_mask(x - b, 0.6, 0.05) for x in xs]
+            out[name] = reference.task_vectors(b, xs, weights, masks)
+        elif method == "slerp":
+            out[name] = reference.slerp(0.3, b, xs[0])
+    return out
+
+
+PARAMS = {
+    "linear": {},
+    "task_arithmetic": {"lambda": 0.7},
+    "ties": {"density": 0.4},
+    "breadcrumbs": {"density": 0.6, "gamma": 0.05},
+}
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs", "slerp"])
+def test_each_method_equals_an_independent_computation(method, family, tmp_path):
+    if method == "slerp":
+        recipe = recipe_for("slerp", family, models=("ft1",), weights=[None], t=0.3)
+        recipe["models"] = [{"model": str(family["ft1"])}]
+    else:
+        recipe = recipe_for(method, family, base=method != "linear", weights=[1.0, 0.5, 0.8], **PARAMS[method])
+    merge(recipe, tmp_path / "out", progress=False)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    expected = _expected(method, family)
+    assert merged.keys() == expected.keys()
+    worst = max(float((merged[n] - expected[n]).abs().max()) for n in merged)
+    assert worst < 1e-5, f"{method}: max abs difference {worst}"
+
+
+def test_merged_model_loads_and_generates(family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merge(recipe_for("ties", family, density=0.5), tmp_path / "out", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    inputs = tokenizer("merge", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 5)
+    assert {"config.json", "generation_config.json", "tokenizer.json", "mergegate.json"} <= {
+        p.name for p in (tmp_path / "out").iterdir()}
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_rebuild_is_byte_identical_whatever_the_worker_count(method, family, tmp_path):
+    recipe = recipe_for(method, family, density=0.5)
+    merge(recipe, tmp_path / "a", workers=1, progress=False, seed=3)
+    merge(recipe, tmp_path / "b", workers=3, progress=False, seed=3, memory_budget=1)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    merge(recipe, tmp_path / "c", workers=2, progress=False, seed=4)
+    weights = lambda folder: _digests(folder)["model.safetensors"]  # noqa: E731  (mergegate.json records the seed)
+    assert (weights(tmp_path / "c") != weights(tmp_path / "a")) == (method == "dare_ties")  # only random ones
+
+
+def test_failure_mid_merge_leaves_nothing_at_out_dir(family, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = ShardedWriter.write
+
+    def failing_write(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise OSError("disk full (injected)")
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(ShardedWriter, "write", failing_write)
+    with pytest.raises(OSError, match="injected"):
+        merge(recipe_for("task_arithmetic", family), tmp_path / "out", progress=False)
+    assert calls["n"] >= 6
+    assert list(tmp_path.iterdir()) == []  # neither the model nor the staging folder
+
+
+def test_existing_output_is_kept_unless_overwrite(family, tmp_path):
+    from mergegate import MergegateError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MergegateError, match="exists and is not empty.*--overwrite"):
+        merge(recipe_for("linear", family, base=False), out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge(recipe_for("linear", family, base=False), out, progress=False, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_sharded_output_loads(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = merge(recipe_for("linear", family, base=False), tmp_path / "out", shard_size="100KB", progress=False)
+    shards = [f for f in result.files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in result.files
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    merged_single = tmp_path / "single"
+    merge(recipe_for("linear", family, base=False), merged_single, progress=False)
+    single = load_file(merged_single / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        if name in single:
+            assert torch.equal(tensor, single[name]), name
+
+
+def test_provenance_records_inputs_recipe_versions_and_outputs(family, tmp_path):
+    result = merge(recipe_for("ties", family, density=0.5), tmp_path / "out", progress=False, seed=11)
+    record = json.loads((tmp_path / "out" / "mergegate.json").read_text())
+    assert record == result.provenance
+    assert record["method"] == "ties" and record["seed"] == 11 and record["recipe"]["merge_method"] == "ties"
+    weights = family["ft2"] / "model.safetensors"
+    assert record["inputs"][str(family["ft2"])]["files"]["model.safetensors"] == hashlib.sha256(
+        weights.read_bytes()).hexdigest()
+    for name, digest in record["outputs"].items():
+        assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == digest
+    assert {"torch", "safetensors", "mergegate", "python"} <= set(record["versions"])
+
+
+def test_gradient_parameters_follow_layer_depth(family, tmp_path):
+    recipe = recipe_for("task_arithmetic", family, models=("ft1",), weights=[[0.0, 1.0]])
+    plan = plan_merge(recipe)
+    by_name = {job.name: job for job in plan.jobs}
+    assert by_name["model.layers.0.mlp.up_proj.weight"].per_model[0].weight == 0.0
+    assert by_name["model.layers.1.mlp.up_proj.weight"].per_model[0].weight == 1.0
+    assert by_name["model.embed_tokens.weight"].per_model[0].weight == 0.0  # outside the blocks t = 0
+    merge(recipe, tmp_path / "out", progress=False)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    base, ft1 = _load(family, "base"), _load(family, "ft1")
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert torch.allclose(merged["model.layers.1.mlp.up_proj.weight"], ft1["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_missing_required_parameter_is_named_before_any_tensor(family, tmp_path):
+    from mergegate import RecipeError
+
+    recipe = recipe_for("ties", family)
+    del recipe["models"][1]["parameters"]
+    with pytest.raises(RecipeError, match=r"model '.*ft2': missing required parameter 'weight'"):
+        merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bfloat16_inputs_with_dtype_and_out_dtype(family, tmp_path):
+    recipe = recipe_for("task_arithmetic", family, models=("ft1", "ft2"))
+    recipe.update(dtype="bfloat16", out_dtype="float16")
+    merge(recipe, tmp_path / "out", progress=False)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.float16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
+    base, a, b = (_load(family, m) for m in ("base", "ft1", "ft2"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    rounded = [x[name].to(torch.bfloat16).float() for x in (base, a, b)]  # inputs rounded to `dtype` first
+    expected = rounded[0] + (rounded[1] - rounded[0]) + (rounded[2] - rounded[0])
+    assert torch.equal(merged[name], expected.to(torch.float16))
+
+
+def test_recipe_paths_resolve_beside_the_recipe_file(family, tmp_path, write_recipe, monkeypatch):
+    recipe = recipe_for("linear", family, base=False)
+    for entry in recipe["models"]:
+        entry["model"] = f"../{family['base'].parent.name}/{entry['model'].rsplit('/', 1)[1]}"
+    path = family["base"].parent.parent / "recipes" / "r.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(recipe))
+    monkeypatch.chdir(tmp_path)
+    result = merge(path, tmp_path / "out", progress=False)
+    assert result.tensors == len(_load(family, "base"))

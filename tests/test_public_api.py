@@ -1,0 +1,30 @@
+"""The public API is exactly `mergegate.__all__`, and the core never imports the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import mergegate
+
+
+def test_all_names_exist_and_nothing_public_is_missing():
+    assert sorted(mergegate.__all__) == mergegate.__all__
+    for name in mergegate.__all__:
+        assert hasattr(mergegate, name), name
+    public = {n for n, v in vars(mergegate).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    assert public == set(mergegate.__all__) - {"__version__"}
+
+
+def test_public_objects_present_the_top_level_module():
+    for name in mergegate.__all__:
+        obj = getattr(mergegate, name)
+        if hasattr(obj, "__module__") and callable(obj):
+            assert obj.__module__.startswith("mergegate"), name
+
+
+def test_core_does_not_import_the_cli():
+    code = "import mergegate, sys; print(any(m.startswith(('mergegate.cli', 'typer')) for m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
