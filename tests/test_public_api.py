@@ -11,9 +11,11 @@ import mergegate
 
 def test_all_names_exist_and_nothing_public_is_missing():
     assert sorted(mergegate.__all__) == mergegate.__all__
+    assert sorted(dir(mergegate)) == sorted(set(dir(mergegate)) | set(mergegate.__all__))
     for name in mergegate.__all__:
         assert hasattr(mergegate, name), name
-    public = {n for n, v in vars(mergegate).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    public = {n for n, v in vars(mergegate).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)
+              and n not in {"annotations", "importlib", "TYPE_CHECKING", "Any"}}
     assert public == set(mergegate.__all__) - {"__version__"}
 
 
@@ -22,6 +24,14 @@ def test_public_objects_present_the_top_level_module():
         obj = getattr(mergegate, name)
         if hasattr(obj, "__module__") and callable(obj):
             assert obj.__module__.startswith("mergegate"), name
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from mergegate.cli import app; import typer.testing as t; "
+            "r = t.CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_core_does_not_import_the_cli():
