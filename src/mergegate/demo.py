@@ -1,81 +1,135 @@
-"""`mergegate demo`: generated sample checkpoints merged with several methods, each result loaded and run.
+"""`mergegate demo`: the release workflow on the shipped demo models, with several merge methods.
 
-The sample models are random (base + small deltas), so what this shows is the machinery — recipes,
-compatibility checks, streaming, provenance, loadable output — and how far each merge lands from its
-sources. Per-cohort evaluation of trained demo models replaces it when the evaluation stage lands.
+Each method's candidate is merged, evaluated beside the base and every source on the held-out suite, and
+gated per cohort. Sources are evaluated once (the registry caches them by content hash). The summary
+shows which method wins which cohort and what the gate decided; the top-level report and rollout plan
+are those of the method the gate promotes on the most cohorts.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import shutil
 import time
 from pathlib import Path
 
-import torch
-import yaml
+from .registry import Registry
+from .release import ReleaseResult, release
 
-from .engine import merge
-from .samples import write_family
-
-RECIPES = {
-    "linear": {"models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("ft1", "ft2", "ft3")]},
-    "task_arithmetic": {"base_model": "base", "parameters": {"lambda": 0.7},
-                        "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("ft1", "ft2", "ft3")]},
-    "ties": {"base_model": "base", "parameters": {"density": 0.5},
-             "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("ft1", "ft2", "ft3")]},
-    "dare_ties": {"base_model": "base", "parameters": {"density": 0.5},
-                  "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("ft1", "ft2", "ft3")]},
-    "breadcrumbs": {"base_model": "base", "parameters": {"density": 0.9, "gamma": 0.01},
-                    "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("ft1", "ft2", "ft3")]},
-    "slerp": {"base_model": "base", "parameters": {"t": [0.2, 0.8]}, "models": [{"model": "ft1"}]},
-}
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 
 
-def _relative_distance(a: Path, b: Path) -> float:
-    from .checkpoint import Checkpoint
+def find_demo_folder(start: Path | None = None) -> Path:
+    """examples/demo in the working directory or in the source checkout this package runs from."""
+    candidates = [Path.cwd() / "examples" / "demo", Path(__file__).resolve().parents[2] / "examples" / "demo"]
+    if start is not None:
+        candidates.insert(0, Path(start))
+    for folder in candidates:
+        if (folder / "suite.jsonl").is_file():
+            return folder
+    raise FileNotFoundError("the demo models were not found (expected examples/demo with suite.jsonl); "
+                            "run from a mergegate checkout or pass --models")
 
-    left, right = Checkpoint(a), Checkpoint(b)
-    num = den = 0.0
-    for name in left.tensors:
-        x, y = left.read(name).double(), right.read(name).double()
-        num += float((x - y).pow(2).sum())
-        den += float(x.pow(2).sum())
-    return (num / den) ** 0.5
+
+def _rank(result: ReleaseResult) -> tuple:
+    decisions = [d.decision for d in result.gate.decisions]
+    return (decisions.count("promote"), -decisions.count("reject"), result.gate.aggregate[result.candidate.name])
 
 
-def run_demo(out: Path) -> None:
+def run_demo(out: Path, models: Path | None = None, methods=METHODS) -> dict[str, ReleaseResult]:
     from rich.console import Console
     from rich.table import Table
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     console = Console()
+    demo = find_demo_folder(models)
     out = Path(out)
-    samples = out / "samples"
-    if not (samples / "ft3" / "config.json").exists():
-        console.print(f"generating sample checkpoints in {samples} …")
-        write_family(samples, finetunes=3)
-    table = Table(title="mergegate demo: sample checkpoints merged, loaded with transformers, generated from")
-    for column in ("method", "seconds", "MB", "dist→base", "dist→ft1", "dist→ft2", "loads+generates"):
-        table.add_column(column, justify="right" if column != "method" else "left")
-    tokenizer = AutoTokenizer.from_pretrained(samples / "base")
-    prompt = tokenizer("hello", return_tensors="pt")
-    for method, body in RECIPES.items():
-        recipe_path = out / "recipes" / f"{method}.yaml"
-        recipe_path.parent.mkdir(parents=True, exist_ok=True)
-        recipe = {"merge_method": method, **body, "dtype": "float32"}
-        recipe["models"] = [{**m, "model": str(samples / m["model"])} for m in recipe["models"]]
-        if "base_model" in recipe:
-            recipe["base_model"] = str(samples / recipe["base_model"])
-        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        target = out / "merged" / method
-        started = time.perf_counter()
-        result = merge(recipe_path, target, overwrite=True, progress=False)
-        seconds = time.perf_counter() - started
-        model = AutoModelForCausalLM.from_pretrained(target)
-        with torch.no_grad():
-            generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=3)
-        ok = generated.shape[1] == prompt["input_ids"].shape[1] + 8
-        table.add_row(method, f"{seconds:.2f}", f"{result.bytes_written / 1e6:.2f}",
-                      *(f"{_relative_distance(samples / s, target):.4f}" for s in ("base", "ft1", "ft2")),
-                      "yes" if ok else "NO")
+    out.mkdir(parents=True, exist_ok=True)
+    registry = Registry(out / "registry.sqlite")
+    started = time.perf_counter()
+    results = {}
+    for method in methods:
+        console.print(f"[bold]{method}[/]: merge → evaluate (base and every source) → gate")
+        results[method] = release(demo / "recipes" / f"{method}.yaml", demo / "suite.jsonl", demo / "policy.yaml",
+                                  out / method, registry=registry, candidate_name=f"merged-{method}")
+    cohorts = [d.cohort for d in results[methods[0]].gate.decisions]
+    table = Table(title="candidate score per cohort and the gate's decision (best source in the last column)")
+    table.add_column("cohort")
+    for method in methods:
+        table.add_column(method, justify="right")
+    table.add_column("best source", justify="right")
+    for cohort in cohorts:
+        cells = {m: results[m].gate.decision(cohort) for m in methods}
+        winner = max(methods, key=lambda m: cells[m].candidate_mean)
+        row = [f"{'[bold]' if m == winner else ''}{cells[m].candidate_mean:.3f} {cells[m].decision}"
+               f"{'[/]' if m == winner else ''}" for m in methods]
+        first = cells[methods[0]]
+        table.add_row(cohort, *row, f"{first.best_source} {first.best_source_mean:.3f}")
     console.print(table)
-    console.print(f"recipes in {out / 'recipes'}, merged models (with mergegate.json provenance) in {out / 'merged'}")
+    best = max(methods, key=lambda m: _rank(results[m]))
+    _write_summary(out, results, best)
+    console.print(f"best release: [bold]{best}[/] (most cohorts promoted). Reports: {out / 'report.html'}, "
+                  f"{out / 'report.md'}, rollout plan {out / 'rollout.yaml'}; per method in {out}/<method>/. "
+                  f"{time.perf_counter() - started:.0f} s.")
+    return results
+
+
+def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str) -> None:
+    methods = list(results)
+    cohorts = [d.cohort for d in results[best].gate.decisions]
+    shutil.copyfile(out / best / "rollout.yaml", out / "rollout.yaml")
+    header = ["cohort", *methods, "best source"]
+    rows = []
+    for cohort in cohorts:
+        first = results[methods[0]].gate.decision(cohort)
+        rows.append([cohort, *(f"{results[m].gate.decision(cohort).candidate_mean:.3f} "
+                               f"{results[m].gate.decision(cohort).decision}" for m in methods),
+                     f"{first.best_source} {first.best_source_mean:.3f}"])
+    png = _summary_chart(results, cohorts)
+    (out / "summary.png").write_bytes(png)
+    md = ["# mergegate demo", "", "Candidate score per cohort and the gate's decision for each merge method.", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(r) + " |" for r in rows), "",
+          f"Best release: **{best}** (most cohorts promoted); its rollout plan is `rollout.yaml`. Per-method "
+          "reports, with intervals and reasons, are in each method's folder.", "", "![summary](summary.png)", "",
+          open(out / best / "report.md").read().replace("![chart](chart.png)", f"![chart]({best}/chart.png)")]
+    (out / "report.md").write_text("\n".join(md))
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
+    best_html = (out / best / "report.html").read_text()
+    best_body = best_html[best_html.index("<body>") + 6: best_html.index("</body>")]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mergegate demo</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left}}th{{background:#eee}}</style></head><body>
+<h1>mergegate demo</h1><p>Candidate score per cohort and the gate's decision, per merge method.
+Best release: <b>{html.escape(best)}</b>.</p>
+<table><tr>{cells(header, "th")}</tr>{"".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)}</table>
+<img alt="summary" src="data:image/png;base64,{base64.b64encode(png).decode()}"><hr>{best_body}</body></html>"""
+    (out / "report.html").write_text(page)
+
+
+def _summary_chart(results: dict[str, ReleaseResult], cohorts: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.7 * len(cohorts)), 3.8), dpi=110)
+    for k, method in enumerate(methods):
+        xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(cohorts))]
+        ax.bar(xs, [results[method].gate.decision(c).candidate_mean for c in cohorts], width, label=method)
+    first = results[methods[0]].gate
+    for i, cohort in enumerate(cohorts):
+        d = first.decision(cohort)
+        ax.hlines(d.best_source_mean, i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1)
+    ax.set_xticks(range(len(cohorts)), cohorts, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("candidate mean score (dashed: best source)")
+    ax.legend(fontsize=7, ncols=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

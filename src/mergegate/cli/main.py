@@ -63,6 +63,123 @@ def merge_command(
                f"in {result.seconds:.1f} s")
 
 
+def _model_specs(values: list[str], role: str):
+    from ..evaluate import ModelSpec
+
+    specs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).name, value
+        adapter = None
+        if "+" in path and not Path(path).exists():
+            path, adapter = path.split("+", 1)
+        specs.append(ModelSpec(name, Path(path), role, Path(adapter) if adapter else None))
+    return specs
+
+
+@app.command("evaluate")
+def evaluate_command(
+    models: list[str] = typer.Argument(..., help="Models as NAME=PATH (or PATH; PATH+ADAPTER for a PEFT adapter)."),
+    suite: Path = typer.Option(..., help="Eval suite JSONL."),
+    registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
+    batch_size: int = typer.Option(32, help="Rows generated together."),
+    max_new_tokens: int = typer.Option(64, help="Longest completion."),
+) -> None:
+    """Evaluate models on the same suite rows; print the mean score per cohort."""
+    from .. import MergegateError
+    from ..evaluate import evaluate_models, load_suite
+    from ..registry import Registry
+
+    try:
+        loaded = load_suite(suite)
+        runs = evaluate_models(_model_specs(models, "source"), loaded, Registry(registry), batch_size=batch_size,
+                               max_new_tokens=max_new_tokens)
+    except MergegateError as exc:
+        _refuse(exc)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mean score per cohort ({suite.name})")
+    table.add_column("model")
+    for cohort in loaded.cohorts:
+        table.add_column(cohort, justify="right")
+    for name, run in runs.items():
+        by_cohort = {c: [r.score for r in run.results if r.cohort == c] for c in loaded.cohorts}
+        table.add_row(name + (" (cached)" if run.cached else ""),
+                      *(f"{sum(v) / len(v):.3f}" for v in by_cohort.values()))
+    Console().print(table)
+
+
+@app.command("gate")
+def gate_command(
+    candidate: str = typer.Option(..., help="NAME=PATH of the candidate."),
+    base: str = typer.Option(..., help="NAME=PATH of the base model."),
+    source: list[str] = typer.Option(..., help="NAME=PATH of a source model (repeat)."),
+    suite: Path = typer.Option(..., help="Eval suite JSONL."),
+    policy: Optional[Path] = typer.Option(None, help="Policy YAML (default rules when omitted)."),
+    out: Path = typer.Option(Path("gate-out"), help="Folder for report.md, report.html, rollout.yaml."),
+    registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
+) -> None:
+    """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
+    from .. import MergegateError
+    from ..evaluate import evaluate_models, load_suite
+    from ..gate import decide, load_policy
+    from ..registry import Registry
+    from ..report import rollout_plan, write_reports
+    from ..rollout import PlanModel
+
+    try:
+        loaded, rules, store = load_suite(suite), load_policy(policy), Registry(registry)
+        specs = _model_specs([candidate], "candidate") + _model_specs([base], "base") + _model_specs(source, "source")
+        runs = evaluate_models(specs, loaded, store)
+        result = decide({n: r.results for n, r in runs.items()}, candidate=specs[0].name, base=specs[1].name,
+                        sources=[s.name for s in specs[2:]], policy=rules)
+        store.add_decisions(runs[specs[0].name].model_hash, loaded.sha256, result.policy_sha256, result.decisions)
+        models = {s.name: PlanModel(role=s.role, path=str(s.path.absolute()),
+                                    adapter=str(s.adapter.absolute()) if s.adapter else None) for s in specs}
+        reports = write_reports(out, result, rollout_plan(result, models, loaded), title=f"gate: {specs[0].name}")
+    except MergegateError as exc:
+        _refuse(exc)
+    _print_decisions(result)
+    typer.echo(f"wrote {', '.join(str(p) for p in reports.values())}")
+
+
+@app.command("release")
+def release_command(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit's schema) with base_model."),
+    suite: Path = typer.Option(..., help="Eval suite JSONL."),
+    policy: Optional[Path] = typer.Option(None, help="Policy YAML (default rules when omitted)."),
+    out: Path = typer.Option(Path("release-out"), help="Folder for the candidate, reports and rollout plan."),
+    seed: int = typer.Option(0, help="Seed for random merge methods."),
+) -> None:
+    """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
+    from .. import MergegateError
+    from ..release import release
+
+    _keep_freed_memory()
+    try:
+        result = release(recipe, suite, policy, out, seed=seed)
+    except MergegateError as exc:
+        _refuse(exc)
+    _print_decisions(result.gate)
+    typer.echo(f"wrote {', '.join(str(p) for p in result.reports.values())}")
+
+
+def _print_decisions(gate) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"gate decisions for {gate.candidate}")
+    for column in ("cohort", "candidate", "best source", "Δ [CI]", "retention", "decision", "route"):
+        table.add_column(column)
+    for d in gate.decisions:
+        table.add_row(d.cohort, f"{d.candidate_mean:.3f}", f"{d.best_source} {d.best_source_mean:.3f}",
+                      f"{d.diff_mean:+.3f} [{d.diff_low:+.3f}, {d.diff_high:+.3f}]", f"{d.retention:.2f}",
+                      d.decision, d.model)
+    Console().print(table)
+
+
 @app.command("methods")
 def methods_command() -> None:
     """List the merge methods with their parameters and defaults."""
@@ -77,12 +194,18 @@ def methods_command() -> None:
 
 @app.command("demo")
 def demo_command(
-    out: Path = typer.Option(Path("demo-out"), help="Folder for the sample models and merges."),
+    out: Path = typer.Option(Path("demo-out"), help="Folder for candidates, reports and the rollout plan."),
+    models: Optional[Path] = typer.Option(None, help="Demo folder (default: examples/demo of this checkout)."),
 ) -> None:
-    """Generate sample checkpoints, merge them with several methods, load and run each merge."""
+    """Release the shipped demo models with several merge methods; print who wins which cohort."""
+    from .. import MergegateError
     from ..demo import run_demo
 
-    run_demo(out)
+    _keep_freed_memory()
+    try:
+        run_demo(out, models)
+    except (MergegateError, FileNotFoundError) as exc:
+        _refuse(exc)
 
 
 def main() -> None:

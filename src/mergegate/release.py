@@ -1,0 +1,70 @@
+"""A release: merge the recipe into a candidate, evaluate it with the base and every source on the same
+suite, gate each cohort, and write the report and the rollout plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import merge
+from .errors import RecipeError
+from .evaluate import ModelRun, ModelSpec, evaluate_models, load_suite
+from .gate import GateResult, decide, load_policy
+from .recipe import load_recipe
+from .registry import Registry
+from .report import rollout_plan, write_reports
+from .rollout import PlanModel, RolloutPlan
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    out: Path
+    candidate: ModelSpec
+    gate: GateResult
+    plan: RolloutPlan
+    runs: dict[str, ModelRun]
+    reports: dict[str, Path]
+
+
+def release_models(recipe, candidate_dir: Path, candidate_name: str) -> list[ModelSpec]:
+    """The candidate, the base and every source the recipe names, with unique display names."""
+    from .engine.plan import resolve_model_path
+
+    if not recipe.base_model:
+        raise RecipeError("a release needs base_model in the recipe: the base is evaluated beside every source")
+    specs = [ModelSpec(candidate_name, Path(candidate_dir), "candidate")]
+    taken = {candidate_name}
+    for ref in recipe.model_refs():
+        path = resolve_model_path(ref, recipe.folder).resolve()
+        name = path.name
+        while name in taken:
+            name = f"{path.parent.name}/{name}"
+        taken.add(name)
+        specs.append(ModelSpec(name, path, "base" if ref == recipe.base_model else "source"))
+    return specs
+
+
+def release(recipe, suite, policy, out: str | Path, *, registry: Registry | None = None,
+            candidate_name: str | None = None, seed: int = 0, progress: bool | None = None,
+            batch_size: int = 32, max_new_tokens: int = 64) -> ReleaseResult:
+    out = Path(out)
+    recipe = load_recipe(recipe)
+    suite = load_suite(suite)
+    policy = load_policy(policy)
+    candidate_name = candidate_name or f"merged-{recipe.merge_method}"
+    candidate_dir = out / "candidate"
+    merge(recipe, candidate_dir, seed=seed, overwrite=True, progress=progress)
+    specs = release_models(recipe, candidate_dir, candidate_name)
+    registry = registry or Registry(out / "registry.sqlite")
+    runs = evaluate_models(specs, suite, registry, progress=progress, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens)
+    base = next(s.name for s in specs if s.role == "base")
+    sources = [s.name for s in specs if s.role == "source"]
+    gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate_name, base=base,
+                  sources=sources, policy=policy)
+    registry.add_decisions(runs[candidate_name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
+    models = {s.name: PlanModel(role=s.role, path=str(s.path.absolute()),
+                                adapter=str(s.adapter) if s.adapter else None) for s in specs}
+    plan = rollout_plan(gate, models, suite)
+    reports = write_reports(out, gate, plan, title=f"mergegate release: {candidate_name}")
+    return ReleaseResult(out, specs[0], gate, plan, runs, reports)

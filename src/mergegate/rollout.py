@@ -1,0 +1,96 @@
+"""Rollout plans: cohort → model, fallback chain, mirrored share, online check. Written by the gate,
+served by the gateway, changed at run time only through the gateway's admin API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import MergegateError
+
+OnlineCheck = Literal["json_valid", "refusal", "tool_selection"]
+
+
+class PlanError(MergegateError, ValueError):
+    """A rollout plan is malformed or refers to an unknown model."""
+
+
+class PlanModel(BaseModel):
+    """A model the gateway can call: a local folder (optionally with an adapter) or a remote upstream URL."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["candidate", "base", "source"] = "source"
+    path: str | None = None
+    adapter: str | None = None
+    url: str | None = None  # an OpenAI-compatible upstream, e.g. http://127.0.0.1:8000/v1
+    upstream_model: str | None = None  # the name the upstream knows it by
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if (self.path is None) == (self.url is None):
+            raise ValueError("a model needs exactly one of 'path' or 'url'")
+        return self
+
+
+class Route(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    fallback: list[str] = []
+    mirror: float = Field(0.0, ge=0, le=1)  # share of this cohort's requests also sent to the candidate
+    decision: Literal["promote", "hold", "reject", "manual"] | None = None
+    check: OnlineCheck | None = None  # online check whose failure triggers fallback
+    tools: list[str] | None = None  # for the tool_selection check
+
+
+class RolloutPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1] = 1
+    candidate: str
+    models: dict[str, PlanModel]
+    routes: dict[str, Route]
+    default: Route
+
+    @model_validator(mode="after")
+    def _known_models(self):
+        if self.candidate not in self.models:
+            raise ValueError(f"candidate '{self.candidate}' is not among models ({', '.join(self.models)})")
+        for cohort, route in [*self.routes.items(), ("default", self.default)]:
+            for name in [route.model, *route.fallback]:
+                if name not in self.models:
+                    raise ValueError(f"route '{cohort}' names model '{name}', which is not among models "
+                                     f"({', '.join(self.models)})")
+        return self
+
+    def route(self, cohort: str | None) -> Route:
+        return self.routes.get(cohort or "", self.default)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = self.model_dump(exclude_none=True)
+        for entry in data["models"].values():  # portable: paths relative to the plan's folder
+            for key in ("path", "adapter"):
+                if key in entry and Path(entry[key]).is_absolute():
+                    entry[key] = os.path.relpath(entry[key], path.parent.absolute())
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+
+def load_plan(path: str | Path) -> RolloutPlan:
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"rollout plan {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+        plan = RolloutPlan.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise PlanError(f"rollout plan {path}: {exc}") from None
+    for entry in plan.models.values():
+        for key in ("path", "adapter"):
+            value = getattr(entry, key)
+            if value is not None and not Path(value).is_absolute():
+                setattr(entry, key, str((path.parent / value).resolve()))
+    return plan
