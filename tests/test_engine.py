@@ -99,11 +99,11 @@ def test_failure_mid_merge_leaves_nothing_at_out_dir(family, tmp_path, monkeypat
     calls = {"n": 0}
     original = ShardedWriter.write
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, name, tensor, *rows):
         calls["n"] += 1
         if calls["n"] == 6:
             raise OSError("disk full (injected)")
-        return original(self, name, tensor)
+        return original(self, name, tensor, *rows)
 
     monkeypatch.setattr(ShardedWriter, "write", failing_write)
     with pytest.raises(OSError, match="injected"):
@@ -201,3 +201,40 @@ def test_recipe_paths_resolve_beside_the_recipe_file(family, tmp_path, write_rec
     monkeypatch.chdir(tmp_path)
     result = merge(path, tmp_path / "out", progress=False)
     assert result.tensors == len(_load(family, "base"))
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_elementwise_methods_split_large_tensors_into_identical_chunks(method, family, tmp_path, monkeypatch):
+    from mergegate.engine import plan as plan_module
+
+    recipe = recipe_for(method, family, weights=[1.0, 0.5, 0.8])
+    merge(recipe, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 1000)
+    plan = plan_merge(recipe)
+    assert len(plan.jobs) > 3 * len(plan.outputs) and {j.rows is not None for j in plan.jobs} == {True, False}
+    merge(recipe, tmp_path / "chunked", progress=False, workers=3)
+    assert _digests(tmp_path / "whole") == _digests(tmp_path / "chunked")
+
+
+def test_input_hashes_are_cached_and_refreshed_when_a_file_changes(family, tmp_path, monkeypatch):
+    import shutil
+
+    from mergegate import checkpoint
+
+    source = tmp_path / "ft"
+    shutil.copytree(family["ft1"], source)
+    recipe = recipe_for("task_arithmetic", {**family, "ft": source}, models=("ft",))
+    hashed = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    merge(recipe, tmp_path / "a", progress=False)
+    assert "model.safetensors" in hashed
+    hashed.clear()
+    merge(recipe, tmp_path / "b", progress=False)
+    assert "model.safetensors" not in hashed  # cached: the file did not change
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # same bytes, new mtime: must be hashed again
+    hashed.clear()
+    record = merge(recipe, tmp_path / "c", progress=False).provenance
+    assert "model.safetensors" in hashed
+    assert record["inputs"][str(source)]["files"]["model.safetensors"] == real(weights)

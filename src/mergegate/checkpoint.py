@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import threading
 import re
 import shutil
 import struct
@@ -106,6 +108,8 @@ class Checkpoint:
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
         self.weight_files = sorted(self.path.glob("*.safetensors"))
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._maps_lock = threading.Lock()
         self._pickled: dict[str, torch.Tensor] | None = None
         self.tensors: dict[str, TensorRef] = {}
         if self.weight_files:
@@ -155,24 +159,48 @@ class Checkpoint:
                 self.tensors[name] = TensorRef(name, file, tensor.dtype, tuple(tensor.shape), 0, nbytes)
         self.weight_files = pickles
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory of its own (the file is not kept mapped)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A tensor (or rows [start, stop) of its first dimension) viewed straight from the page cache.
+
+        The view is read-only in spirit: it lives in a private mapping, so nothing written to it reaches
+        the file. Call `release` when done, so the mapped pages stop counting in the process's memory.
+        """
         ref = self.tensors[name]
         if self._pickled is not None:
-            return self._pickled[name]
-        buffer = torch.empty(ref.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        fd = os.open(ref.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < ref.nbytes:
-                got = os.preadv(fd, [view[done:]], ref.start + done)
-                if got <= 0:
-                    raise CheckpointError(f"{ref.file}: unexpected end of file reading tensor '{name}'")
-                done += got
-        finally:
-            os.close(fd)
-        return buffer.view(ref.dtype).reshape(ref.shape)
+            tensor = self._pickled[name]
+            return tensor if rows is None else tensor[rows[0]:rows[1]]
+        start, count = ref.start, ref.nbytes // ref.dtype.itemsize
+        shape = ref.shape
+        if rows is not None:
+            row_items = count // shape[0] if shape and shape[0] else 0
+            start += rows[0] * row_items * ref.dtype.itemsize
+            count = (rows[1] - rows[0]) * row_items
+            shape = (rows[1] - rows[0], *shape[1:])
+        if count == 0:
+            return torch.empty(shape, dtype=ref.dtype)
+        return torch.frombuffer(self._map(ref.file), dtype=ref.dtype, count=count, offset=start).reshape(shape)
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop the pages of a tensor read with `read` from this process (they stay in the page cache)."""
+        ref = self.tensors[name]
+        if self._pickled is not None or ref.file not in self._maps:
+            return
+        start, stop = ref.start, ref.stop
+        if rows is not None and ref.shape:
+            row_bytes = ref.nbytes // ref.shape[0]
+            start, stop = ref.start + rows[0] * row_bytes, ref.start + rows[1] * row_bytes
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, stop // page * page  # only pages wholly inside the range
+        if last > first:
+            self._maps[ref.file].madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        with self._maps_lock:
+            if file not in self._maps:
+                with open(file, "rb") as fh:
+                    # ACCESS_COPY: a private mapping, writable for torch.frombuffer, never written to the file
+                    self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            return self._maps[file]
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -280,21 +308,28 @@ class ShardedWriter:
             for tensor in shard:
                 begin = header[tensor.name]["data_offsets"][0]
                 self._slots[tensor.name] = (index, data_start + begin, tensor.nbytes)
-        self._written: set[str] = set()
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None,
+              total_rows: int | None = None) -> None:
+        """Write a whole tensor, or rows [start, stop) of it (of `total_rows`); rows may come in any order."""
         index, offset, nbytes = self._slots[name]
+        if rows is not None:
+            row_bytes = nbytes // total_rows
+            offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
         data = memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
         if len(data) != nbytes:
             raise ValueError(f"tensor '{name}' has {len(data)} bytes, its slot {nbytes}")
         done = 0
         while done < nbytes:
             done += os.pwrite(self._fds[index], data[done:], offset + done)
-        self._written.add(name)
+        with self._lock:
+            self._written[name] = self._written.get(name, 0) + nbytes
 
     def close(self) -> None:
         """Flush to disk; write the index when sharded. Raises if any tensor was never written."""
-        missing = set(self._slots) - self._written
+        missing = {name for name, (_, _, nbytes) in self._slots.items() if self._written.get(name, 0) != nbytes}
         for fd in self._fds:
             os.fsync(fd)
             os.close(fd)
@@ -318,6 +353,46 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class HashCache:
+    """sha256 of input files, remembered by (path, size, mtime, inode): re-merging the same sources — the
+    usual loop when comparing recipes — does not re-read gigabytes just to hash them. A changed file has a
+    new mtime or size and is hashed again. Stored in $MERGEGATE_CACHE (default ~/.cache/mergegate)."""
+
+    def __init__(self, folder: Path | None = None):
+        root = folder or Path(os.environ.get("MERGEGATE_CACHE", Path.home() / ".cache" / "mergegate"))
+        self.path = Path(root) / "sha256.json"
+        self._lock = threading.Lock()
+        try:
+            self._entries: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            self._entries = {}
+
+    @staticmethod
+    def _key(path: Path) -> str:
+        stat = path.stat()
+        return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+
+    def sha256(self, path: Path) -> str:
+        key = self._key(path)
+        with self._lock:
+            if key in self._entries:
+                return self._entries[key]
+        digest = sha256_file(path)
+        with self._lock:
+            self._entries[key] = digest
+        return digest
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.path.with_suffix(f".{os.getpid()}.tmp")
+            with self._lock:
+                staging.write_text(json.dumps(self._entries, indent=0, sort_keys=True))
+            staging.replace(self.path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
 
 
 def copy_model_files(source: Checkpoint, tokenizer_source: Checkpoint, folder: Path, out_dtype: torch.dtype) -> None:

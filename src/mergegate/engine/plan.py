@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -17,6 +18,7 @@ from ..errors import CheckpointError, RecipeError
 from ..methods import MergeMethod, ParamSpec
 from ..recipe import Recipe, evaluate, load_recipe
 
+CHUNK_ELEMENTS = 1 << 22  # elementwise methods work on row chunks of about this many elements
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -32,12 +34,23 @@ class TensorJob:
     per_model: tuple[Any, ...]
     seed: int
     passthrough: bool = False  # non-float tensors are copied from the reference model
+    rows: tuple[int, int] | None = None  # a chunk of the first dimension, for elementwise methods
+
+    @property
+    def numel(self) -> int:
+        total = self.output.nbytes // self.output.dtype.itemsize
+        if self.rows is None:
+            return total
+        return total // self.output.shape[0] * (self.rows[1] - self.rows[0])
 
     @property
     def work_bytes(self) -> int:
         """A generous estimate of the memory this job needs: float32 copies of inputs, deltas, result."""
-        numel = self.output.nbytes // self.output.dtype.itemsize
-        return numel * 4 * (2 * (len(self.per_model) + 1) + 3)
+        return self.numel * 4 * (2 * (len(self.per_model) + 1) + 3)
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * self.output.dtype.itemsize
 
 
 @dataclass
@@ -57,7 +70,11 @@ class MergePlan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(job.output.nbytes for job in self.jobs)
+        return sum(job.out_bytes for job in self.jobs)
+
+    @property
+    def outputs(self) -> list[OutputTensor]:
+        return list({job.name: job.output for job in self.jobs}.values())
 
 
 def resolve_model_path(ref: str, recipe_folder: Path | None) -> Path:
@@ -110,13 +127,23 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
                      name, t, f"model '{ref}'")
             for ref in others
         )
-        plan.jobs.append(TensorJob(name, OutputTensor(name, out_dtype, tensor_ref.shape), t, shared, per_model,
-                                   _tensor_seed(seed, name), passthrough=not is_float))
+        job = TensorJob(name, OutputTensor(name, out_dtype, tensor_ref.shape), t, shared, per_model,
+                        _tensor_seed(seed, name), passthrough=not is_float)
+        plan.jobs.extend(_chunks(job) if method.elementwise and is_float else [job])
     if not plan.jobs:
         raise CheckpointError(f"model '{reference}' has no tensors")
     if explicit_out is None:
         plan.out_dtype = next((j.output.dtype for j in plan.jobs if not j.passthrough), torch.float32)
     return plan
+
+
+def _chunks(job: TensorJob) -> list[TensorJob]:
+    shape = job.output.shape
+    if len(shape) < 1 or job.numel <= CHUNK_ELEMENTS or shape[0] < 2:
+        return [job]
+    per_row = job.numel // shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    return [dataclasses.replace(job, rows=(start, min(start + step, shape[0]))) for start in range(0, shape[0], step)]
 
 
 def _relative_depth(name: str, num_layers: int | None) -> float:

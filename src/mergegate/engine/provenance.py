@@ -10,7 +10,7 @@ import platform
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..checkpoint import sha256_file
+from ..checkpoint import HashCache, sha256_file
 from .plan import MergePlan
 
 PROVENANCE_FILE = "mergegate.json"
@@ -19,8 +19,10 @@ PROVENANCE_FILE = "mergegate.json"
 def hash_inputs(plan: MergePlan) -> dict[str, dict]:
     """sha256 of every file that defines each input model (weights, index, config, tokenizer)."""
     jobs = {(ref, path): None for ref, ck in plan.checkpoints.items() for path in ck.input_files()}
+    cache = HashCache()
     with ThreadPoolExecutor(2) as pool:
-        digests = dict(zip(jobs, pool.map(lambda key: sha256_file(key[1]), jobs)))
+        digests = dict(zip(jobs, pool.map(lambda key: cache.sha256(key[1]), jobs)))
+    cache.save()
     inputs: dict[str, dict] = {}
     for (ref, path), digest in digests.items():
         entry = inputs.setdefault(ref, {"path": str(plan.checkpoints[ref].path.resolve()), "files": {}})

@@ -18,7 +18,7 @@ from ..checkpoint import ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels, MergegateError
 from ..methods import NonFiniteInput
 from .plan import MergePlan, TensorJob, plan_merge
-from .provenance import PROVENANCE_FILE, hash_inputs, write_provenance
+from .provenance import hash_inputs, write_provenance
 
 DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -87,7 +87,7 @@ def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT
     # run in a fixed order, so the bytes do not depend on the machine's core count.
     torch.set_num_threads(1)
     try:
-        writer = ShardedWriter(staging, [job.output for job in plan.jobs], parse_size(shard_size))
+        writer = ShardedWriter(staging, plan.outputs, parse_size(shard_size))
         _stream(plan, writer, workers, memory_budget, progress)
         writer.close()
         copy_model_files(plan.checkpoints[plan.reference], plan.checkpoints[plan.tokenizer_source],
@@ -120,7 +120,7 @@ def _replace(staging: Path, out_dir: Path) -> None:
 def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None) -> None:
     budget = _ByteBudget(budget_bytes)
     show = sys.stderr.isatty() if progress is None else progress
-    bar = _Progress(len(plan.jobs), plan.total_bytes, plan.method.name) if show else None
+    bar = _Progress(len(plan.outputs), plan.total_bytes, plan.method.name) if show else None
     pending: set[Future] = set()
     failure: BaseException | None = None
 
@@ -134,7 +134,7 @@ def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: 
             if error is not None and failure is None:
                 failure = error
             elif bar is not None:
-                bar.advance(job.output.nbytes)
+                bar.advance(job.out_bytes, finished_tensor=job.rows is None or job.rows[1] == job.output.shape[0])
 
     with ThreadPoolExecutor(workers, thread_name_prefix="mergegate") as pool:
         try:
@@ -160,14 +160,18 @@ def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: 
 
 def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter) -> None:
     if job.passthrough:
-        writer.write(job.name, plan.checkpoints[plan.reference].read(job.name))
+        reference = plan.checkpoints[plan.reference]
+        writer.write(job.name, reference.read(job.name).clone())
+        reference.release(job.name)
         return
     refs = ([plan.base] if plan.base else []) + plan.others
-    inputs = [_load(plan, ref, job.name) for ref in refs]
-    base = inputs.pop(0) if plan.base else None
-    rng = torch.Generator().manual_seed(job.seed) if plan.method.random else None
     try:
+        inputs = [_load(plan, ref, job) for ref in refs]
+        base = inputs.pop(0) if plan.base else None
+        rng = torch.Generator().manual_seed(job.seed) if plan.method.random else None
         merged = plan.method(base, inputs, job.per_model, job.shared, rng)
+        total_rows = job.output.shape[0] if job.rows else None
+        writer.write(job.name, merged.to(job.output.dtype), job.rows, total_rows)
     except NonFiniteInput as exc:
         ref = plan.base if exc.index < 0 else plan.others[exc.index]
         tensor = plan.checkpoints[ref].tensors[job.name]
@@ -176,11 +180,13 @@ def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter) -> None:
         ) from None
     except ValueError as exc:
         raise MergegateError(f"tensor '{job.name}': {exc}") from None
-    writer.write(job.name, merged.to(job.output.dtype))
+    finally:
+        for ref in refs:
+            plan.checkpoints[ref].release(job.name, job.rows)
 
 
-def _load(plan: MergePlan, ref: str, name: str) -> torch.Tensor:
-    tensor = plan.checkpoints[ref].read(name)
+def _load(plan: MergePlan, ref: str, job: TensorJob) -> torch.Tensor:
+    tensor = plan.checkpoints[ref].read(job.name, job.rows)
     if plan.load_dtype is not None and tensor.dtype != plan.load_dtype:
         tensor = tensor.to(plan.load_dtype)  # mergekit rounds inputs to `dtype` before merging
     return tensor.to(plan.compute_dtype)
@@ -199,8 +205,8 @@ class _Progress:
         self._progress.start()
         self.tensors, self.done = tensors, 0
 
-    def advance(self, nbytes: int) -> None:
-        self.done += 1
+    def advance(self, nbytes: int, finished_tensor: bool = True) -> None:
+        self.done += finished_tensor
         self._progress.update(self._bytes, advance=nbytes, description=f"{self.done}/{self.tensors} tensors")
 
     def stop(self) -> None:

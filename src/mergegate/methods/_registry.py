@@ -106,6 +106,7 @@ class MergeMethod:
     min_models: int
     max_models: int | None
     random: bool
+    elementwise: bool  # each output element depends only on the same element of the inputs
     summary: str
 
     @property
@@ -155,15 +156,20 @@ def register(
     min_models: int = 1,
     max_models: int | None = None,
     random: bool = False,
+    elementwise: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register `fn` under `name`. Counts are of models other than the base (all models when base is ignored)."""
+    """Register `fn` under `name`. Counts are of models other than the base (all models when base is ignored).
+
+    `elementwise` methods may be given any slice of a tensor: the engine then splits large tensors into
+    row chunks, which bounds memory and spreads one big tensor over every worker.
+    """
 
     def wrap(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         _REGISTRY[name] = MergeMethod(
-            name, fn, shared, per_model, base, per_model_scope, min_models, max_models, random, summary
+            name, fn, shared, per_model, base, per_model_scope, min_models, max_models, random, elementwise, summary
         )
         return fn
 

@@ -17,7 +17,8 @@ class LinearModel:
     weight: float = param()
 
 
-@register("linear", shared=LinearShared, per_model=LinearModel, base="ignored", per_model_scope="input")
+@register("linear", shared=LinearShared, per_model=LinearModel, base="ignored", per_model_scope="input",
+          elementwise=True)
 def linear(base, tensors, per_model, shared: LinearShared, rng=None) -> torch.Tensor:
     """Weighted average of every input; `base_model` plays no part."""
     total = torch.zeros_like(tensors[0])

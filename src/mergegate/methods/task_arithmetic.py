@@ -20,7 +20,7 @@ class TaskVectorModel:
     density: float = param(1.0, low=0.0, high=1.0)
 
 
-@register("task_arithmetic", shared=TaskArithmeticShared, per_model=TaskVectorModel)
+@register("task_arithmetic", shared=TaskArithmeticShared, per_model=TaskVectorModel, elementwise=True)
 def task_arithmetic(base, tensors, per_model, shared, rng=None):
     """Add the weighted sum of the deltas to the base."""
     return _task_vectors.combine(base, tensors, per_model, shared, rng)
