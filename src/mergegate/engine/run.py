@@ -186,10 +186,17 @@ def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter) -> None:
 
 
 def _load(plan: MergePlan, ref: str, job: TensorJob) -> torch.Tensor:
+    """The input as stored (a page-cache view), or rounded to the recipe's `dtype` as mergekit does.
+
+    Only the base is converted to the compute dtype: methods compute `input - base` and weighted sums,
+    which promote to float32 without a float32 copy of every input.
+    """
     tensor = plan.checkpoints[ref].read(job.name, job.rows)
     if plan.load_dtype is not None and tensor.dtype != plan.load_dtype:
-        tensor = tensor.to(plan.load_dtype)  # mergekit rounds inputs to `dtype` before merging
-    return tensor.to(plan.compute_dtype)
+        tensor = tensor.to(plan.load_dtype)
+    if ref == plan.base or plan.compute_dtype == torch.float64:
+        tensor = tensor.to(plan.compute_dtype)
+    return tensor
 
 
 class _Progress:

@@ -92,8 +92,9 @@ MethodFn = Callable[..., torch.Tensor]
 class MergeMethod:
     """A registered method. `fn(base, tensors, per_model, shared, rng) -> Tensor`.
 
-    `base` is the base model's tensor (None when the method ignores it); `tensors` are the other inputs
-    in recipe order; `per_model[i]` are the typed parameters of `tensors[i]`; `rng` is a generator seeded
+    `base` is the base model's tensor in the compute dtype (None when the method ignores it); `tensors` are
+    the other inputs in recipe order, in their stored floating dtype — methods compute in float32 or wider
+    (`work_dtype`) and must not modify their inputs; `per_model[i]` are the typed parameters of `tensors[i]`; `rng` is a generator seeded
     per tensor, so random methods give the same bytes whatever order tensors are computed in.
     """
 
@@ -133,6 +134,11 @@ class MergeMethod:
             if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteInput(position - (base is not None))
         return self.fn(base, list(tensors), list(per_model), shared, rng)
+
+
+def work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for 16- and 32-bit inputs, float64 for float64: what methods compute in."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 class NonFiniteInput(ValueError):

@@ -28,7 +28,7 @@ def combine(
         return base.clone()
     weighted = []
     for tensor, params in zip(tensors, per_model):
-        delta = tensor - base
+        delta = torch.sub(tensor, base)  # a stored bf16 input promotes to the base's float32 here, uncopied
         if sparsify is not None:
             delta = sparsify(delta, params, shared.rescale, rng)
         weighted.append(delta.mul_(params.weight))  # delta is always a fresh tensor here
@@ -41,8 +41,8 @@ def combine(
         for delta, weight in zip(weighted, weights):
             # sign(0) matches neither side, so zeroed entries count in neither sum nor divisor
             agrees = torch.where(elected_positive, delta > 0, delta < 0)
-            mixed.add_(delta * agrees)
             divisor.add_(agrees, alpha=weight)
+            mixed.add_(delta.masked_fill_(~agrees, 0))  # the delta is ours and used up: mask it in place
         divisor[divisor == 0] = 1
     else:
         mixed = _sum(weighted)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._registry import param, register
+from ._registry import param, register, work_dtype
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class LinearModel:
           elementwise=True)
 def linear(base, tensors, per_model, shared: LinearShared, rng=None) -> torch.Tensor:
     """Weighted average of every input; `base_model` plays no part."""
-    total = torch.zeros_like(tensors[0])
+    total = torch.zeros(tensors[0].shape, dtype=work_dtype(tensors[0]))
     weight_sum = 0.0
     for tensor, params in zip(tensors, per_model):
         total.add_(tensor, alpha=params.weight)

@@ -39,4 +39,4 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @register("slerp", shared=SlerpShared, per_model=NoParams, min_models=1, max_models=1)
 def slerp(base, tensors, per_model, shared: SlerpShared, rng=None) -> torch.Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1)."""
-    return slerp_tensors(shared.t, base, tensors[0])
+    return slerp_tensors(shared.t, base, tensors[0].to(base.dtype))

@@ -1,0 +1,55 @@
+"""`mergegate serve`: run the gateway over a rollout plan. Wired into the CLI with `register(app)`; the gateway
+(FastAPI, uvicorn, OpenTelemetry, torch) is imported only when the command runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_command(
+        plan: Path = typer.Argument(..., help="Rollout plan YAML (written by `mergegate gate`)."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+        port: int = typer.Option(8080, help="Port to listen on."),
+        registry: Path = typer.Option(Path("mergegate-registry.sqlite"),
+                                      help="SQLite registry: mirrored results and plan changes are recorded here."),
+        suite: Optional[Path] = typer.Option(None, help="Eval suite JSONL: turns on the cohort classifier for "
+                                                        "requests that name no cohort."),
+        admin_token: Optional[str] = typer.Option(None, envvar="MERGEGATE_ADMIN_TOKEN",
+                                                  help="Bearer token for /admin (admin API disabled without one)."),
+        traces: Optional[Path] = typer.Option(None, help="Write spans to this JSONL file (OTLP is used when "
+                                                         "OTEL_EXPORTER_OTLP_ENDPOINT or --otlp-endpoint is set)."),
+        otlp_endpoint: Optional[str] = typer.Option(None, help="OTLP/HTTP collector base URL, e.g. "
+                                                               "http://127.0.0.1:4318."),
+        timeout: float = typer.Option(60.0, help="Seconds per backend call before falling over."),
+        max_prompt_tokens: int = typer.Option(4096, help="Longest prompt accepted, in tokens."),
+        max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted, in bytes."),
+        mirror_concurrency: int = typer.Option(4, help="Mirrored calls in flight; more are dropped."),
+        breaker_failures: int = typer.Option(3, help="Consecutive failures that open a backend's breaker."),
+        breaker_cooldown: float = typer.Option(30.0, help="Seconds a breaker stays open before a probe."),
+        classifier_threshold: float = typer.Option(0.35, help="Cosine below which the classifier picks the default "
+                                                              "route."),
+        persist_plan: bool = typer.Option(False, help="Write admin route changes back to PLAN."),
+        torch_threads: Optional[int] = typer.Option(None, help="torch intra-op threads for local models."),
+        log_level: str = typer.Option("info", help="uvicorn log level."),
+    ) -> None:
+        """Serve PLAN as an OpenAI-compatible gateway: per-cohort routing, fallback, mirroring, tracing."""
+        from ..errors import MergegateError
+        from ..gateway import GatewayConfig, serve
+
+        config = GatewayConfig(backend_timeout=timeout, max_prompt_tokens=max_prompt_tokens,
+                               max_body_bytes=max_body_bytes, mirror_concurrency=mirror_concurrency,
+                               mirror_timeout=timeout, breaker_failures=breaker_failures,
+                               breaker_cooldown=breaker_cooldown, classifier_threshold=classifier_threshold,
+                               persist_plan=persist_plan)
+        try:
+            serve(plan, host=host, port=port, registry=registry, suite=suite, admin_token=admin_token,
+                  traces_path=traces, otlp_endpoint=otlp_endpoint, config=config, log_level=log_level,
+                  torch_threads=torch_threads)
+        except MergegateError as exc:
+            typer.echo(f"mergegate: {exc}", err=True)
+            raise typer.Exit(2)
