@@ -25,7 +25,8 @@ shows the median wall time and the largest peak RSS. Results go to stdout and to
     .venv/bin/python benchmarks/merge_vs_mergekit.py                  # ≈333M params, ≈667 MB per model
     .venv/bin/python benchmarks/merge_vs_mergekit.py --methods ties slerp --repeats 3
 
-mergekit is expected in its own virtual environment (`--mergekit-bin`, default /work/mkvenv/bin/mergekit-yaml).
+mergekit runs from its own virtual environment, `<work>/mergekit-venv`, created on first use (torch==2.13.0
+first, then mergekit==0.1.5 from PyPI); `--mergekit-bin` points at another installation instead.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 FINETUNES = ("ft1", "ft2", "ft3")
 SMALL = {"hidden": 256, "layers": 2, "intermediate": 688, "vocab": 2000}
-MERGEKIT_INSTALL = "python -m venv V && V/bin/pip install torch==2.13.0 && V/bin/pip install mergekit==0.1.5"
+MERGEKIT_PACKAGES = (["torch==2.13.0"], ["mergekit==0.1.5"])  # torch first: the CPU build, not a CUDA one
 WEIGHTED = [{"model": name, "parameters": {"weight": 1.0}} for name in FINETUNES]
 RECIPES = {
     "linear": {"models": WEIGHTED},
@@ -115,10 +116,12 @@ def base_tensors(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: i
 
 def finetune_tensors(base: Path, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
+    tensors = {}
     with safe_open(base / "model.safetensors", framework="pt") as fh:
-        return {name: (fh.get_tensor(name).float() + 0.002 * torch.randn(fh.get_slice(name).get_shape(),
-                                                                           generator=generator)).to(dtype)
-                for name in fh.keys()}
+        for name in fh.keys():
+            tensor = fh.get_tensor(name).float()
+            tensors[name] = (tensor + 0.002 * torch.randn(tensor.shape, generator=generator)).to(dtype)
+    return tensors
 
 
 def prepare_inputs(args: argparse.Namespace) -> Path:
@@ -299,17 +302,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mergegate-bin", type=Path, default=Path(sys.executable).parent / "mergegate")
-    parser.add_argument("--mergekit-bin", type=Path, default=Path("/work/mkvenv/bin/mergekit-yaml"))
+    parser.add_argument("--mergekit-bin", type=Path, default=None,
+                        help="mergekit-yaml to use (default: <work>/mergekit-venv, created when missing).")
     args = parser.parse_args(argv)
     if args.small:
         vars(args).update(SMALL)
     return args
 
 
+def install_mergekit(work: Path) -> Path:
+    """mergekit in the benchmark's own virtual environment, so its dependencies never touch mergegate's."""
+    venv = work / "mergekit-venv"
+    binary = venv / "bin" / "mergekit-yaml"
+    if not binary.exists():
+        print(f"installing mergekit 0.1.5 into {venv} …", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        for packages in MERGEKIT_PACKAGES:
+            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *packages], check=True)
+    return binary
+
+
 def check_binaries(args: argparse.Namespace) -> None:
+    if args.mergekit_bin is None:
+        args.mergekit_bin = install_mergekit(args.work)
     if not args.mergekit_bin.exists():
-        sys.exit(f"mergekit not found at {args.mergekit_bin}. Install it in its own environment:\n"
-                 f"  {MERGEKIT_INSTALL}\nthen pass --mergekit-bin V/bin/mergekit-yaml")
+        sys.exit(f"mergekit not found at {args.mergekit_bin}")
     if not args.mergegate_bin.exists():
         sys.exit(f"mergegate not found at {args.mergegate_bin}; pass --mergegate-bin (e.g. .venv/bin/mergegate)")
 
