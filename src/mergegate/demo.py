@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .evaluate import ModelSpec
 from .registry import Registry
 from .release import ReleaseResult, release
 
@@ -48,11 +49,16 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS) -> dict[str
     out.mkdir(parents=True, exist_ok=True)
     registry = Registry(out / "registry.sqlite")
     started = time.perf_counter()
+    # The LoRA specialist is not merged (adapter merging is a later stage) but is a source the gate may hold
+    # a cohort on, served as base + adapter.
+    adapters = [ModelSpec(p.name, demo / "models" / "base", "source", p) for p in sorted((demo / "models").iterdir())
+                if (p / "adapter_config.json").is_file()]
     results = {}
     for method in methods:
         console.print(f"[bold]{method}[/]: merge → evaluate (base and every source) → gate")
         results[method] = release(demo / "recipes" / f"{method}.yaml", demo / "suite.jsonl", demo / "policy.yaml",
-                                  out / method, registry=registry, candidate_name=f"merged-{method}")
+                                  out / method, registry=registry, candidate_name=f"merged-{method}",
+                                  extra_sources=adapters)
     cohorts = [d.cohort for d in results[methods[0]].gate.decisions]
     table = Table(title="candidate score per cohort and the gate's decision (best source in the last column)")
     table.add_column("cohort")

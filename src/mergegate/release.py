@@ -46,7 +46,10 @@ def release_models(recipe, candidate_dir: Path, candidate_name: str) -> list[Mod
 
 def release(recipe, suite, policy, out: str | Path, *, registry: Registry | None = None,
             candidate_name: str | None = None, seed: int = 0, progress: bool | None = None,
-            batch_size: int = 32, max_new_tokens: int = 64) -> ReleaseResult:
+            batch_size: int = 32, max_new_tokens: int = 64,
+            extra_sources: list[ModelSpec] = ()) -> ReleaseResult:
+    """Merge → evaluate → gate → report. `extra_sources` are evaluated and may hold cohorts without being
+    merged (e.g. a LoRA specialist served as base + adapter)."""
     out = Path(out)
     recipe = load_recipe(recipe)
     suite = load_suite(suite)
@@ -54,7 +57,8 @@ def release(recipe, suite, policy, out: str | Path, *, registry: Registry | None
     candidate_name = candidate_name or f"merged-{recipe.merge_method}"
     candidate_dir = out / "candidate"
     merge(recipe, candidate_dir, seed=seed, overwrite=True, progress=progress)
-    specs = release_models(recipe, candidate_dir, candidate_name)
+    specs = release_models(recipe, candidate_dir, candidate_name) + [
+        ModelSpec(s.name, Path(s.path), "source", s.adapter) for s in extra_sources]
     registry = registry or Registry(out / "registry.sqlite")
     runs = evaluate_models(specs, suite, registry, progress=progress, batch_size=batch_size,
                            max_new_tokens=max_new_tokens)
