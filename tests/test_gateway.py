@@ -212,9 +212,11 @@ def test_chat_completion_has_openai_shape_usage_and_route_header(gw):
 
 def test_routing_by_header_metadata_virtual_model_and_pinned_model(gw):
     assert route_of(chat(gw, "code").headers)["model"] == "ft2"
-    meta = route_of(chat(gw, metadata={"cohort": "code"}).headers)
+    # OpenAI's `metadata` field (sent as extra_body so that older clients without the keyword work too)
+    meta = route_of(chat(gw, extra_body={"metadata": {"cohort": "code"}}).headers)
     assert (meta["cohort"], meta["source"], meta["model"]) == ("code", "metadata", "ft2")
-    assert route_of(chat(gw, "chat", metadata={"cohort": "code"}).headers)["model"] == "ft1"  # header wins
+    both = chat(gw, "chat", extra_body={"metadata": {"cohort": "code"}})
+    assert route_of(both.headers)["model"] == "ft1"  # the header wins
     virtual = route_of(chat(gw, model="cohort/code").headers)
     assert (virtual["source"], virtual["model"]) == ("model", "ft2")
     unknown = route_of(chat(gw, "no-such-cohort").headers)  # an unrouted cohort is ignored → default
@@ -262,6 +264,19 @@ def test_streaming_reassembles_to_the_non_streaming_greedy_text(gw, cohort):
     assert {c.model for c in chunks} == {plain.model}
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_a_client_leaving_mid_stream_frees_the_model_for_the_next_request(gw):
+    body = {"model": "cohort/code", "messages": MESSAGES, "max_tokens": 60, "stream": True}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ") and next(lines) is not None  # then hang up
+    started = time.monotonic()
+    assert chat(gw, "code", raw=False).model == "ft2"
+    assert time.monotonic() - started < 10
+    wait_for(lambda: 'mergegate_requests_total{endpoint="/v1/chat/completions",cohort="code",model="ft2",status="499"}'
+             in gw.metrics())
+    assert gw.gateway.backends["ft2"]._pending == 0
 
 
 def test_sse_wire_format_ends_with_done(gw):
@@ -446,8 +461,8 @@ def test_metrics_expose_fallbacks_breakers_and_latency_quantiles(gw, stub):
     for q in ("0.5", "0.99"):
         assert any(l.startswith("gen_ai_client_operation_duration_seconds{") and 'gen_ai_request_model="ft1"' in l
                    and f'quantile="{q}"' in l for l in text.splitlines())
-    assert 'gen_ai_client_token_usage{gen_ai_operation_name="chat",gen_ai_request_model="ft1",mergegate_cohort="chat",' \
-           'gen_ai_token_type="input",quantile="0.5"}' in text
+    assert ('gen_ai_client_token_usage{gen_ai_operation_name="chat",gen_ai_request_model="ft1",'
+            'mergegate_cohort="chat",gen_ai_token_type="input",quantile="0.5"}') in text
     assert 'mergegate_breaker_state{backend="remote"} 0' in text
     assert any(l.startswith('mergegate_request_duration_seconds{endpoint="/v1/chat/completions",cohort="chat",'
                             'quantile="0.99"}') for l in text.splitlines())

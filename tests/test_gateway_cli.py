@@ -3,12 +3,10 @@ gateway from a plan file."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import httpx
-import pytest
 import typer
 from typer.testing import CliRunner
 

@@ -15,7 +15,9 @@ from mergegate.gateway.mirror import sampled
 
 from .test_gateway import MESSAGES, fresh_stub, launch_each, one_torch_thread, route_of, stub, wait_for  # noqa: F401
 
-FAST = GatewayConfig(backend_timeout=1.5, breaker_failures=2, breaker_cooldown=0.3, max_tokens_limit=32)
+# Short enough to keep the tests quick, long enough that a busy machine does not end a cooldown mid-assertion.
+COOLDOWN = 1.0
+FAST = GatewayConfig(backend_timeout=2.0, breaker_failures=2, breaker_cooldown=COOLDOWN, max_tokens_limit=32)
 
 
 def plan(family, stub, **routes) -> dict:
@@ -57,10 +59,10 @@ def metric(gw, prefix: str) -> float:
                                                       ("invalid_json", "bad_response", "bad_response"),
                                                       ("hang", "timeout", "timeout")])
 def test_upstream_failure_falls_back_to_the_next_model(gw, stub, mode, reason, error_type):
-    stub.set("primary", mode=mode, hang=5.0)
+    stub.set("primary", mode=mode, hang=8.0)
     started = time.monotonic()
     response = ask(gw, "ops")
-    assert time.monotonic() - started < 4.5  # a hang costs the timeout (1.5 s), not the hang (5 s)
+    assert time.monotonic() - started < 6.0  # a hang costs the timeout (2 s), not the hang (8 s)
     answer = response.parse()
     assert answer.model == "base"
     assert stub.calls["primary"] == 1
@@ -120,14 +122,14 @@ def test_circuit_breaker_opens_skips_during_cooldown_then_recovers(gw, stub):
     assert metric(gw, 'mergegate_fallbacks_total{cohort="ops",model="remote",reason="circuit_open"}') == 1
     assert metric(gw, 'mergegate_breaker_opened_total{backend="remote"}') == 1
 
-    time.sleep(0.35)  # cooldown over: one probe goes through; it fails, so the breaker opens again
+    time.sleep(COOLDOWN + 0.1)  # cooldown over: one probe goes through; it fails, so the breaker opens again
     assert route_of(ask(gw, "ops").headers)["skipped"] == "remote:http_error"
     assert stub.calls["primary"] == 3
     assert route_of(ask(gw, "ops").headers)["skipped"] == "remote:circuit_open"
     assert stub.calls["primary"] == 3
 
     stub.set("primary", mode="ok", reply="back")
-    time.sleep(0.35)
+    time.sleep(COOLDOWN + 0.1)
     recovered = ask(gw, "ops")  # the probe succeeds and closes the breaker
     assert recovered.parse().model == "remote" and recovered.parse().choices[0].message.content == "back"
     assert httpx.get(gw.url + "/healthz", timeout=10).json()["backends"]["remote"]["state"] == "closed"
@@ -171,11 +173,11 @@ def test_mirror_failures_are_recorded_not_seen_by_the_caller(gw, stub):
 def test_mirroring_is_bounded_and_drops_when_saturated(family, stub, launch_each):
     gw = launch_each(plan(family, stub), config=GatewayConfig(mirror_concurrency=1, backend_timeout=5))
     stub.set("primary", reply='{"n": 1}')
-    stub.set("candidate", delay=1.5, reply='{"n": 2}')
+    stub.set("candidate", delay=3.0, reply='{"n": 2}')
     started = time.monotonic()
     for _ in range(4):
         assert ask(gw, "mirrored").parse().model == "remote"
-    assert time.monotonic() - started < 1.4  # callers never wait for the mirror
+    assert time.monotonic() - started < 2.5  # callers never wait for the mirror (3 s)
     assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="sent"}') == 1
     assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="dropped"}') == 3
     assert metric(gw, "mergegate_mirror_in_flight") == 1

@@ -1,0 +1,209 @@
+"""The OpenAI-compatible endpoints, plus /healthz and /metrics.
+
+Every answer carries `x-mergegate-route` ("cohort=…; source=…; model=…; fallback=…; attempt=…[; skipped=…]")
+and `x-request-id`. `/v1/models` lists the plan's models (owned_by "mergegate", with their role) and, as
+virtual models, `mergegate`/`auto` (route by cohort) and `cohort/NAME` for each route (see routing.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from opentelemetry.trace import Status, StatusCode
+
+from .dispatch import Skip, StreamStart, close_stream
+from .errors import APIError, BackendError
+from .protocol import (ChunkWriter, Completion, GenRequest, Operation, new_id, parse_body, response_body,
+                       to_gen_request)
+from .routing import VIRTUAL_PREFIX, Router, Target
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _handle(request, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _handle(request, "text_completion")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": _models(request.app.state.gateway)}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict:
+    for entry in _models(request.app.state.gateway):
+        if entry["id"] == model_id:
+            return entry
+    raise APIError(404, f"The model '{model_id}' does not exist on this gateway.", param="model",
+                   code="model_not_found")
+
+
+@router.get("/healthz")
+async def healthz(request: Request):
+    status, body = request.app.state.gateway.health()
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return PlainTextResponse(request.app.state.gateway.metrics.render(),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# -- completions ---------------------------------------------------------------------------------------------
+
+async def _handle(request: Request, operation: Operation):
+    gateway = request.app.state.gateway
+    started = time.perf_counter()
+    request_id = new_id(operation)
+    endpoint = request.url.path
+    span = gateway.telemetry.request_span("POST", endpoint, request_id)
+    outcome = {"cohort": "-", "model": "-", "status": 500}
+    target: Target | None = None
+
+    def finish() -> None:
+        gateway.metrics.requests.inc(endpoint, outcome["cohort"], outcome["model"], outcome["status"])
+        gateway.metrics.request_duration.observe(time.perf_counter() - started, endpoint, outcome["cohort"])
+        span.set_attributes({"http.response.status_code": outcome["status"], "mergegate.cohort": outcome["cohort"],
+                             "mergegate.model": outcome["model"]})
+        if outcome["status"] >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    streaming = False
+    try:
+        raw = await _read_body(request, gateway.config.max_body_bytes)
+        body = parse_body(raw, operation)
+        gen = to_gen_request(body, gateway.config)
+        target = await gateway.router.resolve(gateway.plan, body.model, gen, header=request.headers.get("x-cohort"),
+                                              metadata=body.metadata)
+        outcome["cohort"] = target.cohort
+        _check_prompt_size(gateway, target, gen)
+        if body.stream:
+            start = await gateway.dispatcher.open_stream(target, gen, parent=span)
+            outcome["model"] = start.model
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _sse(gateway, target, gen, request_id, start, include_usage, outcome, finish)
+            streaming = True
+            return StreamingResponse(events, media_type="text/event-stream", headers={
+                **_route_headers(target, start.model, start.attempt, start.skipped, request_id),
+                "cache-control": "no-cache"})
+        answer = await gateway.dispatcher.complete(target, gen, parent=span)
+        outcome.update(model=answer.model, status=200)
+        gateway.mirror.submit(candidate=gateway.plan.candidate, target=target, request_id=request_id, request=gen,
+                              primary_model=answer.model, primary_text=answer.completion.text,
+                              primary_checks=answer.checks)
+        return JSONResponse(response_body(operation, request_id, answer.model, answer.completion),
+                            headers=_route_headers(target, answer.model, answer.attempt, answer.skipped, request_id))
+    except APIError as err:
+        outcome["status"] = err.status
+        headers = {**err.headers, "x-request-id": request_id}
+        if target is not None:
+            headers["x-mergegate-route"] = _route_value(target, None, None, [])
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    finally:
+        if not streaming:
+            finish()
+
+
+async def _sse(gateway, target: Target, gen: GenRequest, request_id: str, start: StreamStart, include_usage: bool,
+               outcome: dict, finish):
+    writer = ChunkWriter(gen.operation, request_id, start.model)
+    final: Completion | None = None
+    try:
+        opener = writer.start()
+        if opener:
+            yield opener
+        try:
+            async for item in start.events:
+                if isinstance(item, Completion):
+                    final = item
+                    break
+                yield writer.text(item)
+        except BackendError as err:
+            outcome["status"] = 502
+            yield writer.error(APIError(502, f"The stream from model '{start.model}' failed: {err}",
+                                        type="server_error", code="stream_interrupted"))
+            yield writer.done()
+            return
+        if final is None:
+            outcome["status"] = 502
+            yield writer.error(APIError(502, f"The stream from model '{start.model}' ended without an answer.",
+                                        type="server_error", code="stream_interrupted"))
+            yield writer.done()
+            return
+        outcome["status"] = 200
+        yield writer.finish(final.finish_reason)
+        if include_usage:
+            yield writer.usage(final)
+        yield writer.done()
+        gateway.mirror.submit(candidate=gateway.plan.candidate, target=target, request_id=request_id, request=gen,
+                              primary_model=start.model, primary_text=final.text, primary_checks=start.checks)
+    finally:
+        if final is None and outcome["status"] == 500:
+            outcome["status"] = 499  # the client went away mid-stream
+        finish()
+        await close_stream(start.events)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_big = APIError(413, f"The request body is larger than this gateway's limit of {limit} bytes.",
+                       code="request_too_large")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_prompt_size(gateway, target: Target, gen: GenRequest) -> None:
+    limit = gateway.config.max_prompt_tokens
+    tokens = max(gateway.backends[name].count_prompt_tokens(gen) for name in target.chain)
+    if tokens > limit:
+        param = "messages" if gen.operation == "chat" else "prompt"
+        raise APIError(400, f"This request's prompt is {tokens} tokens, above this gateway's limit of {limit} "
+                            f"tokens (max_prompt_tokens). Shorten the {param}.", param=param,
+                       code="context_length_exceeded")
+
+
+def _route_value(target: Target, model: str | None, attempt: int | None, skipped: list[Skip]) -> str:
+    parts = [f"cohort={target.cohort}", f"source={target.source}"]
+    if model is not None:
+        parts += [f"model={model}", f"fallback={'true' if attempt else 'false'}", f"attempt={attempt}"]
+    if skipped:
+        parts.append("skipped=" + ",".join(f"{s.model}:{s.reason}" for s in skipped))
+    return "; ".join(parts)
+
+
+def _route_headers(target: Target, model: str, attempt: int, skipped: list[Skip], request_id: str) -> dict:
+    return {"x-mergegate-route": _route_value(target, model, attempt, skipped), "x-request-id": request_id}
+
+
+def _models(gateway) -> list[dict]:
+    plan, created = gateway.plan, gateway.started_at
+    entries = [{"id": name, "object": "model", "created": created, "owned_by": "mergegate",
+                "mergegate": {"kind": "model", "role": spec.role, "backend": gateway.backends[name].kind}}
+               for name, spec in plan.models.items()]
+    for name in Router.virtual_models(plan):
+        if name.startswith(VIRTUAL_PREFIX):
+            route = plan.route(name[len(VIRTUAL_PREFIX):])
+            info = {"kind": "route", "model": route.model, "fallback": route.fallback, "mirror": route.mirror,
+                    "check": route.check}
+        else:
+            info = {"kind": "router", "description": "routed by cohort (X-Cohort, metadata.cohort, classifier)"}
+        entries.append({"id": name, "object": "model", "created": created, "owned_by": "mergegate",
+                        "mergegate": info})
+    return entries

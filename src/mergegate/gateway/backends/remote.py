@@ -1,0 +1,157 @@
+"""An OpenAI-compatible upstream reached over HTTP (`httpx.AsyncClient`), with a timeout per call."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import AsyncIterator
+
+import httpx
+
+from ..errors import BackendBadResponse, BackendError, BackendHTTPError, BackendTimeout, BackendUnavailable
+from ..protocol import Completion, GenRequest
+from .base import Backend
+
+
+class RemoteBackend(Backend):
+    kind = "remote"
+    provider = "openai"  # the wire protocol; OpenTelemetry's gen_ai.provider.name for OpenAI-compatible APIs
+
+    def __init__(self, name: str, url: str, *, upstream_model: str | None = None, timeout: float = 60.0,
+                 api_key: str | None = None):
+        self.name, self.url = name, url.rstrip("/")
+        self.upstream_model = upstream_model or name
+        self.timeout, self.api_key = timeout, api_key
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._client = httpx.AsyncClient(base_url=self.url + "/", headers=headers, trust_env=False,
+                                         timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0)),
+                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "url": self.url, "upstream_model": self.upstream_model}
+
+    def count_prompt_tokens(self, request: GenRequest) -> int:
+        """An estimate (4 characters a token): the upstream enforces its own context limit."""
+        text = request.prompt if request.operation == "text_completion" else \
+            "\n".join(m["content"] for m in request.messages)
+        return math.ceil(len(text) / 4)
+
+    # -- calls -------------------------------------------------------------------------------------------
+    def _endpoint_and_body(self, request: GenRequest, stream: bool) -> tuple[str, dict]:
+        p = request.params
+        body: dict = {"model": self.upstream_model, "max_tokens": p.max_tokens,
+                      "temperature": p.temperature if p.temperature is not None else 0}
+        for key in ("top_p", "seed"):
+            if getattr(p, key) is not None:
+                body[key] = getattr(p, key)
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        if request.operation == "chat":
+            return "chat/completions", {**body, "messages": list(request.messages)}
+        return "completions", {**body, "prompt": request.prompt}
+
+    async def generate(self, request: GenRequest) -> Completion:
+        endpoint, body = self._endpoint_and_body(request, stream=False)
+        with _translated_errors(self.name):
+            response = await self._http().post(endpoint, json=body)
+        _raise_for_status(self.name, response)
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if request.operation == "chat" else choice["text"]
+            used = data.get("usage") or {}
+            return Completion(text=text or "", prompt_tokens=int(used.get("prompt_tokens", 0)),
+                              completion_tokens=int(used.get("completion_tokens", 0)),
+                              finish_reason=choice.get("finish_reason") or "stop",
+                              response_id=str(data.get("id") or ""), response_model=data.get("model"))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BackendBadResponse(f"upstream '{self.name}' sent an answer that is not an OpenAI "
+                                     f"{request.operation} response ({type(exc).__name__}: {exc})") from None
+
+    async def stream(self, request: GenRequest) -> AsyncIterator[str | Completion]:
+        endpoint, body = self._endpoint_and_body(request, stream=True)
+        parts: list[str] = []
+        finish, used, response_id, response_model = "stop", {}, "", None
+        with _translated_errors(self.name):
+            async with self._http().stream("POST", endpoint, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_status(self.name, response)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    chunk = _parse_chunk(self.name, payload)
+                    response_id = chunk.get("id") or response_id
+                    response_model = chunk.get("model") or response_model
+                    used = chunk.get("usage") or used
+                    for choice in chunk.get("choices") or []:
+                        delta = (choice.get("delta") or {}).get("content") if request.operation == "chat" \
+                            else choice.get("text")
+                        if delta:
+                            parts.append(delta)
+                            yield delta
+                        finish = choice.get("finish_reason") or finish
+        yield Completion(text="".join(parts), prompt_tokens=int(used.get("prompt_tokens", 0)),
+                         completion_tokens=int(used.get("completion_tokens", len(parts))), finish_reason=finish,
+                         response_id=response_id, response_model=response_model)
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise BackendUnavailable(f"upstream '{self.name}' is not started")
+        return self._client
+
+
+class _translated_errors:
+    """httpx exceptions → BackendError subclasses (a context manager usable around `async with` too)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, BackendError):
+            return False
+        if isinstance(exc, httpx.TimeoutException):
+            raise BackendTimeout(f"upstream '{self.name}' timed out ({type(exc).__name__})") from None
+        if isinstance(exc, httpx.TransportError):
+            raise BackendUnavailable(f"upstream '{self.name}' unreachable ({type(exc).__name__}: {exc})") from None
+        return False
+
+
+def _raise_for_status(name: str, response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    detail = response.text[:300]
+    try:
+        detail = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise BackendHTTPError(f"upstream '{name}' answered HTTP {response.status_code}: {detail}",
+                           status=response.status_code)
+
+
+def _parse_chunk(name: str, payload: str) -> dict:
+    try:
+        chunk = json.loads(payload)
+    except json.JSONDecodeError:
+        raise BackendBadResponse(f"upstream '{name}' sent a stream chunk that is not JSON: {payload[:100]!r}") from None
+    if not isinstance(chunk, dict):
+        raise BackendBadResponse(f"upstream '{name}' sent a stream chunk that is not an object")
+    if "error" in chunk:
+        raise BackendHTTPError(f"upstream '{name}' reported an error mid-stream: {chunk['error']}")
+    return chunk

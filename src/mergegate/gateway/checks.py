@@ -1,0 +1,69 @@
+"""Online checks on an answer, by the route's `check`: json_valid, refusal, tool_selection.
+
+`run_checks` returns {name: {"passed": bool, "reason": str}} — always `refusal` (recorded, cheap), plus the
+route's own check. `failed_check` says which result should send the request to the next model: json_valid
+and tool_selection failures always do; a refusal only when the gateway is configured to
+(`fallback_on_refusal`), since declining is often the right answer.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..evaluate.evaluators import is_refusal
+from ..rollout import Route
+
+_EDGE = "\"'`‘’“”«».,;:!?()[]{}"
+
+
+def json_object(text: str) -> tuple[bool, str]:
+    try:
+        value = json.loads(text.strip(), parse_constant=_reject)
+    except ValueError as exc:
+        return False, f"invalid JSON: {exc}"
+    if not isinstance(value, dict):
+        return False, f"expected a JSON object, got {type(value).__name__}"
+    return True, "valid JSON object"
+
+
+def _reject(token: str):
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def tool_named(text: str, tools: list[str] | None) -> tuple[bool, str]:
+    words = text.split()
+    named = words[0].strip(_EDGE) if words else ""
+    if not named:
+        return False, "names no tool"
+    if not tools:
+        return False, f"named {named!r}, but the route lists no tools"
+    if named not in tools:
+        return False, f"named {named!r}, not one of {', '.join(tools)}"
+    return True, f"named {named!r}"
+
+
+def run_checks(route: Route, text: str) -> dict[str, dict]:
+    refused = is_refusal(text)
+    results = {"refusal": {"passed": not refused, "refused": refused,
+                           "reason": "refused" if refused else "answered"}}
+    if route.check == "json_valid":
+        ok, why = json_object(text)
+        results["json_valid"] = {"passed": ok, "reason": why}
+    elif route.check == "tool_selection":
+        ok, why = tool_named(text, route.tools)
+        results["tool_selection"] = {"passed": ok, "reason": why}
+    return results
+
+
+def failed_check(route: Route, results: dict[str, dict], *, fallback_on_refusal: bool) -> str | None:
+    """The name of the check whose failure triggers fallback, or None."""
+    if route.check in ("json_valid", "tool_selection") and not results[route.check]["passed"]:
+        return route.check
+    if route.check == "refusal" and fallback_on_refusal and results["refusal"]["refused"]:
+        return "refusal"
+    return None
+
+
+def can_fail(route: Route, *, fallback_on_refusal: bool) -> bool:
+    """Whether this route's answers must be complete before they can be sent (streaming buffers them)."""
+    return route.check in ("json_valid", "tool_selection") or (route.check == "refusal" and fallback_on_refusal)

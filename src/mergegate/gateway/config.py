@@ -1,0 +1,30 @@
+"""Gateway options: request limits, timeouts, breaker and mirror bounds. One frozen dataclass, all defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    # request limits (4xx when exceeded)
+    max_body_bytes: int = 1 << 20  # 413 above this
+    max_prompt_tokens: int = 4096  # 400 context_length_exceeded above this (counted by the route's backends)
+    max_tokens_limit: int = 1024  # largest max_tokens a caller may ask for
+    default_max_tokens: int = 128  # when the request names none
+    # backends
+    backend_timeout: float = 60.0  # seconds per backend call (local and remote)
+    local_queue_limit: int = 64  # requests waiting for one local model before it reports itself overloaded
+    # circuit breaker, per backend
+    breaker_failures: int = 3  # consecutive failures that open it
+    breaker_cooldown: float = 30.0  # seconds open before one probe is let through (half-open)
+    # mirroring to the candidate
+    mirror_concurrency: int = 4  # mirrored calls in flight; more are dropped, not queued
+    mirror_timeout: float = 60.0
+    # routing
+    classifier_threshold: float = 0.35  # cosine to the nearest cohort centroid below which the default route serves
+    fallback_on_refusal: bool = False  # a refusal on a `refusal`-checked route is recorded; fall over only if True
+    # admin
+    persist_plan: bool = False  # write admin route changes back to the plan file (needs plan_path)
+    # metrics
+    quantile_window: int = 2048  # p50/p99 are over the last N observations per series

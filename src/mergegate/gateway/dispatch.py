@@ -1,0 +1,212 @@
+"""Answer a routed request: try the route's models in order (route.model, then route.fallback), skipping any
+whose circuit breaker is open, falling over on errors, timeouts and failed online checks.
+
+What counts toward a backend's breaker: errors and timeouts. An answer that fails its online check is a
+quality problem, not a health one: it triggers fallback but counts as a success for the breaker. A full
+local queue (`overloaded`) triggers fallback and counts as neither.
+
+Streaming: on routes whose check can fail an answer, the answer is generated whole, checked, then sent as
+chunks ("buffered"). Elsewhere it streams as generated; the gateway falls over only until the first chunk
+arrives, since after that the caller has part of one model's answer — a later failure ends the stream with
+an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from .breaker import OPEN, CircuitBreaker
+from .checks import can_fail, failed_check, run_checks
+from .config import GatewayConfig
+from .errors import APIError, BackendBadResponse, BackendError, BackendTimeout
+from .protocol import Completion, GenRequest
+from .routing import Target
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A model in the chain that did not answer: why (a metrics label) and the detail."""
+
+    model: str
+    reason: str  # circuit_open | timeout | unavailable | http_error | bad_response | overloaded | internal | check:NAME
+    detail: str
+
+
+@dataclass
+class Answer:
+    model: str
+    completion: Completion
+    attempt: int
+    checks: dict
+    skipped: list[Skip]
+
+
+@dataclass
+class StreamStart:
+    """A stream that has a model committed to it: `events` yields text deltas, then the final Completion."""
+
+    model: str
+    attempt: int
+    skipped: list[Skip]
+    events: AsyncIterator[str | Completion]
+    buffered: bool = False
+    checks: dict = field(default_factory=dict)
+
+
+class Dispatcher:
+    def __init__(self, backends: dict, breakers: dict[str, CircuitBreaker], telemetry, metrics,
+                 config: GatewayConfig):
+        self.backends, self.breakers = backends, breakers
+        self.telemetry, self.metrics, self.config = telemetry, metrics, config
+
+    async def complete(self, target: Target, request: GenRequest, parent=None) -> Answer:
+        skipped: list[Skip] = []
+        for attempt, name in enumerate(target.chain):
+            if not self._admit(target, name, skipped):
+                continue
+            backend, call = self.backends[name], self._call(target, request, name, attempt, parent, stream=False)
+            try:
+                completion = await asyncio.wait_for(backend.generate(request), self.config.backend_timeout)
+            except (BackendError, asyncio.TimeoutError) as exc:
+                self._failed(target, name, self._as_backend_error(name, exc), call, skipped)
+                continue
+            except BaseException:
+                self.breakers[name].release()
+                call.fail("cancelled", "the request was cancelled")
+                raise
+            self.breakers[name].success()
+            checks = run_checks(target.route, completion.text)
+            failed = failed_check(target.route, checks, fallback_on_refusal=self.config.fallback_on_refusal)
+            call.succeed(completion, checks, failed)
+            if failed:
+                self._skip(target, skipped, Skip(name, f"check:{failed}", checks[failed]["reason"]))
+                continue
+            return Answer(name, completion, attempt, checks, skipped)
+        raise self._exhausted(target, skipped)
+
+    async def open_stream(self, target: Target, request: GenRequest, parent=None) -> StreamStart:
+        if can_fail(target.route, fallback_on_refusal=self.config.fallback_on_refusal):
+            answer = await self.complete(target, request, parent)
+            start = StreamStart(answer.model, answer.attempt, answer.skipped, _replay(answer.completion), True,
+                                answer.checks)
+            return start
+        skipped: list[Skip] = []
+        for attempt, name in enumerate(target.chain):
+            if not self._admit(target, name, skipped):
+                continue
+            call = self._call(target, request, name, attempt, parent, stream=True)
+            events = self.backends[name].stream(request)
+            deadline = time.monotonic() + self.config.backend_timeout
+            try:
+                first = await asyncio.wait_for(anext(events), self.config.backend_timeout)
+            except (BackendError, asyncio.TimeoutError, StopAsyncIteration) as exc:
+                await close_stream(events)
+                self._failed(target, name, self._as_backend_error(name, exc), call, skipped)
+                continue
+            except BaseException:
+                self.breakers[name].release()
+                call.fail("cancelled", "the request was cancelled")
+                await close_stream(events)
+                raise
+            start = StreamStart(name, attempt, skipped, _empty())
+            start.events = self._rest(start, target, first, events, call, deadline)
+            return start
+        raise self._exhausted(target, skipped)
+
+    async def _rest(self, start: StreamStart, target: Target, first, events, call, deadline: float):
+        name, breaker = start.model, self.breakers[start.model]
+        settled = False
+        try:
+            item = first
+            while True:
+                if isinstance(item, Completion):
+                    breaker.success()
+                    settled = True
+                    start.checks = run_checks(target.route, item.text)
+                    call.succeed(item, start.checks)
+                    yield item
+                    return
+                yield item
+                try:
+                    item = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
+                except (BackendError, asyncio.TimeoutError, StopAsyncIteration) as exc:
+                    error = self._as_backend_error(name, exc)
+                    settled = True
+                    self._record_health(name, error)
+                    call.fail(error.error_type, str(error))
+                    self.metrics.fallbacks.inc(target.cohort, name, f"stream_{error.kind}")
+                    raise error from None
+        finally:
+            if not settled:
+                breaker.release()
+                call.fail("cancelled", "the stream was closed before it ended")
+            await close_stream(events)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _admit(self, target: Target, name: str, skipped: list[Skip]) -> bool:
+        if self.breakers[name].allow():
+            return True
+        self._skip(target, skipped, Skip(name, "circuit_open", "circuit breaker open: skipped during its cooldown"))
+        return False
+
+    def _call(self, target: Target, request: GenRequest, name: str, attempt: int, parent, stream: bool):
+        route = "pinned" if target.pinned else target.cohort
+        return self.telemetry.call(request, self.backends[name], cohort=target.cohort, route=route, attempt=attempt,
+                                   stream=stream, parent=parent)
+
+    def _as_backend_error(self, name: str, exc: BaseException) -> BackendError:
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, StopAsyncIteration):
+            return BackendBadResponse(f"model '{name}' ended its stream without a final answer")
+        return BackendTimeout(f"model '{name}' did not answer within {self.config.backend_timeout} s")
+
+    def _failed(self, target: Target, name: str, error: BackendError, call, skipped: list[Skip]) -> None:
+        self._record_health(name, error)
+        call.fail(error.error_type, str(error))
+        self._skip(target, skipped, Skip(name, error.kind, str(error)))
+
+    def _record_health(self, name: str, error: BackendError) -> None:
+        breaker = self.breakers[name]
+        if not error.counts_as_failure:
+            breaker.release()
+            return
+        was_open = breaker.state == OPEN
+        breaker.failure()
+        if breaker.state == OPEN and not was_open:
+            self.metrics.breaker_transitions.inc(name)
+
+    def _skip(self, target: Target, skipped: list[Skip], skip: Skip) -> None:
+        skipped.append(skip)
+        self.metrics.fallbacks.inc(target.cohort, skip.model, skip.reason)
+
+    @staticmethod
+    def _exhausted(target: Target, skipped: list[Skip]) -> APIError:
+        tried = "; ".join(f"{s.model}: {s.reason} ({s.detail})" for s in skipped)
+        unavailable = all(s.reason in ("circuit_open", "overloaded") for s in skipped)
+        status, code = (503, "no_backend_available") if unavailable else (502, "all_backends_failed")
+        return APIError(status, f"No model could answer cohort '{target.cohort}' (tried {len(skipped)}): {tried}",
+                        type="server_error", code=code)
+
+
+async def _replay(completion: Completion) -> AsyncIterator[str | Completion]:
+    if completion.text:
+        yield completion.text
+    yield completion
+
+
+async def _empty() -> AsyncIterator[str | Completion]:
+    return
+    yield  # pragma: no cover
+
+
+async def close_stream(events) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # the stream already failed; its error was recorded
+            pass

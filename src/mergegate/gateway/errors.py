@@ -1,0 +1,54 @@
+"""Errors: `APIError` becomes an OpenAI-style error response; `BackendError` is one backend call failing."""
+
+from __future__ import annotations
+
+
+class APIError(Exception):
+    """A request the gateway answers with `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class BackendError(Exception):
+    """A backend call failed. `kind` is the low-cardinality reason used in metrics and fallback decisions:
+    timeout | unavailable | http_error | bad_response | overloaded | internal."""
+
+    kind = "internal"
+    counts_as_failure = True  # for the circuit breaker
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def error_type(self) -> str:
+        """OpenTelemetry `error.type`: the HTTP status for upstream HTTP errors, else the kind."""
+        return str(self.status) if self.status else self.kind
+
+
+class BackendTimeout(BackendError):
+    kind = "timeout"
+
+
+class BackendUnavailable(BackendError):
+    kind = "unavailable"  # could not connect, connection dropped
+
+
+class BackendHTTPError(BackendError):
+    kind = "http_error"
+
+
+class BackendBadResponse(BackendError):
+    kind = "bad_response"  # not JSON, or not an OpenAI-shaped answer
+
+
+class BackendOverloaded(BackendError):
+    kind = "overloaded"
+    counts_as_failure = False  # a full queue says nothing about the backend's health

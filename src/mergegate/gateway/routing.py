@@ -1,0 +1,83 @@
+"""Which cohort a request belongs to, and so which models answer it.
+
+The request's `model` decides first:
+  * one of the plan's models → pinned: that model answers, with no fallback and no mirroring (the caller
+    asked for it by name); the cohort (from the header or metadata, else "default") is kept for metrics;
+  * `mergegate` or `auto` → routed by cohort;
+  * `cohort/NAME` → routed as cohort NAME (a virtual model; `/v1/models` lists one per route);
+  * anything else → 404 model_not_found.
+A routed request's cohort is, in order: the `X-Cohort` header, `metadata.cohort`, the `cohort/NAME` model,
+the classifier (when a suite was given), else the plan's default route. A cohort the plan does not route is
+ignored and the next signal decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ..rollout import Route, RolloutPlan
+from .classifier import CohortClassifier
+from .errors import APIError
+from .protocol import GenRequest
+
+AUTO_MODELS = ("mergegate", "auto")
+VIRTUAL_PREFIX = "cohort/"
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Target:
+    cohort: str  # a cohort the plan routes, or "default"
+    source: str  # header | metadata | model | classifier | default | pinned
+    route: Route
+    chain: tuple[str, ...]  # models to try, in order
+    pinned: bool = False
+    score: float | None = None  # the classifier's cosine, when it decided
+
+
+class Router:
+    def __init__(self, classifier: CohortClassifier | None = None):
+        self.classifier = classifier
+
+    @staticmethod
+    def virtual_models(plan: RolloutPlan) -> list[str]:
+        return [*AUTO_MODELS, *(VIRTUAL_PREFIX + c for c in [*plan.routes, DEFAULT] if c)]
+
+    async def resolve(self, plan: RolloutPlan, model: str, request: GenRequest, *, header: str | None,
+                      metadata: dict[str, str] | None) -> Target:
+        def routed(cohort: str | None) -> bool:
+            return bool(cohort) and (cohort == DEFAULT or cohort in plan.routes)
+
+        signals = [("header", (header or "").strip()), ("metadata", (metadata or {}).get("cohort", "").strip())]
+        if model in plan.models:
+            cohort = next((value for _, value in signals if routed(value)), DEFAULT)
+            return Target(cohort, "pinned", Route(model=model), (model,), pinned=True)
+        if model.startswith(VIRTUAL_PREFIX):
+            name = model[len(VIRTUAL_PREFIX):]
+            if not routed(name):
+                raise _unknown_model(plan, model)
+            signals.append(("model", name))
+        elif model not in AUTO_MODELS:
+            raise _unknown_model(plan, model)
+        for source, value in signals:
+            if routed(value):
+                return self._target(plan, value, source)
+        if self.classifier is not None:
+            found = await asyncio.to_thread(self.classifier.classify, request.routing_text())
+            if found.cohort is not None and routed(found.cohort):
+                return self._target(plan, found.cohort, "classifier", found.score)
+            return self._target(plan, DEFAULT, "default", found.score)
+        return self._target(plan, DEFAULT, "default")
+
+    @staticmethod
+    def _target(plan: RolloutPlan, cohort: str, source: str, score: float | None = None) -> Target:
+        route = plan.route(cohort)
+        chain = tuple(dict.fromkeys([route.model, *route.fallback]))
+        return Target(cohort, source, route, chain, score=score)
+
+
+def _unknown_model(plan: RolloutPlan, model: str) -> APIError:
+    names = ", ".join([*plan.models, *Router.virtual_models(plan)])
+    return APIError(404, f"The model '{model}' does not exist on this gateway. Available: {names}.",
+                    param="model", code="model_not_found")

@@ -1,0 +1,193 @@
+"""Tracing and GenAI metrics with OpenTelemetry.
+
+Every backend call is a CLIENT span named "{gen_ai.operation.name} {gen_ai.request.model}" carrying the GenAI
+semantic-convention attributes plus mergegate's routing ones; each request is a SERVER span around its calls.
+Spans go over OTLP/HTTP when an endpoint is configured (the `otlp_endpoint` option, or the standard
+OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variables) and to a JSONL file (one span a line)
+when `traces_path` is given; with neither, spans are made but not exported.
+
+The histograms `gen_ai.client.operation.duration` (s) and `gen_ai.client.token.usage` (by gen_ai.token.type)
+are recorded through an OpenTelemetry meter (exported over OTLP when configured) and, for /metrics, into
+the in-process summaries of `Metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SimpleSpanProcessor, SpanExporter,
+                                            SpanExportResult)
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .metrics import Metrics
+from .protocol import Completion, GenRequest
+
+DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
+
+
+class JsonlSpanExporter(SpanExporter):
+    """Appends each finished span to a file as one JSON object per line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = "".join(json.dumps(span_record(s), default=str) + "\n" for s in spans)
+        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(lines)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def span_record(span: ReadableSpan) -> dict:
+    ctx = span.context
+    duration = (span.end_time - span.start_time) / 1e9 if span.end_time and span.start_time else None
+    return {
+        "name": span.name, "kind": span.kind.name, "trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}",
+        "parent_span_id": f"{span.parent.span_id:016x}" if span.parent else None,
+        "start_time_unix_nano": span.start_time, "end_time_unix_nano": span.end_time, "duration_s": duration,
+        "status": span.status.status_code.name, "status_description": span.status.description,
+        "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in (span.attributes or {}).items()},
+        "resource": dict(span.resource.attributes) if span.resource else {},
+    }
+
+
+def otlp_endpoint_from_env() -> str | None:
+    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+class Telemetry:
+    def __init__(self, metrics: Metrics, *, traces_path: str | Path | None = None, otlp_endpoint: str | None = None,
+                 service_name: str = "mergegate-gateway"):
+        self.metrics = metrics
+        resource = Resource.create({"service.name": service_name})
+        self.provider = TracerProvider(resource=resource)
+        readers = []
+        self.otlp = bool(otlp_endpoint or otlp_endpoint_from_env())
+        if self.otlp:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            base = otlp_endpoint.rstrip("/") if otlp_endpoint else None  # None: the exporters read the env
+            self.provider.add_span_processor(BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=f"{base}/v1/traces" if base else None)))
+            readers.append(PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=f"{base}/v1/metrics" if base else None)))
+        self.traces_path = Path(traces_path) if traces_path else None
+        if self.traces_path:
+            self.provider.add_span_processor(SimpleSpanProcessor(JsonlSpanExporter(self.traces_path)))
+        self.tracer = self.provider.get_tracer("mergegate.gateway")
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        meter = self.meter_provider.get_meter("mergegate.gateway")
+        self.duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
+                                               description="GenAI operation duration",
+                                               explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
+                                             description="Measures number of input and output tokens used",
+                                             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+
+    def request_span(self, method: str, path: str, request_id: str) -> trace.Span:
+        return self.tracer.start_span(f"{method} {path}", kind=SpanKind.SERVER, attributes={
+            "http.request.method": method, "url.path": path, "mergegate.request_id": request_id})
+
+    def call(self, request: GenRequest, backend, *, cohort: str, route: str, attempt: int = 0, mirror: bool = False,
+             stream: bool = False, parent: trace.Span | None = None) -> "CallRecord":
+        return CallRecord(self, request, backend, cohort=cohort, route=route, attempt=attempt, mirror=mirror,
+                          stream=stream, parent=parent)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+class CallRecord:
+    """One backend call: its CLIENT span, and the duration and token metrics recorded when it ends."""
+
+    def __init__(self, telemetry: Telemetry, request: GenRequest, backend, *, cohort: str, route: str, attempt: int,
+                 mirror: bool, stream: bool, parent: trace.Span | None):
+        self.telemetry, self.backend, self.cohort = telemetry, backend, cohort
+        self.operation = request.operation
+        p = request.params
+        attributes = {
+            "gen_ai.operation.name": request.operation, "gen_ai.provider.name": backend.provider,
+            "gen_ai.request.model": backend.name, "gen_ai.request.max_tokens": p.max_tokens,
+            "mergegate.cohort": cohort, "mergegate.route": route, "mergegate.fallback": attempt > 0,
+            "mergegate.attempt": attempt, "mergegate.mirror": mirror, "mergegate.stream": stream,
+            "mergegate.backend.kind": backend.kind,
+        }
+        optional = {"gen_ai.request.temperature": p.temperature, "gen_ai.request.top_p": p.top_p,
+                    "gen_ai.request.seed": p.seed, "gen_ai.request.stop_sequences": list(p.stop) or None,
+                    "mergegate.upstream_model": getattr(backend, "upstream_model", None)}
+        attributes.update({k: v for k, v in optional.items() if v is not None})
+        url = getattr(backend, "url", None)
+        if url:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(url)
+            attributes.update({"server.address": parts.hostname or "", "server.port": parts.port or 80})
+        context = trace.set_span_in_context(parent) if parent is not None else None
+        self.span = telemetry.tracer.start_span(f"{request.operation} {backend.name}", context=context,
+                                                kind=SpanKind.CLIENT, attributes=attributes)
+        self.started = time.perf_counter()
+        self.ended = False
+
+    def succeed(self, completion: Completion, checks: dict | None = None, failed_check: str | None = None) -> None:
+        span = self.span
+        span.set_attributes({
+            "gen_ai.response.model": completion.response_model or self.backend.name,
+            "gen_ai.response.id": completion.response_id,
+            "gen_ai.usage.input_tokens": completion.prompt_tokens,
+            "gen_ai.usage.output_tokens": completion.completion_tokens,
+            "gen_ai.response.finish_reasons": [completion.finish_reason],
+        })
+        for name, result in (checks or {}).items():
+            span.set_attribute(f"mergegate.check.{name}", bool(result["passed"]))
+            if "refused" in result:
+                span.set_attribute("mergegate.refused", bool(result["refused"]))
+        if failed_check:
+            span.set_attribute("error.type", "check_failed")
+            span.set_status(Status(StatusCode.ERROR, f"online check '{failed_check}' failed"))
+        self._end(completion)
+
+    def fail(self, error_type: str, message: str) -> None:
+        if self.ended:
+            return
+        self.span.set_attribute("error.type", error_type)
+        self.span.set_status(Status(StatusCode.ERROR, message[:500]))
+        self._end(None, error_type)
+
+    def _end(self, completion: Completion | None, error_type: str | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        seconds = time.perf_counter() - self.started
+        self.span.end()
+        t, m = self.telemetry, self.telemetry.metrics
+        attrs = {"gen_ai.operation.name": self.operation, "gen_ai.provider.name": self.backend.provider,
+                 "gen_ai.request.model": self.backend.name, "mergegate.cohort": self.cohort}
+        if error_type:
+            attrs["error.type"] = error_type
+        t.duration.record(seconds, attrs)
+        m.operation_duration.observe(seconds, self.operation, self.backend.name, self.cohort)
+        if completion is not None:
+            for kind, count in (("input", completion.prompt_tokens), ("output", completion.completion_tokens)):
+                t.tokens.record(count, {**attrs, "gen_ai.token.type": kind})
+                m.token_usage.observe(count, self.operation, self.backend.name, self.cohort, kind)

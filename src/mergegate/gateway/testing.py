@@ -1,0 +1,176 @@
+"""Helpers for tests and benchmarks: a uvicorn server in a background thread, and a scriptable
+OpenAI-compatible upstream (`StubUpstream`) that can answer, fail, hang or send invalid JSON — per model name.
+Both bind to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServerThread:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a daemon thread. Port 0 picks a free port."""
+
+    def __init__(self, app, port: int = 0, *, startup_timeout: float = 120.0, log_level: str = "warning"):
+        self.app, self.port, self.startup_timeout, self.log_level = app, port, startup_timeout, log_level
+        self.server = self.thread = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> "ServerThread":
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host=LOOPBACK, port=self.port, log_level=self.log_level, lifespan="on",
+                                access_log=False, timeout_graceful_shutdown=2, timeout_keep_alive=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{id(self)}", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server stopped during start-up (see the log above)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start within {self.startup_timeout} s")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """How the stub answers one model: mode ok | fail | hang | invalid_json."""
+
+    mode: str = "ok"
+    reply: str = "stub reply"
+    delay: float = 0.0  # seconds before an "ok" answer
+    hang: float = 30.0  # seconds a "hang" lasts before it answers anyway (bounded, so shutdown never waits long)
+    status: int = 500  # for "fail"
+
+
+class StubUpstream:
+    """An OpenAI-compatible upstream whose answers a test scripts per model name (`set`) or for all (`set(None)`).
+
+    Tokens are counted as 4-character chunks: the reply streams in such chunks and max_tokens cuts it."""
+
+    def __init__(self, default: Behavior = Behavior()):
+        self.default = default
+        self.behaviors: dict[str, Behavior] = {}
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.app = self._build()
+
+    def set(self, model: str | None = None, **changes) -> None:
+        with self._lock:
+            if model is None:
+                self.default = replace(self.default, **changes)
+            else:
+                self.behaviors[model] = replace(self.behaviors.get(model, self.default), **changes)
+
+    def behavior(self, model: str) -> Behavior:
+        with self._lock:
+            return self.behaviors.get(model, self.default)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.behaviors.clear()
+            self.default = Behavior()
+            self.calls.clear()
+
+    def _build(self):
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        stub = self
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "stub"}
+                                               for m in stub.behaviors]}
+
+        async def answer(request: Request, operation: str):
+            body = await request.json()
+            model = body.get("model", "")
+            with stub._lock:
+                stub.calls[model] += 1
+            b = stub.behavior(model)
+            if b.mode == "hang":
+                await asyncio.sleep(b.hang)
+            elif b.delay:
+                await asyncio.sleep(b.delay)
+            if b.mode == "fail":
+                return JSONResponse({"error": {"message": "stub failure", "type": "server_error", "param": None,
+                                               "code": None}}, status_code=b.status)
+            if b.mode == "invalid_json":
+                return Response("{this is not json", media_type="application/json")
+            chunks = [b.reply[i:i + 4] for i in range(0, len(b.reply), 4)]
+            limit = int(body.get("max_tokens") or len(chunks) or 1)
+            finish = "length" if len(chunks) > limit else "stop"
+            chunks = chunks[:limit]
+            prompt = body.get("prompt") if operation == "text_completion" else \
+                "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+            usage = {"prompt_tokens": len(str(prompt or "")) // 4 + 1, "completion_tokens": len(chunks),
+                     "total_tokens": len(str(prompt or "")) // 4 + 1 + len(chunks)}
+            rid = f"stub-{uuid.uuid4().hex[:12]}"
+            if body.get("stream"):
+                return StreamingResponse(stub._stream(operation, rid, model, chunks, finish, usage),
+                                         media_type="text/event-stream")
+            text = "".join(chunks)
+            choice = {"index": 0, "finish_reason": finish}
+            if operation == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            return {"id": rid, "object": "chat.completion" if operation == "chat" else "text_completion",
+                    "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            return await answer(request, "chat")
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await answer(request, "text_completion")
+
+        return app
+
+    @staticmethod
+    async def _stream(operation, rid, model, chunks, finish, usage):
+        obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
+
+        def event(choices, **extra):
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()), "model": model,
+                                          "choices": choices, **extra}) + "\n\n"
+
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if operation == "chat":
+                choice = {"index": 0, "delta": {"content": chunk}, "finish_reason": finish if last else None}
+            else:
+                choice = {"index": 0, "text": chunk, "finish_reason": finish if last else None}
+            yield event([choice])
+            await asyncio.sleep(0)
+        yield event([], usage=usage)
+        yield "data: [DONE]\n\n"
