@@ -55,7 +55,7 @@ class RowResult:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
-    score: float  # mean of the row's evaluator scores
+    score: float  # the lowest of the row's evaluator scores: a row is only as good as its weakest check
     passed: bool  # every evaluator passed
     details: dict[str, Any]  # evaluator → {score, passed, reason}
 

@@ -6,6 +6,7 @@ re-run; an interrupted run resumes with the rows it had not finished.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -57,9 +58,23 @@ def load_model(spec: ModelSpec):
 
 
 def evaluate_models(models: list[ModelSpec], suite: Suite, registry: Registry, *, batch_size: int = 32,
-                    max_new_tokens: int = 64, progress: bool | None = None, force: bool = False) -> dict[str, ModelRun]:
-    """Evaluate every model on every row of `suite`; results keyed by model name."""
+                    max_new_tokens: int = 64, progress: bool | None = None, force: bool = False,
+                    threads: int | None = None) -> dict[str, ModelRun]:
+    """Evaluate every model on every row of `suite`; results keyed by model name.
+
+    `threads` sets torch's intra-op threads for the run (default: half the cores, at least one): small
+    models gain little from more, and oversubscribed OpenMP threads slow everything sharing the machine.
+    """
     show = sys.stderr.isatty() if progress is None else progress
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
+    try:
+        return _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) -> dict[str, ModelRun]:
     runs = {}
     with _Progress(show) as bar:
         for spec in models:
@@ -97,7 +112,11 @@ def _batches(rows: list[SuiteRow], size: int):
 def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow], max_new_tokens: int):
     started = time.perf_counter()
     encoded = tokenizer([row.prompt for row in rows], return_tensors="pt", padding=True)
-    generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+    # A correct answer is about as long as the expected one: twice that, plus slack, bounds the batch's
+    # generation without cutting an answer that could still be right.
+    longest = max(len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]) for row in rows)
+    budget = min(max_new_tokens, 2 * longest + 8)
+    generated = model.generate(**encoded, max_new_tokens=budget, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     new_tokens = generated[:, encoded["input_ids"].shape[1]:]
     nlls = {row.id: _mean_nll(model, tokenizer, row) for row in rows if needs_likelihood(row)}
@@ -112,8 +131,7 @@ def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow
         details = {k: {"score": v.score, "passed": v.passed, "reason": v.reason} for k, v in scores.items()}
         results.append(RowResult(
             row.id, row.cohort, name, model_hash, output, int(encoded["attention_mask"][i].sum()), length,
-            latency_ms, sum(v.score for v in scores.values()) / len(scores), all(v.passed for v in scores.values()),
-            details))
+            latency_ms, min(v.score for v in scores.values()), all(v.passed for v in scores.values()), details))
     return results
 
 
