@@ -2,7 +2,7 @@
 """Build the trained demo fixtures: a tiny multi-skill Llama base, one full fine-tune per skill, a LoRA adapter,
 and a held-out evaluation suite.
 
-    python examples/demo/build.py --out examples/demo            # full build (19 min measured on 2 busy cores)
+    python examples/demo/build.py --out examples/demo            # full build (38 min measured on 2 quiet cores)
     python examples/demo/build.py --out /tmp/demo --scale 0.1    # quick pipeline check
 
 Everything is generated here from fixed seeds: synthetic data, the character tokenizer, the models. Outputs:

@@ -88,7 +88,7 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
-def _parse_object(text: str) -> tuple[dict[str, Any] | None, str]:
+def parse_json_object(text: str) -> tuple[dict[str, Any] | None, str]:
     """Strictly parse the whole (stripped) output as a JSON object: (object, "") or (None, why not)."""
     try:
         value = json.loads(text.strip(), parse_constant=_reject_constant)
@@ -108,7 +108,7 @@ class JsonValid:
     name: ClassVar[str] = "json_valid"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
-        obj, why = _parse_object(obs.output)
+        obj, why = parse_json_object(obs.output)
         return _verdict(obj is not None, why or "valid JSON object")
 
 
@@ -125,7 +125,7 @@ class JsonSchema:
             Draft202012Validator.check_schema(row.schema)
         except SchemaError as exc:
             raise SuiteError(f"row {row.id!r}: invalid JSON Schema: {exc.message}") from None
-        obj, why = _parse_object(obs.output)
+        obj, why = parse_json_object(obs.output)
         if obj is None:
             return _verdict(False, why)
         error = best_match(Draft202012Validator(row.schema).iter_errors(obj))  # the error `validate` would raise
@@ -133,6 +133,12 @@ class JsonSchema:
             return _verdict(True, "valid against the schema")
         where = "" if error.json_path == "$" else f" at {error.json_path}"
         return _verdict(False, f"schema{where}: {error.message}")
+
+
+def named_tool(text: str) -> str:
+    """The tool an answer names: its first word, without surrounding punctuation or brackets."""
+    words = text.split()
+    return words[0].strip(_EDGE + "()[]{}") if words else ""
 
 
 @dataclass(frozen=True)
@@ -143,8 +149,7 @@ class ToolSelection:
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
         expected = row.expected.strip()
-        tokens = obs.output.split()
-        named = tokens[0].strip(_EDGE + "()[]{}") if tokens else ""
+        named = named_tool(obs.output)
         if not named:
             return _verdict(False, f"names no tool; expected {expected!r}")
         if row.tools is not None and named not in row.tools:

@@ -8,31 +8,18 @@ and tool_selection failures always do; a refusal only when the gateway is config
 
 from __future__ import annotations
 
-import json
-
-from ..evaluate.evaluators import is_refusal
+from ..evaluate.evaluators import is_refusal, named_tool, parse_json_object
 from ..rollout import Route
-
-_EDGE = "\"'`‘’“”«».,;:!?()[]{}"
 
 
 def json_object(text: str) -> tuple[bool, str]:
-    try:
-        value = json.loads(text.strip(), parse_constant=_reject)
-    except ValueError as exc:
-        return False, f"invalid JSON: {exc}"
-    if not isinstance(value, dict):
-        return False, f"expected a JSON object, got {type(value).__name__}"
-    return True, "valid JSON object"
-
-
-def _reject(token: str):
-    raise ValueError(f"{token} is not valid JSON")
+    """The same test as the `json_valid` evaluator: the whole answer is one JSON object."""
+    value, why = parse_json_object(text)
+    return value is not None, why or "valid JSON object"
 
 
 def tool_named(text: str, tools: list[str] | None) -> tuple[bool, str]:
-    words = text.split()
-    named = words[0].strip(_EDGE) if words else ""
+    named = named_tool(text)
     if not named:
         return False, "names no tool"
     if not tools:
