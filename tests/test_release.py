@@ -90,3 +90,5 @@ def test_demo_end_to_end(tmp_path):
     assert any(d.decision != "promote" for d in decisions)
     plan = load_plan(tmp_path / "rollout.yaml")
     assert plan.candidate.startswith("merged-")
+    for name, model in plan.models.items():  # the top-level plan's relative paths still point at the models
+        assert (Path(model.path) / "config.json").is_file(), name

@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import shutil
 import time
 from pathlib import Path
 
 from .evaluate import ModelSpec
 from .registry import Registry
 from .release import ReleaseResult, release
+from .rollout import load_plan
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 
@@ -84,7 +84,7 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS) -> dict[str
 def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str) -> None:
     methods = list(results)
     cohorts = [d.cohort for d in results[best].gate.decisions]
-    shutil.copyfile(out / best / "rollout.yaml", out / "rollout.yaml")
+    load_plan(out / best / "rollout.yaml").save(out / "rollout.yaml")  # re-anchors the relative model paths
     header = ["cohort", *methods, "best source"]
     rows = []
     for cohort in cohorts:

@@ -88,9 +88,15 @@ def load_plan(path: str | Path) -> RolloutPlan:
         plan = RolloutPlan.model_validate(data)
     except (yaml.YAMLError, ValidationError) as exc:
         raise PlanError(f"rollout plan {path}: {exc}") from None
-    for entry in plan.models.values():
+    for name, entry in plan.models.items():
         for key in ("path", "adapter"):
             value = getattr(entry, key)
-            if value is not None and not Path(value).is_absolute():
-                setattr(entry, key, str((path.parent / value).resolve()))
+            if value is None:
+                continue
+            if not Path(value).is_absolute():
+                value = str((path.parent / value).resolve())
+                setattr(entry, key, value)
+            if not Path(value).is_dir():
+                raise PlanError(f"rollout plan {path}: model '{name}' {key} {value} is not a folder "
+                                "(local paths are relative to the plan file; nothing is downloaded)")
     return plan
