@@ -1,6 +1,6 @@
 """Generated sample checkpoints: a tiny Llama base with its own tokenizer, and fine-tunes as base + small deltas.
 
-Used by the tests, the benchmark and `mergegate demo`. Real `transformers` models written with
+Used by the tests and the gateway benchmark. Real `transformers` models written with
 `save_pretrained`, deterministic for a given seed, so anyone can rebuild them.
 """
 
