@@ -122,6 +122,7 @@ async def _sse(gateway, target: Target, gen: GenRequest, request_id: str, start:
         opener = writer.start()
         if opener:
             yield opener
+        broken = None
         try:
             async for item in start.events:
                 if isinstance(item, Completion):
@@ -129,14 +130,12 @@ async def _sse(gateway, target: Target, gen: GenRequest, request_id: str, start:
                     break
                 yield writer.text(item)
         except BackendError as err:
-            outcome["status"] = 502
-            yield writer.error(APIError(502, f"The stream from model '{start.model}' failed: {err}",
-                                        type="server_error", code="stream_interrupted"))
-            yield writer.done()
-            return
+            broken = f"failed: {err}"
         if final is None:
+            # the caller already has part of this model's answer: end the stream with an error event
             outcome["status"] = 502
-            yield writer.error(APIError(502, f"The stream from model '{start.model}' ended without an answer.",
+            yield writer.error(APIError(502, f"The stream from model '{start.model}' "
+                                             f"{broken or 'ended without an answer.'}",
                                         type="server_error", code="stream_interrupted"))
             yield writer.done()
             return
