@@ -37,6 +37,16 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Setting] | None = None
 
 
+class Calibration(BaseModel):
+    """Calibration text for data-aware methods (fisher, regmean): a mergegate extension of mergekit's schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str  # JSONL rows with a "text" field (or "prompt" + "reference"), relative to the recipe like models
+    max_rows: int = 64
+    max_length: int = 128
+    batch_size: int = 8
+
+
 class Recipe(BaseModel):
     """A merge recipe. Field names and meanings are mergekit's."""
 
@@ -53,6 +63,7 @@ class Recipe(BaseModel):
     modules: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
     chat_template: str | None = None
+    calibration: Calibration | None = None
 
     _folder: Path | None = PrivateAttr(default=None)
 
@@ -117,7 +128,7 @@ def _explain(exc: ValidationError) -> str:
     for err in exc.errors()[:5]:
         loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "union[")))
         if err["type"] == "extra_forbidden":
-            owner = {"models": ModelEntry, "parameters": Conditional}.get(str(err["loc"][0]), Recipe)
+            owner = {"models": ModelEntry, "parameters": Conditional, "calibration": Calibration}.get(str(err["loc"][0]), Recipe)
             allowed = ", ".join(owner.model_fields)
             lines.append(f"unknown key '{loc}' (allowed: {allowed})")
         elif err["type"] == "literal_error":
