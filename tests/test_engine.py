@@ -238,3 +238,58 @@ def test_input_hashes_are_cached_and_refreshed_when_a_file_changes(family, tmp_p
     record = merge(recipe, tmp_path / "c", progress=False).provenance
     assert "model.safetensors" in hashed
     assert record["inputs"][str(source)]["files"]["model.safetensors"] == real(weights)
+
+
+def test_slices_stack_layer_ranges_into_a_deeper_model(family, tmp_path):
+    """Depth up-scaling: base layers 0-1 then ft1's layer 1 scaled; embeddings from the first slice, head from the last."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(family["base"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(family["ft1"]), "layer_range": [1, 2], "parameters": {"scale": 0.5}}]}]}
+    merge(recipe, tmp_path / "out", progress=False)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(family["base"] / "model.safetensors")
+    ft1 = load_file(family["ft1"] / "model.safetensors")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    for name in (n for n in base if ".layers." in n):
+        assert torch.equal(out[name], base[name]), name
+        deeper = name.replace(".layers.0.", ".layers.2.")
+        if ".layers.0." in name:
+            assert torch.equal(out[deeper], ft1[name.replace(".layers.0.", ".layers.1.")] * 0.5), deeper
+    assert torch.equal(out["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    # the last slice's source parameters apply to the tensors after the blocks too (mergekit's scoping)
+    assert torch.equal(out["lm_head.weight"], ft1["lm_head.weight"] * 0.5)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 3
+
+
+def test_slice_gradients_run_over_each_slice_and_sources_map_layers(family, tmp_path):
+    """slerp inside a slice: t = [0, 1] interpolates over the slice's own layers, reading the sources' layers."""
+    recipe = {"merge_method": "slerp", "base_model": str(family["base"]), "parameters": {"t": [0.0, 1.0]},
+              "slices": [{"sources": [{"model": str(family["base"]), "layer_range": [0, 2]},
+                                      {"model": str(family["ft2"]), "layer_range": [0, 2]}]},
+                         {"sources": [{"model": str(family["base"]), "layer_range": [1, 2]},
+                                      {"model": str(family["ft2"]), "layer_range": [0, 1]}]}]}
+    merge(recipe, tmp_path / "out", progress=False)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(family["base"] / "model.safetensors")
+    ft2 = load_file(family["ft2"] / "model.safetensors")
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(out[name.format(0)], base[name.format(0)])  # t = 0 at the slice's first layer
+    assert torch.allclose(out[name.format(1)], ft2[name.format(1)], atol=1e-6)  # t = 1 at its last
+    # a one-layer slice takes t = 1 (mergekit): its only layer is the other source's layer 0
+    assert torch.allclose(out[name.format(2)], ft2[name.format(0)], atol=1e-6)
+
+
+def test_slices_refuse_unequal_ranges_and_missing_layers(family, tmp_path):
+    from mergegate.errors import IncompatibleModels, RecipeError
+
+    uneven = {"merge_method": "linear", "slices": [{"sources": [
+        {"model": str(family["base"]), "layer_range": [0, 2]}, {"model": str(family["ft1"]), "layer_range": [0, 1]}]}]}
+    with pytest.raises(RecipeError, match=r"slices\[0\]: every source must span the same number of layers"):
+        plan_merge(uneven)
+    too_deep = {"merge_method": "passthrough", "slices": [{"sources": [
+        {"model": str(family["base"]), "layer_range": [1, 3]}]}]}
+    with pytest.raises(IncompatibleModels, match=r"has no tensor 'model.layers.2\..*"):
+        plan_merge(too_deep)

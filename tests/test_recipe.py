@@ -92,8 +92,25 @@ def test_method_rules_are_checked():
 
 
 def test_not_yet_supported_mergekit_keys_say_so():
-    with pytest.raises(RecipeError, match="'slices' .* is not supported by this version"):
-        load_recipe({"merge_method": "passthrough", "slices": [{"sources": []}]})
+    with pytest.raises(RecipeError, match="'modules' .* is not supported by this version"):
+        load_recipe({"merge_method": "linear", "models": [{"model": "a"}], "modules": {"text": {}}})
+
+
+def test_slices_are_checked_per_slice():
+    with pytest.raises(RecipeError, match="exactly one of 'models'.* or 'slices'"):
+        load_recipe({"merge_method": "passthrough"})
+    with pytest.raises(RecipeError, match=r"slices\[0\].sources\[0\].layer_range: need 0 <= start < stop"):
+        load_recipe({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [2, 2]}]}]})
+    with pytest.raises(RecipeError, match=r"slices\[1\]: passthrough takes exactly 1 models, got 2"):
+        load_recipe({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "a", "layer_range": [0, 1]}, {"model": "b", "layer_range": [0, 1]}]}]})
+    with pytest.raises(RecipeError, match=r"slices\[0\].sources\[0\].parameters.weight: unknown parameter"):
+        load_recipe({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 2], "parameters": {"weight": 1}}]}]})
+    recipe = load_recipe({"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5}, "slices": [
+        {"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 2]}]}]})
+    assert recipe.model_refs() == ["a", "b"]
 
 
 def test_invalid_yaml_and_missing_file_are_recipe_errors(tmp_path):

@@ -395,9 +395,11 @@ class HashCache:
             pass  # a cache that cannot be written only costs time
 
 
-def copy_model_files(source: Checkpoint, tokenizer_source: Checkpoint, folder: Path, out_dtype: torch.dtype) -> None:
-    """Copy config and generation config from the base, tokenizer files from the tokenizer source."""
-    config = dict(source.config)
+def copy_model_files(source: Checkpoint, tokenizer_source: Checkpoint | None, folder: Path, out_dtype: torch.dtype,
+                     config_updates: dict | None = None) -> None:
+    """Copy config (with `config_updates` applied) and generation config from the base, tokenizer files from the
+    tokenizer source."""
+    config = {**source.config, **(config_updates or {})}
     dtype_name = str(out_dtype).removeprefix("torch.")
     for key in ("torch_dtype", "dtype"):
         if key in config:
@@ -408,5 +410,5 @@ def copy_model_files(source: Checkpoint, tokenizer_source: Checkpoint, folder: P
     generation = source.path / "generation_config.json"
     if generation.is_file():
         shutil.copyfile(generation, folder / generation.name)
-    for file in tokenizer_source.tokenizer_files():
+    for file in tokenizer_source.tokenizer_files() if tokenizer_source else ():
         shutil.copyfile(file, folder / file.name)

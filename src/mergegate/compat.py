@@ -16,35 +16,48 @@ SHAPE_KEYS = (
     "head_dim", "vocab_size", "tie_word_embeddings", "n_embd", "n_layer", "n_head", "n_inner",
     "num_local_experts", "num_experts_per_tok",
 )
+DEPTH_KEYS = ("num_hidden_layers", "n_layer")
 # A fine-tune of the reference moves a weight by a small fraction of its norm; independent initialisations
 # of the same shape sit about sqrt(2) apart. Anything past 1.0 is not a shared lineage.
 MAX_RELATIVE_DISTANCE = 1.0
 _SHOWN = 5
 
 
-def check_compatible(checkpoints: dict[str, Checkpoint], reference: str, *, check_lineage: bool = True) -> None:
-    """Raise IncompatibleModels unless every checkpoint can be merged with `reference` tensor by tensor."""
+def check_compatible(checkpoints: dict[str, Checkpoint], reference: str, *, check_lineage: bool = True,
+                     same_depth: bool = True, same_vocabulary: bool = True) -> None:
+    """Raise IncompatibleModels unless every checkpoint can be merged with `reference` tensor by tensor.
+
+    `same_depth=False` (slices) lets layer counts differ, and `same_vocabulary=False` (vocabulary merging)
+    lets vocabularies differ: the planner then checks each tensor it reads, and vocab.py the tokenizers.
+    """
     ref = checkpoints[reference]
     others = {name: ck for name, ck in checkpoints.items() if name != reference}
     for name, ck in others.items():
-        _check_config(reference, ref, name, ck)
-        _check_tensors(reference, ref, name, ck)
-    _check_tokenizers(reference, ref, others)
+        _check_config(reference, ref, name, ck, same_depth, same_vocabulary)
+        if same_depth and same_vocabulary:
+            _check_tensors(reference, ref, name, ck)
+    if same_vocabulary:
+        _check_tokenizers(reference, ref, others)
     if check_lineage:
         for name, ck in others.items():
             _check_lineage(reference, ref, name, ck)
 
 
-def _check_config(ref_name: str, ref: Checkpoint, name: str, ck: Checkpoint) -> None:
+def _check_config(ref_name: str, ref: Checkpoint, name: str, ck: Checkpoint, same_depth: bool = True,
+                  same_vocabulary: bool = True) -> None:
     if ref.architecture != ck.architecture:
         raise IncompatibleModels(
             f"architectures differ: '{ref_name}' is {ref.architecture}, '{name}' is {ck.architecture}"
         )
-    diffs = [f"{key}: {ref.config.get(key)!r} vs {ck.config.get(key)!r}" for key in SHAPE_KEYS
+    skip = (() if same_depth else DEPTH_KEYS) + (() if same_vocabulary else ("vocab_size",))
+    keys = [k for k in SHAPE_KEYS if k not in skip]
+    diffs = [f"{key}: {ref.config.get(key)!r} vs {ck.config.get(key)!r}" for key in keys
              if ref.config.get(key) != ck.config.get(key)]
     if diffs:
+        hint = (". If the vocabularies differ by added tokens, set tokenizer_source: union (or base, or a model) "
+                "to align embedding rows by token") if any(d.startswith("vocab_size") for d in diffs) else ""
         raise IncompatibleModels(
-            f"config of '{name}' differs from '{ref_name}' in shape-defining fields: " + "; ".join(diffs[:_SHOWN])
+            f"config of '{name}' differs from '{ref_name}' in shape-defining fields: " + "; ".join(diffs[:_SHOWN]) + hint
         )
 
 
@@ -86,7 +99,8 @@ def _check_tokenizers(ref_name: str, ref: Checkpoint, others: dict[str, Checkpoi
         examples = ", ".join(f"{tok!r}@{idx}" for tok, idx in differing[:_SHOWN])
         raise IncompatibleModels(
             f"tokenizers differ: '{ref_name}' has {len(ref_vocab)} tokens, '{name}' has {len(vocab)}; "
-            f"differing entries include {examples}"
+            f"differing entries include {examples}. If they differ by added tokens, set tokenizer_source: union "
+            f"(or base, or a model) to align embedding rows by token"
         )
 
 

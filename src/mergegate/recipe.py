@@ -37,6 +37,54 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Setting] | None = None
 
 
+class InputSlice(BaseModel):
+    """Layers [start, stop) of one model."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] | None = None
+
+
+class OutputSlice(BaseModel):
+    """Output layers merged from equally long input slices; stacked in order they make the output's depth."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[InputSlice]
+    base_model: str | None = None
+    parameters: dict[str, Setting] | None = None
+
+
+class ModelToken(BaseModel):
+    """A token's row taken from one model's row for some token (by string or id)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+
+class ZeroRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenSetting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Union[ModelToken, ZeroRow, str, None] = None
+    force: bool = False
+
+
+class TokenizerSection(BaseModel):
+    """mergekit's `tokenizer:` section: output vocabulary, per-token row sources, padding."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"  # "union" | "base" | a model reference
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = None
+
+
 class Calibration(BaseModel):
     """Calibration text for data-aware methods (fisher, regmean): a mergegate extension of mergekit's schema."""
 
@@ -58,11 +106,11 @@ class Recipe(BaseModel):
     dtype: DType | None = None
     out_dtype: DType | None = None
     tokenizer_source: str | None = None
-    # mergekit keys that mergegate reads but does not support yet: named so the error can say so.
-    slices: list[Any] | None = None
-    modules: dict[str, Any] | None = None
-    tokenizer: dict[str, Any] | None = None
+    slices: list[OutputSlice] | None = None
+    tokenizer: TokenizerSection | None = None
     chat_template: str | None = None
+    # mergekit keys that mergegate reads but does not support yet: named so the error can say so.
+    modules: dict[str, Any] | None = None
     calibration: Calibration | None = None
 
     _folder: Path | None = PrivateAttr(default=None)
@@ -79,9 +127,12 @@ class Recipe(BaseModel):
     def model_refs(self) -> list[str]:
         """Every referenced model, base first, in recipe order, without repeats."""
         refs = [self.base_model] if self.base_model else []
-        for entry in self.models or []:
-            if entry.model not in refs:
-                refs.append(entry.model)
+        listed = [entry.model for entry in self.models or []]
+        for piece in self.slices or []:
+            listed += ([piece.base_model] if piece.base_model else []) + [s.model for s in piece.sources]
+        for ref in listed:
+            if ref not in refs:
+                refs.append(ref)
         return refs
 
     def to_yaml(self) -> str:
@@ -128,7 +179,8 @@ def _explain(exc: ValidationError) -> str:
     for err in exc.errors()[:5]:
         loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "union[")))
         if err["type"] == "extra_forbidden":
-            owner = {"models": ModelEntry, "parameters": Conditional, "calibration": Calibration}.get(str(err["loc"][0]), Recipe)
+            owner = {"models": ModelEntry, "parameters": Conditional, "calibration": Calibration,
+                     "slices": OutputSlice, "tokenizer": TokenizerSection}.get(str(err["loc"][0]), Recipe)
             allowed = ", ".join(owner.model_fields)
             lines.append(f"unknown key '{loc}' (allowed: {allowed})")
         elif err["type"] == "literal_error":
@@ -139,36 +191,62 @@ def _explain(exc: ValidationError) -> str:
 
 
 def _check(recipe: Recipe, where: str) -> None:
-    for key, later in (("slices", "passthrough and depth up-scaling"), ("modules", "multi-module merges"),
-                       ("tokenizer", "vocabulary merging"), ("chat_template", "chat template selection")):
-        if getattr(recipe, key) is not None:
-            raise RecipeError(f"{where}: '{key}' ({later}) is not supported by this version of mergegate")
-    if not recipe.models:
-        raise RecipeError(f"{where}: 'models' must list at least one model")
-    if recipe.tokenizer_source not in (None, "base") and recipe.tokenizer_source not in recipe.model_refs():
-        raise RecipeError(
-            f"{where}: tokenizer_source must be 'base' or one of the recipe's models, got {recipe.tokenizer_source!r}"
-        )
+    if recipe.modules is not None:
+        raise RecipeError(f"{where}: 'modules' (multi-module merges) is not supported by this version of mergegate")
+    if bool(recipe.models) == bool(recipe.slices):
+        raise RecipeError(f"{where}: give exactly one of 'models' (a list of models) or 'slices' (layer ranges)")
+    if recipe.tokenizer_source and recipe.tokenizer:
+        raise RecipeError(f"{where}: give 'tokenizer_source' or a 'tokenizer' section, not both")
+    for key, value in (("tokenizer_source", recipe.tokenizer_source),
+                       ("tokenizer.source", recipe.tokenizer.source if recipe.tokenizer else None)):
+        if value not in (None, "base", "union") and value not in recipe.model_refs():
+            raise RecipeError(
+                f"{where}: {key} must be 'base', 'union' or one of the recipe's models, got {value!r}"
+            )
+    for token, setting in ((recipe.tokenizer.tokens or {}) if recipe.tokenizer else {}).items():
+        if isinstance(setting.source, ModelToken) and (setting.source.token is None) == (setting.source.token_id is None):
+            raise RecipeError(f"{where}: tokenizer.tokens[{token!r}].source: give exactly one of token or token_id")
     method = recipe.method
-    if method.base == "required" and not recipe.base_model:
+    known = {p.name: p for p in method.shared_params + method.per_model_params}
+    per_model = {p.name: p for p in method.per_model_params}
+    for key, setting in (recipe.parameters or {}).items():
+        _check_setting(known, key, setting, f"{where}: parameters.{key}", method)
+    if recipe.slices:
+        for i, piece in enumerate(recipe.slices):
+            here = f"{where}: slices[{i}]"
+            if not piece.sources:
+                raise RecipeError(f"{here}: 'sources' must list at least one layer range")
+            for j, source in enumerate(piece.sources):
+                start, stop = source.layer_range
+                if not 0 <= start < stop:
+                    raise RecipeError(f"{here}.sources[{j}].layer_range: need 0 <= start < stop, got {[start, stop]}")
+                for key, setting in (source.parameters or {}).items():
+                    _check_setting(per_model, key, setting, f"{here}.sources[{j}].parameters.{key}", method)
+            spans = {s.layer_range[1] - s.layer_range[0] for s in piece.sources}
+            if len(spans) > 1:
+                raise RecipeError(f"{here}: every source must span the same number of layers, got "
+                                  + ", ".join(f"{s.model} {list(s.layer_range)}" for s in piece.sources))
+            for key, setting in (piece.parameters or {}).items():
+                _check_setting(known, key, setting, f"{here}.parameters.{key}", method)
+            base = piece.base_model or recipe.base_model
+            _check_counts(method, [s.model for s in piece.sources], base, here)
+        return
+    _check_counts(method, [e.model for e in recipe.models], recipe.base_model, where)
+    for i, entry in enumerate(recipe.models):
+        for key, setting in (entry.parameters or {}).items():
+            _check_setting(per_model, key, setting, f"{where}: models[{i}].parameters.{key}", method)
+
+
+def _check_counts(method: MergeMethod, models: list[str], base: str | None, where: str) -> None:
+    if method.base == "required" and not base:
         raise RecipeError(f"{where}: merge_method {method.name} needs base_model")
-    others = [m for m in recipe.model_refs() if m != recipe.base_model or method.base == "ignored"]
-    if method.base == "ignored":
-        others = [e.model for e in recipe.models]
+    others = models if method.base == "ignored" else [m for m in dict.fromkeys(models) if m != base]
     if len(others) < method.min_models or (method.max_models is not None and len(others) > method.max_models):
         wanted = f"exactly {method.min_models}" if method.min_models == method.max_models else (
             f"at least {method.min_models}" if method.max_models is None else
             f"{method.min_models} to {method.max_models}")
         role = "models" if method.base == "ignored" else "models besides base_model"
         raise RecipeError(f"{where}: {method.name} takes {wanted} {role}, got {len(others)}: {others}")
-
-    known = {p.name: p for p in method.shared_params + method.per_model_params}
-    for key, setting in (recipe.parameters or {}).items():
-        _check_setting(known, key, setting, f"{where}: parameters.{key}", method)
-    per_model = {p.name: p for p in method.per_model_params}
-    for i, entry in enumerate(recipe.models):
-        for key, setting in (entry.parameters or {}).items():
-            _check_setting(per_model, key, setting, f"{where}: models[{i}].parameters.{key}", method)
 
 
 def _check_setting(known: dict[str, ParamSpec], key: str, setting: Setting, where: str, method: MergeMethod):

@@ -104,3 +104,30 @@ def write_family(root: Path, finetunes: int = 3, shape: SampleShape = SampleShap
 
 def describe(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def add_vocabulary(folder: Path, tokens: list[str], seed: int = 0) -> Path:
+    """Give a sample model extra tokens (as a fine-tune that learned new special tokens would have):
+    the tokenizer gains them, and the embedding and lm_head gain one seeded row each."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(tokens)
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    new_rows = len(tokenizer) - config["vocab_size"]
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(folder / "model.safetensors", framework="pt") as fh:
+        for name in fh.keys():
+            tensor = fh.get_tensor(name)
+            if tensor.dim() == 2 and tensor.shape[0] == config["vocab_size"] and new_rows > 0:
+                extra = torch.randn(new_rows, tensor.shape[1], generator=generator) * tensor.float().std()
+                tensor = torch.cat([tensor, extra.to(tensor.dtype)])
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config["vocab_size"] = len(tokenizer)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

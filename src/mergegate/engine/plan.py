@@ -14,13 +14,22 @@ import torch
 
 from ..checkpoint import Checkpoint, OutputTensor, natural_key
 from ..compat import check_compatible
-from ..errors import CheckpointError, RecipeError
+from ..errors import CheckpointError, IncompatibleModels, RecipeError
 from ..methods import MergeMethod, ParamSpec
 from ..recipe import Recipe, evaluate, load_recipe
+from ..vocab import VocabularyPlan, plan_vocabulary, tensor_has_vocabulary
 
 CHUNK_ELEMENTS = 1 << 22  # elementwise methods work on row chunks of about this many elements
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input tensor: which model, and the tensor's name there (it differs from the output's under slices)."""
+
+    model: str
+    tensor: str
 
 
 @dataclass(frozen=True)
@@ -33,8 +42,15 @@ class TensorJob:
     shared: Any
     per_model: tuple[Any, ...]
     seed: int
-    passthrough: bool = False  # non-float tensors are copied from the reference model
+    base: Source | None = None  # the base model's tensor, when the method uses one
+    inputs: tuple[Source, ...] = ()  # the other inputs, aligned with per_model
+    passthrough: bool = False  # non-float tensors are copied from the first input
     rows: tuple[int, int] | None = None  # a chunk of the first dimension, for elementwise methods
+    vocabulary: bool = False  # rows are tokens: realigned to the output vocabulary before merging
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return ((self.base,) if self.base else ()) + self.inputs
 
     @property
     def numel(self) -> int:
@@ -67,6 +83,9 @@ class MergePlan:
     out_dtype: torch.dtype
     seed: int
     jobs: list[TensorJob] = field(default_factory=list)
+    config_updates: dict[str, Any] = field(default_factory=dict)  # written over the reference's config.json
+    vocabulary: VocabularyPlan | None = None  # set when vocabularies are merged or a chat template chosen
+    statistics: dict[str, Checkpoint] = field(default_factory=dict)  # model reference → calibration statistics
 
     @property
     def total_bytes(self) -> int:
@@ -97,44 +116,170 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
     for ref in recipe.model_refs():
         path = resolve_model_path(ref, recipe.folder)
         checkpoints[ref] = Checkpoint(path, allow_pickle=allow_pickle)
-    if method.base == "ignored":
+    if recipe.slices:
+        first = recipe.slices[0]
+        base = first.base_model or recipe.base_model if method.base != "ignored" else None
+        others = [s.model for s in first.sources if s.model != base]
+        reference = base or first.sources[0].model
+    elif method.base == "ignored":
         base, others = None, [entry.model for entry in recipe.models]
         reference = recipe.base_model or others[0]
         checkpoints = {ref: ck for ref, ck in checkpoints.items() if ref in others or ref == reference}
     else:
         base = reference = recipe.base_model
         others = [entry.model for entry in recipe.models if entry.model != base]
-    check_compatible(checkpoints, reference, check_lineage=check_lineage)
+    vocabulary = plan_vocabulary(recipe, checkpoints, base, reference)
+    check_compatible(checkpoints, reference, check_lineage=check_lineage, same_depth=not recipe.slices,
+                     same_vocabulary=vocabulary is None or vocabulary.identity)
 
-    tokenizer_source = reference if recipe.tokenizer_source in (None, "base") else recipe.tokenizer_source
+    chosen = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    tokenizer_source = reference if chosen in (None, "base", "union") else chosen
     load_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     compute_dtype = torch.float64 if load_dtype == torch.float64 else torch.float32
-    ref_ck = checkpoints[reference]
     plan = MergePlan(recipe, method, checkpoints, base, others, reference, tokenizer_source,
-                     compute_dtype, load_dtype, _DTYPES[recipe.out_dtype or recipe.dtype or "float32"], seed)
+                     compute_dtype, load_dtype, _DTYPES[recipe.out_dtype or recipe.dtype or "float32"], seed,
+                     vocabulary=vocabulary)
+    realign = vocabulary is not None and not vocabulary.identity
+    if realign:
+        plan.config_updates["vocab_size"] = vocabulary.rows
     explicit_out = recipe.out_dtype or recipe.dtype
-    num_layers = ref_ck.num_layers()
-    entries = {entry.model: entry for entry in recipe.models}
-    for name in sorted(ref_ck.tensors, key=natural_key):
-        tensor_ref = ref_ck.tensors[name]
+    layout = _slice_layout(recipe, plan) if recipe.slices else _model_layout(recipe, plan)
+    for name, base_source, inputs, scopes, t in layout:
+        first = inputs[0] if inputs else base_source
+        tensor_ref = _input_tensor(plan, first)
+        by_token = realign and tensor_has_vocabulary(plan.checkpoints[first.model], first.tensor)
+        for source in ([base_source] if base_source else []) + list(inputs):
+            _check_source(plan, source, name, tensor_ref.shape, by_token)
+        shape = (vocabulary.rows, *tensor_ref.shape[1:]) if by_token else tensor_ref.shape
         is_float = tensor_ref.dtype.is_floating_point
         out_dtype = _DTYPES[explicit_out] if (explicit_out and is_float) else tensor_ref.dtype
-        t = _relative_depth(name, num_layers)
-        shared = _resolve(method.shared, method.shared_params, [recipe.parameters], name, t, "parameters")
+        shared = _resolve(method.shared, method.shared_params, scopes.shared, name, t, "parameters")
         per_model = tuple(
-            _resolve(method.per_model, method.per_model_params,
-                     [(entries[ref].parameters if ref in entries else None), recipe.parameters],
-                     name, t, f"model '{ref}'")
-            for ref in others
+            _resolve(method.per_model, method.per_model_params, model_scopes, name, t, f"model '{source.model}'")
+            for source, model_scopes in zip(inputs, scopes.per_model)
         )
-        job = TensorJob(name, OutputTensor(name, out_dtype, tensor_ref.shape), t, shared, per_model,
-                        _tensor_seed(seed, name), passthrough=not is_float)
-        plan.jobs.extend(_chunks(job) if method.elementwise and is_float else [job])
+        job = TensorJob(name, OutputTensor(name, out_dtype, shape), t, shared, per_model,
+                        _tensor_seed(seed, name), base=base_source, inputs=tuple(inputs), passthrough=not is_float,
+                        vocabulary=by_token)
+        # realigned rows need whole tensors (defaults average rows of other models; padding takes the mean)
+        plan.jobs.extend(_chunks(job) if method.elementwise and is_float and not by_token else [job])
     if not plan.jobs:
         raise CheckpointError(f"model '{reference}' has no tensors")
     if explicit_out is None:
         plan.out_dtype = next((j.output.dtype for j in plan.jobs if not j.passthrough), torch.float32)
+    if method.statistics:
+        plan.statistics = _calibration_statistics(plan)
     return plan
+
+
+def _calibration_statistics(plan: MergePlan) -> dict[str, Checkpoint]:
+    """Data-aware methods: every input model's calibration statistics, computed now or found in the cache."""
+    from ..calibration import plan_statistics
+
+    models = dict.fromkeys(source.model for job in plan.jobs for source in job.inputs)
+    return plan_statistics(plan.recipe, plan.method.statistics, {ref: plan.checkpoints[ref] for ref in models},
+                           method=plan.method.name)
+
+
+@dataclass(frozen=True)
+class _Scopes:
+    """Where a tensor's parameters are looked up, innermost first (mergekit's order)."""
+
+    shared: list
+    per_model: list[list]
+
+
+def _model_layout(recipe: Recipe, plan: MergePlan):
+    """Every tensor of the reference, read under the same name from every model."""
+    ref_ck = plan.checkpoints[plan.reference]
+    num_layers = ref_ck.num_layers()
+    entries = {entry.model: entry for entry in recipe.models}
+    scopes = _Scopes([recipe.parameters],
+                     [[(entries[ref].parameters if ref in entries else None), recipe.parameters] for ref in plan.others])
+    for name in sorted(ref_ck.tensors, key=natural_key):
+        base = Source(plan.base, name) if plan.base else None
+        yield name, base, [Source(ref, name) for ref in plan.others], scopes, _relative_depth(name, num_layers)
+
+
+def _slice_layout(recipe: Recipe, plan: MergePlan):
+    """Output layers stacked slice after slice, each layer merged from its sources' layers (depth up-scaling).
+
+    Tensors outside the blocks come from the first slice's sources when they sit before the blocks
+    (embeddings) and from the last slice's sources otherwise (final norm, lm_head), as mergekit does; `t`
+    for gradients runs over each slice's own layers.
+    """
+    method = plan.method
+    ref_ck = plan.checkpoints[plan.reference]
+    layer_names = [n for n in ref_ck.tensors if _LAYER.search(n)]
+    templates = sorted({_layer_template(n) for n in layer_names}, key=natural_key)
+    outside = sorted((n for n in ref_ck.tensors if not _LAYER.search(n)), key=natural_key)
+
+    def slice_roles(piece):
+        base = (piece.base_model or recipe.base_model) if method.base != "ignored" else None
+        inputs = [s for s in piece.sources if s.model != base]
+        base_source = next((s for s in piece.sources if s.model == base), None)
+        if base and base_source is None:
+            raise RecipeError(f"slices: base_model '{base}' must be one of the slice's sources for {method.name}")
+        scopes = _Scopes([piece.parameters, recipe.parameters],
+                         [[s.parameters, piece.parameters, recipe.parameters] for s in inputs])
+        return base_source, inputs, scopes
+
+    def whole_tensor(piece, name):
+        base_source, inputs, scopes = slice_roles(piece)
+        base = Source(base_source.model, name) if base_source else None
+        return name, base, [Source(s.model, name) for s in inputs], scopes, 0.0
+
+    pre = [n for n in outside if _is_embedding_name(n)]
+    for name in pre:
+        yield whole_tensor(recipe.slices[0], name)
+    out_layer = 0
+    for piece in recipe.slices:
+        count = piece.sources[0].layer_range[1] - piece.sources[0].layer_range[0]  # equal spans: checked by the recipe
+        base_source, inputs, scopes = slice_roles(piece)
+        for offset in range(count):
+            t = offset / (count - 1) if count > 1 else 1.0
+            for template in templates:
+                name = template.format(layer=out_layer)
+                pick = lambda s: Source(s.model, template.format(layer=s.layer_range[0] + offset))  # noqa: E731
+                yield (name, pick(base_source) if base_source else None, [pick(s) for s in inputs], scopes, t)
+            out_layer += 1
+    for name in outside:
+        if name not in pre:
+            yield whole_tensor(recipe.slices[-1], name)
+    plan.config_updates["num_hidden_layers"] = out_layer
+    if isinstance(ref_ck.config.get("layer_types"), list):  # per-layer attention kinds follow their layers
+        plan.config_updates["layer_types"] = [
+            plan.checkpoints[piece.sources[0].model].config["layer_types"][piece.sources[0].layer_range[0] + k]
+            for piece in recipe.slices for k in range(piece.sources[0].layer_range[1] - piece.sources[0].layer_range[0])
+        ]
+
+
+def _layer_template(name: str) -> str:
+    match = _LAYER.search(name)
+    return name[:match.start(1)] + "{layer}" + name[match.end(1):]
+
+
+def _is_embedding_name(name: str) -> bool:
+    return any(key in name for key in ("embed", "wte", "wpe", "word_embeddings", "position_embeddings"))
+
+
+def _input_tensor(plan: MergePlan, source: Source):
+    ck = plan.checkpoints[source.model]
+    if source.tensor not in ck.tensors:
+        raise IncompatibleModels(f"model '{source.model}' has no tensor '{source.tensor}' ({ck.path})")
+    return ck.tensors[source.tensor]
+
+
+def _check_source(plan: MergePlan, source: Source, output: str, shape: tuple[int, ...], by_token: bool) -> None:
+    found = _input_tensor(plan, source).shape
+    if by_token:  # one row per token of its own vocabulary; the rest of the shape must agree
+        if not tensor_has_vocabulary(plan.checkpoints[source.model], source.tensor) or found[1:] != shape[1:]:
+            raise IncompatibleModels(f"tensor '{source.tensor}' of model '{source.model}' has shape {list(found)}: "
+                                     f"expected one row per token of its vocabulary × {list(shape[1:])}")
+        return
+    if found != shape:
+        raise IncompatibleModels(f"tensor '{source.tensor}' of model '{source.model}' has shape {list(found)}, "
+                                 f"but '{output}' needs {list(shape)}")
 
 
 def _chunks(job: TensorJob) -> list[TensorJob]:
@@ -170,7 +315,10 @@ def _resolve(cls: type, specs: tuple[ParamSpec, ...], sources: list, tensor: str
                 raise RecipeError(f"{where}: missing required parameter '{spec.name}' (for tensor '{tensor}')")
             value = spec.default
         values[spec.field] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (RecipeError, ValueError) as exc:  # a method's cross-parameter check (e.g. della's window)
+        raise RecipeError(f"{where} (tensor '{tensor}'): {exc}") from None
 
 
 def _tensor_seed(seed: int, name: str) -> int:

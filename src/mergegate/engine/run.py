@@ -17,7 +17,8 @@ import torch
 from ..checkpoint import ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels, MergegateError
 from ..methods import NonFiniteInput
-from .plan import MergePlan, TensorJob, plan_merge
+from ..vocab import align
+from .plan import MergePlan, Source, TensorJob, plan_merge
 from .provenance import hash_inputs, write_provenance
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -90,8 +91,11 @@ def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT
         writer = ShardedWriter(staging, plan.outputs, parse_size(shard_size))
         _stream(plan, writer, workers, memory_budget, progress)
         writer.close()
-        copy_model_files(plan.checkpoints[plan.reference], plan.checkpoints[plan.tokenizer_source],
-                         staging, plan.out_dtype)
+        copy_model_files(plan.checkpoints[plan.reference],
+                         None if plan.vocabulary else plan.checkpoints[plan.tokenizer_source],
+                         staging, plan.out_dtype, plan.config_updates)
+        if plan.vocabulary:
+            plan.vocabulary.save(staging)
         provenance = write_provenance(plan, staging, input_hashes.result(), shard_size)
         _replace(staging, out_dir)
     except BaseException:
@@ -160,61 +164,66 @@ def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: 
 
 def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter) -> None:
     if job.passthrough:
-        reference = plan.checkpoints[plan.reference]
-        writer.write(job.name, reference.read(job.name).clone())
-        reference.release(job.name)
+        source = job.sources[0]
+        checkpoint = plan.checkpoints[source.model]
+        writer.write(job.name, checkpoint.read(source.tensor).clone())
+        checkpoint.release(source.tensor)
         return
-    refs = ([plan.base] if plan.base else []) + plan.others
     try:
-        inputs = [_load(plan, ref, job) for ref in refs]
-        base = inputs.pop(0) if plan.base else None
+        inputs = [_load(plan, source, job) for source in job.sources]
+        if job.vocabulary:
+            aligned = align(plan.vocabulary, {source.model: tensor for source, tensor in zip(job.sources, inputs)})
+            inputs = [aligned[source.model] for source in job.sources]
+        base = inputs.pop(0) if job.base else None
         rng = torch.Generator().manual_seed(job.seed) if plan.method.random else None
-        merged = plan.method(base, inputs, job.per_model, job.shared, rng)
+        merged = plan.method(base, inputs, job.per_model, job.shared, rng, stats=_statistics(plan, job))
         total_rows = job.output.shape[0] if job.rows else None
         writer.write(job.name, merged.to(job.output.dtype), job.rows, total_rows)
     except NonFiniteInput as exc:
-        ref = plan.base if exc.index < 0 else plan.others[exc.index]
-        tensor = plan.checkpoints[ref].tensors[job.name]
+        source = job.base if exc.index < 0 else job.inputs[exc.index]
+        tensor = plan.checkpoints[source.model].tensors[source.tensor]
         raise IncompatibleModels(
-            f"tensor '{job.name}' of model '{ref}' ({tensor.file}) holds NaN or infinite values"
+            f"tensor '{source.tensor}' of model '{source.model}' ({tensor.file}) holds NaN or infinite values"
         ) from None
     except ValueError as exc:
         raise MergegateError(f"tensor '{job.name}': {exc}") from None
     finally:
-        for ref in refs:
-            plan.checkpoints[ref].release(job.name, job.rows)
+        for source in job.sources:
+            plan.checkpoints[source.model].release(source.tensor, job.rows)
+        _release_statistics(plan, job)
 
 
-def _load(plan: MergePlan, ref: str, job: TensorJob) -> torch.Tensor:
+def _load(plan: MergePlan, source: Source, job: TensorJob) -> torch.Tensor:
     """The input as stored (a page-cache view), or rounded to the recipe's `dtype` as mergekit does.
 
     Only the base is converted to the compute dtype: methods compute `input - base` and weighted sums,
     which promote to float32 without a float32 copy of every input.
     """
-    tensor = plan.checkpoints[ref].read(job.name, job.rows)
+    tensor = plan.checkpoints[source.model].read(source.tensor, job.rows)
     if plan.load_dtype is not None and tensor.dtype != plan.load_dtype:
         tensor = tensor.to(plan.load_dtype)
-    if ref == plan.base or plan.compute_dtype == torch.float64:
+    if source == job.base or plan.compute_dtype == torch.float64:
         tensor = tensor.to(plan.compute_dtype)
     return tensor
 
 
-class _Progress:
-    """A rich progress bar: tensors, bytes, rate and ETA."""
+def _statistics(plan: MergePlan, job: TensorJob) -> list[torch.Tensor | None] | None:
+    """Data-aware methods: each input's calibration statistic for this tensor (its rows), None where it has none.
 
-    def __init__(self, tensors: int, total_bytes: int, label: str):
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+    Realigned vocabulary rows get none: the statistic's rows follow the source's own vocabulary.
+    """
+    if plan.method.statistics is None:
+        return None
+    found = []
+    for source in job.inputs:
+        stats = plan.statistics.get(source.model)
+        usable = stats is not None and source.tensor in stats.tensors and not job.vocabulary
+        found.append(stats.read(source.tensor, job.rows) if usable else None)
+    return found
 
-        self._progress = Progress(TextColumn(f"merging ({label})"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
-        self._bytes = self._progress.add_task("bytes", total=total_bytes)
-        self._progress.start()
-        self.tensors, self.done = tensors, 0
 
-    def advance(self, nbytes: int, finished_tensor: bool = True) -> None:
-        self.done += finished_tensor
-        self._progress.update(self._bytes, advance=nbytes, description=f"{self.done}/{self.tensors} tensors")
-
-    def stop(self) -> None:
-        self._progress.stop()
+def _release_statistics(plan: MergePlan, job: TensorJob) -> None:
+    for source in job.inputs:
+        stats = plan.statistics.get(source.model)
+        if stats is not None and source.tensor in stats.tensors:
+            stats.release(source.tensor, job.rows)

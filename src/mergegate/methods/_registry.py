@@ -18,6 +18,7 @@ from ..errors import RecipeError
 
 BaseRule = Literal["required", "ignored", "optional"]
 PerModelScope = Literal["input", "non_base"]
+StatisticKind = Literal["fisher", "gram"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class MergeMethod:
     random: bool
     elementwise: bool  # each output element depends only on the same element of the inputs
     summary: str
+    statistics: StatisticKind | None = None  # calibration statistics the method reads (see calibration.py)
 
     @property
     def shared_params(self) -> tuple[ParamSpec, ...]:
@@ -128,12 +130,26 @@ class MergeMethod:
         per_model: Sequence[Any],
         shared: Any,
         rng: torch.Generator | None = None,
+        stats: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        """`stats`, for methods declared with `statistics`, holds one calibration statistic per entry of
+        `tensors` (None where that input has none for this tensor); other methods take none."""
         inputs = ([base] if base is not None else []) + list(tensors)
         for position, tensor in enumerate(inputs):
             if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteInput(position - (base is not None))
-        return self.fn(base, list(tensors), list(per_model), shared, rng)
+        if self.statistics is None:
+            if stats is not None:
+                raise TypeError(f"merge method {self.name} takes no calibration statistics")
+            return self.fn(base, list(tensors), list(per_model), shared, rng)
+        if stats is not None:
+            stats = list(stats)
+            if len(stats) != len(tensors):
+                raise ValueError(f"{len(stats)} calibration statistics for {len(tensors)} inputs")
+            for position, stat in enumerate(stats):
+                if stat is not None and not bool(torch.isfinite(stat).all()):
+                    raise ValueError(f"the {self.statistics} statistics of input {position} hold NaN or infinite values")
+        return self.fn(base, list(tensors), list(per_model), shared, rng, stats=stats)
 
 
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -163,11 +179,14 @@ def register(
     max_models: int | None = None,
     random: bool = False,
     elementwise: bool = False,
+    statistics: StatisticKind | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register `fn` under `name`. Counts are of models other than the base (all models when base is ignored).
 
     `elementwise` methods may be given any slice of a tensor: the engine then splits large tensors into
     row chunks, which bounds memory and spreads one big tensor over every worker.
+    `statistics` methods are data-aware: the planner computes that statistic for each input model from
+    the recipe's calibration text, and `fn` receives them as the keyword `stats`.
     """
 
     def wrap(fn: MethodFn) -> MethodFn:
@@ -175,7 +194,8 @@ def register(
             raise ValueError(f"merge method {name!r} is registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         _REGISTRY[name] = MergeMethod(
-            name, fn, shared, per_model, base, per_model_scope, min_models, max_models, random, elementwise, summary
+            name, fn, shared, per_model, base, per_model_scope, min_models, max_models, random, elementwise, summary,
+            statistics,
         )
         return fn
 
