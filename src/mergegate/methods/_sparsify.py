@@ -104,3 +104,62 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)  # fewer outliers are dropped when density needs them
     return _keep(delta, rank_window(delta.abs(), n_bottom, n_bottom + target), rescale)
+
+
+def check_della_window(density: float, epsilon: float) -> None:
+    """Refuse a DELLA window that puts keep probabilities outside (0, 1), as mergekit does.
+
+    Only checked when something is dropped at all (0 < density < 1): density 1 keeps everything and
+    density 0 drops everything whatever `epsilon` says.
+    """
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(
+            f"della: density {density} with epsilon {epsilon} puts keep probabilities outside (0, 1); "
+            f"density - epsilon and density + epsilon must both lie strictly between 0 and 1 "
+            f"(use epsilon < {min(density, 1 - density):g})"
+        )
+
+
+def della_keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per-entry keep probability of DELLA's MagPrune, in float32.
+
+    Within each row (dim 1; a tensor of fewer than 2 dims is one row) entries are ranked by magnitude;
+    the smallest gets `density - epsilon`, the largest `density + epsilon`, linear in rank between.
+    Equal magnitudes are ranked in index order, so the result never depends on the sort's whims. A row of
+    one entry gets `density` (its rank is both the smallest and the largest).
+    """
+    rows = magnitudes.reshape(1, -1) if magnitudes.dim() < 2 else magnitudes
+    n = rows.shape[1]
+    if n == 0:
+        return torch.empty(magnitudes.shape, dtype=torch.float32)
+    # mergekit's arithmetic, in float32, on 1-based ranks: the same bits for the same rank
+    ranks = torch.arange(1, n + 1).to(torch.float32)
+    if n > 1:
+        spread = ((ranks - ranks[0]) / (ranks[-1] - ranks[0])).clamp(0, 1)
+    else:
+        spread = torch.full_like(ranks, 0.5)
+    by_rank = (density - epsilon) + spread * 2 * epsilon
+    order = torch.argsort(rows, dim=1, stable=True)
+    view = [1] * rows.dim()
+    view[1] = n
+    probabilities = torch.empty(rows.shape, dtype=torch.float32)
+    probabilities.scatter_(1, order, by_rank.reshape(view).expand(rows.shape))
+    return probabilities.reshape(magnitudes.shape)
+
+
+def della(
+    delta: torch.Tensor, density: float, epsilon: float, rescale: bool, rng: torch.Generator | None
+) -> torch.Tensor:
+    """DELLA MagPrune: keep each entry with its rank-based probability (see `della_keep_probabilities`).
+
+    With `rescale`, the kept entries are scaled to restore the delta's L1 norm (mergekit's rescale), not
+    by each entry's 1 / keep-probability as in the paper; the two roughly agree only at `epsilon` 0.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    check_della_window(density, epsilon)
+    probabilities = della_keep_probabilities(delta.abs(), density, epsilon)
+    mask = torch.rand(delta.shape, generator=rng, dtype=torch.float32) < probabilities
+    return _keep(delta, mask, rescale)
