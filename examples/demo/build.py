@@ -13,6 +13,7 @@ Everything is generated here from fixed seeds: synthetic data, the character tok
     OUT/models/policy_refusal/
     OUT/models/arithmetic_lora/    PEFT LoRA adapter (rank 8) on the base
     OUT/suite.jsonl                held-out rows, 100 per cohort
+    OUT/calibration.jsonl          unlabelled text for data-aware merges (fisher, regmean), disjoint from the suite
     OUT/build_log.json             steps, losses, timings
 
 Training design (see README.md): the base is pretrained on a mix that contains every prompt format, but sees a
@@ -243,6 +244,25 @@ def build_suite(seed: int = SUITE_SEED) -> list[dict]:
     return rows
 
 
+CALIBRATION_SEED = 909090     # calibration text for data-aware merges (fisher, regmean): the training range, not the suite
+
+
+def build_calibration(exclude: set[str], seed: int = CALIBRATION_SEED, per_cohort: int = 16) -> list[dict]:
+    """Unlabelled text from every skill's full range, as a user would sample from their traffic: prompt and the
+    intended answer joined, never a suite prompt."""
+    rng = random.Random(seed)
+    rows = []
+    for cohort in COHORTS:
+        n = 0
+        while n < per_cohort:
+            prompt, answer = GENERATORS[cohort](rng)[:2]
+            if prompt in exclude:
+                continue
+            rows.append({"text": prompt + answer, "cohort": cohort})
+            n += 1
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer and model
 
@@ -420,6 +440,8 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--spec-lr", type=float, default=5e-4)
+    parser.add_argument("--calibration-only", action="store_true",
+                        help="write OUT/calibration.jsonl (for fisher and regmean recipes) and stop")
     args = parser.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -435,6 +457,13 @@ def main() -> None:
         for row in suite:
             fh.write(json.dumps(row) + "\n")
     print(f"suite: {len(suite)} rows -> {out / 'suite.jsonl'}", flush=True)
+    calibration = build_calibration(exclude)
+    with open(out / "calibration.jsonl", "w") as fh:
+        for row in calibration:
+            fh.write(json.dumps(row) + "\n")
+    print(f"calibration: {len(calibration)} rows -> {out / 'calibration.jsonl'}", flush=True)
+    if args.calibration_only:
+        return
 
     # 2. Tokenizer and base.
     tmp_tok = out / ".tokenizer-tmp"
