@@ -207,6 +207,9 @@ def _check(recipe: Recipe, where: str) -> None:
         if isinstance(setting.source, ModelToken) and (setting.source.token is None) == (setting.source.token_id is None):
             raise RecipeError(f"{where}: tokenizer.tokens[{token!r}].source: give exactly one of token or token_id")
     method = recipe.method
+    if recipe.calibration is not None and method.statistics is None:
+        raise RecipeError(f"{where}: 'calibration' is only read by data-aware methods (fisher, regmean), "
+                          f"not by {method.name}")
     known = {p.name: p for p in method.shared_params + method.per_model_params}
     per_model = {p.name: p for p in method.per_model_params}
     for key, setting in (recipe.parameters or {}).items():

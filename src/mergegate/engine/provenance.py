@@ -42,6 +42,14 @@ def versions() -> dict[str, str]:
     return found
 
 
+def _calibration(plan: MergePlan) -> dict:
+    """The calibration text data-aware methods learned their statistics from: it shapes the bytes too."""
+    from ..calibration import resolve_calibration_path
+
+    path = resolve_calibration_path(plan.recipe.calibration.path, plan.recipe.folder)
+    return {"path": str(path.resolve()), "sha256": sha256_file(path)}
+
+
 def write_provenance(plan: MergePlan, folder: Path, input_hashes: dict, shard_size) -> dict:
     outputs = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
     record = {
@@ -54,6 +62,7 @@ def write_provenance(plan: MergePlan, folder: Path, input_hashes: dict, shard_si
         "out_dtype": str(plan.out_dtype).removeprefix("torch."),
         "shard_size": str(shard_size),
         "inputs": input_hashes,
+        **({"calibration": _calibration(plan)} if plan.statistics else {}),
         "versions": versions(),
         "outputs": outputs,
     }

@@ -148,7 +148,8 @@ class MergeMethod:
                 raise ValueError(f"{len(stats)} calibration statistics for {len(tensors)} inputs")
             for position, stat in enumerate(stats):
                 if stat is not None and not bool(torch.isfinite(stat).all()):
-                    raise ValueError(f"the {self.statistics} statistics of input {position} hold NaN or infinite values")
+                    raise ValueError(f"the {self.statistics} statistics of input {position} hold NaN or infinite "
+                                     "values")
         return self.fn(base, list(tensors), list(per_model), shared, rng, stats=stats)
 
 
