@@ -293,3 +293,33 @@ def test_slices_refuse_unequal_ranges_and_missing_layers(family, tmp_path):
         {"model": str(family["base"]), "layer_range": [1, 3]}]}]}
     with pytest.raises(IncompatibleModels, match=r"has no tensor 'model.layers.2\..*"):
         plan_merge(too_deep)
+
+
+def test_model_plus_adapter_folds_the_lora_in_once(tmp_path, monkeypatch):
+    """`base+adapter` (mergekit's spelling) merges the PEFT adapter into the base, cached by content."""
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("MERGEGATE_CACHE", str(tmp_path / "cache"))
+    demo = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models"
+    folded_ref = f"{demo / 'base'}+{demo / 'arithmetic_lora'}"
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(demo / "base"),
+              "models": [{"model": str(demo / "tool_required"), "parameters": {"weight": 1.0}},
+                         {"model": folded_ref, "parameters": {"weight": 1.0}}]}
+    merge(recipe, tmp_path / "out", progress=False)
+    folded = plan_merge(recipe).checkpoints[folded_ref].path
+    first_build = (folded / "model.safetensors").stat().st_mtime_ns
+    merge(recipe, tmp_path / "again", progress=False, overwrite=True)
+    assert (folded / "model.safetensors").stat().st_mtime_ns == first_build  # reused, not rebuilt
+
+    peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo / "base"),
+                                            demo / "arithmetic_lora").merge_and_unload().state_dict()
+    base, tool, out = (load_file(demo / "base" / "model.safetensors"),
+                       load_file(demo / "tool_required" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = tool[name] + peft_merged[name] - base[name]  # task arithmetic of the two deltas
+    worst = (out[name] - expected).abs().max().item()
+    assert worst < 1e-5, f"max abs diff {worst:.3g} vs PEFT's merge_and_unload"
+    assert not torch.equal(peft_merged[name], base[name])  # the adapter does target this weight

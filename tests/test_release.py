@@ -92,3 +92,17 @@ def test_demo_end_to_end(tmp_path):
     assert plan.candidate.startswith("merged-")
     for name, model in plan.models.items():  # the top-level plan's relative paths still point at the models
         assert (Path(model.path) / "config.json").is_file(), name
+
+
+def test_model_plus_adapter_sources_are_evaluated_as_base_with_adapter(tmp_path):
+    from mergegate.recipe import load_recipe
+    from mergegate.release import release_models
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models"
+    recipe = load_recipe({"merge_method": "task_arithmetic", "base_model": str(demo / "base"), "models": [
+        {"model": str(demo / "tool_required"), "parameters": {"weight": 1.0}},
+        {"model": f"{demo / 'base'}+{demo / 'arithmetic_lora'}", "parameters": {"weight": 1.0}}]})
+    specs = {s.name: s for s in release_models(recipe, tmp_path / "candidate", "cand")}
+    assert specs["arithmetic_lora"].path == (demo / "base").resolve()
+    assert specs["arithmetic_lora"].adapter == (demo / "arithmetic_lora").resolve()
+    assert specs["base"].role == "base" and specs["base"].adapter is None

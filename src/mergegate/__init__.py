@@ -22,9 +22,12 @@ _EXPORTS = {
     "RecipeError": "errors",
     "available_methods": "methods",
     "check_compatible": "compat",
+    "combine_adapters": "lora",
+    "extract_adapter": "lora",
     "get_method": "methods",
     "load_recipe": "recipe",
     "merge": "engine",
+    "merge_adapter": "lora",
     "plan_merge": "engine",
     "register": "methods",
     "run_merge": "engine",
@@ -50,5 +53,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .compat import check_compatible
     from .engine import MergePlan, MergeResult, merge, plan_merge, run_merge
     from .errors import CheckpointError, IncompatibleModels, MergegateError, RecipeError
+    from .lora import combine_adapters, extract_adapter, merge_adapter
     from .methods import available_methods, get_method, register
     from .recipe import Recipe, load_recipe

@@ -355,14 +355,18 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
+def cache_folder() -> Path:
+    """$MERGEGATE_CACHE, default ~/.cache/mergegate: input hashes, adapters folded into their base."""
+    return Path(os.environ.get("MERGEGATE_CACHE", Path.home() / ".cache" / "mergegate"))
+
+
 class HashCache:
     """sha256 of input files, remembered by (path, size, mtime, inode): re-merging the same sources — the
     usual loop when comparing recipes — does not re-read gigabytes just to hash them. A changed file has a
     new mtime or size and is hashed again. Stored in $MERGEGATE_CACHE (default ~/.cache/mergegate)."""
 
     def __init__(self, folder: Path | None = None):
-        root = folder or Path(os.environ.get("MERGEGATE_CACHE", Path.home() / ".cache" / "mergegate"))
-        self.path = Path(root) / "sha256.json"
+        self.path = Path(folder or cache_folder()) / "sha256.json"
         self._lock = threading.Lock()
         try:
             self._entries: dict[str, str] = json.loads(self.path.read_text())

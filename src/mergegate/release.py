@@ -35,12 +35,19 @@ def release_models(recipe, candidate_dir: Path, candidate_name: str) -> list[Mod
     specs = [ModelSpec(candidate_name, Path(candidate_dir), "candidate")]
     taken = {candidate_name}
     for ref in recipe.model_refs():
-        path = resolve_model_path(ref, recipe.folder).resolve()
-        name = path.name
+        adapter = None
+        if "+" in ref and not Path(ref).exists():  # model+adapter: evaluated and served as the model with its adapter
+            model, adapter_ref = ref.split("+", 1)
+            path = resolve_model_path(model, recipe.folder).resolve()
+            adapter = resolve_model_path(adapter_ref, recipe.folder).resolve()
+        else:
+            path = resolve_model_path(ref, recipe.folder).resolve()
+        shown = adapter or path
+        name = shown.name
         while name in taken:
-            name = f"{path.parent.name}/{name}"
+            name = f"{shown.parent.name}/{name}"
         taken.add(name)
-        specs.append(ModelSpec(name, path, "base" if ref == recipe.base_model else "source"))
+        specs.append(ModelSpec(name, path, "base" if ref == recipe.base_model else "source", adapter))
     return specs
 
 

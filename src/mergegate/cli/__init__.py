@@ -1,8 +1,10 @@
 """The command line: a thin typer shell over the Python API. Nothing in the core imports it."""
 
 from .main import app, main
+from .lora import register as _register_lora
 from .serve import register as _register_serve
 
+_register_lora(app)
 _register_serve(app)
 
 __all__ = ["app", "main"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import Checkpoint, OutputTensor, natural_key
+from ..checkpoint import Checkpoint, HashCache, OutputTensor, cache_folder, natural_key
 from ..compat import check_compatible
 from ..errors import CheckpointError, IncompatibleModels, RecipeError
 from ..methods import MergeMethod, ParamSpec
@@ -96,15 +96,40 @@ class MergePlan:
         return list({job.name: job.output for job in self.jobs}.values())
 
 
-def resolve_model_path(ref: str, recipe_folder: Path | None) -> Path:
-    """A model reference is a local folder: relative to the working directory (as mergekit), else to the recipe."""
-    if "+" in ref and not Path(ref).exists():
-        raise RecipeError(f"model '{ref}': LoRA adapters (model+adapter) are not supported by this version")
+def resolve_model_path(ref: str, recipe_folder: Path | None, *, allow_pickle: bool = False) -> Path:
+    """A model reference is a local folder: relative to the working directory (as mergekit), else to the recipe.
+
+    `model+adapter` (mergekit's spelling) is the model with a PEFT LoRA adapter folded in, built once into the
+    cache and reused while neither input changes.
+    """
     path = Path(os.path.expanduser(ref))
+    if "+" in ref and not path.exists():
+        model, adapter = ref.split("+", 1)
+        return folded_adapter(resolve_model_path(model, recipe_folder), resolve_model_path(adapter, recipe_folder),
+                              allow_pickle=allow_pickle)
     if path.is_dir() or path.is_absolute() or recipe_folder is None:
         return path
     beside_recipe = recipe_folder / path
     return beside_recipe if beside_recipe.is_dir() else path
+
+
+def folded_adapter(model: Path, adapter: Path, *, allow_pickle: bool = False) -> Path:
+    """`model` with `adapter` merged into its weights, cached by the content of both."""
+    from ..lora import merge_adapter
+
+    for folder, what in ((model, "model"), (adapter, "adapter")):
+        if not folder.is_dir():
+            raise CheckpointError(f"{what} '{folder}': no such folder (model+adapter needs two local folders)")
+    hashes = HashCache()
+    digest = hashlib.sha256()
+    for folder in (model, adapter):
+        for file in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(f"{file.name}:{hashes.sha256(file)};".encode())
+    hashes.save()
+    target = cache_folder() / "folded-adapters" / digest.hexdigest()[:24]
+    if not (target / "config.json").is_file():
+        merge_adapter(model, adapter, target, allow_pickle=allow_pickle, overwrite=True)
+    return target
 
 
 def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False, seed: int = 0,
@@ -114,7 +139,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
     method = recipe.method
     checkpoints = {}
     for ref in recipe.model_refs():
-        path = resolve_model_path(ref, recipe.folder)
+        path = resolve_model_path(ref, recipe.folder, allow_pickle=allow_pickle)
         checkpoints[ref] = Checkpoint(path, allow_pickle=allow_pickle)
     if recipe.slices:
         first = recipe.slices[0]
