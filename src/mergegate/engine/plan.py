@@ -150,9 +150,10 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
         base, others = None, [entry.model for entry in recipe.models]
         reference = recipe.base_model or others[0]
         checkpoints = {ref: ck for ref, ck in checkpoints.items() if ref in others or ref == reference}
-    else:
-        base = reference = recipe.base_model
+    else:  # base required, or optional and perhaps absent (nuslerp, multislerp)
+        base = recipe.base_model
         others = [entry.model for entry in recipe.models if entry.model != base]
+        reference = base or others[0]
     vocabulary = plan_vocabulary(recipe, checkpoints, base, reference)
     check_compatible(checkpoints, reference, check_lineage=check_lineage, same_depth=not recipe.slices,
                      same_vocabulary=vocabulary is None or vocabulary.identity)
