@@ -2,8 +2,10 @@
 
 Magnitude selection finds exact rank thresholds instead of sorting: a seeded sample brackets the k-th
 value and `kthvalue` runs only on the elements inside the bracket. That is O(n) with a few passes instead
-of mergekit's full argsort per tensor, its main cost on TIES. Elements tied at a threshold are taken in
-index order, so exactly k are kept, as with a sort.
+of mergekit's full argsort per tensor, its main cost on TIES. Elements tied at a threshold are ranked in
+ascending index order, so exactly k are kept and a top-k keeps the *later* of equal magnitudes
+(mergekit's unstable argsort leaves that choice unspecified; on bf16 deltas, where many magnitudes tie,
+the two tools can keep different tied entries).
 """
 
 from __future__ import annotations
