@@ -466,3 +466,17 @@ def test_recipes_are_checked_against_each_methods_rules(family, tmp_path):
     refused("missing required parameter 't'", "nearswap", ("ft1",))
     refused("ft1'.*missing required parameter 'weight'", "multislerp", ("ft1", "ft2"))
     refused("unknown parameter 'weight' for karcher", "karcher", ("ft1", "ft2"), weight=1.0, base=False)
+
+
+def test_multislerp_returns_the_base_where_no_model_moved():
+    """A tensor every fine-tune left untouched (frozen embeddings): mergekit raises 'antipodal' with 3+ models;
+    the limit of the interpolation is the base itself."""
+    base = torch.randn(8, 4)
+    method = get_method("multislerp")
+    params = [method.per_model(weight=1.0)] * 3
+    got = method(base, [base.clone(), base.clone(), base.clone()], params, method.shared())
+    assert torch.equal(got, base)
+    zero = torch.zeros(8, 4)  # exact deltas ±1: genuinely antipodal, balanced, still refused
+    with pytest.raises(ValueError, match="weighted directions cancel out"):
+        method(zero, [zero + 1, zero - 1, zero], [method.per_model(weight=1.0)] * 2 +
+               [method.per_model(weight=0.0)], method.shared(normalize_weights=False))

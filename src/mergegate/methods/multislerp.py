@@ -7,7 +7,8 @@ average is zero by construction (sum_i w_i (u_i - (u_i·m) m) = M - (M·m) m = 0
 m = M/|M|), so the result is m scaled by the weighted mean of the norms; this module computes that
 directly, which agrees with mergekit to float rounding. Directions are x/(|x| + eps). A single model is
 returned as is. When the weighted directions cancel (|M| < eps), two models fall back to their weighted
-sum and more are an error, as in mergekit; weights summing to 0 with `normalize_weights` are an error
+sum and more are an error, as in mergekit — except when every input equals the base (all deltas zero, e.g.
+frozen embeddings), which returns the base where mergekit raises; weights summing to 0 with `normalize_weights` are an error
 (mergekit would write NaN).
 """
 
@@ -63,6 +64,10 @@ def multislerp(base, tensors, per_model, shared: MultiSlerpShared, rng=None) -> 
                              "(set normalize_weights: false)")
         weights = [w / total for w in weights]
     vectors = offsets(base, tensors, dtype)
+    if not any(bool(v.any()) for v in vectors):
+        # Every input equals the base (a tensor no fine-tune touched, e.g. frozen embeddings): nothing moved, so
+        # nothing to interpolate. mergekit raises "antipodal" here with three or more models; the limit is the base.
+        return add_base(base, torch.zeros_like(vectors[0]))
     merged = barycentre_on_sphere(vectors, weights, shared.eps)
     if merged is None:
         if len(vectors) != 2:
