@@ -25,7 +25,14 @@ def run_mergekit(recipe: dict, out: Path, seed: int | None = 0) -> Path:
     config = MergeConfiguration.model_validate(recipe)
     options = MergeOptions(device="cpu", copy_tokenizer=False, write_model_card=False, lazy_unpickle=False,
                            quiet=True, random_seed=seed)
-    run_merge(config, str(out), options=options)
+    # mergegate merges with one intra-op thread; reductions (norms, sums) then run in the same order on both
+    # sides, so exact agreement does not depend on how many threads the test process happens to use.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_merge(config, str(out), options=options)
+    finally:
+        torch.set_num_threads(threads)
     return Path(out)
 
 

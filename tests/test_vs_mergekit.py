@@ -164,9 +164,11 @@ CASES = [
         "multislerp", f, ("ft1", W(1.0)), ("ft2", W(2.0)), ("ft3", W(1.0)), base=False), atol=1e-6),
     Case("multislerp-base", lambda f: recipe(
         "multislerp", f, ("ft1", W(0.5)), ("ft2", W(0.3)), ("ft3", W(0.2))), atol=1e-6),
-    Case("karcher", lambda f: recipe("karcher", f, "ft1", "ft2", "ft3", base=False), atol=0.0),
+    Case("karcher", lambda f: recipe("karcher", f, "ft1", "ft2", "ft3", base=False), atol=1e-6,
+         why="iterated float32 norms: the last bits follow the reduction order, which follows the thread count"),
     Case("karcher-iterations", lambda f: recipe(
-        "karcher", f, "base", "ft1", base=False, parameters={"max_iter": 3, "tol": 1e-7}), atol=0.0),
+        "karcher", f, "base", "ft1", base=False, parameters={"max_iter": 3, "tol": 1e-7}), atol=1e-6,
+         why="iterated float32 norms: the last bits follow the reduction order, which follows the thread count"),
     # --- other base-relative methods
     Case("sce-topk1", lambda f: recipe("sce", f, "ft1", "ft2", "ft3"), atol=0.0),
     Case("sce-topk0.5", lambda f: recipe("sce", f, "ft1", "ft2", "ft3", parameters={"select_topk": 0.5}),
