@@ -334,3 +334,35 @@ def test_calibration_is_recorded_in_provenance_and_refused_for_other_methods(tmp
     assert record["calibration"]["sha256"] == hashlib.sha256(calibration.read_bytes()).hexdigest()
     with pytest.raises(RecipeError, match="'calibration' is only read by data-aware methods .* not by linear"):
         load_recipe({**recipe, "merge_method": "linear"})
+
+
+def test_regmean_merges_encoders_and_fisher_refuses_them(tmp_path):
+    """RegMean needs only each Linear's inputs, so a BertModel works; Fisher needs a next-token likelihood."""
+    import json
+
+    from transformers import AutoModel, BertConfig, BertModel
+
+    from mergegate import merge
+    from mergegate.errors import RecipeError
+    from mergegate.samples import write_finetune, write_tokenizer
+
+    base = tmp_path / "bert"
+    base.mkdir()
+    vocab = write_tokenizer(base)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(base)
+    sources = [write_finetune(base, tmp_path / f"bert{i}", seed=i) for i in (1, 2)]
+    calibration = tmp_path / "calib.jsonl"
+    calibration.write_text("".join(json.dumps({"text": f"the cat sat on mat {i}"}) + "\n" for i in range(6)))
+    recipe = {"merge_method": "regmean", "models": [{"model": str(s)} for s in sources],
+              "calibration": {"path": str(calibration)}}
+    merge(recipe, tmp_path / "out", progress=False)
+    merged = AutoModel.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.isfinite(merged(input_ids=ids).last_hidden_state).all()
+    query = "encoder.layer.0.attention.self.query.weight"
+    average = sum(AutoModel.from_pretrained(s).state_dict()[query] for s in sources) / 2
+    assert not torch.allclose(merged.state_dict()[query], average)  # the Grams shaped it, not a plain mean
+    with pytest.raises(RecipeError, match="fisher needs a causal language model"):
+        merge({**recipe, "merge_method": "fisher"}, tmp_path / "fisher", progress=False)

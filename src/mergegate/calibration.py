@@ -154,7 +154,10 @@ def gram_statistics(model: torch.nn.Module, rows: Sequence[Sequence[int]], batch
             x = inputs[0]
             # q/k/v (and gate/up) projections read the same tensor one after the other: one product serves all
             if x is not current["input"]:
-                rows_ = x.detach().reshape(-1, x.shape[-1])[current["keep"]].to(torch.float32)
+                rows_ = x.detach().reshape(-1, x.shape[-1])
+                if rows_.shape[0] == current["keep"].numel():  # per-token inputs: drop the padding
+                    rows_ = rows_[current["keep"]]
+                rows_ = rows_.to(torch.float32)  # (a pooler reads one vector per sequence: nothing to drop)
                 current["input"], current["product"] = x, rows_.T @ rows_
             sums[name].add_(current["product"])
         return record
@@ -210,7 +213,7 @@ def compute_statistics(model_path: Path, calibration_path: Path, kind: Statistic
     current count, which torch sets to the number of physical cores). Returns the tensors and a
     metadata dict (strings, for the safetensors header).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     texts = load_calibration_texts(calibration_path, settings.max_rows)
@@ -230,8 +233,16 @@ def compute_statistics(model_path: Path, calibration_path: Path, kind: Statistic
     hf_logging.disable_progress_bar()  # our own bar counts rows; transformers' would interleave with it
     model = None
     try:
+        architectures = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
+        causal = any(a.endswith("ForCausalLM") for a in architectures)
+        if kind == "fisher" and not causal:
+            raise RecipeError(f"model '{model_path}' ({', '.join(architectures) or 'no architecture'}): fisher needs "
+                              "a causal language model, whose next-token likelihood defines the Fisher; regmean "
+                              "only needs the layers' inputs and works with encoders too")
+        # RegMean only reads the Linear layers' inputs, so encoders (BertModel, ...) load as their bare model
+        loader = AutoModelForCausalLM if causal else AutoModel
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+            model = loader.from_pretrained(str(model_path), dtype=torch.float32)
         except Exception as exc:  # as above: surface it as a refusal naming the folder
             raise CheckpointError(
                 f"model '{model_path}': cannot be loaded with transformers for calibration ({exc})") from None
