@@ -171,3 +171,31 @@ def test_magnitude_matches_an_argsort_reference():
         reference[top] = delta[top]
         assert torch.equal(magnitude(delta.clone(), density), reference)
     assert int((magnitude_outliers(delta.clone(), 0.5, 0.01) != 0).sum()) == 150_000
+
+
+@pytest.mark.parametrize("name, shared, per_model", [
+    ("ties", {}, {"weight": 0.7, "density": 0.3}),
+    ("ties", {"rescale": True, "lambda": 0.8}, {"weight": 1.0, "density": 0.5}),
+    ("dare_ties", {}, {"weight": 0.5, "density": 0.4}),
+    ("dare_linear", {"normalize": True}, {"weight": 0.5, "density": 0.4}),
+    ("breadcrumbs_ties", {"rescale": True}, {"weight": 1.0, "density": 0.8, "gamma": 0.05}),
+    ("della", {}, {"weight": 1.0, "density": 0.5, "epsilon": 0.2}),
+    ("task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}),
+])
+def test_large_tensors_take_the_two_pass_path_with_identical_bytes(name, shared, per_model, monkeypatch):
+    """Above CHUNK_ELEMENTS the task-vector family chooses entries on whole deltas, then merges row chunks."""
+    from mergegate.methods import _task_vectors
+
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(301, 40, generator=generator)
+    models = [(base + 0.1 * torch.randn(301, 40, generator=generator)).to(torch.bfloat16) for _ in range(3)]
+    models[1][5:9] = base[5:9].to(torch.bfloat16)  # rows where a model did not move
+
+    def merged():
+        rng = torch.Generator().manual_seed(11)
+        return run(name, base, models, [per_model] * 3, rng=rng, **shared)
+
+    monkeypatch.setattr(_task_vectors, "CHUNK_ELEMENTS", 1 << 30)
+    whole = merged()
+    monkeypatch.setattr(_task_vectors, "CHUNK_ELEMENTS", 7 * 40)  # 7-row chunks, the last one short
+    assert torch.equal(merged(), whole)

@@ -10,6 +10,8 @@ the two tools can keep different tied entries).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 _RESCALE_EPS = 1e-7
@@ -64,48 +66,88 @@ def rank_window(magnitudes: torch.Tensor, start: int, stop: int) -> torch.Tensor
     return mask.reshape(magnitudes.shape)
 
 
-def _keep(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """Zero the entries outside `mask` (in place); with `rescale`, restore the delta's L1 norm."""
-    before = delta.abs().sum() if rescale else None
-    kept = delta.masked_fill_(~mask, 0)
+@dataclass(frozen=True)
+class Selection:
+    """Which entries of a delta survive (`mask`; None keeps all) and the factor they are then scaled by.
+
+    Kept apart from the delta so that a large tensor's selection can be made once on the whole delta and
+    applied row chunk by row chunk (see _task_vectors.combine): a boolean mask costs a quarter of a float32
+    delta, and applying it is elementwise.
+    """
+
+    mask: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # a 0-dim float tensor; None means 1
+
+    def apply(self, delta: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The kept (and rescaled) entries of `delta`, in place; `rows` when `delta` is a row chunk."""
+        if self.mask is not None:
+            delta.masked_fill_(~(self.mask if rows is None else self.mask[rows[0]:rows[1]]), 0)
+        if self.scale is not None:
+            delta.mul_(self.scale)
+        return delta
+
+
+KEEP_ALL = Selection()
+
+
+def _select(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> Selection:
+    """Keep `mask`; with `rescale`, scale the kept entries to restore the delta's L1 norm."""
     if not rescale:
-        return kept
-    after = kept.abs().sum()
+        return Selection(mask)
+    before = delta.abs().sum()
+    after = delta.masked_fill(~mask, 0).abs().sum()
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return kept
-    return kept.mul_(before / after)
+        return Selection(mask)
+    return Selection(mask, before / after)
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+def _drop_all(delta: torch.Tensor) -> Selection:
+    return Selection(torch.zeros(delta.shape, dtype=torch.bool))
+
+
+def magnitude_selection(delta: torch.Tensor, density: float, rescale: bool = False) -> Selection:
     """Keep the `density` fraction of largest-magnitude entries (at least one when density > 0)."""
     if density >= 1:
-        return delta
+        return KEEP_ALL
     n = delta.numel()
     if density <= 0 or n == 0:
-        return torch.zeros_like(delta)
+        return _drop_all(delta)
     k = max(1, int(density * n))
-    return _keep(delta, rank_window(delta.abs(), n - k, n), rescale)
+    return _select(delta, rank_window(delta.abs(), n - k, n), rescale)
 
 
-def random(delta: torch.Tensor, density: float, rescale: bool, rng: torch.Generator | None) -> torch.Tensor:
+def random_selection(delta: torch.Tensor, density: float, rescale: bool, rng: torch.Generator | None) -> Selection:
     """DARE: keep each entry with probability `density`."""
     if density >= 1:
-        return delta
+        return KEEP_ALL
     if density <= 0:
-        return torch.zeros_like(delta)
+        return _drop_all(delta)
     mask = torch.rand(delta.shape, generator=rng, dtype=torch.float32) < density
-    return _keep(delta, mask, rescale)
+    return _select(delta, mask, rescale)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+def outliers_selection(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> Selection:
     """Breadcrumbs: drop the top `gamma` fraction (outliers), then the smallest, keeping `density`."""
     if density >= 1:
-        return delta
+        return KEEP_ALL
     n = delta.numel()
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)  # fewer outliers are dropped when density needs them
-    return _keep(delta, rank_window(delta.abs(), n_bottom, n_bottom + target), rescale)
+    return _select(delta, rank_window(delta.abs(), n_bottom, n_bottom + target), rescale)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """`magnitude_selection` applied to `delta` (in place when anything is dropped)."""
+    return magnitude_selection(delta, density, rescale).apply(delta)
+
+
+def random(delta: torch.Tensor, density: float, rescale: bool, rng: torch.Generator | None) -> torch.Tensor:
+    return random_selection(delta, density, rescale, rng).apply(delta)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    return outliers_selection(delta, density, gamma, rescale).apply(delta)
 
 
 def check_della_window(density: float, epsilon: float) -> None:
@@ -149,19 +191,23 @@ def della_keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: 
     return probabilities.reshape(magnitudes.shape)
 
 
-def della(
-    delta: torch.Tensor, density: float, epsilon: float, rescale: bool, rng: torch.Generator | None
-) -> torch.Tensor:
+def della_selection(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
+                    rng: torch.Generator | None) -> Selection:
     """DELLA MagPrune: keep each entry with its rank-based probability (see `della_keep_probabilities`).
 
     With `rescale`, the kept entries are scaled to restore the delta's L1 norm (mergekit's rescale), not
     by each entry's 1 / keep-probability as in the paper; the two roughly agree only at `epsilon` 0.
     """
     if density >= 1:
-        return delta
+        return KEEP_ALL
     if density <= 0:
-        return torch.zeros_like(delta)
+        return _drop_all(delta)
     check_della_window(density, epsilon)
     probabilities = della_keep_probabilities(delta.abs(), density, epsilon)
     mask = torch.rand(delta.shape, generator=rng, dtype=torch.float32) < probabilities
-    return _keep(delta, mask, rescale)
+    return _select(delta, mask, rescale)
+
+
+def della(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
+          rng: torch.Generator | None) -> torch.Tensor:
+    return della_selection(delta, density, epsilon, rescale, rng).apply(delta)

@@ -1,8 +1,14 @@
-"""The task-vector family (task arithmetic, TIES, DARE, breadcrumbs) is one algorithm.
+"""The task-vector family (task arithmetic, TIES, DARE, breadcrumbs, DELLA) is one algorithm.
 
 delta_i = model_i - base, optionally sparsified, weighted; optionally only entries agreeing with the
 elected sign of the weighted sum are kept (`>= 0` counts as +); summed; divided by the sum of the
 (kept) weights when `normalize`; scaled by `lambda`; added back to the base.
+
+Everything after the sparsifier's choice is elementwise. So a large tensor is done in two passes: each
+delta is formed whole once to choose its entries (a boolean mask and a rescale factor — top-k and L1 norms
+need the whole tensor), then freed; the rest runs over row chunks, recomputing each delta chunk. Peak memory
+is one float32 delta plus a byte per element per model, instead of every delta at once — with the same
+bytes out, since every step is the same elementwise arithmetic in the same order.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ from typing import Callable, Sequence
 
 import torch
 
-Sparsifier = Callable[[torch.Tensor, object, bool, "torch.Generator | None"], torch.Tensor]
+from ._sparsify import KEEP_ALL, Selection
+
+Sparsifier = Callable[[torch.Tensor, object, bool, "torch.Generator | None"], Selection]
+CHUNK_ELEMENTS = 1 << 22  # tensors above this are merged in row chunks of about this size
 
 
 def combine(
@@ -26,14 +35,39 @@ def combine(
 ) -> torch.Tensor:
     if not tensors:
         return base.clone()
-    weighted = []
-    for tensor, params in zip(tensors, per_model):
-        delta = torch.sub(tensor, base)  # a stored bf16 input promotes to the base's float32 here, uncopied
-        if sparsify is not None:
-            delta = sparsify(delta, params, shared.rescale, rng)
-        weighted.append(delta.mul_(params.weight))  # delta is always a fresh tensor here
     weights = [params.weight for params in per_model]
+    if base.dim() == 0 or base.numel() <= CHUNK_ELEMENTS or base.shape[0] < 2:
+        deltas = []
+        for tensor, params in zip(tensors, per_model):
+            delta = torch.sub(tensor, base)  # a stored bf16 input promotes to the base's float32 here, uncopied
+            if sparsify is not None:
+                delta = sparsify(delta, params, shared.rescale, rng).apply(delta)
+            deltas.append(delta)
+        return _merge_rows(base, deltas, weights, shared, sign_consensus)
 
+    selections = []
+    for tensor, params in zip(tensors, per_model):  # pass 1: choose entries on the whole delta, in model order
+        if sparsify is None:
+            selections.append(KEEP_ALL)
+            continue
+        delta = torch.sub(tensor, base)
+        selections.append(sparsify(delta, params, shared.rescale, rng))
+        del delta
+    out = torch.empty_like(base)
+    step = max(1, CHUNK_ELEMENTS // (base.numel() // base.shape[0]))
+    for start in range(0, base.shape[0], step):  # pass 2: everything elementwise, chunk by chunk
+        rows = (start, min(start + step, base.shape[0]))
+        chunk_base = base[rows[0]:rows[1]]
+        deltas = [selection.apply(torch.sub(tensor[rows[0]:rows[1]], chunk_base), rows)
+                  for tensor, selection in zip(tensors, selections)]
+        out[rows[0]:rows[1]] = _merge_rows(chunk_base, deltas, weights, shared, sign_consensus)
+    return out
+
+
+def _merge_rows(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], shared: object,
+                sign_consensus: bool) -> torch.Tensor:
+    """Weight, elect signs, sum, normalize, scale and add back — all elementwise; consumes `deltas`."""
+    weighted = [delta.mul_(weight) for delta, weight in zip(deltas, weights)]  # each delta is ours: in place
     if sign_consensus:
         elected_positive = _sum(weighted) >= 0
         mixed = torch.zeros_like(base)

@@ -15,7 +15,7 @@ class BreadcrumbsModel:
 
 
 def _crumbs(delta, params, rescale, rng):
-    return _sparsify.magnitude_outliers(delta, params.density, params.gamma, rescale)
+    return _sparsify.outliers_selection(delta, params.density, params.gamma, rescale)
 
 
 @register("breadcrumbs", shared=TaskArithmeticShared, per_model=BreadcrumbsModel)

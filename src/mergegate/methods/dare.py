@@ -19,7 +19,7 @@ class DareShared:
 
 
 def _drop(delta, params, rescale, rng):
-    return _sparsify.random(delta, params.density, rescale, rng)
+    return _sparsify.random_selection(delta, params.density, rescale, rng)
 
 
 @register("dare_linear", shared=DareShared, per_model=TaskVectorModel, random=True)

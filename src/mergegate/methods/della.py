@@ -45,7 +45,7 @@ class DellaModel:
 
 
 def _magprune(delta, params, rescale, rng):
-    return _sparsify.della(delta, params.density, params.epsilon, rescale, rng)
+    return _sparsify.della_selection(delta, params.density, params.epsilon, rescale, rng)
 
 
 @register("della", shared=DellaShared, per_model=DellaModel, random=True)

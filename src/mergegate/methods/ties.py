@@ -16,7 +16,7 @@ class TiesShared:
 
 
 def _trim(delta, params, rescale, rng):
-    return _sparsify.magnitude(delta, params.density, rescale)
+    return _sparsify.magnitude_selection(delta, params.density, rescale)
 
 
 @register("ties", shared=TiesShared, per_model=TaskVectorModel)
