@@ -4,7 +4,6 @@ rename it into place only when everything (weights, config, tokenizer, provenanc
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .._staging import check_output, staged
 from ..checkpoint import ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels, MergegateError
 from ..methods import NonFiniteInput
@@ -62,9 +62,7 @@ def merge(recipe, out_dir: str | Path, *, shard_size: str | int = DEFAULT_SHARD_
     Nothing appears at `out_dir` unless the whole merge succeeds. Raises a MergegateError subclass, naming
     the file, tensor or field at fault, when an input is refused.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise MergegateError(f"{out_dir} exists and is not empty; choose another folder or pass --overwrite")
+    out_dir = check_output(Path(out_dir), overwrite)  # refused before any model is opened
     plan = plan_merge(recipe, allow_pickle=allow_pickle, seed=seed, check_lineage=check_lineage)
     return run_merge(plan, out_dir, shard_size=shard_size, workers=workers, progress=progress,
                      memory_budget=memory_budget)
@@ -75,50 +73,33 @@ def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT
               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> MergeResult:
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.mergegate-partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     workers = workers or min(4, os.cpu_count() or 1)
     hasher = ThreadPoolExecutor(1, thread_name_prefix="mergegate-hash")
     input_hashes = hasher.submit(hash_inputs, plan)
-    writer = None
     threads_before = torch.get_num_threads()
     # One intra-op thread per worker: parallelism comes from the pool, and reductions (norms, sums) then
     # run in a fixed order, so the bytes do not depend on the machine's core count.
     torch.set_num_threads(1)
     try:
-        writer = ShardedWriter(staging, plan.outputs, parse_size(shard_size))
-        _stream(plan, writer, workers, memory_budget, progress)
-        writer.close()
-        copy_model_files(plan.checkpoints[plan.reference],
-                         None if plan.vocabulary else plan.checkpoints[plan.tokenizer_source],
-                         staging, plan.out_dtype, plan.config_updates)
-        if plan.vocabulary:
-            plan.vocabulary.save(staging)
-        provenance = write_provenance(plan, staging, input_hashes.result(), shard_size)
-        _replace(staging, out_dir)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged(out_dir, overwrite=True) as staging:
+            writer = ShardedWriter(staging, plan.outputs, parse_size(shard_size))
+            try:
+                _stream(plan, writer, workers, memory_budget, progress)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            copy_model_files(plan.checkpoints[plan.reference],
+                             None if plan.vocabulary else plan.checkpoints[plan.tokenizer_source],
+                             staging, plan.out_dtype, plan.config_updates)
+            if plan.vocabulary:
+                plan.vocabulary.save(staging)
+            provenance = write_provenance(plan, staging, input_hashes.result(), shard_size)
     finally:
         torch.set_num_threads(threads_before)
         hasher.shutdown(wait=True, cancel_futures=True)
     files = sorted(p.name for p in out_dir.iterdir())
     return MergeResult(out_dir, files, len(plan.jobs), writer.total_bytes, time.perf_counter() - started, provenance)
-
-
-def _replace(staging: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.mergegate-old"
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from ..checkpoint import natural_key
 from ..errors import IncompatibleModels, RecipeError
-from ._io import check_output, staged
+from .._staging import check_output, staged
 from .adapter import Adapter, LoraWeights, rank_layout, read_adapter, write_adapter_files
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import Checkpoint, natural_key
 from ..errors import IncompatibleModels, RecipeError
-from ._io import check_output, staged
+from .._staging import check_output, staged
 from .adapter import LoraWeights, rank_layout, write_adapter_files
 
 REPORT_FILE = "mergegate_extraction.json"

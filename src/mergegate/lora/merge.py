@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import Checkpoint, OutputTensor, ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels
-from ._io import check_output, staged
+from .._staging import check_output, staged
 from .adapter import Adapter, read_adapter
 
 # Config fields that fix the shapes and wiring of a model: two folders that differ in any are different models.

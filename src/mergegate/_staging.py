@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import MergegateError
+from .errors import MergegateError
 
 
 def check_output(out_dir: Path, overwrite: bool) -> Path:
