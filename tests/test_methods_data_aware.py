@@ -331,7 +331,8 @@ def test_calibration_is_recorded_in_provenance_and_refused_for_other_methods(tmp
               "calibration": {"path": str(calibration), "max_rows": 4}}
     merge(recipe, tmp_path / "out", progress=False)
     record = json.loads((tmp_path / "out" / "mergegate.json").read_text())
-    assert record["calibration"]["sha256"] == hashlib.sha256(calibration.read_bytes()).hexdigest()
+    digest = hashlib.sha256(calibration.read_bytes()).hexdigest()
+    assert [entry["sha256"] for entry in record["calibration"].values()] == [digest, digest]
     with pytest.raises(RecipeError, match="'calibration' is only read by data-aware methods .* not by linear"):
         load_recipe({**recipe, "merge_method": "linear"})
 
@@ -366,3 +367,39 @@ def test_regmean_merges_encoders_and_fisher_refuses_them(tmp_path):
     assert not torch.allclose(merged.state_dict()[query], average)  # the Grams shaped it, not a plain mean
     with pytest.raises(RecipeError, match="fisher needs a causal language model"):
         merge({**recipe, "merge_method": "fisher"}, tmp_path / "fisher", progress=False)
+
+
+def test_each_model_may_bring_its_own_calibration_text(tmp_path):
+    """RegMean's setting: each model's Gram matrices from the data it was tuned for (models[i].calibration)."""
+    import hashlib
+    import json
+
+    from mergegate import merge
+    from mergegate.errors import RecipeError
+    from mergegate.samples import write_family
+
+    family = write_family(tmp_path / "family", finetunes=2)
+    texts = {"ft1": ["12+30=42", "7+8=15"], "ft2": ['{"name": "ana"}', '{"age": 3}']}
+    files = {}
+    for name, rows in texts.items():
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    recipe = {"merge_method": "regmean", "models": [{"model": str(family[m]), "calibration": str(files[m])}
+                                                     for m in ("ft1", "ft2")]}
+    merge(recipe, tmp_path / "own", progress=False)
+    record = json.loads((tmp_path / "own" / "mergegate.json").read_text())["calibration"]
+    assert record[str(family["ft1"])]["sha256"] == hashlib.sha256(files["ft1"].read_bytes()).hexdigest()
+    assert record[str(family["ft2"])]["sha256"] == hashlib.sha256(files["ft2"].read_bytes()).hexdigest()
+    shared = {**recipe, "models": [{"model": str(family[m])} for m in ("ft1", "ft2")],
+              "calibration": {"path": str(files["ft1"])}}
+    merge(shared, tmp_path / "shared", progress=False)
+    name = "model.layers.0.mlp.down_proj.weight"
+    from safetensors.torch import load_file
+    own, same = load_file(tmp_path / "own" / "model.safetensors"), load_file(tmp_path / "shared" / "model.safetensors")
+    assert not torch.equal(own[name], same[name])  # ft2's own text changed its Gram matrices, so the merge
+    half = {**recipe, "models": [recipe["models"][0], {"model": str(family["ft2"])}]}
+    with pytest.raises(RecipeError, match="needs calibration text.*or give every model its own"):
+        merge(half, tmp_path / "half", progress=False)
+    with pytest.raises(RecipeError, match="'calibration' is only read by data-aware methods"):
+        merge({**recipe, "merge_method": "linear", "models": [{**m, "parameters": {"weight": 1.0}}
+                                                               for m in recipe["models"]]}, tmp_path / "lin")

@@ -348,21 +348,26 @@ def plan_statistics(recipe, kind: StatisticKind, models: dict[str, Checkpoint], 
     Refuses a recipe without a `calibration:` section, and statistics whose names match none of the
     model's tensors (a model whose transformers parameter names differ from its stored names).
     """
-    if recipe.calibration is None:
+    entries = {entry.model: entry for entry in recipe.models or []}
+    own = {ref: entries[ref].calibration for ref in models if ref in entries and entries[ref].calibration}
+    if recipe.calibration is None and len(own) < len(models):
         raise RecipeError(
             f"merge_method {method} needs calibration text: add a 'calibration:' section, e.g. "
-            "calibration: {path: calib.jsonl, max_rows: 64}"
+            "calibration: {path: calib.jsonl, max_rows: 64}, or give every model its own "
+            "(models: [{model: ..., calibration: its_data.jsonl}])"
         )
     section = recipe.calibration
-    path = resolve_calibration_path(section.path, recipe.folder)
-    settings = CalibrationSettings(section.max_rows, section.max_length, section.batch_size)
+    settings = (CalibrationSettings(section.max_rows, section.max_length, section.batch_size) if section
+                else CalibrationSettings())
+    paths = {ref: resolve_calibration_path(own.get(ref) or section.path, recipe.folder) for ref in models}
     show = sys.stderr.isatty() if progress is None else progress
     found: dict[str, Checkpoint] = {}
-    rows = len(load_calibration_texts(path, settings.max_rows))  # refuses a malformed file before any model loads
+    # refuses a malformed file before any model loads
+    rows = {path: len(load_calibration_texts(path, settings.max_rows)) for path in set(paths.values())}
     with _Progress(show) as bar:
         for ref, model in models.items():
-            advance = bar.task(f"{kind} statistics of {Path(ref).name}", rows)
-            folder = ensure_statistics(model, path, kind, settings, advance=advance)
+            advance = bar.task(f"{kind} statistics of {Path(ref).name}", rows[paths[ref]])
+            folder = ensure_statistics(model, paths[ref], kind, settings, advance=advance)
             stats = Checkpoint(folder)
             if not set(model.tensors) & set(stats.tensors):
                 raise MergegateError(

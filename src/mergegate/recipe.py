@@ -35,6 +35,9 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, Setting] | None = None
+    # data-aware methods: this model's own calibration JSONL (the data it was tuned for, as in RegMean's
+    # setting), overriding the recipe's `calibration.path` for this model; a mergegate extension
+    calibration: str | None = None
 
 
 class InputSlice(BaseModel):
@@ -207,7 +210,8 @@ def _check(recipe: Recipe, where: str) -> None:
         if isinstance(setting.source, ModelToken) and (setting.source.token is None) == (setting.source.token_id is None):
             raise RecipeError(f"{where}: tokenizer.tokens[{token!r}].source: give exactly one of token or token_id")
     method = recipe.method
-    if recipe.calibration is not None and method.statistics is None:
+    own_calibration = any(entry.calibration for entry in recipe.models or [])
+    if (recipe.calibration is not None or own_calibration) and method.statistics is None:
         raise RecipeError(f"{where}: 'calibration' is only read by data-aware methods (fisher, regmean), "
                           f"not by {method.name}")
     known = {p.name: p for p in method.shared_params + method.per_model_params}

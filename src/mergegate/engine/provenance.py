@@ -43,11 +43,16 @@ def versions() -> dict[str, str]:
 
 
 def _calibration(plan: MergePlan) -> dict:
-    """The calibration text data-aware methods learned their statistics from: it shapes the bytes too."""
+    """The calibration text each data-aware input learned its statistics from: it shapes the bytes too."""
     from ..calibration import resolve_calibration_path
 
-    path = resolve_calibration_path(plan.recipe.calibration.path, plan.recipe.folder)
-    return {"path": str(path.resolve()), "sha256": sha256_file(path)}
+    entries = {entry.model: entry for entry in plan.recipe.models or []}
+    record = {}
+    for ref in plan.statistics:
+        given = entries[ref].calibration if ref in entries and entries[ref].calibration else plan.recipe.calibration.path
+        path = resolve_calibration_path(given, plan.recipe.folder)
+        record[ref] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
+    return record
 
 
 def write_provenance(plan: MergePlan, folder: Path, input_hashes: dict, shard_size) -> dict:
