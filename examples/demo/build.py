@@ -14,6 +14,7 @@ Everything is generated here from fixed seeds: synthetic data, the character tok
     OUT/models/arithmetic_lora/    PEFT LoRA adapter (rank 8) on the base
     OUT/suite.jsonl                held-out rows, 100 per cohort
     OUT/calibration.jsonl          unlabelled text for data-aware merges (fisher, regmean), disjoint from the suite
+    OUT/calibration/SKILL.jsonl    the same rows split by skill, for per-model calibration
     OUT/build_log.json             steps, losses, timings
 
 Training design (see README.md): the base is pretrained on a mix that contains every prompt format, but sees a
@@ -461,7 +462,14 @@ def main() -> None:
     with open(out / "calibration.jsonl", "w") as fh:
         for row in calibration:
             fh.write(json.dumps(row) + "\n")
-    print(f"calibration: {len(calibration)} rows -> {out / 'calibration.jsonl'}", flush=True)
+    (out / "calibration").mkdir(exist_ok=True)
+    for cohort in COHORTS:  # per skill: each specialist's own data, RegMean's setting (models[i].calibration)
+        with open(out / "calibration" / f"{cohort}.jsonl", "w") as fh:
+            for row in calibration:
+                if row["cohort"] == cohort:
+                    fh.write(json.dumps(row) + "\n")
+    print(f"calibration: {len(calibration)} rows -> {out / 'calibration.jsonl'} (and per skill in "
+          f"{out / 'calibration'}/)", flush=True)
     if args.calibration_only:
         return
 
