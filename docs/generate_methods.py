@@ -51,8 +51,11 @@ DEMO_RECIPES: dict[str, dict] = {
     "arcee_fusion": {"pair_on_base": True},
     "ram": {},
     "ramplus_tl": {},
+    # data-aware: each source's statistics from its own skill's text (RegMean's setting), and regmean again with one
+    # shared file of every skill plus generic text, to show what the calibration text's coverage does
     "fisher": {"weights": True, "calibration": True},
     "regmean": {"weights": True, "calibration": True},
+    "regmean, shared calibration": {"method": "regmean", "weights": True, "calibration": "shared"},
 }
 NOT_ON_DEMO = {"passthrough": "copies one model (or stacks layer ranges): nothing to compare on the demo"}
 
@@ -67,8 +70,9 @@ def _model_ref(name: str) -> str:
     return str(MODELS / name)
 
 
-def demo_recipe(method: str) -> dict:
-    spec = DEMO_RECIPES[method]
+def demo_recipe(key: str) -> dict:
+    spec = DEMO_RECIPES[key]
+    method = spec.get("method", key)
     params = {"weight": 1.0} if spec.get("weights") else None
     if spec.get("pair_on_base"):  # two-model methods interpolate between two specialists
         recipe = {"merge_method": method, "base_model": _model_ref(PAIR[0]),
@@ -79,8 +83,13 @@ def demo_recipe(method: str) -> dict:
                              for m in spec.get("models", SOURCES)]}
     if spec.get("parameters"):
         recipe["parameters"] = spec["parameters"]
-    if spec.get("calibration"):
+    if spec.get("calibration") == "shared":
         recipe["calibration"] = {"path": str(DEMO / "calibration.jsonl"), "max_rows": 80}
+    elif spec.get("calibration"):  # each source's statistics from its own skill's text (RegMean's setting)
+        skill = {"base+arithmetic_lora": "arithmetic"}
+        for entry, name in zip(recipe["models"], spec.get("models", SOURCES)):
+            entry["calibration"] = str(DEMO / "calibration" / f"{skill.get(name, name)}.jsonl")
+        recipe["calibration"] = {"path": str(DEMO / "calibration.jsonl"), "max_rows": 16}
     recipe["dtype"] = "float32"
     return recipe
 
@@ -98,14 +107,15 @@ def run_demo(out: Path, methods: list[str], rerun: bool) -> dict:
         if method in results and not rerun:
             continue
         recipe = demo_recipe(method)
+        slug = method.replace(", ", "-").replace(" ", "-")
         (out / "recipes").mkdir(parents=True, exist_ok=True)
-        recipe_file = out / "recipes" / f"{method}.yaml"
+        recipe_file = out / "recipes" / f"{slug}.yaml"
         recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
         print(f"[demo] {method}: merge → evaluate → gate", flush=True)
         started = time.perf_counter()
         try:
-            result = release(recipe_file, DEMO / "suite.jsonl", DEMO / "policy.yaml", out / method,
-                             registry=registry, candidate_name=f"merged-{method}", progress=False)
+            result = release(recipe_file, DEMO / "suite.jsonl", DEMO / "policy.yaml", out / slug,
+                             registry=registry, candidate_name=f"merged-{slug}", progress=False)
         except Exception as exc:  # one method failing must not lose the others' results
             results[method] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"[demo] {method} failed: {exc}", flush=True)
@@ -114,6 +124,8 @@ def run_demo(out: Path, methods: list[str], rerun: bool) -> dict:
             "seconds": round(time.perf_counter() - started, 1),
             "recipe": {k: v for k, v in recipe.items() if k not in ("base_model", "models")},
             "models": [m["model"].replace(str(MODELS) + "/", "") for m in recipe["models"]],
+            "calibration": [m["calibration"].replace(str(DEMO) + "/", "") for m in recipe["models"]
+                            if "calibration" in m],
             "base_model": recipe["base_model"].replace(str(MODELS) + "/", ""),
             "cohorts": {d.cohort: {"candidate": round(d.candidate_mean, 4), "best_source": d.best_source,
                                    "best_source_mean": round(d.best_source_mean, 4), "decision": d.decision}
@@ -177,6 +189,10 @@ def write_doc(demo: dict, minilm: Path) -> str:
             lines.append(f"| {method} | failed: {result['error'][:120]} |" + " |" * (len(cohorts) + 1))
             continue
         params = json.dumps(result["recipe"].get("parameters", {})).replace("|", "/")
+        if result.get("calibration"):
+            params += " + each source's own skill text"
+        elif "calibration" in result["recipe"]:
+            params += " + one text of every skill"
         if DEMO_RECIPES.get(method, {}).get("pair_on_base") or DEMO_RECIPES.get(method, {}).get("models") == PAIR:
             params += " (2 models)"
         cells = []
@@ -198,12 +214,28 @@ def write_doc(demo: dict, minilm: Path) -> str:
             lines.append(f"- {' and '.join(same)} score as linear here (within 0.005): they average only the deltas "
                          "that moved, and full fine-tunes move every weight; they are built for the sparse deltas "
                          "of RL fine-tuning.")
+        own, shared = ran.get("regmean"), ran.get("regmean, shared calibration")
+        if own and shared and "out_of_domain" in cohorts:
+            o, sh = own["cohorts"], shared["cohorts"]
+            lines.append(f"- regmean fits each layer to the text it is shown: with each source's own skill text it scores "
+                         f"{o['out_of_domain']['candidate']:.2f} out of domain against {sh['out_of_domain']['candidate']:.2f} "
+                         f"with one text covering every skill and generic sentences — calibration text should cover "
+                         f"the traffic the merge will serve.")
     for method, reason in NOT_ON_DEMO.items():
         lines.append(f"\n`{method}` is not run on the demo: {reason}.")
     lines += ["", "## On a real pretrained model: MiniLM, one head per task", ""]
     table = minilm / "retention.md"
+    results = minilm / "results.json"
+    if results.is_file():
+        ran_minilm = {m: r for m, r in json.loads(results.read_text())["methods"].items()
+                      if r.get("status") == "ok" and len(r["tasks"]) > 2}
+        top = sorted(ran_minilm, key=lambda m: -ran_minilm[m]["mean_retention"])
+        lines.append("Mean retention over the four tasks, best first: " + ", ".join(
+            f"{m} {ran_minilm[m]['mean_retention']:.1%}" for m in top) + ". The full table and settings follow.\n")
     if table.is_file():
-        lines += [table.read_text().strip(), "", f"![retention](experiments/{minilm.name}/retention.png)"]
+        embedded = "\n".join(("###" + line[1:]) if line.startswith("# ") else line
+                              for line in table.read_text().strip().splitlines())  # under this document's ##
+        lines += [embedded, "", f"![retention](experiments/{minilm.name}/retention.png)"]
     else:
         lines.append("(not run: `docs/experiments/minilm_retention.py` produced no results)")
     return "\n".join(lines) + "\n"
@@ -219,7 +251,7 @@ def main() -> None:
     args = parser.parse_args()
     from mergegate.methods import available_methods
 
-    methods = [m for m in args.methods if m in available_methods()]
+    methods = [m for m in args.methods if DEMO_RECIPES.get(m, {}).get("method", m) in available_methods()]
     demo = run_demo(args.demo_out, methods, args.rerun_demo)
     if not (args.minilm_out / "results.json").is_file() and not args.no_minilm:
         subprocess.run([sys.executable, str(HERE / "experiments" / "minilm_retention.py"), "--out",
