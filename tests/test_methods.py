@@ -199,3 +199,19 @@ def test_large_tensors_take_the_two_pass_path_with_identical_bytes(name, shared,
     whole = merged()
     monkeypatch.setattr(_task_vectors, "CHUNK_ELEMENTS", 7 * 40)  # 7-row chunks, the last one short
     assert torch.equal(merged(), whole)
+
+
+def test_large_slerp_takes_two_passes_and_agrees_with_the_whole_tensor_form(monkeypatch):
+    from mergegate.methods import slerp as slerp_module
+
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(203, 30, generator=generator)
+    for b in ((a + 0.8 * torch.randn(203, 30, generator=generator)).to(torch.bfloat16),  # curved branch
+              (a * 1.5).to(torch.bfloat16)):  # parallel: linear fallback
+        whole = run("slerp", a, [b], t=0.3)
+        monkeypatch.setattr(slerp_module, "CHUNK_ELEMENTS", 9 * 30)
+        chunked = run("slerp", a, [b], t=0.3)
+        monkeypatch.setattr(slerp_module, "CHUNK_ELEMENTS", 1 << 22)
+        worst = (chunked - whole).abs().max().item()
+        assert worst < 1e-5, f"max abs diff {worst:.3g}"
+        assert chunked.dtype == torch.float32 and chunked.shape == a.shape

@@ -1,7 +1,9 @@
 """SLERP: spherical interpolation between the base and one other model, per tensor.
 
 Both tensors are flattened; near-parallel or antiparallel pairs (|cos| > 0.9995) fall back to linear
-interpolation, as mergekit does. Computed in float32 (float64 inputs stay float64).
+interpolation, as mergekit does. Computed in float32 (float64 inputs stay float64). A large tensor (an
+embedding) is done in two passes — norms and the dot product accumulated over row chunks in float64, then
+the interpolation chunk by chunk — so the other model is never copied whole to float32.
 """
 
 from dataclasses import dataclass
@@ -36,7 +38,41 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.add(a * coef_a, b, alpha=coef_b)
 
 
+def slerp_coefficients(t: float, norm_a: float, norm_b: float, dot: float) -> tuple[float, float]:
+    """The weights of `a` and `b` for interpolating at `t`, from their norms and dot product."""
+    norm_a = norm_a if norm_a > EPS else 1.0
+    norm_b = norm_b if norm_b > EPS else 1.0
+    cosine = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+    if abs(cosine) > DOT_THRESHOLD:
+        return 1 - t, t
+    theta = torch.acos(torch.tensor(cosine, dtype=torch.float64))
+    sin_theta = torch.sin(theta)
+    return (torch.sin((1 - t) * theta) / sin_theta).item(), (torch.sin(t * theta) / sin_theta).item()
+
+
+def chunked_slerp(t: float, a: torch.Tensor, b: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    """`slerp_tensors` over row chunks: `b` stays in its stored dtype, each chunk is raised to `a`'s."""
+    step = max(1, chunk_elements // max(1, a.numel() // a.shape[0]))
+    spans = [(start, min(start + step, a.shape[0])) for start in range(0, a.shape[0], step)]
+    squares_a = squares_b = dot = 0.0
+    for lo, hi in spans:  # pass 1: norms and dot product, accumulated in float64
+        chunk_a, chunk_b = a[lo:hi].reshape(-1).double(), b[lo:hi].reshape(-1).double()
+        squares_a += float(chunk_a @ chunk_a)
+        squares_b += float(chunk_b @ chunk_b)
+        dot += float(chunk_a @ chunk_b)
+    coef_a, coef_b = slerp_coefficients(t, squares_a ** 0.5, squares_b ** 0.5, dot)
+    out = torch.empty_like(a)
+    for lo, hi in spans:  # pass 2: the interpolation, elementwise
+        out[lo:hi] = torch.add(a[lo:hi] * coef_a, b[lo:hi].to(a.dtype), alpha=coef_b)
+    return out
+
+
+CHUNK_ELEMENTS = 1 << 22  # tensors above this take the two-pass form
+
+
 @register("slerp", shared=SlerpShared, per_model=NoParams, min_models=1, max_models=1)
 def slerp(base, tensors, per_model, shared: SlerpShared, rng=None) -> torch.Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1)."""
+    if base.dim() >= 1 and base.numel() > CHUNK_ELEMENTS and base.shape[0] > 1:
+        return chunked_slerp(shared.t, base, tensors[0], CHUNK_ELEMENTS)
     return slerp_tensors(shared.t, base, tensors[0].to(base.dtype))
