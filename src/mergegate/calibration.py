@@ -41,7 +41,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, HashCache
+from .checkpoint import Checkpoint, HashCache, cache_folder
 from .errors import CheckpointError, MergegateError, RecipeError
 
 StatisticKind = Literal["fisher", "gram"]
@@ -267,7 +267,7 @@ def compute_statistics(model_path: Path, calibration_path: Path, kind: Statistic
 
 # -- the cache ---------------------------------------------------------------------------------------
 def cache_root() -> Path:
-    return Path(os.environ.get("MERGEGATE_CACHE", Path.home() / ".cache" / "mergegate")) / "statistics"
+    return cache_folder() / "statistics"
 
 
 def cache_key(model: Checkpoint | Path, calibration_path: Path, kind: StatisticKind, settings: CalibrationSettings,

@@ -16,10 +16,11 @@ from ..checkpoint import Checkpoint, HashCache, OutputTensor, cache_folder, natu
 from ..compat import check_compatible
 from ..errors import CheckpointError, IncompatibleModels, RecipeError
 from ..methods import MergeMethod, ParamSpec
+from ..methods._registry import CHUNK_ELEMENTS as DEFAULT_CHUNK, row_spans
 from ..recipe import Recipe, evaluate, load_recipe
 from ..vocab import VocabularyPlan, plan_vocabulary, tensor_has_vocabulary
 
-CHUNK_ELEMENTS = 1 << 22  # elementwise methods work on row chunks of about this many elements
+CHUNK_ELEMENTS = DEFAULT_CHUNK  # elementwise methods work on row chunks of about this many elements
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -309,12 +310,10 @@ def _check_source(plan: MergePlan, source: Source, output: str, shape: tuple[int
 
 
 def _chunks(job: TensorJob) -> list[TensorJob]:
-    shape = job.output.shape
-    if len(shape) < 1 or job.numel <= CHUNK_ELEMENTS or shape[0] < 2:
+    spans = row_spans(job.output.shape, CHUNK_ELEMENTS)
+    if len(spans) == 1:
         return [job]
-    per_row = job.numel // shape[0]
-    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-    return [dataclasses.replace(job, rows=(start, min(start + step, shape[0]))) for start in range(0, shape[0], step)]
+    return [dataclasses.replace(job, rows=span) for span in spans]
 
 
 def _relative_depth(name: str, num_layers: int | None) -> float:

@@ -153,6 +153,22 @@ class MergeMethod:
         return self.fn(base, list(tensors), list(per_model), shared, rng, stats=stats)
 
 
+CHUNK_ELEMENTS = 1 << 22  # work on large tensors in row chunks of about this many elements
+
+
+def row_spans(shape: Sequence[int], chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of about `chunk_elements` each; a single span covering everything when the
+    tensor is small, 0-d or one row (then there is nothing to gain from chunking)."""
+    rows = shape[0] if len(shape) else 1
+    numel = 1
+    for size in shape:
+        numel *= size
+    if len(shape) < 1 or numel <= chunk_elements or rows < 2:
+        return [(0, rows)]
+    step = max(1, chunk_elements // max(1, numel // rows))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:
     """float32 for 16- and 32-bit inputs, float64 for float64: what methods compute in."""
     return torch.promote_types(tensor.dtype, torch.float32)

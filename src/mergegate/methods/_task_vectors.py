@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._registry import CHUNK_ELEMENTS, row_spans  # noqa: F401  (CHUNK_ELEMENTS: read at call time, patchable)
 from ._sparsify import KEEP_ALL, Selection
 
 Sparsifier = Callable[[torch.Tensor, object, bool, "torch.Generator | None"], Selection]
-CHUNK_ELEMENTS = 1 << 22  # tensors above this are merged in row chunks of about this size
 
 
 def combine(
@@ -36,7 +36,8 @@ def combine(
     if not tensors:
         return base.clone()
     weights = [params.weight for params in per_model]
-    if base.dim() == 0 or base.numel() <= CHUNK_ELEMENTS or base.shape[0] < 2:
+    spans = row_spans(base.shape, CHUNK_ELEMENTS)
+    if len(spans) == 1:
         deltas = []
         for tensor, params in zip(tensors, per_model):
             delta = torch.sub(tensor, base)  # a stored bf16 input promotes to the base's float32 here, uncopied
@@ -54,9 +55,7 @@ def combine(
         selections.append(sparsify(delta, params, shared.rescale, rng))
         del delta
     out = torch.empty_like(base)
-    step = max(1, CHUNK_ELEMENTS // (base.numel() // base.shape[0]))
-    for start in range(0, base.shape[0], step):  # pass 2: everything elementwise, chunk by chunk
-        rows = (start, min(start + step, base.shape[0]))
+    for rows in spans:  # pass 2: everything elementwise, chunk by chunk
         chunk_base = base[rows[0]:rows[1]]
         deltas = [selection.apply(torch.sub(tensor[rows[0]:rows[1]], chunk_base), rows)
                   for tensor, selection in zip(tensors, selections)]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._registry import NoParams, param, register
+from ._registry import CHUNK_ELEMENTS, NoParams, param, register, row_spans
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -52,8 +52,7 @@ def slerp_coefficients(t: float, norm_a: float, norm_b: float, dot: float) -> tu
 
 def chunked_slerp(t: float, a: torch.Tensor, b: torch.Tensor, chunk_elements: int) -> torch.Tensor:
     """`slerp_tensors` over row chunks: `b` stays in its stored dtype, each chunk is raised to `a`'s."""
-    step = max(1, chunk_elements // max(1, a.numel() // a.shape[0]))
-    spans = [(start, min(start + step, a.shape[0])) for start in range(0, a.shape[0], step)]
+    spans = row_spans(a.shape, chunk_elements)
     squares_a = squares_b = dot = 0.0
     for lo, hi in spans:  # pass 1: norms and dot product, accumulated in float64
         chunk_a, chunk_b = a[lo:hi].reshape(-1).double(), b[lo:hi].reshape(-1).double()
@@ -67,12 +66,9 @@ def chunked_slerp(t: float, a: torch.Tensor, b: torch.Tensor, chunk_elements: in
     return out
 
 
-CHUNK_ELEMENTS = 1 << 22  # tensors above this take the two-pass form
-
-
 @register("slerp", shared=SlerpShared, per_model=NoParams, min_models=1, max_models=1)
 def slerp(base, tensors, per_model, shared: SlerpShared, rng=None) -> torch.Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1)."""
-    if base.dim() >= 1 and base.numel() > CHUNK_ELEMENTS and base.shape[0] > 1:
+    if len(row_spans(base.shape, CHUNK_ELEMENTS)) > 1:  # large: the two-pass form
         return chunked_slerp(shared.t, base, tensors[0], CHUNK_ELEMENTS)
     return slerp_tensors(shared.t, base, tensors[0].to(base.dtype))
