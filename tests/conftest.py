@@ -19,6 +19,19 @@ def _private_hash_cache(tmp_path_factory):
     os.environ["MERGEGATE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread_when_marked(request):
+    """Modules marked `pytestmark = pytest.mark.one_torch_thread` (tiny SVDs, matmuls, forward passes) run with one
+    intra-op thread, module fixtures included: on a shared 2-core machine a second thread only adds contention."""
+    if request.node.get_closest_marker("one_torch_thread") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A base LlamaForCausalLM (hidden 64, 2 layers) and three fine-tunes = base + small seeded deltas."""

@@ -12,6 +12,8 @@ from mergegate import calibration
 from mergegate.calibration import CalibrationSettings, compute_statistics, ensure_statistics, load_calibration_texts
 from mergegate.errors import RecipeError
 
+pytestmark = pytest.mark.one_torch_thread
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b",
@@ -20,13 +22,6 @@ TEXTS = [
     "0123456789 and back again: 9876543210",
 ]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention on a shared machine
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from typer.testing import CliRunner
 from mergegate.cli.lora import parse_weights, register
 from mergegate.lora import read_adapter
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_torch_thread
 
 
 @pytest.fixture(scope="module")

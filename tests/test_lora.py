@@ -18,17 +18,11 @@ from mergegate.lora import COMBINATION_TYPES, combine_adapters, extract_adapter,
 from mergegate.lora.combine import CombineOptions, Part, combine_module
 from mergegate.lora.extract import REPORT_FILE, rank_for_energy
 
+pytestmark = pytest.mark.one_torch_thread
+
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models"
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny SVDs and matmuls: a second MKL thread only adds contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(folder):

@@ -16,15 +16,10 @@ from mergegate.methods import get_method
 
 from .conftest import recipe_for
 
+pytestmark = pytest.mark.one_torch_thread
+
 T = lambda *values: torch.tensor(values, dtype=torch.float32)  # noqa: E731
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention on a shared machine
-    yield
-    torch.set_num_threads(before)
 
 
 def run(name, tensors, stats, weights=None, **shared):

@@ -352,19 +352,6 @@ def test_dare_linear_keeps_density_share_and_restores_l1(f32_family, f32_inputs,
                     f"{tool}: L1 of {worst}'s delta is {ratios[worst]:.5f}× the original's")
 
 
-def test_dare_ties_moves_the_same_share_by_the_same_amount(f32_family, f32_inputs, tmp_path):
-    """Three models at density 0.5: an entry moves unless all three drop it, 1 - 0.5³ = 0.875."""
-    outputs = both_outputs(recipe("dare_ties", f32_family, ("ft1", W(1.0, density=0.5)), ("ft2", W(0.5, density=0.5)),
-                                  ("ft3", W(0.8, density=0.5))), tmp_path)
-    base = f32_inputs["base"]
-    shares = {tool: changed_fraction(out, base) for tool, out in outputs.items()}
-    shifts = {tool: mean_shift(out, base) for tool, out in outputs.items()}
-    print(f"\n[vs mergekit] dare_ties density 0.5: moved {shares}, mean |shift| {shifts}")
-    for tool, share in shares.items():
-        assert abs(share - 0.875) < FRACTION_TOL, f"{tool}: {share:.4f} of entries moved, expected 0.875"
-    assert abs(shifts["mergegate"] / shifts["mergekit"] - 1) < 0.02, f"mean |out - base|: {shifts}"
-
-
 def test_della_linear_keeps_large_magnitudes_more_often(f32_family, f32_inputs, tmp_path):
     """density 0.5, epsilon 0.2: keep probability runs 0.3 → 0.7 with rank in the row, so the upper half of each
     row keeps 0.6 on average and the lower half 0.4."""
@@ -382,15 +369,21 @@ def test_della_linear_keeps_large_magnitudes_more_often(f32_family, f32_inputs, 
             f"{tool}: kept {high:.4f} of row-upper halves (expected 0.6), {low:.4f} of lower (expected 0.4)")
 
 
-def test_della_ties_moves_the_same_share_by_the_same_amount(f32_family, f32_inputs, tmp_path):
-    """Three models at density 0.6 (epsilon 0.1): an entry moves unless all drop it, 1 - 0.4³ = 0.936."""
-    outputs = both_outputs(recipe("della", f32_family, ("ft1", W(1.0, density=0.6, epsilon=0.1)),
-                                  ("ft2", W(0.5, density=0.6, epsilon=0.1)), ("ft3", W(0.8, density=0.6, epsilon=0.1))),
+@pytest.mark.parametrize("method, density, epsilon, expected", [
+    ("dare_ties", 0.5, None, 0.875),  # an entry moves unless all three drop it: 1 - 0.5³
+    ("della", 0.6, 0.1, 0.936),  # 1 - 0.4³
+])
+def test_random_ties_methods_move_the_same_share_by_the_same_amount(f32_family, f32_inputs, tmp_path, method,
+                                                                   density, epsilon, expected):
+    """Three models: the share of entries that move, and by how much on average, as mergekit's."""
+    extra = {} if epsilon is None else {"epsilon": epsilon}
+    outputs = both_outputs(recipe(method, f32_family, ("ft1", W(1.0, density=density, **extra)),
+                                  ("ft2", W(0.5, density=density, **extra)), ("ft3", W(0.8, density=density, **extra))),
                            tmp_path)
     base = f32_inputs["base"]
     shares = {tool: changed_fraction(out, base) for tool, out in outputs.items()}
     shifts = {tool: mean_shift(out, base) for tool, out in outputs.items()}
-    print(f"\n[vs mergekit] della density 0.6: moved {shares}, mean |shift| {shifts}")
+    print(f"\n[vs mergekit] {method} density {density}: moved {shares}, mean |shift| {shifts}")
     for tool, share in shares.items():
-        assert abs(share - 0.936) < FRACTION_TOL, f"{tool}: {share:.4f} of entries moved, expected 0.936"
+        assert abs(share - expected) < FRACTION_TOL, f"{tool}: {share:.4f} of entries moved, expected {expected}"
     assert abs(shifts["mergegate"] / shifts["mergekit"] - 1) < 0.02, f"mean |out - base|: {shifts}"
