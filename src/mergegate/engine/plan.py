@@ -144,7 +144,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
         checkpoints[ref] = Checkpoint(path, allow_pickle=allow_pickle)
     if recipe.slices:
         first = recipe.slices[0]
-        base = first.base_model or recipe.base_model if method.base != "ignored" else None
+        base = (first.base_model or recipe.base_model) if method.base != "ignored" else None
         others = [s.model for s in first.sources if s.model != base]
         reference = base or first.sources[0].model
     elif method.base == "ignored":
