@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -43,6 +42,7 @@ import torch
 
 from .checkpoint import Checkpoint, HashCache, cache_folder
 from .errors import CheckpointError, MergegateError, RecipeError
+from .progress import Progress
 
 StatisticKind = Literal["fisher", "gram"]
 STATISTICS_FILE = "statistics.safetensors"
@@ -360,13 +360,12 @@ def plan_statistics(recipe, kind: StatisticKind, models: dict[str, Checkpoint], 
     settings = (CalibrationSettings(section.max_rows, section.max_length, section.batch_size) if section
                 else CalibrationSettings())
     paths = {ref: resolve_calibration_path(own.get(ref) or section.path, recipe.folder) for ref in models}
-    show = sys.stderr.isatty() if progress is None else progress
     found: dict[str, Checkpoint] = {}
     # refuses a malformed file before any model loads
     rows = {path: len(load_calibration_texts(path, settings.max_rows)) for path in set(paths.values())}
-    with _Progress(show) as bar:
+    with Progress(progress) as bar:
         for ref, model in models.items():
-            advance = bar.task(f"{kind} statistics of {Path(ref).name}", rows[paths[ref]])
+            advance = bar.task(f"{kind} statistics of {Path(ref).name}", rows[paths[ref]], unit="rows")
             folder = ensure_statistics(model, paths[ref], kind, settings, advance=advance)
             stats = Checkpoint(folder)
             if not set(model.tensors) & set(stats.tensors):
@@ -377,30 +376,3 @@ def plan_statistics(recipe, kind: StatisticKind, models: dict[str, Checkpoint], 
                 )
             found[ref] = stats
     return found
-
-
-class _Progress:
-    """A rich progress bar per model when shown; otherwise callbacks that do nothing."""
-
-    def __init__(self, show: bool):
-        self._progress = None
-        if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("rows"), TimeRemainingColumn())
-
-    def __enter__(self):
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.stop()
-
-    def task(self, label: str, total: int):
-        if self._progress is None:
-            return lambda n: None
-        task = self._progress.add_task(label, total=total)
-        return lambda n: self._progress.update(task, advance=n)

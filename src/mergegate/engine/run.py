@@ -4,7 +4,6 @@ rename it into place only when everything (weights, config, tokenizer, provenanc
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -17,6 +16,7 @@ from .._staging import check_output, staged
 from ..checkpoint import ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels, MergegateError
 from ..methods import NonFiniteInput
+from ..progress import Advance, Progress
 from ..vocab import align
 from .plan import MergePlan, Source, TensorJob, plan_merge
 from .provenance import hash_inputs, write_provenance
@@ -104,22 +104,27 @@ def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT
 
 def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None) -> None:
     budget = _ByteBudget(budget_bytes)
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = _Progress(len(plan.outputs), plan.total_bytes, plan.method.name) if show else None
-    pending: set[Future] = set()
+    with Progress(progress) as bar:
+        advance = bar.task(f"merging {len(plan.outputs)} tensors ({plan.method.name})", plan.total_bytes,
+                           unit="bytes")
+        _submit_all(plan, writer, workers, budget, budget_bytes, advance)
+
+
+def _submit_all(plan: MergePlan, writer: ShardedWriter, workers: int, budget: _ByteBudget, budget_bytes: int,
+                advance: Advance) -> None:
+    pending: dict[Future, TensorJob] = {}  # future -> the job it computes
     failure: BaseException | None = None
 
     def finish(done: set[Future]) -> None:
         nonlocal failure
         for future in done:
-            pending.discard(future)
-            job = future.job
+            job = pending.pop(future)
             budget.release(min(job.work_bytes, budget_bytes))
             error = future.exception()
             if error is not None and failure is None:
                 failure = error
-            elif bar is not None:
-                bar.advance(job.out_bytes, finished_tensor=job.rows is None or job.rows[1] == job.output.shape[0])
+            elif error is None:
+                advance(job.out_bytes)
 
     with ThreadPoolExecutor(workers, thread_name_prefix="mergegate") as pool:
         try:
@@ -129,16 +134,12 @@ def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: 
                 if failure is not None:
                     break
                 budget.acquire(min(job.work_bytes, budget_bytes))
-                future = pool.submit(_compute, plan, job, writer)
-                future.job = job
-                pending.add(future)
+                pending[pool.submit(_compute, plan, job, writer)] = job
             while pending:
                 finish(wait(pending, return_when=FIRST_COMPLETED).done)
         finally:
             for future in pending:
                 future.cancel()
-            if bar is not None:
-                bar.stop()
     if failure is not None:
         raise failure
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..progress import Progress
 from ..registry import Registry, RowResult
 from .evaluators import Observation, needs_likelihood, score_row
 from .suite import Suite, SuiteRow
@@ -76,7 +77,7 @@ def evaluate_models(models: list[ModelSpec], suite: Suite, registry: Registry, *
 
 def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) -> dict[str, ModelRun]:
     runs = {}
-    with _Progress(show) as bar:
+    with Progress(show) as bar:
         for spec in models:
             model_hash = registry.register_model(spec.name, spec.path, role=spec.role, adapter=spec.adapter)
             cached = None if force else registry.cached_run(model_hash, suite.sha256)
@@ -86,13 +87,13 @@ def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) 
             run_id = registry.open_run(model_hash, suite.sha256)
             done = registry.done_rows(run_id)
             todo = [row for row in suite.rows if row.id not in done]
-            task = bar.add(f"evaluating {spec.name}", len(suite.rows), completed=len(done))
+            advance = bar.task(f"evaluating {spec.name}", len(suite.rows), completed=len(done), unit="rows")
             if todo:
                 model, tokenizer = load_model(spec)
                 for batch in _batches(todo, batch_size):
                     results = _run_batch(model, tokenizer, spec.name, model_hash, batch, max_new_tokens)
                     registry.add_results(run_id, results)  # committed per batch: a crash loses one batch
-                    bar.advance(task, len(batch))
+                    advance(len(batch))
                 del model
             registry.finish_run(run_id)
             order = {row.id: i for i, row in enumerate(suite.rows)}
@@ -143,31 +144,3 @@ def _mean_nll(model, tokenizer, row: SuiteRow) -> float:
     labels = ids.clone()
     labels[:, : prompt.shape[1]] = -100
     return float(model(input_ids=ids, labels=labels).loss)
-
-
-class _Progress:
-    """A rich progress bar per model, or nothing when not on a terminal."""
-
-    def __init__(self, show: bool):
-        self._progress = None
-        if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn())
-
-    def __enter__(self):
-        if self._progress:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._progress:
-            self._progress.stop()
-
-    def add(self, label: str, total: int, completed: int = 0):
-        return self._progress.add_task(label, total=total, completed=completed) if self._progress else None
-
-    def advance(self, task, amount: int) -> None:
-        if self._progress:
-            self._progress.advance(task, amount)
