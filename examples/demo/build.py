@@ -268,6 +268,17 @@ def build_calibration(exclude: set[str], seed: int = CALIBRATION_SEED, per_cohor
 # Tokenizer and model
 
 
+# Chat as the models were trained: BOS, then the conversation's text with no role markers (training rows are
+# [BOS] + prompt + answer + [EOS]). System messages are dropped: no training row had one. Without a template a
+# chat request would be flattened into "user: ..." lines the models never saw (issue 9, item 2).
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] != 'system' -%}{{ message['content'] }}{%- endif -%}\n"
+    "{%- endfor -%}\n"
+)
+
+
 def build_tokenizer(folder: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -279,6 +290,7 @@ def build_tokenizer(folder: Path):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", padding_side="left", model_max_length=256)
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return fast
 
