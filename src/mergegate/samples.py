@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -57,8 +58,8 @@ def write_base(folder: Path, shape: SampleShape = SampleShape(), seed: int = 0,
         pad_token_id=3,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(folder)
+    model: Any = LlamaForCausalLM(config)  # transformers types `.to` as taking a model, not a dtype
+    model.to(dtype).save_pretrained(folder)
     return folder
 
 

@@ -222,9 +222,9 @@ def extract_adapter(base_dir: str | Path, finetuned_dir: str | Path, out_dir: st
                       "the base tensor)", stacklevel=2)
     config = _adapter_config(base_dir, base, config_targets(chosen, base),
                              {r.module: r.rank for r in reports}, alpha)
-    report = {"base": str(base_dir), "finetuned": str(Path(finetuned_dir).absolute()),
-              "modules": [asdict(r) for r in reports], "skipped": [asdict(s) for s in skipped]}
+    summary = {"base": str(base_dir), "finetuned": str(Path(finetuned_dir).absolute()),
+               "modules": [asdict(r) for r in reports], "skipped": [asdict(s) for s in skipped]}
     with staged(Path(out_dir), overwrite) as staging:
         write_adapter_files(staging, config, modules)
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return Path(out_dir).absolute()

@@ -13,7 +13,7 @@ bytes out, since every step is the same elementwise arithmetic in the same order
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -26,8 +26,8 @@ Sparsifier = Callable[[torch.Tensor, object, bool, "torch.Generator | None"], Se
 def combine(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
-    per_model: Sequence[object],
-    shared: object,
+    per_model: Sequence[Any],
+    shared: Any,
     rng: torch.Generator | None,
     *,
     sparsify: Sparsifier | None = None,
@@ -63,10 +63,11 @@ def combine(
     return out
 
 
-def _merge_rows(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], shared: object,
+def _merge_rows(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], shared: Any,
                 sign_consensus: bool) -> torch.Tensor:
     """Weight, elect signs, sum, normalize, scale and add back — all elementwise; consumes `deltas`."""
     weighted = [delta.mul_(weight) for delta, weight in zip(deltas, weights)]  # each delta is ours: in place
+    divisor: torch.Tensor | float
     if sign_consensus:
         elected_positive = _sum(weighted) >= 0
         mixed = torch.zeros_like(base)
