@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test lint setup bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/mergegate demo --out demo-out
 
-test: setup
+# Linters first: an undefined name or a type error fails the build before any test runs.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks examples docs
+	$(BIN)/mypy src
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
