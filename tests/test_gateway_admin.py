@@ -11,7 +11,11 @@ import pytest
 from mergegate.gateway import GatewayConfig
 from mergegate.rollout import load_plan
 
-from .test_gateway import MESSAGES, launch_each, one_torch_thread, route_of  # noqa: F401
+from . import test_gateway as shared
+
+# the shared fixtures (assigned, not imported, so that test parameters may use their names)
+launch_each, one_torch_thread = shared.launch_each, shared.one_torch_thread
+MESSAGES, route_of = shared.MESSAGES, shared.route_of
 
 TOKEN = "s3cret-token"
 

@@ -9,7 +9,10 @@ import pytest
 
 from mergegate.gateway import GatewayConfig
 
-from .test_gateway import launch, one_torch_thread, route_of  # noqa: F401
+from . import test_gateway as shared
+
+# the shared fixtures (assigned, not imported, so that test parameters may use their names)
+launch, one_torch_thread, route_of = shared.launch, shared.one_torch_thread, shared.route_of
 
 WEATHER = ["What's the weather in Paris tomorrow?", "Will it rain in London this weekend?",
            "How hot will it be in Madrid today?", "Is there a storm warning for Miami tonight?",

@@ -43,11 +43,14 @@ def test_serve_command_passes_its_options_to_serve(monkeypatch, tmp_path):
     plan = tmp_path / "rollout.yaml"
     result = CliRunner().invoke(cli(), ["serve", str(plan), "--port", "9999", "--registry", str(tmp_path / "r.db"),
                                         "--traces", str(tmp_path / "t.jsonl"), "--timeout", "2.5",
-                                        "--persist-plan"])
+                                        "--persist-plan", "--stream-max-duration", "600", "--queue-limit", "8",
+                                        "--max-admin-body-bytes", "4096"])
     assert result.exit_code == 0, result.output
     assert seen["plan"] == plan and seen["port"] == 9999 and seen["host"] == "127.0.0.1"
     assert seen["admin_token"] == "from-env" and seen["traces_path"] == tmp_path / "t.jsonl"
     assert seen["config"].backend_timeout == 2.5 and seen["config"].persist_plan is True
+    assert seen["config"].stream_max_duration == 600 and seen["config"].local_queue_limit == 8
+    assert seen["config"].max_admin_body_bytes == 4096
     help_text = CliRunner().invoke(cli(), ["serve", "--help"]).output
     for option in ("--host", "--port", "--registry", "--suite", "--admin-token", "--traces"):
         assert option in help_text

@@ -13,7 +13,12 @@ import pytest
 from mergegate.gateway import GatewayConfig
 from mergegate.gateway.mirror import sampled
 
-from .test_gateway import MESSAGES, fresh_stub, launch_each, one_torch_thread, route_of, stub, wait_for  # noqa: F401
+from . import test_gateway as shared
+
+# the shared fixtures (assigned, not imported, so that test parameters may use their names)
+stub, fresh_stub, launch_each = shared.stub, shared.fresh_stub, shared.launch_each
+one_torch_thread = shared.one_torch_thread
+MESSAGES, route_of, wait_for = shared.MESSAGES, shared.route_of, shared.wait_for
 
 # Short enough to keep the tests quick, long enough that a busy machine does not end a cooldown mid-assertion.
 COOLDOWN = 1.0

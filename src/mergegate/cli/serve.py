@@ -25,9 +25,17 @@ def register(app: typer.Typer) -> None:
                                                          "OTEL_EXPORTER_OTLP_ENDPOINT or --otlp-endpoint is set)."),
         otlp_endpoint: Optional[str] = typer.Option(None, help="OTLP/HTTP collector base URL, e.g. "
                                                                "http://127.0.0.1:4318."),
-        timeout: float = typer.Option(60.0, help="Seconds per backend call before falling over."),
+        timeout: float = typer.Option(60.0, help="Seconds a backend may take, once it has started on a call, to "
+                                                 "answer (streaming: to its first token, then between tokens) "
+                                                 "before falling over. Time queued for a busy local model does not "
+                                                 "count."),
+        stream_max_duration: Optional[float] = typer.Option(None, help="Cap on a whole streamed answer, in "
+                                                                       "seconds (default: none)."),
+        queue_limit: int = typer.Option(64, help="Requests waiting for one local model; more are shed (the next "
+                                                 "model answers, else 429 with Retry-After)."),
         max_prompt_tokens: int = typer.Option(4096, help="Longest prompt accepted, in tokens."),
-        max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted, in bytes."),
+        max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted, in bytes (413 above)."),
+        max_admin_body_bytes: int = typer.Option(64 << 10, help="Largest /admin request body accepted, in bytes."),
         mirror_concurrency: int = typer.Option(4, help="Mirrored calls in flight; more are dropped."),
         breaker_failures: int = typer.Option(3, help="Consecutive failures that open a backend's breaker."),
         breaker_cooldown: float = typer.Option(30.0, help="Seconds a breaker stays open before a probe."),
@@ -41,8 +49,10 @@ def register(app: typer.Typer) -> None:
         from ..errors import MergegateError
         from ..gateway import GatewayConfig, serve
 
-        config = GatewayConfig(backend_timeout=timeout, max_prompt_tokens=max_prompt_tokens,
-                               max_body_bytes=max_body_bytes, mirror_concurrency=mirror_concurrency,
+        config = GatewayConfig(backend_timeout=timeout, stream_max_duration=stream_max_duration,
+                               local_queue_limit=queue_limit, max_prompt_tokens=max_prompt_tokens,
+                               max_body_bytes=max_body_bytes, max_admin_body_bytes=max_admin_body_bytes,
+                               mirror_concurrency=mirror_concurrency,
                                mirror_timeout=timeout, breaker_failures=breaker_failures,
                                breaker_cooldown=breaker_cooldown, classifier_threshold=classifier_threshold,
                                persist_plan=persist_plan)

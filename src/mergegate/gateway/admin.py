@@ -6,12 +6,14 @@ so requests in flight keep the plan they started with), sets the route's `decisi
 recorded in the registry (`plan_changes`: cohort, old and new model, reason, actor, time) and, with
 `persist_plan`, written back to the plan file atomically. The route's fallback chain is left as it is; a
 model that is both the route's model and in its fallback is tried once.
+
+Bodies are read and decoded within the same bounds as the API's (bodies.py), with their own byte limit
+(`max_admin_body_bytes`, 413 above it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 from pathlib import Path
@@ -20,6 +22,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..rollout import RolloutPlan
+from .bodies import load_json, read_body
 from .errors import APIError
 from .routing import DEFAULT
 
@@ -28,9 +31,9 @@ router = APIRouter(prefix="/admin")
 
 class RouteChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1)
-    reason: str = Field(min_length=1)
-    actor: str = "admin"
+    model: str = Field(min_length=1, max_length=256, strict=True)
+    reason: str = Field(min_length=1, max_length=4096, strict=True)
+    actor: str = Field("admin", max_length=256, strict=True)
 
 
 class PlanStore:
@@ -99,11 +102,10 @@ async def get_plan(request: Request) -> dict:
 @router.post("/routes/{cohort}")
 async def set_route(cohort: str, request: Request) -> dict:
     authorize(request)
-    raw = await request.body()
+    raw = await read_body(request, request.app.state.gateway.config.max_admin_body_bytes)
+    data = load_json(raw or b"null")  # bounded like the API's bodies: 413 / 400, never a 500
     try:
-        change = RouteChange.model_validate(json.loads(raw or b"null"))
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        change = RouteChange.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(map(str, first["loc"])) or None

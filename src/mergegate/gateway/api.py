@@ -3,16 +3,22 @@
 Every answer carries `x-mergegate-route` ("cohort=…; source=…; model=…; fallback=…; attempt=…[; skipped=…]")
 and `x-request-id`. `/v1/models` lists the plan's models (owned_by "mergegate", with their role) and, as
 virtual models, `mergegate`/`auto` (route by cohort) and `cohort/NAME` for each route (see routing.py).
+
+A caller that hangs up while its answer is being generated (a non-streamed request, or a stream on a buffered,
+checked route, before anything was sent) cancels the generation: the model stops after its current token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Awaitable, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from opentelemetry.trace import Status, StatusCode
 
+from .bodies import read_body
 from .dispatch import Skip, StreamStart, close_stream
 from .errors import APIError, BackendError
 from .protocol import (ChunkWriter, Completion, GenRequest, Operation, new_id, parse_body, response_body,
@@ -20,6 +26,12 @@ from .protocol import (ChunkWriter, Completion, GenRequest, Operation, new_id, p
 from .routing import VIRTUAL_PREFIX, Router, Target
 
 router = APIRouter()
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The caller hung up before its answer was ready."""
 
 
 @router.post("/v1/chat/completions")
@@ -80,7 +92,7 @@ async def _handle(request: Request, operation: Operation):
 
     streaming = False
     try:
-        raw = await _read_body(request, gateway.config.max_body_bytes)
+        raw = await read_body(request, gateway.config.max_body_bytes)
         body = parse_body(raw, operation)
         gen = to_gen_request(body, gateway.config)
         target = await gateway.router.resolve(gateway.plan, body.model, gen, header=request.headers.get("x-cohort"),
@@ -88,7 +100,7 @@ async def _handle(request: Request, operation: Operation):
         outcome["cohort"] = target.cohort
         _check_prompt_size(gateway, target, gen)
         if body.stream:
-            start = await gateway.dispatcher.open_stream(target, gen, parent=span)
+            start = await _unless_disconnected(request, gateway.dispatcher.open_stream(target, gen, parent=span))
             outcome["model"] = start.model
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _sse(gateway, target, gen, request_id, start, include_usage, outcome, finish)
@@ -96,7 +108,7 @@ async def _handle(request: Request, operation: Operation):
             return StreamingResponse(events, media_type="text/event-stream", headers={
                 **_route_headers(target, start.model, start.attempt, start.skipped, request_id),
                 "cache-control": "no-cache"})
-        answer = await gateway.dispatcher.complete(target, gen, parent=span)
+        answer = await _unless_disconnected(request, gateway.dispatcher.complete(target, gen, parent=span))
         outcome.update(model=answer.model, status=200)
         gateway.mirror.submit(candidate=gateway.plan.candidate, target=target, request_id=request_id, request=gen,
                               primary_model=answer.model, primary_text=answer.completion.text,
@@ -109,6 +121,9 @@ async def _handle(request: Request, operation: Operation):
         if target is not None:
             headers["x-mergegate-route"] = _route_value(target, None, None, [])
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    except ClientGone:
+        outcome["status"] = 499
+        return Response(status_code=499)  # nobody is listening
     finally:
         if not streaming:
             finish()
@@ -153,26 +168,43 @@ async def _sse(gateway, target: Target, gen: GenRequest, request_id: str, start:
         await close_stream(start.events)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    too_big = APIError(413, f"The request body is larger than this gateway's limit of {limit} bytes.",
-                       code="request_too_large")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or `ClientGone` once the caller hangs up — cancelling `work` (and so the model's
+    generation) rather than letting it run to completion for nobody. The body must have been read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself is cancelled (server shutdown)
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})  # let it clean up: free the breaker's probe, end its span
+    if not task.cancelled() and task.exception() is None:
+        return task.result()  # it finished just as the caller left
+    raise ClientGone()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _check_prompt_size(gateway, target: Target, gen: GenRequest) -> None:
     limit = gateway.config.max_prompt_tokens
-    tokens = max(gateway.backends[name].count_prompt_tokens(gen) for name in target.chain)
+    param = "messages" if gen.operation == "chat" else "prompt"
+    tokens = 0
+    for name in target.chain:
+        try:
+            tokens = max(tokens, gateway.backends[name].count_prompt_tokens(gen))
+        except Exception as exc:  # the prompt does not render or tokenize for this model: the request's fault
+            raise APIError(400, f"The {param} cannot be prepared for model '{name}': {type(exc).__name__}: {exc}",
+                           param=param, code="invalid_value") from None
     if tokens > limit:
-        param = "messages" if gen.operation == "chat" else "prompt"
         raise APIError(400, f"This request's prompt is {tokens} tokens, above this gateway's limit of {limit} "
                             f"tokens (max_prompt_tokens). Shorten the {param}.", param=param,
                        code="context_length_exceeded")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,8 @@ from .metrics import Metrics
 from .mirror import Mirror
 from .routing import Router
 from .telemetry import Telemetry
+
+log = logging.getLogger("mergegate.gateway")
 
 
 class Gateway:
@@ -127,9 +130,36 @@ def create_app(plan: RolloutPlan, *, registry, suite=None, admin_token: str | No
                        code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        err = APIError(500, f"Internal gateway error: {type(exc).__name__}: {exc}", type="server_error")
-        return JSONResponse(err.body(), status_code=500)
-
+    app.add_middleware(ContainErrors)
     return app
+
+
+class ContainErrors:
+    """An unexpected exception becomes a 500 in OpenAI's error format, and goes no further.
+
+    Starlette's outermost middleware answers 500 and then re-raises, and uvicorn drops a connection whose
+    request raised: the caller's next requests on that keep-alive connection would be reset. Here the error
+    is logged and answered, and the connection stays usable (unless the answer had already begun)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("error while answering %s %s", scope.get("method"), scope.get("path"))
+            err = APIError(500, f"Internal gateway error: {type(exc).__name__}: {exc}", type="server_error")
+            await JSONResponse(err.body(), status_code=500)(scope, receive, send)

@@ -8,13 +8,20 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class GatewayConfig:
     # request limits (4xx when exceeded)
-    max_body_bytes: int = 1 << 20  # 413 above this
+    max_body_bytes: int = 1 << 20  # 413 above this (JSON depth and number literals are bounded too: bodies.py)
+    max_admin_body_bytes: int = 64 << 10  # the same for /admin bodies
     max_prompt_tokens: int = 4096  # 400 context_length_exceeded above this (counted by the route's backends)
     max_tokens_limit: int = 1024  # largest max_tokens a caller may ask for
     default_max_tokens: int = 128  # when the request names none
     # backends
-    backend_timeout: float = 60.0  # seconds per backend call (local and remote)
-    local_queue_limit: int = 64  # requests waiting for one local model before it reports itself overloaded
+    # Seconds a backend may take to answer a call, counted from when it starts on it (time waiting in a local
+    # model's queue is load, not failure, and is not counted); for a stream, to its first token and then
+    # between two tokens — a stream that keeps sending may run longer.
+    backend_timeout: float = 60.0
+    stream_max_duration: float | None = None  # optional cap on a whole streamed answer (off by default)
+    # requests waiting for one backend (a local model serves one at a time, an upstream 64 at a time); more are
+    # shed: the next model in the chain answers, else 429 with Retry-After
+    local_queue_limit: int = 64
     # circuit breaker, per backend
     breaker_failures: int = 3  # consecutive failures that open it
     breaker_cooldown: float = 30.0  # seconds open before one probe is let through (half-open)

@@ -3,7 +3,15 @@ whose circuit breaker is open, falling over on errors, timeouts and failed onlin
 
 What counts toward a backend's breaker: errors and timeouts. An answer that fails its online check is a
 quality problem, not a health one: it triggers fallback but counts as a success for the breaker. A full
-local queue (`overloaded`) triggers fallback and counts as neither.
+local queue (`overloaded`) and a request the backend refuses as invalid (`rejected`) trigger fallback and
+count as neither. When no model could take the request: 400 if a model rejected it (and none failed), 429
+with Retry-After if one was overloaded (shedding load), 503 if every breaker was open, else 502.
+
+Timeouts (`backend_timeout`) count from when a backend starts on the call: a call first waits for the
+backend's capacity (`Backend.acquire`, a busy local model's queue), untimed, since queueing is load, not
+failure. A non-streamed call must end within the timeout; a stream must send its first token within it and
+then never go quiet for longer (a stream that keeps sending may run longer, up to the optional
+`stream_max_duration`).
 
 Streaming: on routes whose check can fail an answer, the answer is generated whole, checked, then sent as
 chunks ("buffered"). Elsewhere it streams as generated; the gateway falls over only until the first chunk
@@ -25,13 +33,16 @@ from .errors import APIError, BackendBadResponse, BackendError, BackendTimeout
 from .protocol import Completion, GenRequest
 from .routing import Target
 
+RETRY_AFTER = 1  # seconds, on a 429 when every model that could answer was busy
+
 
 @dataclass(frozen=True)
 class Skip:
     """A model in the chain that did not answer: why (a metrics label) and the detail."""
 
     model: str
-    reason: str  # circuit_open | timeout | unavailable | http_error | bad_response | overloaded | internal | check:NAME
+    reason: str  # circuit_open | timeout | unavailable | http_error | bad_response | overloaded | rejected |
+    #              internal | check:NAME
     detail: str
 
 
@@ -68,8 +79,11 @@ class Dispatcher:
             if not self._admit(target, name, skipped):
                 continue
             backend, call = self.backends[name], self._call(target, request, name, attempt, parent, stream=False)
+            slot = None
             try:
-                completion = await asyncio.wait_for(backend.generate(request), self.config.backend_timeout)
+                slot = await backend.acquire()  # the queue: not timed
+                completion = await asyncio.wait_for(backend.generate(request, slot=slot),
+                                                    self.config.backend_timeout)
             except (BackendError, asyncio.TimeoutError) as exc:
                 self._failed(target, name, self._as_backend_error(name, exc), call, skipped)
                 continue
@@ -77,6 +91,9 @@ class Dispatcher:
                 self.breakers[name].release()
                 call.fail("cancelled", "the request was cancelled")
                 raise
+            finally:
+                if slot is not None:
+                    slot.release()  # no-op when the call took it (it frees the model when generation ends)
             self.breakers[name].success()
             checks = run_checks(target.route, completion.text)
             failed = failed_check(target.route, checks, fallback_on_refusal=self.config.fallback_on_refusal)
@@ -97,27 +114,30 @@ class Dispatcher:
         for attempt, name in enumerate(target.chain):
             if not self._admit(target, name, skipped):
                 continue
-            call = self._call(target, request, name, attempt, parent, stream=True)
-            events = self.backends[name].stream(request)
-            deadline = time.monotonic() + self.config.backend_timeout
+            backend, call = self.backends[name], self._call(target, request, name, attempt, parent, stream=True)
+            slot = events = None
             try:
+                slot = await backend.acquire()  # the queue: not timed
+                events = backend.stream(request, slot=slot)
+                started = time.monotonic()
                 first = await asyncio.wait_for(anext(events), self.config.backend_timeout)
             except (BackendError, asyncio.TimeoutError, StopAsyncIteration) as exc:
-                await close_stream(events)
-                self._failed(target, name, self._as_backend_error(name, exc), call, skipped)
+                await self._abandon(events, slot)
+                self._failed(target, name, self._as_backend_error(name, exc, "first"), call, skipped)
                 continue
             except BaseException:
                 self.breakers[name].release()
                 call.fail("cancelled", "the request was cancelled")
-                await close_stream(events)
+                await self._abandon(events, slot)
                 raise
             start = StreamStart(name, attempt, skipped, _empty())
-            start.events = self._rest(start, target, first, events, call, deadline)
+            start.events = self._rest(start, target, first, events, slot, call, started)
             return start
         raise self._exhausted(target, skipped)
 
-    async def _rest(self, start: StreamStart, target: Target, first, events, call, deadline: float):
+    async def _rest(self, start: StreamStart, target: Target, first, events, slot, call, started: float):
         name, breaker = start.model, self.breakers[start.model]
+        idle, cap = self.config.backend_timeout, self.config.stream_max_duration
         settled = False
         try:
             item = first
@@ -130,10 +150,13 @@ class Dispatcher:
                     yield item
                     return
                 yield item
+                wait, what = idle, "gap"
+                if cap is not None and started + cap - time.monotonic() < idle:
+                    wait, what = max(0.0, started + cap - time.monotonic()), "total"
                 try:
-                    item = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
+                    item = await asyncio.wait_for(anext(events), wait)
                 except (BackendError, asyncio.TimeoutError, StopAsyncIteration) as exc:
-                    error = self._as_backend_error(name, exc)
+                    error = self._as_backend_error(name, exc, what)
                     settled = True
                     self._record_health(name, error)
                     call.fail(error.error_type, str(error))
@@ -143,7 +166,14 @@ class Dispatcher:
             if not settled:
                 breaker.release()
                 call.fail("cancelled", "the stream was closed before it ended")
+            await self._abandon(events, slot)
+
+    @staticmethod
+    async def _abandon(events, slot) -> None:
+        if events is not None:
             await close_stream(events)
+        if slot is not None:
+            slot.release()
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _admit(self, target: Target, name: str, skipped: list[Skip]) -> bool:
@@ -157,12 +187,19 @@ class Dispatcher:
         return self.telemetry.call(request, self.backends[name], cohort=target.cohort, route=route, attempt=attempt,
                                    stream=stream, parent=parent)
 
-    def _as_backend_error(self, name: str, exc: BaseException) -> BackendError:
+    def _as_backend_error(self, name: str, exc: BaseException, what: str = "answer") -> BackendError:
         if isinstance(exc, BackendError):
             return exc
         if isinstance(exc, StopAsyncIteration):
             return BackendBadResponse(f"model '{name}' ended its stream without a final answer")
-        return BackendTimeout(f"model '{name}' did not answer within {self.config.backend_timeout} s")
+        if what == "total":
+            capped = BackendTimeout(f"model '{name}' was still streaming after stream_max_duration "
+                                    f"({self.config.stream_max_duration} s)")
+            capped.counts_as_failure = False  # a policy cut on a stream that was still flowing, not ill health
+            return capped
+        waited = {"answer": "did not answer", "first": "sent no first token",
+                  "gap": "sent nothing more"}[what]
+        return BackendTimeout(f"model '{name}' {waited} within {self.config.backend_timeout} s")
 
     def _failed(self, target: Target, name: str, error: BackendError, call, skipped: list[Skip]) -> None:
         self._record_health(name, error)
@@ -186,10 +223,18 @@ class Dispatcher:
     @staticmethod
     def _exhausted(target: Target, skipped: list[Skip]) -> APIError:
         tried = "; ".join(f"{s.model}: {s.reason} ({s.detail})" for s in skipped)
-        unavailable = all(s.reason in ("circuit_open", "overloaded") for s in skipped)
-        status, code = (503, "no_backend_available") if unavailable else (502, "all_backends_failed")
-        return APIError(status, f"No model could answer cohort '{target.cohort}' (tried {len(skipped)}): {tried}",
-                        type="server_error", code=code)
+        message = f"No model could answer cohort '{target.cohort}' (tried {len(skipped)}): {tried}"
+        reasons = {s.reason for s in skipped}
+        if "rejected" in reasons and reasons <= {"rejected", "circuit_open", "overloaded"}:
+            first = next(s for s in skipped if s.reason == "rejected")
+            return APIError(400, f"The request was refused as invalid: {first.detail}", param=None,
+                            code="invalid_request")
+        if "overloaded" in reasons and reasons <= {"circuit_open", "overloaded"}:
+            return APIError(429, f"{message}. Retry after {RETRY_AFTER} s.", type="server_error",
+                            code="overloaded", headers={"Retry-After": str(RETRY_AFTER)})
+        if reasons <= {"circuit_open"}:
+            return APIError(503, message, type="server_error", code="no_backend_available")
+        return APIError(502, message, type="server_error", code="all_backends_failed")
 
 
 async def _replay(completion: Completion) -> AsyncIterator[str | Completion]:

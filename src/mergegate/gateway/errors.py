@@ -18,7 +18,10 @@ class APIError(Exception):
 
 class BackendError(Exception):
     """A backend call failed. `kind` is the low-cardinality reason used in metrics and fallback decisions:
-    timeout | unavailable | http_error | bad_response | overloaded | internal."""
+    timeout | unavailable | http_error | bad_response | overloaded | rejected | internal.
+
+    `counts_as_failure` says whether it speaks about the backend's health (the circuit breaker counts it):
+    load (`overloaded`) and requests the backend refuses as invalid (`rejected`) do not."""
 
     kind = "internal"
     counts_as_failure = True  # for the circuit breaker
@@ -51,4 +54,12 @@ class BackendBadResponse(BackendError):
 
 class BackendOverloaded(BackendError):
     kind = "overloaded"
-    counts_as_failure = False  # a full queue says nothing about the backend's health
+    counts_as_failure = False  # a full queue (or an upstream's 429) says nothing about the backend's health
+
+
+class BackendRejected(BackendError):
+    """The backend refused this request as invalid (a parameter it cannot take, an upstream's 400/413/422):
+    the request's fault, not the backend's, so the breaker does not count it."""
+
+    kind = "rejected"
+    counts_as_failure = False

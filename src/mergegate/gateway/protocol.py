@@ -2,7 +2,10 @@
 
 Unknown request fields are accepted and ignored (clients send many optional ones, e.g. `tools`, `user`,
 `logprobs`); fields that would change the answer in a way the gateway cannot honour are refused (`n` > 1,
-token-array prompts).
+token-array prompts). The fields the gateway reads are checked strictly, as OpenAI does: types are not coerced
+("0.7" is not a temperature, true is not a max_tokens) and values must lie in OpenAI's ranges (temperature
+0-2, top_p in (0, 1], seed a signed 64-bit integer, at most 4 non-empty stop sequences, ...), so that a bad
+value is a 400 here and never an error inside a model.
 """
 
 from __future__ import annotations
@@ -11,25 +14,34 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .bodies import load_json
 from .errors import APIError
 
 Operation = Literal["chat", "text_completion"]
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_STOP_CHARS = 256  # per stop sequence
+
+Str = Annotated[str, Field(strict=True)]
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # an int is a valid float, as in JSON
+Bool = Annotated[bool, Field(strict=True)]
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Str
+    text: Str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: Str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -39,21 +51,24 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
+    model: Str = Field(min_length=1, max_length=256)
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0, le=2)
+    top_p: Float | None = Field(None, gt=0, le=1)
+    n: Int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    stop: Str | list[Str] | None = None
+    seed: Int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: Float | None = Field(None, ge=-2, le=2)  # accepted and ignored, as OpenAI bounds them
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2)
+    stream: Bool | None = False
     stream_options: StreamOptions | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[Annotated[Str, Field(max_length=64)], Annotated[Str, Field(max_length=512)]] | None = \
+        Field(None, max_length=16)
 
     @field_validator("stop")
     @classmethod
@@ -63,16 +78,18 @@ class _Request(BaseModel):
             raise ValueError("at most 4 stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return stops
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Str | list[Str]
 
     @field_validator("prompt")
     @classmethod
@@ -127,11 +144,9 @@ class Completion:
 
 
 def parse_body(raw: bytes, kind: Operation) -> ChatRequest | CompletionRequest:
-    """Raw bytes → validated request, or an APIError naming the offending parameter."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    """Raw bytes → validated request, or an APIError (4xx) naming the offending parameter. Never raises
+    anything else, whatever the bytes."""
+    data = load_json(raw)
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     if kind == "text_completion" and isinstance(data.get("prompt"), list) and data["prompt"] \
@@ -160,10 +175,12 @@ def _validation_error(exc: ValidationError) -> APIError:
 def to_gen_request(body: ChatRequest | CompletionRequest, config) -> GenRequest:
     """The validated request as a backend request, with max_tokens defaulted and bounded."""
     default = min(config.default_max_tokens, config.max_tokens_limit)
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or default
+    asked = getattr(body, "max_completion_tokens", None)
+    param = "max_completion_tokens" if asked else "max_tokens"
+    max_tokens = asked or body.max_tokens or default
     if max_tokens > config.max_tokens_limit:
-        raise APIError(400, f"max_tokens is {max_tokens}, above this gateway's limit of {config.max_tokens_limit}.",
-                       param="max_tokens", code="invalid_value")
+        raise APIError(400, f"{param} is {max_tokens}, above this gateway's limit of {config.max_tokens_limit}.",
+                       param=param, code="invalid_value")
     params = GenParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                        stop=tuple(body.stop or ()), seed=body.seed)
     if isinstance(body, ChatRequest):

@@ -70,17 +70,20 @@ class Behavior:
     delay: float = 0.0  # seconds before an "ok" answer
     hang: float = 30.0  # seconds a "hang" lasts before it answers anyway (bounded, so shutdown never waits long)
     status: int = 500  # for "fail"
+    interval: float = 0.0  # seconds between two streamed chunks
 
 
 class StubUpstream:
     """An OpenAI-compatible upstream whose answers a test scripts per model name (`set`) or for all (`set(None)`).
 
-    Tokens are counted as 4-character chunks: the reply streams in such chunks and max_tokens cuts it."""
+    Tokens are counted as 4-character chunks: the reply streams in such chunks and max_tokens cuts it.
+    `calls` counts requests per model; `hung_up` counts those whose caller left during a delay or a hang."""
 
     def __init__(self, default: Behavior = Behavior()):
         self.default = default
         self.behaviors: dict[str, Behavior] = {}
         self.calls: Counter[str] = Counter()
+        self.hung_up: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.app = self._build()
 
@@ -100,6 +103,7 @@ class StubUpstream:
             self.behaviors.clear()
             self.default = Behavior()
             self.calls.clear()
+            self.hung_up.clear()
 
     def _build(self):
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -116,10 +120,10 @@ class StubUpstream:
             with stub._lock:
                 stub.calls[model] += 1
             b = stub.behavior(model)
-            if b.mode == "hang":
-                await asyncio.sleep(b.hang)
-            elif b.delay:
-                await asyncio.sleep(b.delay)
+            if not await stub._wait(request, b.hang if b.mode == "hang" else b.delay):
+                with stub._lock:
+                    stub.hung_up[model] += 1
+                return Response(status_code=499)
             if b.mode == "fail":
                 return JSONResponse({"error": {"message": "stub failure", "type": "server_error", "param": None,
                                                "code": None}}, status_code=b.status)
@@ -135,7 +139,7 @@ class StubUpstream:
                      "total_tokens": len(str(prompt or "")) // 4 + 1 + len(chunks)}
             rid = f"stub-{uuid.uuid4().hex[:12]}"
             if body.get("stream"):
-                return StreamingResponse(stub._stream(operation, rid, model, chunks, finish, usage),
+                return StreamingResponse(stub._stream(operation, rid, model, chunks, finish, usage, b.interval),
                                          media_type="text/event-stream")
             text = "".join(chunks)
             choice = {"index": 0, "finish_reason": finish}
@@ -157,7 +161,17 @@ class StubUpstream:
         return app
 
     @staticmethod
-    async def _stream(operation, rid, model, chunks, finish, usage):
+    async def _wait(request: Request, seconds: float) -> bool:
+        """Sleep `seconds`; False as soon as the caller has hung up."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if await request.is_disconnected():
+                return False
+            await asyncio.sleep(min(left, 0.05))
+        return True
+
+    @staticmethod
+    async def _stream(operation, rid, model, chunks, finish, usage, interval=0.0):
         obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
 
         def event(choices, **extra):
@@ -171,6 +185,6 @@ class StubUpstream:
             else:
                 choice = {"index": 0, "text": chunk, "finish_reason": finish if last else None}
             yield event([choice])
-            await asyncio.sleep(0)
+            await asyncio.sleep(interval if not last else 0)
         yield event([], usage=usage)
         yield "data: [DONE]\n\n"

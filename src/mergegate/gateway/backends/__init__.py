@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...rollout import PlanModel
 from ..config import GatewayConfig
-from .base import Backend
+from .base import Backend, Slot
 from .local import LocalBackend
 from .remote import RemoteBackend
 
@@ -12,8 +12,9 @@ from .remote import RemoteBackend
 def build_backend(name: str, spec: PlanModel, config: GatewayConfig) -> Backend:
     """The backend for one plan model: `url` → RemoteBackend, `path` (+ `adapter`) → LocalBackend."""
     if spec.url is not None:
-        return RemoteBackend(name, spec.url, upstream_model=spec.upstream_model, timeout=config.backend_timeout)
+        return RemoteBackend(name, spec.url, upstream_model=spec.upstream_model, timeout=config.backend_timeout,
+                             queue_limit=config.local_queue_limit)
     return LocalBackend(name, spec.path, adapter=spec.adapter, queue_limit=config.local_queue_limit)
 
 
-__all__ = ["Backend", "LocalBackend", "RemoteBackend", "build_backend"]
+__all__ = ["Backend", "LocalBackend", "RemoteBackend", "Slot", "build_backend"]

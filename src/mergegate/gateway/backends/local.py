@@ -2,7 +2,11 @@
 
 Generation runs in a worker thread (`asyncio.to_thread`) so the event loop keeps serving; an asyncio lock
 serialises calls per model and at most `queue_limit` callers wait behind it (more get `BackendOverloaded`).
+Waiting is `acquire` (a `Slot`), separate from generating, so that callers time only the generation.
 A cancelled call (timeout, client gone) tells the thread to stop after its current token.
+
+A request the model cannot take (its prompt does not render or tokenize, its seed does not fit torch's RNG)
+fails before generation starts with `BackendRejected`: the request's fault, not the model's.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import threading
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from ..errors import BackendError, BackendOverloaded
+from ..errors import BackendError, BackendOverloaded, BackendRejected
 from ..protocol import Completion, GenRequest
-from .base import Backend
+from .base import Backend, Slot
 
 
 class LocalBackend(Backend):
@@ -62,16 +66,31 @@ class LocalBackend(Backend):
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     # -- generation --------------------------------------------------------------------------------------
-    async def generate(self, request: GenRequest) -> Completion:
+    async def acquire(self) -> Slot:
+        """Wait for this model (not timed by callers: queueing is load, not failure), or refuse at once when
+        `queue_limit` callers already wait."""
+        if self._lock is None:
+            raise BackendError(f"model '{self.name}' is not loaded")
+        if self._pending > self.queue_limit:
+            raise BackendOverloaded(f"model '{self.name}' has {self._pending} requests in flight or waiting")
+        self._pending += 1
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self._pending -= 1
+            raise
+        return Slot(self._release)
+
+    async def generate(self, request: GenRequest, *, slot: Slot | None = None) -> Completion:
         cancel = threading.Event()
-        work = await self._start_work(request, None, cancel)
+        work = await self._start_work(request, None, cancel, slot)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
             cancel.set()  # the thread stops after its current token, then releases the model
             raise
 
-    async def stream(self, request: GenRequest) -> AsyncIterator[str | Completion]:
+    async def stream(self, request: GenRequest, *, slot: Slot | None = None) -> AsyncIterator[str | Completion]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str] = asyncio.Queue()
         cancel = threading.Event()
@@ -79,7 +98,7 @@ class LocalBackend(Backend):
         def emit(text: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, text)
 
-        work = await self._start_work(request, emit, cancel)
+        work = await self._start_work(request, emit, cancel, slot)
         getter: asyncio.Future | None = None
         try:
             while True:
@@ -98,24 +117,24 @@ class LocalBackend(Backend):
             if getter is not None:
                 getter.cancel()
 
-    async def _start_work(self, request: GenRequest, emit, cancel: threading.Event) -> asyncio.Future:
-        """Wait for this model (or refuse when too many wait), then generate in a thread. The model is released
-        when the thread ends — not when the caller stops waiting — so two generations never overlap."""
-        if self._lock is None:
-            raise BackendError(f"model '{self.name}' is not loaded")
-        if self._pending > self.queue_limit:
-            raise BackendOverloaded(f"model '{self.name}' has {self._pending} requests in flight or waiting")
-        self._pending += 1
+    async def _start_work(self, request: GenRequest, emit, cancel: threading.Event,
+                          slot: Slot | None) -> asyncio.Future:
+        """Generate in a thread, in `slot` (or after waiting for one). The model is released when the thread
+        ends — not when the caller stops waiting — so two generations never overlap."""
+        if slot is None:
+            slot = await self.acquire()
+        elif slot.taken:
+            raise BackendError(f"model '{self.name}': a slot serves one call")
+        release = slot.take()
         try:
-            await self._lock.acquire()
+            work = asyncio.ensure_future(asyncio.to_thread(self._run, request, emit, cancel))
         except BaseException:
-            self._pending -= 1
+            release()
             raise
-        work = asyncio.ensure_future(asyncio.to_thread(self._run, request, emit, cancel))
-        work.add_done_callback(self._release)
+        work.add_done_callback(lambda _: release())
         return work
 
-    def _release(self, _work=None) -> None:
+    def _release(self) -> None:
         self._pending -= 1
         self._lock.release()
 
@@ -129,10 +148,23 @@ class LocalBackend(Backend):
 
     def _generate(self, request: GenRequest, emit, cancel: threading.Event) -> Completion:
         import torch
-        from transformers import StoppingCriteriaList
 
         if self.model is None:
             raise BackendError(f"model '{self.name}' is not loaded")
+        try:
+            encoded, options, tracker = self._prepare(request, emit, cancel)
+        except Exception as exc:  # before the model runs: this request is what it cannot take
+            raise BackendRejected(f"model '{self.name}' cannot take this request: {type(exc).__name__}: "
+                                  f"{exc}") from exc
+        with torch.no_grad():
+            output = self.model.generate(**encoded, **options)
+        return tracker.finish(output[0, encoded["input_ids"].shape[1]:].tolist())
+
+    def _prepare(self, request: GenRequest, emit, cancel: threading.Event):
+        """The prompt tokenized, generate()'s options and the tracker for one request (seeds the RNG)."""
+        import torch
+        from transformers import StoppingCriteriaList
+
         params = request.params
         text, special = self.render(request)
         encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=special)
@@ -146,9 +178,7 @@ class LocalBackend(Backend):
             options.update(do_sample=True, temperature=params.temperature, top_p=params.top_p or 1.0, top_k=0)
             if params.seed is not None:
                 torch.manual_seed(params.seed)  # process-wide RNG: reproducible only without concurrent sampling
-        with torch.no_grad():
-            output = self.model.generate(**encoded, **options)
-        return tracker.finish(output[0, prompt_len:].tolist())
+        return encoded, options, tracker
 
 
 class TextTracker:

@@ -1,16 +1,25 @@
-"""An OpenAI-compatible upstream reached over HTTP (`httpx.AsyncClient`), with a timeout per call."""
+"""An OpenAI-compatible upstream reached over HTTP (`httpx.AsyncClient`), with a timeout per call.
+
+At most `max_connections` calls are in flight; more wait for a `Slot` (untimed by callers: queueing is load,
+not failure) and beyond `queue_limit` waiting callers the upstream reports itself overloaded.
+
+The upstream's HTTP errors are classified: 400, 413 and 422 say the request is wrong (`BackendRejected`, not
+held against the upstream's health), 429 says it is busy (`BackendOverloaded`, load), anything else — 401,
+404, 5xx — says the upstream or its configuration is (`BackendHTTPError`, counted by the breaker)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import AsyncIterator
 
 import httpx
 
-from ..errors import BackendBadResponse, BackendError, BackendHTTPError, BackendTimeout, BackendUnavailable
+from ..errors import (BackendBadResponse, BackendError, BackendHTTPError, BackendOverloaded, BackendRejected,
+                      BackendTimeout, BackendUnavailable)
 from ..protocol import Completion, GenRequest
-from .base import Backend
+from .base import Backend, Slot
 
 
 class RemoteBackend(Backend):
@@ -18,17 +27,37 @@ class RemoteBackend(Backend):
     provider = "openai"  # the wire protocol; OpenTelemetry's gen_ai.provider.name for OpenAI-compatible APIs
 
     def __init__(self, name: str, url: str, *, upstream_model: str | None = None, timeout: float = 60.0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, max_connections: int = 64, queue_limit: int = 64):
         self.name, self.url = name, url.rstrip("/")
         self.upstream_model = upstream_model or name
         self.timeout, self.api_key = timeout, api_key
+        self.max_connections, self.queue_limit = max_connections, queue_limit
         self._client: httpx.AsyncClient | None = None
+        self._gate: asyncio.Semaphore | None = None
+        self._waiting = 0
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._gate = asyncio.Semaphore(self.max_connections)
         self._client = httpx.AsyncClient(base_url=self.url + "/", headers=headers, trust_env=False,
                                          timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0)),
-                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+                                         limits=httpx.Limits(max_connections=self.max_connections,
+                                                             max_keepalive_connections=16))
+
+    async def acquire(self) -> Slot:
+        """A connection's worth of capacity: waits while `max_connections` calls are in flight."""
+        gate = self._gate
+        if gate is None:
+            raise BackendUnavailable(f"upstream '{self.name}' is not started")
+        if gate.locked() and self._waiting >= self.queue_limit:
+            raise BackendOverloaded(f"upstream '{self.name}' has {self.max_connections} calls in flight and "
+                                    f"{self._waiting} waiting")
+        self._waiting += 1
+        try:
+            await gate.acquire()
+        finally:
+            self._waiting -= 1
+        return Slot(gate.release)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -60,7 +89,16 @@ class RemoteBackend(Backend):
             return "chat/completions", {**body, "messages": list(request.messages)}
         return "completions", {**body, "prompt": request.prompt}
 
-    async def generate(self, request: GenRequest) -> Completion:
+    async def generate(self, request: GenRequest, *, slot: Slot | None = None) -> Completion:
+        if slot is not None:  # the caller's: released by the caller when this returns
+            return await self._generate(request)
+        slot = await self.acquire()
+        try:
+            return await self._generate(request)
+        finally:
+            slot.release()
+
+    async def _generate(self, request: GenRequest) -> Completion:
         endpoint, body = self._endpoint_and_body(request, stream=False)
         with _translated_errors(self.name):
             response = await self._http().post(endpoint, json=body)
@@ -78,40 +116,48 @@ class RemoteBackend(Backend):
             raise BackendBadResponse(f"upstream '{self.name}' sent an answer that is not an OpenAI "
                                      f"{request.operation} response ({type(exc).__name__}: {exc})") from None
 
-    async def stream(self, request: GenRequest) -> AsyncIterator[str | Completion]:
-        endpoint, body = self._endpoint_and_body(request, stream=True)
-        parts: list[str] = []
-        finish, used, response_id, response_model = "stop", {}, "", None
-        with _translated_errors(self.name):
-            async with self._http().stream("POST", endpoint, json=body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    _raise_for_status(self.name, response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    chunk = _parse_chunk(self.name, payload)
-                    response_id = chunk.get("id") or response_id
-                    response_model = chunk.get("model") or response_model
-                    used = chunk.get("usage") or used
-                    for choice in chunk.get("choices") or []:
-                        delta = (choice.get("delta") or {}).get("content") if request.operation == "chat" \
-                            else choice.get("text")
-                        if delta:
-                            parts.append(delta)
-                            yield delta
-                        finish = choice.get("finish_reason") or finish
-        yield Completion(text="".join(parts), prompt_tokens=int(used.get("prompt_tokens", 0)),
-                         completion_tokens=int(used.get("completion_tokens", len(parts))), finish_reason=finish,
-                         response_id=response_id, response_model=response_model)
+    async def stream(self, request: GenRequest, *, slot: Slot | None = None) -> AsyncIterator[str | Completion]:
+        own = None if slot is not None else await self.acquire()  # a caller's slot is the caller's to release
+        try:
+            endpoint, body = self._endpoint_and_body(request, stream=True)
+            parts: list[str] = []
+            finish, used, response_id, response_model = "stop", {}, "", None
+            with _translated_errors(self.name):
+                async with self._http().stream("POST", endpoint, json=body) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        _raise_for_status(self.name, response)
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == "[DONE]":
+                            break
+                        chunk = _parse_chunk(self.name, payload)
+                        response_id = chunk.get("id") or response_id
+                        response_model = chunk.get("model") or response_model
+                        used = chunk.get("usage") or used
+                        for choice in chunk.get("choices") or []:
+                            delta = (choice.get("delta") or {}).get("content") if request.operation == "chat" \
+                                else choice.get("text")
+                            if delta:
+                                parts.append(delta)
+                                yield delta
+                            finish = choice.get("finish_reason") or finish
+            yield Completion(text="".join(parts), prompt_tokens=int(used.get("prompt_tokens", 0)),
+                             completion_tokens=int(used.get("completion_tokens", len(parts))), finish_reason=finish,
+                             response_id=response_id, response_model=response_model)
+        finally:
+            if own is not None:
+                own.release()
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             raise BackendUnavailable(f"upstream '{self.name}' is not started")
         return self._client
+
+
+REJECTED = (400, 413, 422)  # the request's fault: the upstream refused what it was sent
 
 
 class _translated_errors:
@@ -141,8 +187,9 @@ def _raise_for_status(name: str, response: httpx.Response) -> None:
         detail = response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         pass
-    raise BackendHTTPError(f"upstream '{name}' answered HTTP {response.status_code}: {detail}",
-                           status=response.status_code)
+    status = response.status_code
+    kind = BackendRejected if status in REJECTED else BackendOverloaded if status == 429 else BackendHTTPError
+    raise kind(f"upstream '{name}' answered HTTP {status}: {detail}", status=status)
 
 
 def _parse_chunk(name: str, payload: str) -> dict:
