@@ -46,6 +46,14 @@ def test_registry_holds_exactly_the_documented_evaluators():
         assert factory.name == name
 
 
+def test_every_evaluator_has_a_version_and_its_identity_holds_its_options():
+    identity = ev.evaluator_identity(["perplexity", "exact_match", "perplexity", "groundedness"])
+    assert list(identity) == ["exact_match", "groundedness", "perplexity"]
+    assert identity["perplexity"] == {"version": "1", "options": {"threshold": 20.0}}
+    assert identity["groundedness"]["options"] == {"threshold": 0.6} and "embedder" in identity["groundedness"]
+    assert all(isinstance(cls.version, str) and cls.version for cls in EVALUATORS.values())
+
+
 def test_unknown_evaluator_is_refused_by_suite_row_listing_the_available_ones():
     with pytest.raises(ValidationError) as info:
         make_row("exact_match", "bleu")
@@ -163,8 +171,12 @@ def test_json_schema_row_without_schema_is_a_suite_bug_naming_the_row():
                                            schema_=None, context=None, tools=None)
     with pytest.raises(SuiteError, match="row 'r1': evaluator 'json_schema' needs a 'schema'"):
         get_evaluator("json_schema")(unvalidated, Observation("{}"))
+    with pytest.raises(ValidationError, match="'schema' is not a valid JSON Schema: 'objekt' is not valid"):
+        make_row("json_schema", schema={"type": "objekt"})  # caught when the suite loads, too
+    bad_schema = SuiteRow.model_construct(id="r1", cohort="c", prompt="Q?", expected="", evaluators=("json_schema",),
+                                          schema_={"type": "objekt"}, context=None, tools=None)
     with pytest.raises(SuiteError, match="row 'r1': invalid JSON Schema"):
-        run("json_schema", "{}", schema={"type": "objekt"})
+        get_evaluator("json_schema")(bad_schema, Observation("{}"))
 
 
 # --- tool selection ---------------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from mergegate import MergegateError
 from mergegate.gate import Policy, PolicyError, decide, load_policy
 from mergegate.registry import RowResult
 
@@ -115,3 +118,160 @@ def test_unpaired_results_are_refused():
 
     with pytest.raises(MergegateError, match="model 'src' has no result for row"):
         decide(results(spec), candidate="merged", base="base", sources=["src"])
+
+
+# --- minimum evidence and boundaries (issue 12) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_cohort_of_a_few_rows_holds_whatever_the_interval(n):
+    perfect = np.ones(n)
+    spec = {"base": {"c": np.zeros(n)}, "src": {"c": perfect}, "merged": {"c": perfect}}
+    d = decide(results(spec), candidate="merged", base="base", sources=["src"]).decision("c")
+    assert (d.diff_low, d.diff_high) == (0.0, 0.0)  # zero width: it proves nothing
+    assert d.decision == "hold" and d.model == "src" and d.mirror_share == 0.1
+    assert d.reasons[0] == f"only {n} row(s), below min_rows 20: too little evidence to decide"
+
+
+def test_few_rows_never_establish_a_regression_either():
+    spec = {"base": {"c": np.zeros(5)}, "src": {"c": np.ones(5)}, "merged": {"c": np.zeros(5)}}
+    d = decide(results(spec), candidate="merged", base="base", sources=["src"]).decision("c")
+    assert d.decision == "hold" and d.diff_high == -1.0
+
+
+def test_min_rows_can_be_set_per_cohort():
+    spec = {"base": {"c": np.zeros(5)}, "src": {"c": np.ones(5)}, "merged": {"c": np.ones(5)}}
+    policy = load_policy({"cohorts": {"c": {"min_rows": 5}}})
+    assert decide(results(spec), candidate="merged", base="base", sources=["src"],
+                  policy=policy).decision("c").decision == "promote"
+
+
+def test_a_bound_exactly_on_the_margin_is_decided_without_float_noise():
+    # every row 0.1 below the best source: the interval is [-0.1, -0.1] in exact arithmetic (0.7 - 0.8 is
+    # -0.10000000000000009 in floats); a lower bound equal to -max_drop is non-inferior, not a regression
+    n = 40
+    spec = {"base": {"c": np.full(n, 0.5)}, "src": {"c": np.full(n, 0.8)}, "merged": {"c": np.full(n, 0.7)}}
+    policy = load_policy({"default": {"max_drop": 0.1, "min_retention": 0.875}})  # 0.7 / 0.8 = 0.875 exactly
+    d = decide(results(spec), candidate="merged", base="base", sources=["src"], policy=policy).decision("c")
+    assert (d.diff_low, d.diff_high, d.diff_mean) == (-0.1, -0.1, -0.1)
+    assert d.decision == "promote", d.reasons
+
+
+def test_the_decision_does_not_depend_on_the_order_of_the_results():
+    n = 60
+    spec = {"base": {"c": binary(0.5, n, 1), "d": binary(0.4, n, 4)}, "src": {"c": binary(0.8, n, 2), "d": binary(0.6, n, 5)},
+            "merged": {"c": binary(0.75, n, 3), "d": binary(0.5, n, 6)}}
+    ordered = results(spec)
+    shuffled = {name: [rows[i] for i in np.random.default_rng(7).permutation(len(rows))]
+                for name, rows in ordered.items()}
+    shuffled["merged"] = [r for r in shuffled["merged"] if r.cohort == "c"] + [r for r in shuffled["merged"]
+                                                                            if r.cohort == "d"]
+    first = decide(ordered, candidate="merged", base="base", sources=["src"])
+    again = decide(shuffled, candidate="merged", base="base", sources=["src"])
+    assert first == again
+
+
+# --- policy files (issue 18) ----------------------------------------------------------------------------------
+
+
+def test_a_policy_naming_a_cohort_the_suite_lacks_is_refused():
+    spec = {"base": {"json_output": binary(0.5, 20, 1)}, "src": {"json_output": binary(0.5, 20, 2)},
+            "merged": {"json_output": binary(0.5, 20, 3)}}
+    policy = load_policy({"cohorts": {"jsonoutput": {"max_drop": 0.01}}})
+    with pytest.raises(PolicyError, match=r"cohort\(s\) 'jsonoutput' not in the suite \(the suite's cohorts: json_output\)"):
+        decide(results(spec), candidate="merged", base="base", sources=["src"], policy=policy)
+
+
+BAD_POLICIES = [
+    ("default:\n  max_drop: [0.1\n", r"line 3, column 1: not valid YAML"),
+    ("confidence: 0.95\n  bootstrap: 100\n", r"line 2, column 12: not valid YAML"),
+    ("!!python/object/apply:os.system ['true']\n", r"line 1, column 1: not valid YAML \(could not determine a "
+                                                    r"constructor for the tag 'tag:yaml.org,2002:python/object/apply"),
+    ("- confidence\n- 0.9\n", r"expected a mapping of policy fields .*, got list"),
+    ("just words\n", r"expected a mapping of policy fields .*, got str"),
+    ("bootstrap: 1e9\n", r"bootstrap: Input should be a valid integer"),
+    ("bootstrap: 1000000000\n", r"bootstrap: Input should be less than or equal to 100000"),
+    ("bootstrap: 2000.5\n", r"bootstrap: Input should be a valid integer"),
+    ("bootstrap: 10\n", r"bootstrap: Input should be greater than or equal to 100"),
+    ("confidence: .nan\n", r"confidence: Input should be a finite number"),
+    ("seed: -1\n", r"seed: Input should be greater than or equal to 0"),
+    ("default: {min_retention: .inf}\n", r"default.min_retention: Input should be a finite number"),
+    ("default: {max_drop: '0.1'}\n", r"default.max_drop: Input should be a valid number"),
+    ("default: {mirror_share: yes}\n", r"default.mirror_share: Input should be a valid number"),
+    ("default: {min_rows: 0}\n", r"default.min_rows: Input should be greater than or equal to 1"),
+    ("cohorts: {json: {max_dorp: 0.1}}\n", r"cohorts.json.max_dorp: Extra inputs are not permitted"),
+    ("cohorts: [json]\n", r"cohorts: Input should be a valid dictionary"),
+    ("thresholds: {}\n", r"thresholds: Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_POLICIES)
+def test_bad_policy_files_are_refused_naming_the_file_and_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=f"^policy {path}: {message}"):
+        load_policy(path)
+
+
+def test_policy_encoding(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"\xef\xbb\xbfseed: 3\n")  # a byte-order mark is fine
+    assert load_policy(path).seed == 3
+    path.write_bytes(b"seed: 3\n# caf\xe9\n")
+    with pytest.raises(PolicyError, match=r"line 2: not valid UTF-8"):
+        load_policy(path)
+    path.write_text("")
+    assert load_policy(path) == Policy()
+
+
+def test_the_demo_policy_loads():
+    from pathlib import Path
+
+    policy = load_policy(Path(__file__).resolve().parents[1] / "examples" / "demo" / "policy.yaml")
+    assert policy.rule("policy_refusal").max_drop == 0.05 and policy.rule("json_output").min_rows == 20
+
+
+# --- properties: any text is a policy or a PolicyError --------------------------------------------------------
+
+_FIELDS = ["confidence", "bootstrap", "seed", "default", "cohorts", "min_score", "max_drop", "min_retention",
+           "fallback", "mirror_share", "min_rows", "json_output", "!!python/object:os.system", "&a", "*a"]
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                     st.sampled_from(["1e9", ".inf", ".nan", "0x10", "yes", "~", "[", "{", "!!binary x", "2001-01-01"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(st.sampled_from(_FIELDS), inner, max_size=4)),
+                       max_leaves=12)
+
+
+def _check_policy_text(tmp_path, text: str | bytes) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        assert str(exc).startswith(f"policy {path}: ")
+    else:
+        assert isinstance(policy, Policy) and 100 <= policy.bootstrap <= 100_000
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(st.text(), st.binary()))
+def test_any_text_is_a_policy_or_a_policy_error(tmp_path, text):
+    _check_policy_text(tmp_path, text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=5), flow=st.booleans())
+def test_any_yaml_mapping_is_a_policy_or_a_policy_error(tmp_path, data, flow):
+    import yaml
+
+    _check_policy_text(tmp_path, yaml.safe_dump(data, default_flow_style=flow, allow_unicode=True))
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=5))
+def test_any_dict_is_a_policy_or_a_policy_error(data):
+    try:
+        load_policy(data)
+    except MergegateError as exc:
+        assert isinstance(exc, PolicyError)

@@ -1,8 +1,8 @@
 """`mergegate demo`: the release workflow on the shipped demo models, with several merge methods.
 
 Each method's candidate is merged, evaluated beside the base and every source on the held-out suite, and
-gated per cohort. Sources are evaluated once (the registry caches them by content hash). The summary
-shows which method wins which cohort and what the gate decided; the top-level report and rollout plan
+gated per cohort. Sources are evaluated once (the registry caches runs by model, suite and run config). The
+summary shows which method wins which cohort and what the gate decided; the top-level report and rollout plan
 are those of the method the gate promotes on the most cohorts.
 """
 

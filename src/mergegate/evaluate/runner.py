@@ -1,11 +1,20 @@
 """Run N models on the same suite rows: batched greedy generation, scores, per-row records in the registry.
 
-A model already evaluated on this exact suite (same content hashes) is read from the registry instead of
-re-run; an interrupted run resumes with the rows it had not finished.
+A model already evaluated on this exact suite with the same run config is read from the registry instead of
+re-run; an interrupted run resumes with the rows it had not finished. The cache key is (model hash, suite hash,
+config hash): the model hash covers the files that change an answer (weights, config, generation config,
+tokenizer and chat template, adapter; `registry.folder_hash`), the config everything else (`run_config`).
+
+Batch size and thread count are not in the key: each row's answer does not depend on the rows it is batched
+with (its token budget is its own, prompts are left-padded under an attention mask, greedy decoding), so they
+change only the speed. Padding can in principle move a logit by float rounding; on the demo models greedy
+outputs are identical across batch sizes (tests/test_registry_runner.py checks it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -15,9 +24,22 @@ from pathlib import Path
 import torch
 
 from ..progress import Progress
-from ..registry import Registry, RowResult
-from .evaluators import Observation, needs_likelihood, score_row
+from ..errors import MergegateError
+from ..registry import Registry, RegistryError, RowResult
+from .evaluators import Observation, evaluator_identity, needs_likelihood, score_row
 from .suite import Suite, SuiteRow
+
+# The runner's prompt format and generation procedure: the raw prompt through the model's own tokenizer
+# (its special tokens, no chat template applied), left padding, float32 on the CPU, greedy decoding with
+# GENERATION (merged by transformers with the model's generation_config.json, which the model hash covers),
+# each row cut at its own budget min(max_new_tokens, 2 * tokens of `expected` + 8), decoded without special
+# tokens; NLL computed row by row. Bump it with any change to `_run_batch`/`_mean_nll` that can change an answer.
+RUNNER_FORMAT = "2"
+GENERATION = {"do_sample": False, "num_beams": 1}
+
+
+class EvaluationError(MergegateError, ValueError):
+    """An evaluation cannot run as asked: a bad setting, a missing or unloadable model."""
 
 
 @dataclass(frozen=True)
@@ -45,17 +67,99 @@ def load_model(spec: ModelSpec):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(spec.path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
-    if spec.adapter is not None:
-        from peft import PeftModel
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+        if spec.adapter is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+            model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        where = f"{spec.path}" + (f" with adapter {spec.adapter}" if spec.adapter else "")
+        raise EvaluationError(f"model '{spec.name}' ({where}) cannot be loaded: {exc}") from None
     model.eval()
     return model, tokenizer
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _setting_problems(batch_size, max_new_tokens, threads) -> list[str]:
+    problems = []
+    if not _whole(batch_size) or batch_size < 1:
+        problems.append(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if not _whole(max_new_tokens) or max_new_tokens < 1:
+        problems.append(f"max new tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if threads is not None and (not _whole(threads) or threads < 1):
+        problems.append(f"threads must be an integer >= 1, got {threads!r}")
+    return problems
+
+
+def check_settings(*, batch_size: int, max_new_tokens: int, threads: int | None = None) -> None:
+    """Refuse bad generation settings (EvaluationError)."""
+    problems = _setting_problems(batch_size, max_new_tokens, threads)
+    if problems:
+        raise EvaluationError("evaluate: " + "; ".join(problems))
+
+
+def check_inputs(models: list[ModelSpec], *, batch_size: int, max_new_tokens: int,
+                 threads: int | None = None) -> None:
+    """Refuse bad settings and missing model folders before anything is loaded or recorded (EvaluationError)."""
+    problems = _setting_problems(batch_size, max_new_tokens, threads)
+    if not models:
+        problems.append("no models to evaluate")
+    names = [spec.name for spec in models]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        problems.append(f"model name(s) given twice: {', '.join(duplicated)}")
+    for spec in models:
+        path = Path(spec.path)
+        if not spec.name:
+            problems.append(f"model at {path}: empty name")
+        if not path.is_dir():
+            problems.append(f"model '{spec.name}': {path}: no such folder")
+        elif not (path / "config.json").is_file():
+            problems.append(f"model '{spec.name}': {path} has no config.json (not a model folder)")
+        if spec.adapter is not None:
+            adapter = Path(spec.adapter)
+            if not adapter.is_dir():
+                problems.append(f"model '{spec.name}': adapter {adapter}: no such folder")
+            elif not (adapter / "adapter_config.json").is_file():
+                problems.append(f"model '{spec.name}': adapter {adapter} has no adapter_config.json")
+    if problems:
+        raise EvaluationError("evaluate: " + "; ".join(problems))
+
+
+def _library_versions(adapter: bool) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "tokenizers", *(("peft",) if adapter else ())):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def run_config(spec: ModelSpec, suite: Suite, *, max_new_tokens: int) -> dict:
+    """Everything besides the model files and the suite that can change an answer or a score: part of the
+    cache key. Batch size and threads are left out on purpose (see the module docstring)."""
+    return {
+        "runner": RUNNER_FORMAT,
+        "generation": {**GENERATION, "max_new_tokens": max_new_tokens, "dtype": "float32"},
+        "adapter": spec.adapter is not None,  # the adapter's files are in the model hash
+        "evaluators": evaluator_identity(name for row in suite.rows for name in row.evaluators),
+        "libraries": _library_versions(spec.adapter is not None),
+    }
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def evaluate_models(models: list[ModelSpec], suite: Suite, registry: Registry, *, batch_size: int = 32,
@@ -66,6 +170,7 @@ def evaluate_models(models: list[ModelSpec], suite: Suite, registry: Registry, *
     `threads` sets torch's intra-op threads for the run (default: half the cores, at least one): small
     models gain little from more, and oversubscribed OpenMP threads slow everything sharing the machine.
     """
+    check_inputs(models, batch_size=batch_size, max_new_tokens=max_new_tokens, threads=threads)
     show = sys.stderr.isatty() if progress is None else progress
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
@@ -77,14 +182,18 @@ def evaluate_models(models: list[ModelSpec], suite: Suite, registry: Registry, *
 
 def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) -> dict[str, ModelRun]:
     runs = {}
+    row_ids = [row.id for row in suite.rows]
     with Progress(show) as bar:
         for spec in models:
             model_hash = registry.register_model(spec.name, spec.path, role=spec.role, adapter=spec.adapter)
-            cached = None if force else registry.cached_run(model_hash, suite.sha256)
+            config = run_config(spec, suite, max_new_tokens=max_new_tokens)
+            key = config_hash(config)
+            cached = None if force else registry.cached_run(model_hash, suite.sha256, key, row_ids)
             if cached is not None:
-                runs[spec.name] = ModelRun(spec, model_hash, cached, True, registry.results(cached, spec.name))
+                results = _in_suite_order(registry.results(cached, spec.name), suite, registry, cached)
+                runs[spec.name] = ModelRun(spec, model_hash, cached, True, results)
                 continue
-            run_id = registry.open_run(model_hash, suite.sha256)
+            run_id = registry.open_run(model_hash, suite.sha256, key, config)
             done = registry.done_rows(run_id)
             todo = [row for row in suite.rows if row.id not in done]
             advance = bar.task(f"evaluating {spec.name}", len(suite.rows), completed=len(done), unit="rows")
@@ -95,11 +204,19 @@ def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) 
                     registry.add_results(run_id, results)  # committed per batch: a crash loses one batch
                     advance(len(batch))
                 del model
-            registry.finish_run(run_id)
-            order = {row.id: i for i, row in enumerate(suite.rows)}
-            results = sorted(registry.results(run_id, spec.name), key=lambda r: order.get(r.row_id, 0))
+            registry.finish_run(run_id, row_ids)  # refused unless every suite row has a result
+            results = _in_suite_order(registry.results(run_id, spec.name), suite, registry, run_id)
             runs[spec.name] = ModelRun(spec, model_hash, run_id, False, results)
     return runs
+
+
+def _in_suite_order(results: list[RowResult], suite: Suite, registry: Registry, run_id: int) -> list[RowResult]:
+    """One result per suite row, in the suite's order — however the rows were batched or stored."""
+    by_id = {r.row_id: r for r in results}
+    missing = [row.id for row in suite.rows if row.id not in by_id]
+    if missing:
+        raise RegistryError(f"registry {registry.path}: run {run_id} has no result for row(s) {missing[:3]}")
+    return [by_id[row.id] for row in suite.rows]
 
 
 def _batches(rows: list[SuiteRow], size: int):
@@ -113,18 +230,19 @@ def _batches(rows: list[SuiteRow], size: int):
 def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow], max_new_tokens: int):
     started = time.perf_counter()
     encoded = tokenizer([row.prompt for row in rows], return_tensors="pt", padding=True)
-    # A correct answer is about as long as the expected one: twice that, plus slack, bounds the batch's
-    # generation without cutting an answer that could still be right.
-    longest = max(len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]) for row in rows)
-    budget = min(max_new_tokens, 2 * longest + 8)
-    generated = model.generate(**encoded, max_new_tokens=budget, do_sample=False,
+    # A correct answer is about as long as the expected one: twice that, plus slack, bounds a row's generation
+    # without cutting an answer that could still be right. Each row is cut at its own budget, so its answer
+    # does not depend on which rows share its batch.
+    budgets = [min(max_new_tokens, 2 * len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]) + 8)
+               for row in rows]
+    generated = model.generate(**encoded, max_new_tokens=max(budgets), **GENERATION,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     new_tokens = generated[:, encoded["input_ids"].shape[1]:]
     nlls = {row.id: _mean_nll(model, tokenizer, row) for row in rows if needs_likelihood(row)}
     latency_ms = (time.perf_counter() - started) * 1000  # the batch's wall time: what each caller waited
     results = []
     for i, row in enumerate(rows):
-        completion = new_tokens[i]
+        completion = new_tokens[i, :budgets[i]]
         ended = (completion == tokenizer.eos_token_id).nonzero()
         length = int(ended[0, 0]) + 1 if len(ended) else int((completion != tokenizer.pad_token_id).sum())
         output = tokenizer.decode(completion[:length], skip_special_tokens=True)

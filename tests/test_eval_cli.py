@@ -1,0 +1,156 @@
+"""`mergegate evaluate` and `mergegate gate` on bad inputs (exit 2, one line, no traceback) and on repeated runs
+(byte-identical decisions and reports, whether results come from the models or from the registry)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mergegate.cli.main import app
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
+MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
+ROWS = [{"id": f"r{i}", "cohort": "echo" if i % 2 else "json_output", "prompt": f"say {i}:", "expected": str(i),
+         "evaluators": ["exact_match"] if i % 2 else ["json_valid"]} for i in range(4)]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _refused(result, *fragments: str) -> None:
+    """Exit 2, exactly one line on stderr, `mergegate: ...` naming what is wrong, no traceback anywhere."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mergegate: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def suite_file(tmp_path):
+    path = tmp_path / "suite.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return path
+
+
+@pytest.fixture
+def gate_args(family, suite_file, tmp_path):
+    def args(policy: str | None = None, suite: Path | None = None):
+        extra = []
+        if policy is not None:
+            (tmp_path / "policy.yaml").write_text(policy)
+            extra = ["--policy", tmp_path / "policy.yaml"]
+        return ["gate", "--candidate", f"cand={family['ft1']}", "--base", f"base={family['base']}", "--source",
+                f"src={family['ft2']}", "--suite", suite or suite_file, "--out", tmp_path / "out",
+                "--registry", tmp_path / "registry.sqlite", *extra]
+
+    return args
+
+
+@pytest.mark.parametrize("policy, fragments", [
+    ("default: {max_drop: [0.1\n", ["policy.yaml: line 2, column 1: not valid YAML"]),
+    ("!!python/object/apply:os.system ['echo pwned']\n", ["line 1, column 1", "python/object/apply:os.system"]),
+    ("- 0.95\n", ["expected a mapping of policy fields", "got list"]),
+    ("default: {max_dorp: 0.1}\n", ["default.max_dorp: Extra inputs are not permitted"]),
+    ("default: {max_drop: high}\n", ["default.max_drop: Input should be a valid number"]),
+    ("bootstrap: 1e9\n", ["bootstrap: Input should be a valid integer"]),
+    ("bootstrap: 1000000000\n", ["bootstrap: Input should be less than or equal to 100000"]),
+    ("cohorts: {json_ouput: {max_drop: 0.01}}\n", ["'json_ouput' not in the suite", "cohorts: json_output, echo"]),
+])
+def test_gate_refuses_a_bad_policy_in_one_line(gate_args, tmp_path, policy, fragments):
+    _refused(_invoke(*gate_args(policy)), *fragments)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "registry.sqlite").exists()
+
+
+def test_gate_refuses_a_bad_suite_in_one_line(gate_args, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + json.dumps(ROWS[1]).encode()[:-2] + b'\xff"}\n')
+    _refused(_invoke(*gate_args(suite=bad)), "bad.jsonl: line 2: not valid UTF-8 (byte 0xff")
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("\n".join(json.dumps(r) for r in [*ROWS, ROWS[1]]))
+    _refused(_invoke(*gate_args(suite=dup)), "dup.jsonl: line 5: duplicate id 'r1' (first used on line 2)")
+
+
+@pytest.mark.parametrize("options, fragments", [
+    (["--batch-size", "0"], ["batch size must be an integer >= 1, got 0"]),
+    (["--batch-size", "-3"], ["batch size must be an integer >= 1, got -3"]),
+    (["--max-new-tokens", "0"], ["max new tokens must be an integer >= 1, got 0"]),
+])
+def test_evaluate_refuses_bad_settings_and_records_nothing(family, suite_file, tmp_path, options, fragments):
+    result = _invoke("evaluate", f"base={family['base']}", "--suite", suite_file, "--registry",
+                     tmp_path / "registry.sqlite", *options)
+    _refused(result, *fragments)
+    assert not (tmp_path / "registry.sqlite").exists()
+
+
+def test_evaluate_refuses_a_missing_model(suite_file, tmp_path):
+    _refused(_invoke("evaluate", f"ghost={tmp_path / 'nowhere'}", "--suite", suite_file, "--registry",
+                     tmp_path / "registry.sqlite"), "model 'ghost':", "nowhere: no such folder")
+
+
+@pytest.mark.parametrize("kind", ["folder", "not sqlite"])
+def test_evaluate_refuses_an_unopenable_registry(family, suite_file, tmp_path, kind):
+    registry = tmp_path / "registry.sqlite"
+    if kind == "folder":
+        registry.mkdir()
+    else:
+        registry.write_bytes(b"PK\x03\x04" + b"\x00" * 4096)
+    _refused(_invoke("evaluate", f"base={family['base']}", "--suite", suite_file, "--registry", registry),
+             f"registry {registry}")
+
+
+def test_evaluate_refuses_invalid_utf8_and_accepts_a_bom(family, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join([json.dumps(ROWS[0]).encode(), b'{"id": "caf\xe9"}']))
+    _refused(_invoke("evaluate", f"base={family['base']}", "--suite", bad, "--registry", tmp_path / "r.sqlite"),
+             "bad.jsonl: line 2: not valid UTF-8 (byte 0xe9 at column 12)")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in ROWS).encode())
+    result = _invoke("evaluate", f"base={family['base']}", "--suite", bom, "--registry", tmp_path / "r.sqlite",
+                     "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert "json_output" in result.stdout and "echo" in result.stdout
+
+
+def test_the_real_executable_refuses_a_python_tag_without_a_traceback(gate_args, tmp_path):
+    args = gate_args("!!python/object/apply:os.system ['touch pwned']\n")
+    done = subprocess.run([MERGEGATE, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("mergegate: policy ")
+    assert not (tmp_path / "pwned").exists()
+
+
+# --- the same gate twice: byte-identical (issue 11) -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not (DEMO / "models" / "base" / "config.json").is_file(), reason="demo models not built")
+def test_the_same_gate_twice_gives_byte_identical_decisions_and_reports(tmp_path):
+    rows = [json.loads(line) for line in (DEMO / "suite.jsonl").read_text().splitlines()]
+    picked = [r for r in rows if r["cohort"] == "json_output"][:20] + [r for r in rows if r["cohort"] == "tool_required"][:20]
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("\n".join(json.dumps(r) for r in picked) + "\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("default: {min_score: 0.3, max_drop: 0.1, min_retention: 0.85}\n")
+    models = DEMO / "models"
+    outputs = []
+    for out in ("first", "second"):
+        result = _invoke("gate", "--candidate", f"cand={models / 'json_output'}", "--base", f"base={models / 'base'}",
+                         "--source", f"tool={models / 'tool_required'}", "--suite", suite, "--out", tmp_path / out,
+                         "--registry", tmp_path / "registry.sqlite", "--policy", policy)
+        assert result.exit_code == 0, result.output
+        outputs.append({name: (tmp_path / out / name).read_bytes()
+                        for name in ("report.md", "report.html", "rollout.yaml", "chart.png")})
+    assert outputs[0] == outputs[1]
+    db = sqlite3.connect(tmp_path / "registry.sqlite")
+    runs = db.execute("SELECT count(*) FROM eval_runs").fetchone()[0]
+    decisions = db.execute("SELECT candidate_hash, cohort, decision, model, numbers FROM decisions ORDER BY id").fetchall()
+    assert runs == 3  # the second gate read every model from the registry
+    assert decisions[:2] == decisions[2:]
