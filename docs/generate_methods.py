@@ -83,6 +83,12 @@ def demo_recipe(key: str) -> dict:
                              for m in spec.get("models", SOURCES)]}
     if spec.get("parameters"):
         recipe["parameters"] = spec["parameters"]
+    from mergegate import get_method
+
+    if get_method(method).base == "ignored" and params and not spec.get("pair_on_base"):
+        # base_model is an input of every method unless listed (mergekit's rule): weight 0 keeps it out of the
+        # average while the release still evaluates it; appended last, where mergekit puts it
+        recipe["models"].append({"model": recipe["base_model"], "parameters": {"weight": 0.0}})
     if spec.get("calibration") == "shared":
         recipe["calibration"] = {"path": str(DEMO / "calibration.jsonl"), "max_rows": 80}
     elif spec.get("calibration"):  # each source's statistics from its own skill's text (RegMean's setting)

@@ -207,8 +207,8 @@ def test_recipe_paths_resolve_beside_the_recipe_file(family, tmp_path, write_rec
 def test_elementwise_methods_split_large_tensors_into_identical_chunks(method, family, tmp_path, monkeypatch):
     from mergegate.engine import plan as plan_module
 
-    recipe = recipe_for(method, family, weights=[1.0, 0.5, 0.8])
-    merge(recipe, tmp_path / "whole", progress=False)
+    recipe = recipe_for(method, family, weights=[1.0, 0.5, 0.8], base=method != "linear")  # linear: an unlisted
+    merge(recipe, tmp_path / "whole", progress=False)  # base would be a 4th input, without a weight
     monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 1000)
     plan = plan_merge(recipe)
     assert len(plan.jobs) > 3 * len(plan.outputs) and {j.rows is not None for j in plan.jobs} == {True, False}
@@ -323,3 +323,114 @@ def test_model_plus_adapter_folds_the_lora_in_once(tmp_path, monkeypatch):
     worst = (out[name] - expected).abs().max().item()
     assert worst < 1e-5, f"max abs diff {worst:.3g} vs PEFT's merge_and_unload"
     assert not torch.equal(peft_merged[name], base[name])  # the adapter does target this weight
+
+
+# ------------------------------------------------------------------ staging left behind by killed processes
+
+_SLOW_MERGE = """
+import sys, time
+import mergegate.engine.run as run
+
+original = run._compute
+
+def slow(plan, job, writer):  # a merge that has written something and then takes its time
+    original(plan, job, writer)
+    time.sleep(120)
+
+run._compute = slow
+run.merge(sys.argv[1], sys.argv[2], progress=False, workers=1)
+"""
+
+
+def _partials(parent):
+    return sorted(p.name for p in parent.iterdir() if ".mergegate-" in p.name)
+
+
+def test_staging_of_a_killed_merge_is_removed_by_the_next_merge_into_that_folder(family, tmp_path, write_recipe):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = write_recipe(recipe_for("linear", family, base=False))
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    script = tmp_path / "slow_merge.py"
+    script.write_text(_SLOW_MERGE)
+    victim = subprocess.Popen([sys.executable, str(script), str(recipe), str(parent / "a")],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    staging = parent / f".a.mergegate-partial-{victim.pid}"
+    try:
+        deadline = time.monotonic() + 120
+        while not (staging / "model.safetensors").exists():
+            assert victim.poll() is None, "the merge ended before it could be killed"
+            assert time.monotonic() < deadline, "no staging folder appeared"
+            time.sleep(0.05)
+        # a merge running beside it must leave its staging alone: its writer is alive
+        merge(recipe_for("linear", family, base=False), parent / "b", progress=False)
+        assert staging.is_dir()
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert staging.is_dir() and (staging / "model.safetensors").stat().st_size > 0  # SIGKILL: nothing cleaned up
+    assert not (parent / "a").exists()
+    merge(recipe_for("linear", family, base=False), parent / "c", progress=False)  # any output in that folder
+    assert _partials(parent) == []
+    assert sorted(p.name for p in parent.iterdir()) == ["b", "c"]
+
+
+def test_stale_staging_folders_from_dead_pids_are_removed(family, tmp_path):
+    import subprocess
+
+    from mergegate._staging import remove_stale_partials
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [tmp_path / f".old.mergegate-partial-{dead.pid}", tmp_path / ".older.mergegate-partial",
+             tmp_path / f".mergegate-new-{dead.pid}-x1y2"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(bytes(1024))
+    alive = tmp_path / ".live.mergegate-partial-1"  # pid 1 is always alive
+    alive.mkdir()
+    unrelated = tmp_path / ".mergegate-partial-notes"
+    unrelated.mkdir()
+    merge(recipe_for("linear", family, base=False), tmp_path / "out", progress=False)
+    assert not any(folder.exists() for folder in stale)
+    assert alive.is_dir() and unrelated.is_dir()
+    assert remove_stale_partials(tmp_path) == []
+
+
+def test_output_that_cannot_be_created_is_refused_before_any_work(family, tmp_path):
+    from mergegate import MergegateError
+
+    (tmp_path / "some_file").write_text("x")
+    with pytest.raises(MergegateError, match=r"some_file/out: cannot be created: .*some_file is not a folder"):
+        merge(recipe_for("linear", family, base=False), tmp_path / "some_file" / "out", progress=False)
+    with pytest.raises(MergegateError, match=r"cannot be created: .*some_file is not a folder"):
+        merge(recipe_for("linear", family, base=False), tmp_path / "some_file" / "deeper" / "out", progress=False)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"workers": -1}, "workers must be a whole number of at least 1, got -1"),
+    ({"workers": 0}, "workers must be a whole number of at least 1, got 0"),
+    ({"shard_size": "9" * 400}, "shard size: size '9999.*' is too large"),
+    ({"shard_size": "0"}, "shard size: size '0' is not positive"),
+])
+def test_bad_options_are_refused(family, tmp_path, options, message):
+    from mergegate import MergegateError
+
+    with pytest.raises(MergegateError, match=message):
+        merge(recipe_for("linear", family, base=False), tmp_path / "out", progress=False, **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parameters_that_overflow_are_refused_not_written_as_inf(family, tmp_path):
+    from mergegate import MergegateError
+
+    recipe = recipe_for("linear", family, base=False, weights=[3e38, 3e38, 3e38], normalize=False)
+    with pytest.raises(MergegateError, match=r"tensor '.*': the merge gives NaN or infinite values from finite inputs"):
+        merge(recipe, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []

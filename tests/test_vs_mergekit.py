@@ -197,6 +197,25 @@ CASES = [
         {"sources": [layer_slice(f, "ft1", 2, 4, {"weight": 0.5}),
                      layer_slice(f, "ft3", 2, 4, {"weight": [0.0, 1.0]})]},
     ]}, atol=0.0),
+    # a source's filters match its own tensor names: `layers.1.` is ft2's layer 1, placed at output layer 2, and
+    # `layers.3.` names no ft2 layer of [1, 3) (only the output's layer 3)
+    Case("slices-filter-source-names", lambda f: {"merge_method": "passthrough", "slices": [
+        {"sources": [layer_slice(f, "ft1", 0, 2)]},
+        {"sources": [layer_slice(f, "ft2", 1, 3, {"scale": [{"filter": "layers.1.", "value": 0.0},
+                                                            {"filter": "layers.3.", "value": 0.5}, {"value": 1.0}]})]},
+    ]}, atol=0.0),
+    Case("slices-linear-filter-source-names", lambda f: {"merge_method": "linear", "slices": [
+        {"sources": [layer_slice(f, "ft1", 0, 2, {"weight": [{"filter": "layers.1.", "value": 0.0}, {"value": 1.0}]}),
+                     layer_slice(f, "ft3", 2, 4, {"weight": [{"filter": "layers.2.", "value": 0.0},
+                                                             {"value": 1.0}]})]},
+    ]}, atol=0.0),
+    # --- base_model not listed under models: mergekit makes it an input of every method, linear and karcher too
+    Case("linear-unlisted-base", lambda f: recipe("linear", f, ("ft1", W(1.0)), ("ft2", W(2.0)),
+                                                  parameters={"weight": 0.5}), atol=0.0),
+    Case("linear-unlisted-base-filtered-weight", lambda f: recipe(
+        "linear", f, ("ft1", W(1.0)), ("ft2", W(2.0)), parameters={"weight": ATTN_THEN_REST(0.0, 3.0)}), atol=0.0),
+    Case("karcher-unlisted-base", lambda f: recipe("karcher", f, "ft1", "ft2"), atol=1e-6,
+         why="iterated float32 norms: the last bits follow the reduction order, which follows the thread count"),
     # --- dtypes. f32 inputs rounded to bf16 on load: linear computes in float32 in both, so exact.
     Case("linear-dtype-bf16", lambda f: recipe("linear", f, ("ft1", W(1.0)), ("ft2", W(2.0)), ("ft3", W(0.5)),
                                                base=False, dtype="bfloat16"), atol=0.0),
@@ -387,3 +406,24 @@ def test_random_ties_methods_move_the_same_share_by_the_same_amount(f32_family, 
     for tool, share in shares.items():
         assert abs(share - expected) < FRACTION_TOL, f"{tool}: {share:.4f} of entries moved, expected {expected}"
     assert abs(shifts["mergegate"] / shifts["mergekit"] - 1) < 0.02, f"mean |out - base|: {shifts}"
+
+
+def test_unlisted_base_without_a_weight_is_refused_by_both(f32_family, tmp_path):
+    """linear with base_model set but not listed: the base is an input, and it has no weight. mergekit fails
+    planning the first tensor; mergegate refuses the recipe, naming the base and the parameter."""
+    recipe_dict = recipe("linear", f32_family, ("ft1", W(1.0)), ("ft2", W(2.0)))
+    with pytest.raises(RuntimeError, match="Missing required parameter weight"):
+        run_mergekit(recipe_dict, tmp_path / "mergekit")
+    with pytest.raises(mergegate.RecipeError, match=r"models: base_model '.*base' is not listed, so it is merged as "
+                                                    r"one more input \(as mergekit does\) and needs parameter 'weight'"):
+        mergegate.merge(recipe_dict, tmp_path / "mergegate", progress=False)
+    assert not (tmp_path / "mergegate").exists()
+
+
+def test_unlisted_base_of_passthrough_is_refused_by_both(f32_family, tmp_path):
+    recipe_dict = recipe("passthrough", f32_family, "ft1")
+    with pytest.raises(ValueError, match="requires exactly 1 inputs .*got 2"):
+        run_mergekit(recipe_dict, tmp_path / "mergekit")
+    with pytest.raises(mergegate.RecipeError, match=r"passthrough takes exactly 1 models, got 2: .*base_model '.*base' "
+                                                    r"is one of them"):
+        mergegate.merge(recipe_dict, tmp_path / "mergegate", progress=False)

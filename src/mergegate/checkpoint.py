@@ -15,8 +15,10 @@ import os
 import threading
 import re
 import shutil
+import stat
 import struct
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
@@ -36,6 +38,7 @@ TOKENIZER_FILES = (
     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_COUNT = (1 << 63) - 1  # dimensions and offsets are 64-bit in every reader
 
 
 @dataclass(frozen=True)
@@ -55,40 +58,110 @@ class TensorRef:
 
 
 def read_safetensors_header(path: Path) -> list[TensorRef]:
-    """Parse and validate a safetensors header; every problem names the file and tensor."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > _MAX_HEADER or 8 + header_len > size:
-            raise CheckpointError(f"{path}: corrupt safetensors header (declares {header_len} header bytes, file has {size})")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    """Parse and validate a safetensors header; every problem names the file and tensor.
+
+    Refuses what the `safetensors` library refuses: a header that is not a JSON object of objects, an entry
+    without a known dtype, a shape of non-negative integers or two non-negative integer offsets, a byte
+    length that disagrees with dtype × shape, and byte ranges that overlap, leave gaps or end anywhere but
+    at the end of the file. Any such file raises CheckpointError, never another exception.
+    """
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path}: not a regular file")
+        size = info.st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header (declares {header_len} header bytes, file has {size})")
+            text = fh.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not text.startswith(b"{"):
+        raise CheckpointError(f"{path}: safetensors header must be a JSON object starting with '{{', got "
+                              f"{text[:16]!r}")
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({reason})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header must be a JSON object, got {_json_kind(header)}")
     data_start = 8 + header_len
+    data_size = size - data_start
     refs = []
-    for name, info in header.items():
+    for name, entry in header.items():
         if name == "__metadata__":
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise CheckpointError(f"{path}: safetensors __metadata__ must be an object of strings")
             continue
-        code = info.get("dtype")
-        if code not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {code!r}")
-        dtype = SAFETENSORS_DTYPES[code]
-        shape = tuple(int(d) for d in info.get("shape", []))
-        begin, end = (int(x) for x in info.get("data_offsets", (0, -1)))
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0 or data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' ({code} {list(shape)}) has byte range [{begin}, {end}) that does not fit "
-                f"its shape or the file ({size - data_start} data bytes): the file is truncated or corrupt"
-            )
-        refs.append(TensorRef(name, path, dtype, shape, data_start + begin, data_start + end))
+        refs.append(_header_entry(path, name, entry, data_start, data_size))
+    end = 0  # the tensors' byte ranges must tile the data exactly, in offset order (as safetensors checks)
+    for ref in sorted(refs, key=lambda r: (r.start, r.stop)):
+        if ref.start != data_start + end:
+            what = "overlaps the tensor before it" if ref.start < data_start + end else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor '{ref.name}' byte range [{ref.start - data_start}, "
+                                  f"{ref.stop - data_start}) {what} (ends at {end}): the file is corrupt")
+        end = ref.stop - data_start
+    if end != data_size:
+        raise CheckpointError(f"{path}: the tensors cover {end} of {data_size} data bytes: the file is truncated "
+                              f"or corrupt")
     return refs
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    found: dict = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"key {key!r} appears twice")
+        found[key] = value
+    return found
+
+
+def _json_kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorRef:
+    """One tensor's header entry, checked: dtype, shape, offsets and their agreement with the file."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor '{name}' header entry must be an object, got {_json_kind(entry)}")
+    code = entry.get("dtype")
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {code!r}")
+    dtype = SAFETENSORS_DTYPES[code]
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) and d <= _MAX_COUNT for d in shape):
+        raise CheckpointError(f"{path}: tensor '{name}' has shape {_short(shape)}: expected a list of "
+                              f"non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        raise CheckpointError(f"{path}: tensor '{name}' has data_offsets {_short(offsets)}: expected two "
+                              f"non-negative integers")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end < begin or end - begin != numel * dtype.itemsize or end > data_size:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' ({code} {list(shape)}) has byte range [{begin}, {end}) that does not fit "
+            f"its shape or the file ({data_size} data bytes): the file is truncated or corrupt"
+        )
+    return TensorRef(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 class Checkpoint:
@@ -103,10 +176,8 @@ class Checkpoint:
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"model '{path}': no config.json, so this is not a Hugging Face model folder")
-        try:
-            self.config: dict = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+        self.config: dict = read_json_object(contained_file(config_path, self.path))
+        _check_config_fields(config_path, self.config)
         self.weight_files = sorted(self.path.glob("*.safetensors"))
         self._maps: dict[Path, mmap.mmap] = {}
         self._maps_lock = threading.Lock()
@@ -121,10 +192,13 @@ class Checkpoint:
     def _index_safetensors(self) -> None:
         index_path = self.path / "model.safetensors.index.json"
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index_path}: not a valid index ({exc})") from None
+            weight_map = read_json_object(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index_path}: not a valid index ('weight_map' must map tensor names to "
+                                      f"file names)")
+            for file in set(weight_map.values()):
+                if not file or Path(file).name != file or file in (".", ".."):
+                    raise CheckpointError(f"{index_path}: shard {file!r} is not a file name inside the model folder")
             listed = sorted({self.path / f for f in weight_map.values()})
             missing = [p.name for p in listed if not p.is_file()]
             if missing:
@@ -153,6 +227,9 @@ class Checkpoint:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for unsafe or corrupt pickles
                 raise CheckpointError(f"{file}: cannot load with weights_only=True ({exc})") from None
+            if not isinstance(state, dict) or not all(isinstance(n, str) and isinstance(t, torch.Tensor)
+                                                      for n, t in state.items()):
+                raise CheckpointError(f"{file}: not a state dict (a mapping of tensor names to tensors)")
             for name, tensor in state.items():
                 self._pickled[name] = tensor
                 nbytes = tensor.numel() * tensor.element_size()
@@ -205,7 +282,7 @@ class Checkpoint:
     # -- metadata ------------------------------------------------------------------------------
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or ["?"]
+        archs = self.config.get("architectures") or ["?"]  # a list of strings: checked on opening
         return f"{self.config.get('model_type', '?')}/{','.join(archs)}"
 
     def num_layers(self) -> int | None:
@@ -215,7 +292,22 @@ class Checkpoint:
         return None
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+        """The tokenizer files present, each checked to be a regular file inside the folder (see
+        `contained_file`): they are copied into merged models."""
+        return [contained_file(self.path / name, self.path) for name in TOKENIZER_FILES
+                if os.path.lexists(self.path / name)]
+
+    def check_side_files(self) -> None:
+        """Refuse any file of the folder other than the weights that is a link leaving it or not a regular
+        file: a tokenizer loaded from the folder may read (and a merged model then carry) any of them."""
+        for entry in sorted(self.path.iterdir()):
+            if entry.suffix == ".safetensors" or entry.suffix in PICKLE_SUFFIXES or entry.name.startswith("."):
+                continue  # weights are read, never copied (a link to a big disk is fine); hidden files never read
+            if entry.is_dir() and not entry.is_symlink():
+                for inner in sorted(entry.iterdir()):  # e.g. additional_chat_templates/
+                    contained_file(inner, self.path, allow_folders=True)
+                continue
+            contained_file(entry, self.path, allow_folders=True)
 
     def vocabulary(self) -> dict[str, int] | None:
         """Token string → id, from tokenizer.json (with added tokens); None when the folder has none."""
@@ -233,7 +325,7 @@ class Checkpoint:
         """Every file whose content defines the model: weights, index, config, tokenizer."""
         names = {p.name for p in self.weight_files} | {"config.json", "generation_config.json",
                                                        "model.safetensors.index.json"}
-        names |= {p.name for p in self.tokenizer_files()}
+        names |= set(TOKENIZER_FILES)  # hashed where present; `tokenizer_files` checks the ones that are copied
         return sorted(self.path / n for n in names if (self.path / n).is_file())
 
 
@@ -257,15 +349,30 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+MAX_SHARD_SIZE = 1 << 50  # 1 PiB: beyond any disk; larger values are typos (or 400-digit numbers)
+
+
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '1.5G', or a byte count."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", str(text).upper())
-    if not match:
+    """'5GB', '500MB', '1.5G', or a byte count: a whole number of bytes from 1 to MAX_SHARD_SIZE, else
+    ValueError."""
+    if isinstance(text, bool):
         raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB)")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2)]
-    return int(float(match.group(1)) * scale)
+    if isinstance(text, int):
+        value = text
+    else:
+        shown = str(text) if len(str(text)) <= 40 else str(text)[:37] + "..."
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)i?B?\s*", str(text).upper())
+        if not match:
+            raise ValueError(f"not a size: {shown!r} (use e.g. 5GB, 500MB)")
+        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2)]
+        if len(match.group(1)) > 30:
+            raise ValueError(f"size {shown!r} is too large (at most {MAX_SHARD_SIZE} bytes)")
+        value = int(Fraction(match.group(1)) * scale)  # exact: no float overflow or rounding
+    if value < 1:
+        raise ValueError(f"size {text!r} is not positive")
+    if value > MAX_SHARD_SIZE:
+        raise ValueError(f"size {str(text)[:40]!r} is too large (at most {MAX_SHARD_SIZE} bytes)")
+    return value
 
 
 class ShardedWriter:
@@ -288,11 +395,12 @@ class ShardedWriter:
         ]
         self.files = [folder / n for n in names]
         self._slots: dict[str, tuple[int, int, int]] = {}  # name -> (file index, offset, nbytes)
-        self._fds = []
-        self._weight_map = {}
+        self._fds: list[int] = []
+        self._weight_map: dict[str, str] = {}
         self.total_bytes = sum(t.nbytes for t in ordered)
         for index, (file, shard) in enumerate(zip(self.files, shards)):
-            header, offset = {}, 0
+            header: dict[str, dict] = {}
+            offset = 0
             for tensor in shard:
                 header[tensor.name] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
                                        "data_offsets": [offset, offset + tensor.nbytes]}
@@ -301,10 +409,14 @@ class ShardedWriter:
             encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
             data_start = 8 + len(encoded)
-            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(fd, struct.pack("<Q", len(encoded)) + encoded, 0)
-            os.ftruncate(fd, data_start + offset)
-            self._fds.append(fd)
+            try:
+                fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, struct.pack("<Q", len(encoded)) + encoded, 0)
+                os.ftruncate(fd, data_start + offset)
+            except OSError as exc:
+                self.abort()
+                raise CheckpointError(f"{file}: cannot be written ({exc.strerror or exc})") from None
             for tensor in shard:
                 begin = header[tensor.name]["data_offsets"][0]
                 self._slots[tensor.name] = (index, data_start + begin, tensor.nbytes)
@@ -316,9 +428,11 @@ class ShardedWriter:
         """Write a whole tensor, or rows [start, stop) of it (of `total_rows`); rows may come in any order."""
         index, offset, nbytes = self._slots[name]
         if rows is not None:
+            if total_rows is None:
+                raise ValueError(f"tensor '{name}': rows given without total_rows")
             row_bytes = nbytes // total_rows
             offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        data = memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+        data = memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
         if len(data) != nbytes:
             raise ValueError(f"tensor '{name}' has {len(data)} bytes, its slot {nbytes}")
         done = 0
@@ -399,10 +513,68 @@ class HashCache:
             pass  # a cache that cannot be written only costs time
 
 
+def read_json_object(path: Path) -> dict:
+    """A UTF-8 JSON file holding an object; CheckpointError naming the file otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise CheckpointError(f"{path}: not valid JSON ({reason})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {_json_kind(value)}")
+    return value
+
+
+def _check_config_fields(path: Path, config: dict) -> None:
+    """The config fields mergegate reads must have their types: a list of strings, a string, integers."""
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"{path}: 'architectures' must be a list of strings, got {_short(archs)}")
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        raise CheckpointError(f"{path}: 'model_type' must be a string, got {_short(config['model_type'])}")
+    for key in ("vocab_size", "num_hidden_layers"):
+        value = config.get(key)
+        if value is not None and not _is_count(value):
+            raise CheckpointError(f"{path}: '{key}' must be a non-negative integer, got {_short(value)}")
+    if config.get("layer_types") is not None and not isinstance(config["layer_types"], list):
+        raise CheckpointError(f"{path}: 'layer_types' must be a list, got {_short(config['layer_types'])}")
+
+
+def contained_file(path: Path, folder: Path, *, allow_folders: bool = False) -> Path:
+    """`path`, checked to be a regular file whose real location is inside `folder` — what may be copied from a
+    model folder into an output. A link that leaves the folder (to /etc/passwd, say) or anything that is not a
+    regular file (a FIFO, a device) raises CheckpointError naming the file and where it points.
+
+    One layout is allowed out: the Hugging Face cache's, where `<repo>/snapshots/<rev>/<file>` links to
+    `<repo>/blobs/<hash>` of the same repository. `allow_folders` passes real sub-folders inside `folder`.
+    """
+    folder_real = Path(os.path.realpath(folder))
+    target = Path(os.path.realpath(path))
+    roots = [folder_real]
+    if folder_real.parent.name == "snapshots":
+        roots.append(folder_real.parent.parent / "blobs")
+    if not any(target == root or target.is_relative_to(root) for root in roots):
+        raise CheckpointError(f"{path}: links to {target}, outside the model folder {folder}; refusing to copy it "
+                              "into a merged model (copy the file into the folder if it belongs there)")
+    if target.is_dir() and allow_folders:
+        return path
+    if not target.is_file():
+        what = "a broken link" if not target.exists() else "not a regular file"
+        raise CheckpointError(f"{path}: {what} (points to {target}); only regular files are copied into a merged "
+                              "model")
+    return path
+
+
 def copy_model_files(source: Checkpoint, tokenizer_source: Checkpoint | None, folder: Path, out_dtype: torch.dtype,
                      config_updates: dict | None = None) -> None:
     """Copy config (with `config_updates` applied) and generation config from the base, tokenizer files from the
-    tokenizer source."""
+    tokenizer source. Only regular files inside each model folder are copied (see `contained_file`)."""
     config = {**source.config, **(config_updates or {})}
     dtype_name = str(out_dtype).removeprefix("torch.")
     for key in ("torch_dtype", "dtype"):
@@ -412,7 +584,7 @@ def copy_model_files(source: Checkpoint, tokenizer_source: Checkpoint | None, fo
         config["torch_dtype"] = dtype_name
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = source.path / "generation_config.json"
-    if generation.is_file():
-        shutil.copyfile(generation, folder / generation.name)
+    if os.path.lexists(generation):
+        shutil.copyfile(contained_file(generation, source.path), folder / generation.name)
     for file in tokenizer_source.tokenizer_files() if tokenizer_source else ():
         shutil.copyfile(file, folder / file.name)

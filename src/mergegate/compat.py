@@ -90,7 +90,7 @@ def _check_tokenizers(ref_name: str, ref: Checkpoint, others: dict[str, Checkpoi
         vocab = ck.vocabulary()
         if ref_vocab is None and vocab is None:
             continue
-        if (ref_vocab is None) != (vocab is None):
+        if ref_vocab is None or vocab is None:
             has, lacks = (ref_name, name) if vocab is None else (name, ref_name)
             raise IncompatibleModels(f"'{has}' has a tokenizer.json and '{lacks}' has none: cannot check they match")
         if vocabulary_hash(ref_vocab) == vocabulary_hash(vocab):

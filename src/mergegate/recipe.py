@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .errors import RecipeError
 from .methods import MergeMethod, ParamSpec, get_method
 
 Scalar = Union[bool, int, float, str]
+MAX_PAD_TO_MULTIPLE_OF = 1 << 16  # padding rows are copies of the mean embedding; more than this is a typo
+_MAX_NODES = 100_000  # YAML aliases can make a small file a huge tree (billion laughs): refuse, don't expand
 
 
 class Conditional(BaseModel):
@@ -65,7 +67,7 @@ class ModelToken(BaseModel):
     kind: Literal["model_token"]
     model: str
     token: str | None = None
-    token_id: int | None = None
+    token_id: int | None = Field(default=None, ge=0)
 
 
 class ZeroRow(BaseModel):
@@ -85,7 +87,7 @@ class TokenizerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str = "union"  # "union" | "base" | a model reference
     tokens: dict[str, TokenSetting] | None = None
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, le=MAX_PAD_TO_MULTIPLE_OF)
 
 
 class Calibration(BaseModel):
@@ -93,9 +95,9 @@ class Calibration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     path: str  # JSONL rows with a "text" field (or "prompt" + "reference"), relative to the recipe like models
-    max_rows: int = 64
-    max_length: int = 128
-    batch_size: int = 8
+    max_rows: int = Field(default=64, ge=1, le=1 << 31)
+    max_length: int = Field(default=128, ge=1, le=1 << 31)
+    batch_size: int = Field(default=8, ge=1, le=1 << 31)
 
 
 class Recipe(BaseModel):
@@ -143,27 +145,28 @@ class Recipe(BaseModel):
 
 
 def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
-    """Parse and validate a recipe from a YAML file, a YAML string, or a dict."""
+    """Parse and validate a recipe from a YAML file, a YAML string, or a dict.
+
+    Anything wrong — a file that is not UTF-8, YAML that does not parse or uses python/unsafe tags, a
+    document that is not a mapping, a bad key or value — raises RecipeError naming the file and field.
+    """
     if isinstance(source, Recipe):
         return source
     folder = None
     where = "recipe"
     if isinstance(source, dict):
         data = source
-    else:
+    elif isinstance(source, (str, Path)):
         text = str(source)
-        path = Path(text) if isinstance(source, Path) or "\n" not in text else None
-        if path is not None and (path.suffix in {".yaml", ".yml"} or path.exists()):
-            if not path.is_file():
-                raise RecipeError(f"recipe {path}: no such file")
-            text = path.read_text()
-            folder, where = path.resolve().parent, str(path)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{where}: not valid YAML: {exc}") from None
+        path = _recipe_path(source)
+        if path is not None:
+            text, folder, where = _read_recipe_file(path), path.resolve().parent, str(path)
+        data = _parse_yaml(text, where)
+    else:
+        raise RecipeError(f"recipe: expected a YAML file, YAML text or a mapping, got {type(source).__name__}")
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping of recipe keys, got {type(data).__name__}")
+    _check_size(data, where)
     data = dict(data)
     for key in ("dtype", "out_dtype"):
         if isinstance(data.get(key), str):
@@ -177,13 +180,79 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
     return recipe
 
 
+def _recipe_path(source: str | Path) -> Path | None:
+    """The file `source` names, or None when it is YAML text: a Path, or a one-line string naming a
+    .yaml/.yml file or an existing path, is a file."""
+    text = str(source)
+    if "\x00" in text:
+        if isinstance(source, Path):
+            raise RecipeError(f"recipe {text!r}: a file name cannot contain a NUL character")
+        return None  # not a usable path: YAML text (where a NUL is refused by the parser)
+    if isinstance(source, Path):
+        return source
+    if "\n" in text:
+        return None
+    path = Path(text)
+    try:
+        is_path = path.suffix in {".yaml", ".yml"} or path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, ...
+        is_path = False
+    return path if is_path else None
+
+
+def _read_recipe_file(path: Path) -> str:
+    try:
+        if not path.is_file():
+            raise RecipeError(f"recipe {path}: no such file")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"recipe {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = " ".join(str(exc.problem or exc.context or "").split())
+        raise RecipeError(f"{where}: not valid YAML: {reason}{at}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: not valid YAML: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp that is not a date: 2024-02-30
+        raise RecipeError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Refuse documents whose aliases expand to more than _MAX_NODES values (counted without expanding)."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > _MAX_NODES:
+            raise RecipeError(f"{where}: the recipe expands to more than {_MAX_NODES} values (YAML aliases?)")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "union[")))
         if err["type"] == "extra_forbidden":
-            owner = {"models": ModelEntry, "parameters": Conditional, "calibration": Calibration,
-                     "slices": OutputSlice, "tokenizer": TokenizerSection}.get(str(err["loc"][0]), Recipe)
+            owners: dict[str, type[BaseModel]] = {"models": ModelEntry, "parameters": Conditional,
+                                                  "calibration": Calibration, "slices": OutputSlice,
+                                                  "tokenizer": TokenizerSection}
+            owner = owners.get(str(err["loc"][0]), Recipe)
             allowed = ", ".join(owner.model_fields)
             lines.append(f"unknown key '{loc}' (allowed: {allowed})")
         elif err["type"] == "literal_error":
@@ -198,6 +267,12 @@ def _check(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: 'modules' (multi-module merges) is not supported by this version of mergegate")
     if bool(recipe.models) == bool(recipe.slices):
         raise RecipeError(f"{where}: give exactly one of 'models' (a list of models) or 'slices' (layer ranges)")
+    paths = [("model", ref) for ref in recipe.model_refs()]
+    paths += [("calibration", entry.calibration) for entry in recipe.models or [] if entry.calibration]
+    paths += [("calibration.path", recipe.calibration.path)] if recipe.calibration else []
+    for field, path in paths:
+        if not path.strip() or "\x00" in path:
+            raise RecipeError(f"{where}: {field} {path!r} is not a usable path (empty, or holds a NUL character)")
     if recipe.tokenizer_source and recipe.tokenizer:
         raise RecipeError(f"{where}: give 'tokenizer_source' or a 'tokenizer' section, not both")
     for key, value in (("tokenizer_source", recipe.tokenizer_source),
@@ -206,8 +281,9 @@ def _check(recipe: Recipe, where: str) -> None:
             raise RecipeError(
                 f"{where}: {key} must be 'base', 'union' or one of the recipe's models, got {value!r}"
             )
-    for token, setting in ((recipe.tokenizer.tokens or {}) if recipe.tokenizer else {}).items():
-        if isinstance(setting.source, ModelToken) and (setting.source.token is None) == (setting.source.token_id is None):
+    for token, token_setting in ((recipe.tokenizer.tokens or {}) if recipe.tokenizer else {}).items():
+        row_source = token_setting.source
+        if isinstance(row_source, ModelToken) and (row_source.token is None) == (row_source.token_id is None):
             raise RecipeError(f"{where}: tokenizer.tokens[{token!r}].source: give exactly one of token or token_id")
     method = recipe.method
     own_calibration = any(entry.calibration for entry in recipe.models or [])
@@ -238,22 +314,48 @@ def _check(recipe: Recipe, where: str) -> None:
             base = piece.base_model or recipe.base_model
             _check_counts(method, [s.model for s in piece.sources], base, here)
         return
-    _check_counts(method, [e.model for e in recipe.models], recipe.base_model, where)
-    for i, entry in enumerate(recipe.models):
+    listed = [e.model for e in recipe.models or []]
+    for i, ref in enumerate(listed):
+        if ref in listed[:i]:
+            raise RecipeError(f"{where}: models[{i}]: '{ref}' is listed twice (mergekit refuses duplicate inputs)")
+    _check_counts(method, listed, recipe.base_model, where, base_joins=True)
+    if method.base == "ignored" and recipe.base_model and recipe.base_model not in listed:
+        for spec in method.per_model_params:
+            if spec.required and spec.name not in (recipe.parameters or {}):
+                raise RecipeError(
+                    f"{where}: models: base_model '{recipe.base_model}' is not listed, so it is merged as one more "
+                    f"input (as mergekit does) and needs parameter '{spec.name}': list it under models with a "
+                    f"{spec.name} (0 leaves it out), set parameters.{spec.name}, or drop base_model")
+    for i, entry in enumerate(recipe.models or []):
         for key, setting in (entry.parameters or {}).items():
             _check_setting(per_model, key, setting, f"{where}: models[{i}].parameters.{key}", method)
 
 
-def _check_counts(method: MergeMethod, models: list[str], base: str | None, where: str) -> None:
+def _check_counts(method: MergeMethod, models: list[str], base: str | None, where: str,
+                  base_joins: bool = False) -> None:
+    """`base_joins`: a `models:` recipe, where mergekit makes base_model an input of every method when the
+    list lacks it (for the methods that ignore a base, an input like the others; see `input_models`)."""
     if method.base == "required" and not base:
         raise RecipeError(f"{where}: merge_method {method.name} needs base_model")
-    others = models if method.base == "ignored" else [m for m in dict.fromkeys(models) if m != base]
+    if method.base == "ignored":
+        others = input_models(models, base) if base_joins else list(models)
+    else:
+        others = [m for m in dict.fromkeys(models) if m != base]
     if len(others) < method.min_models or (method.max_models is not None and len(others) > method.max_models):
         wanted = f"exactly {method.min_models}" if method.min_models == method.max_models else (
             f"at least {method.min_models}" if method.max_models is None else
             f"{method.min_models} to {method.max_models}")
         role = "models" if method.base == "ignored" else "models besides base_model"
-        raise RecipeError(f"{where}: {method.name} takes {wanted} {role}, got {len(others)}: {others}")
+        added = (f" (base_model '{base}' is one of them: mergekit adds it to the inputs when 'models' does not "
+                 f"list it)") if method.base == "ignored" and base_joins and base and base not in models else ""
+        raise RecipeError(f"{where}: {method.name} takes {wanted} {role}, got {len(others)}: {others}{added}")
+
+
+def input_models(models: list[str], base: str | None) -> list[str]:
+    """The inputs of a `models:` recipe as mergekit 0.1.5 builds them: the listed models in order, then
+    base_model when it is set and not listed — for every method, including those that ignore a base
+    (linear, karcher, passthrough, ...), where it is then merged like any other input."""
+    return list(models) + ([base] if base and base not in models else [])
 
 
 def _check_setting(known: dict[str, ParamSpec], key: str, setting: Setting, where: str, method: MergeMethod):
@@ -283,8 +385,9 @@ def evaluate(setting: Setting, spec: ParamSpec, tensor_name: str, t: float, wher
         return spec.coerce(setting, where)
     if not setting:
         return None
-    if all(isinstance(item, Conditional) for item in setting):
-        for cond in setting:
+    conditions = [item for item in setting if isinstance(item, Conditional)]
+    if len(conditions) == len(setting):
+        for cond in conditions:
             if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
                 return evaluate(cond.value, spec, tensor_name, t, where)
         return None

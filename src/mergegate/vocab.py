@@ -220,6 +220,9 @@ def _check_related(anchor: str, anchor_vocab: dict[str, int], ref: str, vocab: d
 def _load_tokenizer(checkpoint: Checkpoint, ref: str):
     from transformers import AutoTokenizer
 
+    # the tokenizer may read any file of the folder, and what it read is saved with the merged model: refuse
+    # links that leave the folder (a chat_template.jinja pointing at /etc/passwd) before loading it
+    checkpoint.check_side_files()
     try:
         return AutoTokenizer.from_pretrained(checkpoint.path, use_fast=True)
     except Exception as exc:  # transformers raises many kinds for unreadable tokenizer folders
@@ -236,7 +239,8 @@ def _union(anchor: str, tokenizers: dict, checkpoints: dict[str, Checkpoint]):
         tokenizers[anchor].save_pretrained(scratch)
         union = AutoTokenizer.from_pretrained(scratch, use_fast=True)
     known = set(union.get_vocab())
-    plain, added = [], {}
+    plain: list[str] = []
+    added: dict[str, Any] = {}
     for ref in [anchor] + [r for r in tokenizers if r != anchor]:
         tokenizer = tokenizers[ref]
         limit = int(checkpoints[ref].config.get("vocab_size") or len(tokenizer))
@@ -268,7 +272,8 @@ def select_chat_template(choice: str, tokenizers: dict) -> str:
     if "{" not in choice and "\n" not in choice and len(choice) < 256:
         if bundled.is_file():
             return bundled.read_text()
-        names = sorted(p.name.removesuffix(".jinja") for p in bundled.parent.iterdir() if p.name.endswith(".jinja"))
+        folder = importlib.resources.files("mergegate") / "chat_templates"
+        names = sorted(p.name.removesuffix(".jinja") for p in folder.iterdir() if p.name.endswith(".jinja"))
         raise RecipeError(f"chat_template: unknown template {choice!r}; bundled: {', '.join(names)}, or 'auto', "
                           f"or a Jinja template string")
     return choice

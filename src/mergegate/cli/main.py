@@ -48,16 +48,24 @@ def merge_command(
     from .. import MergegateError, merge
     from ..checkpoint import parse_size
 
+    def one_line(error: Exception) -> str:  # the CLI's contract: one line on stderr, never a traceback
+        return " ".join(str(error).split()) or type(error).__name__
+
     try:
         parse_size(shard_size)
     except ValueError as exc:
-        _refuse(exc)
+        _refuse(MergegateError(f"--shard-size: {one_line(exc)}"))
+    if workers is not None and workers < 1:
+        _refuse(MergegateError(f"--workers must be at least 1, got {workers}"))
     _keep_freed_memory()
     try:
         result = merge(recipe, out_dir, shard_size=shard_size, allow_pickle=allow_pickle, seed=seed,
                        workers=workers, overwrite=overwrite, progress=False if quiet else None)
     except MergegateError as exc:
-        _refuse(exc)
+        _refuse(MergegateError(one_line(exc)))
+    except OSError as exc:  # the machine, not the input: a full disk, an unreadable folder
+        where = f"{exc.filename}: " if isinstance(exc.filename, str) else ""
+        _refuse(MergegateError(f"{where}{exc.strerror or one_line(exc)}"))
     typer.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir} "
                f"in {result.seconds:.1f} s")
 
@@ -88,11 +96,14 @@ def evaluate_command(
     """Evaluate models on the same suite rows; print the mean score per cohort."""
     from .. import MergegateError
     from ..evaluate import evaluate_models, load_suite
+    from ..evaluate.runner import check_inputs
     from ..registry import Registry
 
     try:
+        specs = _model_specs(models, "source")
+        check_inputs(specs, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the registry is touched
         loaded = load_suite(suite)
-        runs = evaluate_models(_model_specs(models, "source"), loaded, Registry(registry), batch_size=batch_size,
+        runs = evaluate_models(specs, loaded, Registry(registry), batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
     except MergegateError as exc:
         _refuse(exc)
@@ -106,7 +117,7 @@ def evaluate_command(
     for name, run in runs.items():
         by_cohort = {c: [r.score for r in run.results if r.cohort == c] for c in loaded.cohorts}
         table.add_row(name + (" (cached)" if run.cached else ""),
-                      *(f"{sum(v) / len(v):.3f}" for v in by_cohort.values()))
+                      *(f"{sum(v) / len(v):.3f}" if v else "-" for v in by_cohort.values()))
     Console().print(table)
 
 
@@ -123,15 +134,19 @@ def gate_command(
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
     from ..evaluate import evaluate_models, load_suite
+    from ..evaluate.runner import check_inputs
     from ..gate import decide, load_policy
     from ..registry import Registry
     from ..report import rollout_plan, write_reports
     from ..rollout import PlanModel
 
     try:
-        loaded, rules, store = load_suite(suite), load_policy(policy), Registry(registry)
+        loaded, rules = load_suite(suite), load_policy(policy)
+        rules.check_cohorts(loaded.cohorts)
         specs = _model_specs([candidate], "candidate") + _model_specs([base], "base") + _model_specs(source, "source")
-        runs = evaluate_models(specs, loaded, store)
+        check_inputs(specs, batch_size=32, max_new_tokens=64)
+        store = Registry(registry)
+        runs = evaluate_models(specs, loaded, store, batch_size=32, max_new_tokens=64)
         result = decide({n: r.results for n, r in runs.items()}, candidate=specs[0].name, base=specs[1].name,
                         sources=[s.name for s in specs[2:]], policy=rules)
         store.add_decisions(runs[specs[0].name].model_hash, loaded.sha256, result.policy_sha256, result.decisions)

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import Checkpoint, HashCache, OutputTensor, cache_folder, natural_key
+from ..checkpoint import Checkpoint, HashCache, OutputTensor, cache_folder, contained_file, natural_key
 from ..compat import check_compatible
 from ..errors import CheckpointError, IncompatibleModels, RecipeError
 from ..methods import MergeMethod, ParamSpec
 from ..methods._registry import CHUNK_ELEMENTS as DEFAULT_CHUNK, row_spans
-from ..recipe import Recipe, evaluate, load_recipe
+from ..recipe import Recipe, evaluate, input_models, load_recipe
 from ..vocab import VocabularyPlan, plan_vocabulary, tensor_has_vocabulary
 
 CHUNK_ELEMENTS = DEFAULT_CHUNK  # elementwise methods work on row chunks of about this many elements
@@ -147,14 +147,16 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
         base = (first.base_model or recipe.base_model) if method.base != "ignored" else None
         others = [s.model for s in first.sources if s.model != base]
         reference = base or first.sources[0].model
-    elif method.base == "ignored":
-        base, others = None, [entry.model for entry in recipe.models]
+    elif method.base == "ignored":  # base_model, when set, is an input like the others (as in mergekit)
+        base, others = None, input_models([entry.model for entry in recipe.models or []], recipe.base_model)
         reference = recipe.base_model or others[0]
         checkpoints = {ref: ck for ref, ck in checkpoints.items() if ref in others or ref == reference}
     else:  # base required, or optional and perhaps absent (nuslerp, multislerp)
         base = recipe.base_model
-        others = [entry.model for entry in recipe.models if entry.model != base]
+        others = [entry.model for entry in recipe.models or [] if entry.model != base]
         reference = base or others[0]
+    chosen = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    _check_copied_files(checkpoints[reference], checkpoints[reference if chosen in (None, "base", "union") else chosen])
     vocabulary = plan_vocabulary(recipe, checkpoints, base, reference)
     check_compatible(checkpoints, reference, check_lineage=check_lineage, same_depth=not recipe.slices,
                      same_vocabulary=vocabulary is None or vocabulary.identity)
@@ -166,9 +168,10 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
     plan = MergePlan(recipe, method, checkpoints, base, others, reference, tokenizer_source,
                      compute_dtype, load_dtype, _DTYPES[recipe.out_dtype or recipe.dtype or "float32"], seed,
                      vocabulary=vocabulary)
-    realign = vocabulary is not None and not vocabulary.identity
+    rows = vocabulary.rows if vocabulary is not None and not vocabulary.identity else None
+    realign = rows is not None
     if realign:
-        plan.config_updates["vocab_size"] = vocabulary.rows
+        plan.config_updates["vocab_size"] = rows
     explicit_out = recipe.out_dtype or recipe.dtype
     layout = _slice_layout(recipe, plan) if recipe.slices else _model_layout(recipe, plan)
     for name, base_source, inputs, scopes, t in layout:
@@ -177,12 +180,15 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
         by_token = realign and tensor_has_vocabulary(plan.checkpoints[first.model], first.tensor)
         for source in ([base_source] if base_source else []) + list(inputs):
             _check_source(plan, source, name, tensor_ref.shape, by_token)
-        shape = (vocabulary.rows, *tensor_ref.shape[1:]) if by_token else tensor_ref.shape
+        shape = (rows, *tensor_ref.shape[1:]) if rows is not None and by_token else tensor_ref.shape
         is_float = tensor_ref.dtype.is_floating_point
         out_dtype = _DTYPES[explicit_out] if (explicit_out and is_float) else tensor_ref.dtype
         shared = _resolve(method.shared, method.shared_params, scopes.shared, name, t, "parameters")
+        # a model's parameters see its own tensor's name (filters match `layers.1.` of a source slice placed at
+        # output layer 2, as mergekit), shared ones the output's
         per_model = tuple(
-            _resolve(method.per_model, method.per_model_params, model_scopes, name, t, f"model '{source.model}'")
+            _resolve(method.per_model, method.per_model_params, model_scopes, source.tensor, t,
+                     f"model '{source.model}'")
             for source, model_scopes in zip(inputs, scopes.per_model)
         )
         job = TensorJob(name, OutputTensor(name, out_dtype, shape), t, shared, per_model,
@@ -199,13 +205,24 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
     return plan
 
 
+def _check_copied_files(reference: Checkpoint, tokenizer_source: Checkpoint) -> None:
+    """Refuse now, before any tensor is read, side files that would be copied into the output but are links
+    leaving their model folder (or not regular files); a vocabulary merge also checks the folders it loads."""
+    generation = reference.path / "generation_config.json"
+    if os.path.lexists(generation):
+        contained_file(generation, reference.path)
+    tokenizer_source.tokenizer_files()
+
+
 def _calibration_statistics(plan: MergePlan) -> dict[str, Checkpoint]:
     """Data-aware methods: every input model's calibration statistics, computed now or found in the cache."""
     from ..calibration import plan_statistics
 
+    kind = plan.method.statistics
+    if kind is None:
+        return {}
     models = dict.fromkeys(source.model for job in plan.jobs for source in job.inputs)
-    return plan_statistics(plan.recipe, plan.method.statistics, {ref: plan.checkpoints[ref] for ref in models},
-                           method=plan.method.name)
+    return plan_statistics(plan.recipe, kind, {ref: plan.checkpoints[ref] for ref in models}, method=plan.method.name)
 
 
 @dataclass(frozen=True)
@@ -220,7 +237,7 @@ def _model_layout(recipe: Recipe, plan: MergePlan):
     """Every tensor of the reference, read under the same name from every model."""
     ref_ck = plan.checkpoints[plan.reference]
     num_layers = ref_ck.num_layers()
-    entries = {entry.model: entry for entry in recipe.models}
+    entries = {entry.model: entry for entry in recipe.models or []}
     scopes = _Scopes([recipe.parameters],
                      [[(entries[ref].parameters if ref in entries else None), recipe.parameters] for ref in plan.others])
     for name in sorted(ref_ck.tensors, key=natural_key):
@@ -236,6 +253,7 @@ def _slice_layout(recipe: Recipe, plan: MergePlan):
     for gradients runs over each slice's own layers.
     """
     method = plan.method
+    slices = recipe.slices or []
     ref_ck = plan.checkpoints[plan.reference]
     layer_names = [n for n in ref_ck.tensors if _LAYER.search(n)]
     templates = sorted({_layer_template(n) for n in layer_names}, key=natural_key)
@@ -258,9 +276,9 @@ def _slice_layout(recipe: Recipe, plan: MergePlan):
 
     pre = [n for n in outside if _is_embedding_name(n)]
     for name in pre:
-        yield whole_tensor(recipe.slices[0], name)
+        yield whole_tensor(slices[0], name)
     out_layer = 0
-    for piece in recipe.slices:
+    for piece in slices:
         count = piece.sources[0].layer_range[1] - piece.sources[0].layer_range[0]  # equal spans: checked by the recipe
         base_source, inputs, scopes = slice_roles(piece)
         for offset in range(count):
@@ -272,17 +290,25 @@ def _slice_layout(recipe: Recipe, plan: MergePlan):
             out_layer += 1
     for name in outside:
         if name not in pre:
-            yield whole_tensor(recipe.slices[-1], name)
+            yield whole_tensor(slices[-1], name)
     plan.config_updates["num_hidden_layers"] = out_layer
     if isinstance(ref_ck.config.get("layer_types"), list):  # per-layer attention kinds follow their layers
-        plan.config_updates["layer_types"] = [
-            plan.checkpoints[piece.sources[0].model].config["layer_types"][piece.sources[0].layer_range[0] + k]
-            for piece in recipe.slices for k in range(piece.sources[0].layer_range[1] - piece.sources[0].layer_range[0])
-        ]
+        kinds = []
+        for piece in slices:
+            source = piece.sources[0]
+            own = plan.checkpoints[source.model].config.get("layer_types")
+            start, stop = source.layer_range
+            if not isinstance(own, list) or len(own) < stop:
+                raise IncompatibleModels(f"model '{source.model}': config.json's layer_types does not list layers "
+                                         f"{start} to {stop - 1} (needed for the slice's attention kinds)")
+            kinds += own[start:stop]
+        plan.config_updates["layer_types"] = kinds
 
 
 def _layer_template(name: str) -> str:
     match = _LAYER.search(name)
+    if match is None:
+        raise ValueError(f"'{name}' is not a layer tensor")
     return name[:match.start(1)] + "{layer}" + name[match.end(1):]
 
 

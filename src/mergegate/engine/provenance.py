@@ -49,7 +49,10 @@ def _calibration(plan: MergePlan) -> dict:
     entries = {entry.model: entry for entry in plan.recipe.models or []}
     record = {}
     for ref in plan.statistics:
-        given = entries[ref].calibration if ref in entries and entries[ref].calibration else plan.recipe.calibration.path
+        own = entries[ref].calibration if ref in entries else None
+        given = own or (plan.recipe.calibration.path if plan.recipe.calibration else None)
+        if given is None:  # plan_statistics refuses such a recipe before any statistics exist
+            raise ValueError(f"model '{ref}' has calibration statistics but no calibration text")
         path = resolve_calibration_path(given, plan.recipe.folder)
         record[ref] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
     return record

@@ -63,6 +63,7 @@ def merge(recipe, out_dir: str | Path, *, shard_size: str | int = DEFAULT_SHARD_
     the file, tensor or field at fault, when an input is refused.
     """
     out_dir = check_output(Path(out_dir), overwrite)  # refused before any model is opened
+    _check_options(shard_size, workers)
     plan = plan_merge(recipe, allow_pickle=allow_pickle, seed=seed, check_lineage=check_lineage)
     return run_merge(plan, out_dir, shard_size=shard_size, workers=workers, progress=progress,
                      memory_budget=memory_budget)
@@ -73,6 +74,7 @@ def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT
               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> MergeResult:
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
+    _check_options(shard_size, workers)
     workers = workers or min(4, os.cpu_count() or 1)
     hasher = ThreadPoolExecutor(1, thread_name_prefix="mergegate-hash")
     input_hashes = hasher.submit(hash_inputs, plan)
@@ -100,6 +102,15 @@ def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT
         hasher.shutdown(wait=True, cancel_futures=True)
     files = sorted(p.name for p in out_dir.iterdir())
     return MergeResult(out_dir, files, len(plan.jobs), writer.total_bytes, time.perf_counter() - started, provenance)
+
+
+def _check_options(shard_size: str | int, workers: int | None) -> None:
+    try:
+        parse_size(shard_size)
+    except ValueError as exc:
+        raise MergegateError(f"shard size: {exc}") from None
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise MergegateError(f"workers must be a whole number of at least 1, got {workers!r}")
 
 
 def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None) -> None:
@@ -153,16 +164,21 @@ def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter) -> None:
         return
     try:
         inputs = [_load(plan, source, job) for source in job.sources]
-        if job.vocabulary:
+        if job.vocabulary and plan.vocabulary is not None:
             aligned = align(plan.vocabulary, {source.model: tensor for source, tensor in zip(job.sources, inputs)})
             inputs = [aligned[source.model] for source in job.sources]
         base = inputs.pop(0) if job.base else None
         rng = torch.Generator().manual_seed(job.seed) if plan.method.random else None
         merged = plan.method(base, inputs, job.per_model, job.shared, rng, stats=_statistics(plan, job))
         total_rows = job.output.shape[0] if job.rows else None
-        writer.write(job.name, merged.to(job.output.dtype), job.rows, total_rows)
+        merged = merged.to(job.output.dtype)
+        if merged.dtype.is_floating_point and not bool(torch.isfinite(merged).all()):
+            raise MergegateError(  # the inputs were checked finite: the parameters or out_dtype overflowed
+                f"tensor '{job.name}': the merge gives NaN or infinite values from finite inputs; check the "
+                f"recipe's parameters (huge weights, weights summing to about 0) and out_dtype's range")
+        writer.write(job.name, merged, job.rows, total_rows)
     except NonFiniteInput as exc:
-        source = job.base if exc.index < 0 else job.inputs[exc.index]
+        source = job.inputs[exc.index] if exc.index >= 0 or job.base is None else job.base
         tensor = plan.checkpoints[source.model].tensors[source.tensor]
         raise IncompatibleModels(
             f"tensor '{source.tensor}' of model '{source.model}' ({tensor.file}) holds NaN or infinite values"
@@ -200,7 +216,7 @@ def _statistics(plan: MergePlan, job: TensorJob) -> list[torch.Tensor | None] | 
     for source in job.inputs:
         stats = plan.statistics.get(source.model)
         usable = stats is not None and source.tensor in stats.tensors and not job.vocabulary
-        found.append(stats.read(source.tensor, job.rows) if usable else None)
+        found.append(stats.read(source.tensor, job.rows) if stats is not None and usable else None)
     return found
 
 

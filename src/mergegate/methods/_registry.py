@@ -9,6 +9,8 @@ declaration. A field without a default is required, as in mergekit.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -24,6 +26,9 @@ StatisticKind = Literal["fisher", "gram"]
 @dataclass(frozen=True)
 class NoParams:
     """For methods without parameters of this kind."""
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # methods compute in float32: a parameter beyond it cannot even be applied
 
 
 @dataclass(frozen=True)
@@ -42,26 +47,47 @@ class ParamSpec:
         return self.default is dataclasses.MISSING
 
     def coerce(self, value: Any, where: str) -> Any:
-        """Validate one scalar the way mergekit does: numbers for floats (YAML '1e-3' strings too), real bools."""
+        """Validate one scalar the way mergekit does: numbers for floats (YAML '1e-3' strings too), real bools,
+        whole numbers for ints. Every number must also be finite and inside the declared range: a NaN or an
+        infinite weight would turn every output tensor into NaN."""
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
             raise RecipeError(f"{where}: parameter '{self.name}' must be true or false, got {value!r}")
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
             raise RecipeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}")
         try:
-            number = self.kind(float(value)) if self.kind is int else float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            raise RecipeError(f"{where}: parameter '{self.name}' is too large ({len(str(value))} digits)") from None
+        except ValueError:
             raise RecipeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            shown = value if isinstance(value, str) else repr(number)
+            raise RecipeError(f"{where}: {shown} is not a finite number")
+        if abs(number) > FLOAT32_MAX:
+            raise RecipeError(f"{where}: parameter '{self.name}' is too large for float32 arithmetic, got {value!r}")
+        if self.kind is int:
+            if not number.is_integer():
+                raise RecipeError(f"{where}: parameter '{self.name}' must be a whole number, got {value!r}")
+            number = int(value) if isinstance(value, int) else int(number)
+            if abs(number) >= 1 << 63:
+                raise RecipeError(f"{where}: parameter '{self.name}' is too large, got {number}")
         if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
-            raise RecipeError(
-                f"{where}: parameter '{self.name}' must be within [{self.low}, {self.high}], got {number!r}"
-            )
+            raise RecipeError(f"{where}: parameter '{self.name}' must be within {self.range_text()}, got {number!r}")
         return number
+
+    def range_text(self) -> str:
+        low = "-inf" if self.low is None else self.low
+        high = "inf" if self.high is None else self.high
+        return f"[{low}, {high}]"
 
 
 def param(default: Any = dataclasses.MISSING, *, name: str | None = None, low=None, high=None) -> Any:
-    """A dataclass field that is a recipe parameter; `name` overrides the spelling (for `lambda`)."""
+    """A dataclass field that is a recipe parameter; `name` overrides the spelling (for `lambda`).
+
+    `low` and `high` bound the values a recipe may give (inclusive; None: unbounded). Numbers are always
+    required to be finite, so declare only what the method's definition adds (a density in [0, 1])."""
     meta = {"recipe_name": name, "low": low, "high": high}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)

@@ -8,8 +8,8 @@ elementwise; it keeps a model whose Fisher underflowed to 0 from being silenced 
 Where every model's Fisher is 0 (e.g. embedding rows of tokens the calibration text never uses), or a
 tensor has no statistics, the result is the plain weighted average Σ w_i θ_i / Σ w_i.
 
-Like linear, every model is an input: a `base_model` in the recipe is accepted but plays no part beyond
-supplying the config and tokenizer.
+Like linear, every model is an input, and so is a `base_model` that `models` does not list (mergekit's rule
+for every method; it then needs calibration text like the others). It also supplies the config and tokenizer.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def weighted_average(tensors, weights) -> torch.Tensor:
 @register("fisher", shared=FisherShared, per_model=FisherModel, base="ignored", per_model_scope="input",
           elementwise=True, statistics="fisher")
 def fisher(base, tensors, per_model, shared: FisherShared, rng=None, *, stats=None) -> torch.Tensor:
-    """Fisher-weighted average of every input (needs a calibration section); base_model plays no part."""
+    """Fisher-weighted average of every input (needs a calibration section); base_model counts as an input."""
     weights = [p.weight for p in per_model]
     if stats is None or any(s is None for s in stats):
         return weighted_average(tensors, weights)

@@ -1,5 +1,6 @@
 """Karcher mean: the Riemannian (Fréchet) mean of the models' directions on the unit hypersphere, scaled by
-their mean norm. Every model weighs the same; `base_model` plays no part.
+their mean norm. Every model weighs the same; a `base_model` that `models` does not list is one more input,
+appended last (as mergekit does for every method).
 
 Each tensor is one vector. Starting from the normalized average of the unit directions, each step maps the
 directions into the tangent space at the current mean (log map: angle/sin(angle) times the orthogonal
@@ -20,8 +21,8 @@ from ._registry import param, register
 
 @dataclass(frozen=True)
 class KarcherShared:
-    max_iter: int = param(10)
-    tol: float = param(1e-5)
+    max_iter: int = param(10, low=0)
+    tol: float = param(1e-5, low=0.0)
 
 
 def unit_directions(vectors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

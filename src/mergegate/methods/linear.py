@@ -20,7 +20,7 @@ class LinearModel:
 @register("linear", shared=LinearShared, per_model=LinearModel, base="ignored", per_model_scope="input",
           elementwise=True)
 def linear(base, tensors, per_model, shared: LinearShared, rng=None) -> torch.Tensor:
-    """Weighted average of every input; `base_model` plays no part."""
+    """Weighted average of every input; a base_model not listed in models is an input too (as mergekit)."""
     total = torch.zeros(tensors[0].shape, dtype=work_dtype(tensors[0]))
     weight_sum = 0.0
     for tensor, params in zip(tensors, per_model):

@@ -25,7 +25,7 @@ from ._registry import param, register
 @dataclass(frozen=True)
 class MultiSlerpShared:
     normalize_weights: bool = param(True)
-    eps: float = param(1e-8)
+    eps: float = param(1e-8, low=0.0)
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,14 @@ from ._registry import param, register
 
 @dataclass(frozen=True)
 class RamShared:
-    epsilon: float = param(1e-5)
+    epsilon: float = param(1e-5, low=0.0)
 
 
 @dataclass(frozen=True)
 class RamPlusShared:
     r: float = param(0.1)
-    alpha: float = param(0.2)
-    epsilon: float = param(1e-5)
+    alpha: float = param(0.2, low=0.0)  # the upper clamp of shared/unique, whose lower one is 0
+    epsilon: float = param(1e-5, low=0.0)
 
 
 def _changed(base: torch.Tensor, tensor: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:

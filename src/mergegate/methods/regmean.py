@@ -15,8 +15,8 @@ Input features no calibration token ever activates (a zero diagonal in every Gra
 average for their column; if Σ w_i G̃_i is still singular (α = 1 with fewer tokens than features), a
 ridge of 1e-6 · mean diagonal pulls the unconstrained directions toward the weighted average.
 Every other tensor — embeddings, norms, biases, and Linear weights without statistics (a tied lm_head is
-merged as the embedding it is) — is the weighted average Σ w_i θ_i / Σ w_i. A `base_model` in the
-recipe is accepted but plays no part beyond supplying the config and tokenizer.
+merged as the embedding it is) — is the weighted average Σ w_i θ_i / Σ w_i. A `base_model` that `models`
+does not list is one more input (mergekit's rule for every method); it also supplies the config and tokenizer.
 """
 
 from __future__ import annotations
