@@ -125,16 +125,16 @@ class JsonSchema:
     version: ClassVar[str] = "1"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
-        if row.schema is None:
+        if row.json_schema is None:
             raise SuiteError(f"row {row.id!r}: evaluator 'json_schema' needs a 'schema'")
         try:
-            Draft202012Validator.check_schema(row.schema)
+            Draft202012Validator.check_schema(row.json_schema)
         except SchemaError as exc:
             raise SuiteError(f"row {row.id!r}: invalid JSON Schema: {exc.message}") from None
         obj, why = parse_json_object(obs.output)
         if obj is None:
             return _verdict(False, why)
-        error = best_match(Draft202012Validator(row.schema).iter_errors(obj))  # the error `validate` would raise
+        error = best_match(Draft202012Validator(row.json_schema).iter_errors(obj))  # the error `validate` would raise
         if error is None:
             return _verdict(True, "valid against the schema")
         where = "" if error.json_path == "$" else f" at {error.json_path}"

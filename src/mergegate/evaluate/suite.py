@@ -57,7 +57,8 @@ class SuiteRow(BaseModel):
         return self
 
     @property
-    def schema(self) -> dict[str, Any] | None:
+    def json_schema(self) -> dict[str, Any] | None:
+        """The row's `schema` field (named apart from pydantic's own `BaseModel.schema`)."""
         return self.schema_
 
 

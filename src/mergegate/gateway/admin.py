@@ -72,6 +72,7 @@ class PlanStore:
                 "actor": change.actor, "persisted": self.persist}
 
     def _save(self, plan: RolloutPlan) -> None:
+        assert self.path is not None, "persisting needs the plan's path"
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         plan.save(tmp)
         os.replace(tmp, self.path)

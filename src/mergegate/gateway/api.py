@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, TypeVar
+from typing import Any, Awaitable, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -78,7 +78,7 @@ async def _handle(request: Request, operation: Operation):
     request_id = new_id(operation)
     endpoint = request.url.path
     span = gateway.telemetry.request_span("POST", endpoint, request_id)
-    outcome = {"cohort": "-", "model": "-", "status": 500}
+    outcome: dict[str, Any] = {"cohort": "-", "model": "-", "status": 500}
     target: Target | None = None
 
     def finish() -> None:

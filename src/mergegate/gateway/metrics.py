@@ -48,6 +48,9 @@ class _Metric:
         self.name, self.help, self.label_names = name, help, tuple(labels)
         self._lock = threading.Lock()
 
+    def render(self) -> list[str]:
+        raise NotImplementedError
+
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 

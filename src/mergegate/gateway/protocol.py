@@ -186,7 +186,9 @@ def to_gen_request(body: ChatRequest | CompletionRequest, config) -> GenRequest:
     if isinstance(body, ChatRequest):
         messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
         return GenRequest("chat", params, messages=messages)
-    return GenRequest("text_completion", params, prompt=body.prompt)
+    prompt = body.prompt  # the validator reduced a one-element list to its string
+    assert isinstance(prompt, str)
+    return GenRequest("text_completion", params, prompt=prompt)
 
 
 # -- responses ---------------------------------------------------------------------------------------------

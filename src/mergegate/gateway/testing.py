@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import uuid
+from typing import Any
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,8 @@ class ServerThread:
 
     def __init__(self, app, port: int = 0, *, startup_timeout: float = 120.0, log_level: str = "warning"):
         self.app, self.port, self.startup_timeout, self.log_level = app, port, startup_timeout, log_level
-        self.server = self.thread = None
+        self.server: Any = None  # a uvicorn.Server once started
+        self.thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -35,11 +37,11 @@ class ServerThread:
         config = uvicorn.Config(self.app, host=LOOPBACK, port=self.port, log_level=self.log_level, lifespan="on",
                                 access_log=False, timeout_graceful_shutdown=2, timeout_keep_alive=5)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{id(self)}", daemon=True)
-        self.thread.start()
+        thread = self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{id(self)}", daemon=True)
+        thread.start()
         deadline = time.monotonic() + self.startup_timeout
         while not self.server.started:
-            if not self.thread.is_alive():
+            if not thread.is_alive():
                 raise RuntimeError("the server stopped during start-up (see the log above)")
             if time.monotonic() > deadline:
                 self.stop()

@@ -14,6 +14,7 @@ def build_backend(name: str, spec: PlanModel, config: GatewayConfig) -> Backend:
     if spec.url is not None:
         return RemoteBackend(name, spec.url, upstream_model=spec.upstream_model, timeout=config.backend_timeout,
                              queue_limit=config.local_queue_limit)
+    assert spec.path is not None  # PlanModel holds exactly one of url and path
     return LocalBackend(name, spec.path, adapter=spec.adapter, queue_limit=config.local_queue_limit)
 
 

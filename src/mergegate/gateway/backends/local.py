@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from ..errors import BackendError, BackendOverloaded, BackendRejected
 from ..protocol import Completion, GenRequest
@@ -28,7 +28,8 @@ class LocalBackend(Backend):
     def __init__(self, name: str, path: str | Path, *, adapter: str | Path | None = None, queue_limit: int = 64):
         self.name, self.path, self.adapter = name, Path(path), Path(adapter) if adapter else None
         self.queue_limit = queue_limit
-        self.model = self.tokenizer = None
+        self.model: Any = None  # loaded by start()
+        self.tokenizer: Any = None
         self._lock: asyncio.Lock | None = None
         self._pending = 0
 
@@ -136,6 +137,7 @@ class LocalBackend(Backend):
 
     def _release(self) -> None:
         self._pending -= 1
+        assert self._lock is not None, "released before start()"
         self._lock.release()
 
     def _run(self, request: GenRequest, emit: Callable[[str], None] | None, cancel: threading.Event) -> Completion:

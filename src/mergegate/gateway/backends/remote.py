@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import httpx
 
@@ -121,7 +121,8 @@ class RemoteBackend(Backend):
         try:
             endpoint, body = self._endpoint_and_body(request, stream=True)
             parts: list[str] = []
-            finish, used, response_id, response_model = "stop", {}, "", None
+            used: dict[str, Any] = {}
+            finish, response_id, response_model = "stop", "", None
             with _translated_errors(self.name):
                 async with self._http().stream("POST", endpoint, json=body) as response:
                     if response.status_code >= 400:
