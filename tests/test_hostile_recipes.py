@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from mergegate import Recipe, RecipeError, load_recipe
 from mergegate.methods import available_methods, get_method
+from mergegate.recipe import _leaves  # the loader's own walk over a setting's numbers
 
 TIES = {
     "merge_method": "ties",
@@ -245,16 +246,6 @@ def _loads_or_refuses(source) -> None:
         for setting in (scope or {}).values():
             for leaf in _leaves(setting):
                 assert not isinstance(leaf, (int, float)) or math.isfinite(float(leaf)), leaf
-
-
-def _leaves(setting):
-    if hasattr(setting, "value"):
-        yield from _leaves(setting.value)
-    elif isinstance(setting, list):
-        for item in setting:
-            yield from _leaves(item)
-    else:
-        yield setting
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
