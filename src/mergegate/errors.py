@@ -1,4 +1,10 @@
-"""Errors mergegate raises on purpose. Each names the file, tensor or field at fault."""
+"""Errors mergegate raises on purpose. Each names the file, tensor or field at fault.
+
+Every refusal of user input derives from MergegateError, so `from mergegate.errors import X` finds all of
+them and the CLI maps any of them to exit code 2. The gateway's HTTP-level errors (`gateway/errors.py`:
+APIError, BackendError and its kinds) are not here: they are responses to requests and failures of upstream
+servers while serving, never refusals of a command's input.
+"""
 
 
 class MergegateError(Exception):
@@ -15,3 +21,23 @@ class CheckpointError(MergegateError):
 
 class IncompatibleModels(MergegateError):
     """The sources cannot be merged with each other: architecture, tensors, tokenizer or values differ."""
+
+
+class SuiteError(MergegateError, ValueError):
+    """An eval suite file is malformed."""
+
+
+class EvaluationError(MergegateError, ValueError):
+    """An evaluation cannot run as asked: a bad setting, a missing or unloadable model."""
+
+
+class RegistryError(MergegateError):
+    """The registry file cannot be opened or used, or a run is incomplete."""
+
+
+class PolicyError(MergegateError, ValueError):
+    """A gate policy is malformed."""
+
+
+class PlanError(MergegateError, ValueError):
+    """A rollout plan is malformed or refers to an unknown model."""

@@ -25,12 +25,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import MergegateError
+from .errors import MergegateError, PolicyError
 from .registry import RowResult
-
-
-class PolicyError(MergegateError, ValueError):
-    """A gate policy is malformed."""
 
 
 # Strict: a number must be a number (no "0.5" strings, no booleans), an integer an integer; nothing infinite.

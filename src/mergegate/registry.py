@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import MergegateError
+from .errors import RegistryError
 
 SCHEMA_VERSION = 2
 
@@ -63,10 +63,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # BOS is added, the chat template), and an adapter's configuration.
 IDENTITY_FILES = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
                   "pytorch_model.bin.index.json", "adapter_model.safetensors.index.json")
-
-
-class RegistryError(MergegateError):
-    """The registry file cannot be opened or used, or a run is incomplete."""
 
 
 @dataclass(frozen=True)

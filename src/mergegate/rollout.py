@@ -10,13 +10,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import MergegateError
+from .errors import PlanError
 
 OnlineCheck = Literal["json_valid", "refusal", "tool_selection"]
-
-
-class PlanError(MergegateError, ValueError):
-    """A rollout plan is malformed or refers to an unknown model."""
 
 
 class PlanModel(BaseModel):

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from ..progress import Progress
-from ..errors import MergegateError
-from ..registry import Registry, RegistryError, RowResult
+from ..errors import EvaluationError, RegistryError
+from ..registry import Registry, RowResult
 from .evaluators import Observation, evaluator_identity, needs_likelihood, score_row
 from .suite import Suite, SuiteRow
 
@@ -36,10 +36,6 @@ from .suite import Suite, SuiteRow
 # tokens; NLL computed row by row. Bump it with any change to `_run_batch`/`_mean_nll` that can change an answer.
 RUNNER_FORMAT = "2"
 GENERATION = {"do_sample": False, "num_beams": 1}
-
-
-class EvaluationError(MergegateError, ValueError):
-    """An evaluation cannot run as asked: a bad setting, a missing or unloadable model."""
 
 
 @dataclass(frozen=True)

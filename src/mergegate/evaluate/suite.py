@@ -10,11 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import MergegateError
-
-
-class SuiteError(MergegateError, ValueError):
-    """An eval suite file is malformed."""
+from ..errors import SuiteError
 
 
 class SuiteRow(BaseModel):
