@@ -36,15 +36,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from .checkpoint import Checkpoint, HashCache, cache_folder
 from .errors import CheckpointError, MergegateError, RecipeError
+from .methods._registry import StatisticKind
 from .progress import Progress
 
-StatisticKind = Literal["fisher", "gram"]
 STATISTICS_FILE = "statistics.safetensors"
 FORMAT = "mergegate.statistics/1"  # bump when the definition of a statistic changes: old cache entries die
 

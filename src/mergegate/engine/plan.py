@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._seeds import derived_seed
 from ..checkpoint import Checkpoint, HashCache, OutputTensor, cache_folder, contained_file, natural_key
 from ..compat import check_compatible
 from ..errors import CheckpointError, IncompatibleModels, RecipeError
@@ -192,7 +193,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
             for source, model_scopes in zip(inputs, scopes.per_model)
         )
         job = TensorJob(name, OutputTensor(name, out_dtype, shape), t, shared, per_model,
-                        _tensor_seed(seed, name), base=base_source, inputs=tuple(inputs), passthrough=not is_float,
+                        derived_seed(seed, name), base=base_source, inputs=tuple(inputs), passthrough=not is_float,
                         vocabulary=by_token)
         # realigned rows need whole tensors (defaults average rows of other models; padding takes the mean)
         plan.jobs.extend(_chunks(job) if method.elementwise and is_float and not by_token else [job])
@@ -370,8 +371,3 @@ def _resolve(cls: type, specs: tuple[ParamSpec, ...], sources: list, tensor: str
         return cls(**values)
     except (RecipeError, ValueError) as exc:  # a method's cross-parameter check (e.g. della's window)
         raise RecipeError(f"{where} (tensor '{tensor}'): {exc}") from None
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    """Random methods draw from a generator seeded per tensor, so bytes never depend on scheduling."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)

@@ -19,7 +19,6 @@ Where PEFT draws DARE masks from the global RNG, here each module draws from a g
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ import torch
 
 from ..checkpoint import natural_key
 from ..errors import IncompatibleModels, RecipeError
+from .._seeds import derived_seed
 from .._staging import check_output, staged
 from .adapter import Adapter, LoraWeights, rank_layout, read_adapter, write_adapter_files
 
@@ -73,11 +73,6 @@ def validate_options(options: CombineOptions) -> None:
         raise RecipeError(f"svd_rank={options.svd_rank!r}: expected a positive integer")
     if options.svd_clamp is not None and not 0 < options.svd_clamp <= 1:
         raise RecipeError(f"svd_clamp={options.svd_clamp}: expected a quantile in (0, 1]")
-
-
-def module_seed(seed: int, module: str) -> int:
-    """A generator seed for one module, so random masks never depend on the order modules are visited."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{module}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 # -- task-vector rules, with PEFT's semantics (merge_utils) ----------------------------------------------------
@@ -189,7 +184,7 @@ def combine_svd(parts: Sequence[Part], rank: int, options: CombineOptions,
 def combine_module(module: str, parts: Sequence[Part], options: CombineOptions,
                    svd_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The combined (A, B) of one module, in LoRA's orientation, for scaling 1."""
-    generator = torch.Generator().manual_seed(module_seed(options.seed, module))
+    generator = torch.Generator().manual_seed(derived_seed(options.seed, module))
     kind = options.combination_type
     if kind == "cat":
         return combine_cat(parts)

@@ -20,7 +20,7 @@ from ..errors import RecipeError
 
 BaseRule = Literal["required", "ignored", "optional"]
 PerModelScope = Literal["input", "non_base"]
-StatisticKind = Literal["fisher", "gram"]
+StatisticKind = Literal["fisher", "gram"]  # calibration statistics (calibration.py computes them)
 
 
 @dataclass(frozen=True)
