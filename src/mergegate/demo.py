@@ -14,7 +14,8 @@ import io
 import time
 from pathlib import Path
 
-from .evaluate import ModelSpec
+from ._extras import missing_extra
+from .model_ref import ModelRef
 from .registry import Registry
 from .release import ReleaseResult, release
 from .rollout import load_plan
@@ -51,7 +52,7 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS) -> dict[str
     started = time.perf_counter()
     # The LoRA specialist is not merged (adapter merging is a later stage) but is a source the gate may hold
     # a cohort on, served as base + adapter.
-    adapters = [ModelSpec(p.name, demo / "models" / "base", "source", p) for p in sorted((demo / "models").iterdir())
+    adapters = [ModelRef(p.name, demo / "models" / "base", adapter=p) for p in sorted((demo / "models").iterdir())
                 if (p / "adapter_config.json").is_file()]
     results = {}
     for method in methods:
@@ -93,29 +94,41 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str) -> N
                                f"{results[m].gate.decision(cohort).decision}" for m in methods),
                      f"{first.best_source} {first.best_source_mean:.3f}"])
     png = _summary_chart(results, cohorts)
-    (out / "summary.png").write_bytes(png)
+    if png is None:
+        (out / "summary.png").unlink(missing_ok=True)
+    else:
+        (out / "summary.png").write_bytes(png)
     md = ["# mergegate demo", "", "Candidate score per cohort and the gate's decision for each merge method.", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
           *("| " + " | ".join(r) + " |" for r in rows), "",
           f"Best release: **{best}** (most cohorts promoted); its rollout plan is `rollout.yaml`. Per-method "
-          "reports, with intervals and reasons, are in each method's folder.", "", "![summary](summary.png)", "",
+          "reports, with intervals and reasons, are in each method's folder.", "",
+          *(["![summary](summary.png)", ""] if png is not None else []),
           open(out / best / "report.md").read().replace("![chart](chart.png)", f"![chart]({best}/chart.png)")]
     (out / "report.md").write_text("\n".join(md))
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
     best_html = (out / best / "report.html").read_text()
     best_body = best_html[best_html.index("<body>") + 6: best_html.index("</body>")]
+    summary = (f'<img alt="summary" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+               if png is not None else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mergegate demo</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left}}th{{background:#eee}}</style></head><body>
 <h1>mergegate demo</h1><p>Candidate score per cohort and the gate's decision, per merge method.
 Best release: <b>{html.escape(best)}</b>.</p>
 <table><tr>{cells(header, "th")}</tr>{"".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)}</table>
-<img alt="summary" src="data:image/png;base64,{base64.b64encode(png).decode()}"><hr>{best_body}</body></html>"""
+{summary}<hr>{best_body}</body></html>"""
     (out / "report.html").write_text(page)
 
 
-def _summary_chart(results: dict[str, ReleaseResult], cohorts: list[str]) -> bytes:
-    import matplotlib
+def _summary_chart(results: dict[str, ReleaseResult], cohorts: list[str]) -> bytes | None:
+    """The summary chart as PNG bytes, or None without matplotlib (each method's report has said so already)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        if missing_extra(exc) != "report":
+            raise
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,12 +1,17 @@
-"""Release reports: report.md, a self-contained report.html (chart embedded), and rollout.yaml."""
+"""Release reports: report.md, a self-contained report.html (chart embedded), and rollout.yaml.
+
+The chart needs matplotlib (the `report` extra). Without it the reports and the rollout plan are still written,
+chart left out, and one line says which extra draws it: the decisions never depend on the picture."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import logging
 from pathlib import Path
 
+from ._extras import install_hint, missing_extra
 from .evaluate.suite import Suite
 from .gate import GateResult
 from .rollout import PlanModel, RolloutPlan, Route
@@ -33,8 +38,16 @@ def rollout_plan(gate: GateResult, models: dict[str, PlanModel], suite: Suite,
     return RolloutPlan(candidate=gate.candidate, models=models, routes=routes, default=default)
 
 
-def _chart_png(gate: GateResult) -> bytes:
-    import matplotlib
+def _chart_png(gate: GateResult) -> bytes | None:
+    """The per-cohort chart as PNG bytes, or None (logged once per report) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        if missing_extra(exc) != "report":
+            raise
+        logging.getLogger(__name__).warning("mergegate: report written without its chart (matplotlib is not "
+                                            "installed): %s", install_hint("report"))
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,19 +96,25 @@ def write_reports(out: Path, gate: GateResult, plan: RolloutPlan, *, title: str)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = _table_rows(gate)
     png = _chart_png(gate)
-    (out / "chart.png").write_bytes(png)
+    if png is None:
+        (out / "chart.png").unlink(missing_ok=True)  # a chart from an earlier run would not match these decisions
+    else:
+        (out / "chart.png").write_bytes(png)
     aggregate = ", ".join(f"{name} {value:.3f}" for name, value in gate.aggregate.items())
     md = [f"# {title}", "", "Per-cohort decisions (paired bootstrap against the best source on each cohort).", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
     md += ["", f"Aggregate mean over all rows (reported, not decisive): {aggregate}", "",
-           f"Policy sha256: `{gate.policy_sha256[:16]}`. Rollout plan: `rollout.yaml`.", "", "![chart](chart.png)", ""]
+           f"Policy sha256: `{gate.policy_sha256[:16]}`. Rollout plan: `rollout.yaml`.", ""]
+    md += ["![chart](chart.png)", ""] if png is not None else []
     (out / "report.md").write_text("\n".join(md))
 
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
     colors = {"PROMOTE": "#d9f2d9", "HOLD": "#fff2cc", "REJECT": "#f8d0d0"}
     body = "".join(f'<tr style="background:{colors.get(row[header.index("decision")], "")}">{cells(row, "td")}</tr>'
                    for row in rows)
+    chart = (f'<img alt="per-cohort scores" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+             if png is not None else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left}}th{{background:#eee}}</style></head><body>
@@ -103,7 +122,7 @@ td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left}}th{{background:#ee
 each cohort. A decision never comes from the aggregate mean.</p>
 <table><tr>{cells(header, "th")}</tr>{body}</table>
 <p>Aggregate mean over all rows (reported, not decisive): {html.escape(aggregate)}</p>
-<img alt="per-cohort scores" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+{chart}
 </body></html>"""
     (out / "report.html").write_text(page)
     plan.save(out / "rollout.yaml")

@@ -1,12 +1,23 @@
 """`mergegate serve`: run the gateway over a rollout plan. Wired into the CLI with `register(app)`; the gateway
-(FastAPI, uvicorn, OpenTelemetry, torch) is imported only when the command runs."""
+(FastAPI, uvicorn, OpenTelemetry, torch) is imported only when the command runs. FastAPI, uvicorn, httpx and
+OpenTelemetry come with the `serve` extra; without it the command exits 2 with one line naming the extra."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
+
+from .._extras import install_hint, missing_extra
+
+
+def _refuse_without_serve_extra(exc: ModuleNotFoundError) -> NoReturn:
+    if missing_extra(exc) != "serve":
+        raise exc
+    typer.echo(f"mergegate: `mergegate serve` needs the serve extra ({exc.name} is not installed): "
+               f"{install_hint('serve')}", err=True)
+    raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,7 +58,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve PLAN as an OpenAI-compatible gateway: per-cohort routing, fallback, mirroring, tracing."""
         from ..errors import MergegateError
-        from ..gateway import GatewayConfig, serve
+
+        try:
+            from ..gateway import GatewayConfig, serve
+        except ModuleNotFoundError as exc:
+            _refuse_without_serve_extra(exc)
 
         config = GatewayConfig(backend_timeout=timeout, stream_max_duration=stream_max_duration,
                                local_queue_limit=queue_limit, max_prompt_tokens=max_prompt_tokens,
@@ -63,3 +78,5 @@ def register(app: typer.Typer) -> None:
         except MergegateError as exc:
             typer.echo(f"mergegate: {exc}", err=True)
             raise typer.Exit(2)
+        except ModuleNotFoundError as exc:  # uvicorn is imported only when serving starts
+            _refuse_without_serve_extra(exc)
