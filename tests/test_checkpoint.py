@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergegate import Checkpoint, CheckpointError
-from mergegate.checkpoint import (SAFETENSORS_DTYPES, OutputTensor, ShardedWriter, parse_size,
-                                  read_safetensors_header)
+from mergegate.io.read import SAFETENSORS_DTYPES, read_safetensors_header
+from mergegate.io.write import OutputTensor, ShardedWriter, parse_size
 
 
 def test_reads_each_tensor_equal_to_safetensors(family):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mergegate import merge, plan_merge
-from mergegate.checkpoint import ShardedWriter
+from mergegate.io.write import ShardedWriter
 
 from . import reference
 from .conftest import recipe_for
@@ -219,25 +219,40 @@ def test_elementwise_methods_split_large_tensors_into_identical_chunks(method, f
 def test_input_hashes_are_cached_and_refreshed_when_a_file_changes(family, tmp_path, monkeypatch):
     import shutil
 
-    from mergegate import checkpoint
+    from mergegate.io import hashing
 
     source = tmp_path / "ft"
     shutil.copytree(family["ft1"], source)
     recipe = recipe_for("task_arithmetic", {**family, "ft": source}, models=("ft",))
-    hashed = []
-    real = checkpoint.sha256_file
-    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    weights = source / "model.safetensors"
+    hashed = []  # the paths read to hash them (outputs are hashed too, always: they are new files)
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda path: hashed.append(path.resolve()) or real(path))
     merge(recipe, tmp_path / "a", progress=False)
-    assert "model.safetensors" in hashed
+    assert weights.resolve() in hashed
     hashed.clear()
     merge(recipe, tmp_path / "b", progress=False)
-    assert "model.safetensors" not in hashed  # cached: the file did not change
-    weights = source / "model.safetensors"
+    assert weights.resolve() not in hashed  # cached: the file did not change
     weights.write_bytes(weights.read_bytes())  # same bytes, new mtime: must be hashed again
     hashed.clear()
     record = merge(recipe, tmp_path / "c", progress=False).provenance
-    assert "model.safetensors" in hashed
+    assert weights.resolve() in hashed
     assert record["inputs"][str(source)]["files"]["model.safetensors"] == real(weights)
+
+
+def test_a_fresh_merge_is_identified_without_reading_its_files_again(family, tmp_path, monkeypatch):
+    from mergegate.io import hashing
+
+    out = tmp_path / "merged"
+    record = merge(recipe_for("linear", family, models=("ft1", "ft2"), base=False), out, progress=False).provenance
+    hashed = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    identity = hashing.folder_hash(out)
+    assert hashed == []  # every output's digest was remembered under its final path when provenance was written
+    assert {f.name for f in hashing.identity_files(out)} <= set(record["outputs"])
+    monkeypatch.setenv("MERGEGATE_CACHE", str(tmp_path / "empty-cache"))
+    assert hashing.folder_hash(out) == identity  # the same hash as reading every file
 
 
 def test_slices_stack_layer_ranges_into_a_deeper_model(family, tmp_path):

@@ -15,7 +15,8 @@ from mergegate import MergegateError
 from mergegate.evaluate import ModelSpec, SuiteError, evaluate_models, load_suite
 from mergegate.evaluate import evaluators as evaluators_module
 from mergegate.evaluate import runner as runner_module
-from mergegate.registry import Registry, folder_hash
+from mergegate.io.hashing import folder_hash
+from mergegate.registry import Registry
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
 

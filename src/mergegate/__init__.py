@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Checkpoint": "checkpoint",
+    "Checkpoint": "io.read",
     "CheckpointError": "errors",
     "IncompatibleModels": "errors",
     "MergePlan": "engine",
@@ -49,7 +49,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .checkpoint import Checkpoint
+    from .io.read import Checkpoint
     from .compat import check_compatible
     from .engine import MergePlan, MergeResult, merge, plan_merge, run_merge
     from .errors import CheckpointError, IncompatibleModels, MergegateError, RecipeError

@@ -20,6 +20,12 @@ from pathlib import Path
 from .errors import MergegateError
 
 _PARTIAL = re.compile(r"^\.(?:.+\.mergegate-partial(?:-(\d+))?|mergegate-new-(\d+)-.+)$")
+_DESTINATIONS: dict[Path, Path] = {}  # staging folder → the output folder it becomes, while it is being written
+
+
+def destination(folder: Path) -> Path:
+    """The output folder a staging folder of `staged` will be renamed to; any other folder is its own."""
+    return _DESTINATIONS.get(Path(folder), Path(folder))
 
 
 def check_output(out_dir: Path, overwrite: bool) -> Path:
@@ -113,6 +119,7 @@ def staged(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         scratch.rename(staging)
     except OSError as exc:
         raise MergegateError(f"{out_dir}: cannot be created ({exc.strerror or exc})") from None
+    _DESTINATIONS[staging] = out_dir
     try:
         try:
             yield staging
@@ -134,5 +141,6 @@ def staged(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
+        _DESTINATIONS.pop(staging, None)
         if lock is not None:
             os.close(lock)

@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from .checkpoint import Checkpoint, natural_key
+from .io.read import Checkpoint
+from .io.write import natural_key
 from .errors import IncompatibleModels
 
 # Config fields that change tensor shapes or how the weights are wired.

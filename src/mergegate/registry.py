@@ -13,7 +13,6 @@ Schema versions (`PRAGMA user_version`): 1 had no config hash; opening such a fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import RegistryError
+from .io.hashing import folder_hash
 
 SCHEMA_VERSION = 2
 
@@ -57,14 +57,6 @@ CREATE INDEX IF NOT EXISTS eval_runs_key ON eval_runs(model_hash, suite_hash, st
 CREATE INDEX IF NOT EXISTS eval_runs_config ON eval_runs(model_hash, suite_hash, config_hash, status);
 """
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-# Everything besides the weights that changes what a model answers: its architecture, its default generation
-# settings (generate() applies generation_config.json), its tokenizer (vocabulary, special tokens, whether a
-# BOS is added, the chat template), and an adapter's configuration.
-IDENTITY_FILES = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
-                  "pytorch_model.bin.index.json", "adapter_model.safetensors.index.json")
-
-
 @dataclass(frozen=True)
 class RowResult:
     """One model's answer to one suite row, with its scores."""
@@ -80,43 +72,6 @@ class RowResult:
     score: float  # the lowest of the row's evaluator scores: a row is only as good as its weakest check
     passed: bool  # every evaluator passed
     details: dict[str, Any]  # evaluator → {score, passed, reason}
-
-
-def identity_files(folder: Path) -> list[Path]:
-    """The files of a model (or adapter) folder that define its answers, sorted by name."""
-    from .checkpoint import TOKENIZER_FILES
-
-    names = set(IDENTITY_FILES) | set(TOKENIZER_FILES)
-    return [file for file in sorted(Path(folder).iterdir())
-            if file.is_file() and (file.suffix in WEIGHT_SUFFIXES or file.name in names)]
-
-
-def folder_hash(*folders: Path | None) -> str:
-    """Content hash of the files on disk that define a model, over one or more folders (a model, its adapter).
-
-    Hashes the bytes of the weights, config, generation config, tokenizer files and chat template — never
-    what a `mergegate.json` says they were, so replacing a file changes the hash. File digests come from the
-    input-hash cache (`checkpoint.HashCache`, keyed by path, size, mtime and inode), so an unchanged model is
-    not re-read. Each folder's position is part of the hash: a model and the same model as an adapter differ.
-    """
-    from .checkpoint import HashCache
-
-    cache = HashCache()
-    digest = hashlib.sha256(b"mergegate-model-identity/2\n")
-    for position, folder in enumerate(folders):
-        if folder is None:
-            continue
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise RegistryError(f"model folder {folder}: no such folder")
-        files = identity_files(folder)
-        if not files:
-            raise RegistryError(f"model folder {folder}: no weights, config or tokenizer files to identify it by")
-        digest.update(f"folder {position}\n".encode())
-        for file in files:
-            digest.update(f"{file.name}\0{cache.sha256(file)}\n".encode())
-    cache.save()
-    return digest.hexdigest()
 
 
 class Registry:

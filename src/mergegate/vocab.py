@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
+from .io.read import Checkpoint
 from .errors import IncompatibleModels, RecipeError
 
 MIN_SHARED_FRACTION = 0.9  # of the smaller vocabulary's tokens, by string; fine-tunes that add tokens share ~all

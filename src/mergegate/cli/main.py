@@ -46,7 +46,7 @@ def merge_command(
 ) -> None:
     """Merge the models a recipe names into OUT_DIR (exit 2 with the reason when an input is refused)."""
     from .. import MergegateError, merge
-    from ..checkpoint import parse_size
+    from ..io.write import parse_size
 
     def one_line(error: Exception) -> str:  # the CLI's contract: one line on stderr, never a traceback
         return " ".join(str(error).split()) or type(error).__name__

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,7 +12,9 @@ from typing import Any
 import torch
 
 from .._seeds import derived_seed
-from ..checkpoint import Checkpoint, HashCache, OutputTensor, cache_folder, contained_file, natural_key
+from ..io.hashing import all_files_hash, cache_folder
+from ..io.read import Checkpoint, contained_file
+from ..io.write import OutputTensor, natural_key
 from ..compat import check_compatible
 from ..errors import CheckpointError, IncompatibleModels, RecipeError
 from ..methods import MergeMethod, ParamSpec
@@ -122,13 +123,7 @@ def folded_adapter(model: Path, adapter: Path, *, allow_pickle: bool = False) ->
     for folder, what in ((model, "model"), (adapter, "adapter")):
         if not folder.is_dir():
             raise CheckpointError(f"{what} '{folder}': no such folder (model+adapter needs two local folders)")
-    hashes = HashCache()
-    digest = hashlib.sha256()
-    for folder in (model, adapter):
-        for file in sorted(p for p in folder.iterdir() if p.is_file()):
-            digest.update(f"{file.name}:{hashes.sha256(file)};".encode())
-    hashes.save()
-    target = cache_folder() / "folded-adapters" / digest.hexdigest()[:24]
+    target = cache_folder() / "folded-adapters" / all_files_hash(model, adapter)[:24]
     if not (target / "config.json").is_file():
         merge_adapter(model, adapter, target, allow_pickle=allow_pickle, overwrite=True)
     return target

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import platform
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..checkpoint import HashCache, sha256_file
+from .._staging import destination
+from ..io.hashing import file_digests, output_digests, sha256_file
 from .plan import MergePlan
 
 PROVENANCE_FILE = "mergegate.json"
@@ -18,16 +18,10 @@ PROVENANCE_FILE = "mergegate.json"
 
 def hash_inputs(plan: MergePlan) -> dict[str, dict]:
     """sha256 of every file that defines each input model (weights, index, config, tokenizer)."""
-    jobs = {(ref, path): None for ref, ck in plan.checkpoints.items() for path in ck.input_files()}
-    cache = HashCache()
-    with ThreadPoolExecutor(2) as pool:
-        digests = dict(zip(jobs, pool.map(lambda key: cache.sha256(key[1]), jobs)))
-    cache.save()
-    inputs: dict[str, dict] = {}
-    for (ref, path), digest in digests.items():
-        entry = inputs.setdefault(ref, {"path": str(plan.checkpoints[ref].path.resolve()), "files": {}})
-        entry["files"][path.name] = digest
-    return inputs
+    files = {ref: ck.input_files() for ref, ck in plan.checkpoints.items()}
+    digests = file_digests(path for paths in files.values() for path in paths)
+    return {ref: {"path": str(plan.checkpoints[ref].path.resolve()), "files": {p.name: digests[p] for p in paths}}
+            for ref, paths in files.items()}
 
 
 def versions() -> dict[str, str]:
@@ -59,7 +53,8 @@ def _calibration(plan: MergePlan) -> dict:
 
 
 def write_provenance(plan: MergePlan, folder: Path, input_hashes: dict, shard_size) -> dict:
-    outputs = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    # remembered in the hash cache under the output's final paths: evaluating the merge then reads no file twice
+    outputs = output_digests(folder, destination(folder))
     record = {
         "format": "mergegate.provenance/1",
         "recipe": plan.recipe.model_dump(exclude_none=True, mode="json"),

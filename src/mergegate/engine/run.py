@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .._staging import check_output, staged
-from ..checkpoint import ShardedWriter, copy_model_files, parse_size
+from ..io.write import ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels, MergegateError
 from ..methods import NonFiniteInput
 from ..progress import Advance, Progress

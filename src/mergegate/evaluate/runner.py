@@ -3,7 +3,7 @@
 A model already evaluated on this exact suite with the same run config is read from the registry instead of
 re-run; an interrupted run resumes with the rows it had not finished. The cache key is (model hash, suite hash,
 config hash): the model hash covers the files that change an answer (weights, config, generation config,
-tokenizer and chat template, adapter; `registry.folder_hash`), the config everything else (`run_config`).
+tokenizer and chat template, adapter; `io.hashing.folder_hash`), the config everything else (`run_config`).
 
 Batch size and thread count are not in the key: each row's answer does not depend on the rows it is batched
 with (its token budget is its own, prompts are left-padded under an attention mask, greedy decoding), so they

@@ -1,37 +1,32 @@
-"""Hugging Face model folders: lazy safetensors reading and sharded, deterministic safetensors writing.
+"""Reading Hugging Face model folders: lazy safetensors reading, header and config validation, side files.
 
-Reading parses each file's header once and then reads one tensor at a time with positional reads
-(`os.preadv`), so memory holds only the tensors being merged, and threads can read in parallel.
-Writing lays out every shard's header up front (shapes and dtypes are known from the plan), then writes
-each tensor at its offset as it is finished, in any order: output bytes never depend on scheduling.
+Reading parses each file's header once and then reads one tensor at a time from a private mapping, so memory
+holds only the tensors being merged, and threads can read in parallel. Everything read from a folder is
+checked first: a malformed header, config or index raises CheckpointError naming the file, a side file that
+would be copied into an output must be a regular file inside the folder, and pickle weights are loaded only
+when asked (`allow_pickle`), with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
-import threading
-import re
-import shutil
 import stat
 import struct
+import threading
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -329,190 +324,6 @@ class Checkpoint:
         return sorted(self.path / n for n in names if (self.path / n).is_file())
 
 
-# -- writing ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * self.dtype.itemsize
-
-
-def natural_key(name: str) -> list:
-    """Sort `layers.2` before `layers.10`."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-MAX_SHARD_SIZE = 1 << 50  # 1 PiB: beyond any disk; larger values are typos (or 400-digit numbers)
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '1.5G', or a byte count: a whole number of bytes from 1 to MAX_SHARD_SIZE, else
-    ValueError."""
-    if isinstance(text, bool):
-        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB)")
-    if isinstance(text, int):
-        value = text
-    else:
-        shown = str(text) if len(str(text)) <= 40 else str(text)[:37] + "..."
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)i?B?\s*", str(text).upper())
-        if not match:
-            raise ValueError(f"not a size: {shown!r} (use e.g. 5GB, 500MB)")
-        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2)]
-        if len(match.group(1)) > 30:
-            raise ValueError(f"size {shown!r} is too large (at most {MAX_SHARD_SIZE} bytes)")
-        value = int(Fraction(match.group(1)) * scale)  # exact: no float overflow or rounding
-    if value < 1:
-        raise ValueError(f"size {text!r} is not positive")
-    if value > MAX_SHARD_SIZE:
-        raise ValueError(f"size {str(text)[:40]!r} is too large (at most {MAX_SHARD_SIZE} bytes)")
-    return value
-
-
-class ShardedWriter:
-    """Writes tensors into safetensors shards whose layout is fixed before the first byte is written."""
-
-    def __init__(self, folder: Path, tensors: Iterable[OutputTensor], shard_size: int):
-        self.folder = folder
-        ordered = sorted(tensors, key=lambda t: natural_key(t.name))
-        shards: list[list[OutputTensor]] = [[]]
-        filled = 0
-        for tensor in ordered:
-            if shards[-1] and filled + tensor.nbytes > shard_size:
-                shards.append([])
-                filled = 0
-            shards[-1].append(tensor)
-            filled += tensor.nbytes
-        count = len(shards)
-        names = ["model.safetensors"] if count == 1 else [
-            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)
-        ]
-        self.files = [folder / n for n in names]
-        self._slots: dict[str, tuple[int, int, int]] = {}  # name -> (file index, offset, nbytes)
-        self._fds: list[int] = []
-        self._weight_map: dict[str, str] = {}
-        self.total_bytes = sum(t.nbytes for t in ordered)
-        for index, (file, shard) in enumerate(zip(self.files, shards)):
-            header: dict[str, dict] = {}
-            offset = 0
-            for tensor in shard:
-                header[tensor.name] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
-                                       "data_offsets": [offset, offset + tensor.nbytes]}
-                offset += tensor.nbytes
-                self._weight_map[tensor.name] = file.name
-            encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
-            encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
-            data_start = 8 + len(encoded)
-            try:
-                fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
-                os.pwrite(fd, struct.pack("<Q", len(encoded)) + encoded, 0)
-                os.ftruncate(fd, data_start + offset)
-            except OSError as exc:
-                self.abort()
-                raise CheckpointError(f"{file}: cannot be written ({exc.strerror or exc})") from None
-            for tensor in shard:
-                begin = header[tensor.name]["data_offsets"][0]
-                self._slots[tensor.name] = (index, data_start + begin, tensor.nbytes)
-        self._written: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None,
-              total_rows: int | None = None) -> None:
-        """Write a whole tensor, or rows [start, stop) of it (of `total_rows`); rows may come in any order."""
-        index, offset, nbytes = self._slots[name]
-        if rows is not None:
-            if total_rows is None:
-                raise ValueError(f"tensor '{name}': rows given without total_rows")
-            row_bytes = nbytes // total_rows
-            offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        data = memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
-        if len(data) != nbytes:
-            raise ValueError(f"tensor '{name}' has {len(data)} bytes, its slot {nbytes}")
-        done = 0
-        while done < nbytes:
-            done += os.pwrite(self._fds[index], data[done:], offset + done)
-        with self._lock:
-            self._written[name] = self._written.get(name, 0) + nbytes
-
-    def close(self) -> None:
-        """Flush to disk; write the index when sharded. Raises if any tensor was never written."""
-        missing = {name for name, (_, _, nbytes) in self._slots.items() if self._written.get(name, 0) != nbytes}
-        for fd in self._fds:
-            os.fsync(fd)
-            os.close(fd)
-        self._fds = []
-        if missing:
-            raise RuntimeError(f"{len(missing)} tensors were never written, e.g. {sorted(missing)[:3]}")
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": dict(sorted(self._weight_map.items(), key=lambda kv: natural_key(kv[0])))}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-    def abort(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-
-
-def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def cache_folder() -> Path:
-    """$MERGEGATE_CACHE, default ~/.cache/mergegate: input hashes, adapters folded into their base."""
-    return Path(os.environ.get("MERGEGATE_CACHE", Path.home() / ".cache" / "mergegate"))
-
-
-class HashCache:
-    """sha256 of input files, remembered by (path, size, mtime, inode): re-merging the same sources — the
-    usual loop when comparing recipes — does not re-read gigabytes just to hash them. A changed file has a
-    new mtime or size and is hashed again. Stored in $MERGEGATE_CACHE (default ~/.cache/mergegate)."""
-
-    def __init__(self, folder: Path | None = None):
-        self.path = Path(folder or cache_folder()) / "sha256.json"
-        self._lock = threading.Lock()
-        try:
-            self._entries: dict[str, str] = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            self._entries = {}
-
-    @staticmethod
-    def _key(path: Path) -> str:
-        stat = path.stat()
-        return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-
-    def sha256(self, path: Path) -> str:
-        key = self._key(path)
-        with self._lock:
-            if key in self._entries:
-                return self._entries[key]
-        digest = sha256_file(path)
-        with self._lock:
-            self._entries[key] = digest
-        return digest
-
-    def save(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            staging = self.path.with_suffix(f".{os.getpid()}.tmp")
-            with self._lock:
-                staging.write_text(json.dumps(self._entries, indent=0, sort_keys=True))
-            staging.replace(self.path)
-        except OSError:
-            pass  # a cache that cannot be written only costs time
-
-
 def read_json_object(path: Path) -> dict:
     """A UTF-8 JSON file holding an object; CheckpointError naming the file otherwise."""
     try:
@@ -569,22 +380,3 @@ def contained_file(path: Path, folder: Path, *, allow_folders: bool = False) -> 
         raise CheckpointError(f"{path}: {what} (points to {target}); only regular files are copied into a merged "
                               "model")
     return path
-
-
-def copy_model_files(source: Checkpoint, tokenizer_source: Checkpoint | None, folder: Path, out_dtype: torch.dtype,
-                     config_updates: dict | None = None) -> None:
-    """Copy config (with `config_updates` applied) and generation config from the base, tokenizer files from the
-    tokenizer source. Only regular files inside each model folder are copied (see `contained_file`)."""
-    config = {**source.config, **(config_updates or {})}
-    dtype_name = str(out_dtype).removeprefix("torch.")
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = dtype_name
-    if "torch_dtype" not in config and "dtype" not in config:
-        config["torch_dtype"] = dtype_name
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    generation = source.path / "generation_config.json"
-    if os.path.lexists(generation):
-        shutil.copyfile(contained_file(generation, source.path), folder / generation.name)
-    for file in tokenizer_source.tokenizer_files() if tokenizer_source else ():
-        shutil.copyfile(file, folder / file.name)

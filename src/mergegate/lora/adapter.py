@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_safetensors_header
+from ..io.read import read_safetensors_header
 from ..errors import CheckpointError, MergegateError
 
 CONFIG_FILE = "adapter_config.json"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import natural_key
+from ..io.write import natural_key
 from ..errors import IncompatibleModels, RecipeError
 from .._seeds import derived_seed
 from .._staging import check_output, staged

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint import Checkpoint, natural_key
+from ..io.read import Checkpoint
+from ..io.write import natural_key
 from ..errors import IncompatibleModels, RecipeError
 from .._staging import check_output, staged
 from .adapter import LoraWeights, rank_layout, write_adapter_files

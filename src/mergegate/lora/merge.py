@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, OutputTensor, ShardedWriter, copy_model_files, parse_size
+from ..io.read import Checkpoint
+from ..io.write import OutputTensor, ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels
 from .._staging import check_output, staged
 from .adapter import Adapter, read_adapter
