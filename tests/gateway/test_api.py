@@ -1,14 +1,10 @@
 """The gateway end to end: a real uvicorn server on 127.0.0.1 over tiny in-process models, a real stub upstream,
-driven by the official openai client (and httpx for raw requests).
-
-The fixtures here (`stub`, `launch`, `launch_each`, `one_torch_thread`) are imported by the other
-test_gateway_*.py files."""
+driven by the official openai client (and httpx for raw requests). Fixtures: tests/gateway/conftest.py."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -16,131 +12,17 @@ import openai
 import pytest
 import torch
 from fastapi import FastAPI, Request
-from openai import OpenAI
 
-from mergegate.gateway import GatewayConfig, create_app
-from mergegate.gateway.testing import ServerThread, StubUpstream
-from mergegate.registry import Registry
-from mergegate.rollout import RolloutPlan
+from mergegate.gateway import GatewayConfig
+from mergegate.gateway.testing import ServerThread
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own, raised by PEFT loading
+from .helpers import MESSAGES, route_of, wait_for
 
-
-# -- fixtures shared by the gateway test files -----------------------------------------------------------------
-
-@dataclass
-class Running:
-    server: ServerThread
-    app: object
-    registry: Registry
-    traces: Path
-    plan_path: Path
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def gateway(self):
-        return self.app.state.gateway
-
-    def client(self, **kw) -> OpenAI:
-        return OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=30, **kw)
-
-    def spans(self) -> list[dict]:
-        if not self.traces.exists():
-            return []
-        return [json.loads(line) for line in self.traces.read_text().splitlines() if line.strip()]
-
-    def metrics(self) -> str:
-        return httpx.get(self.url + "/metrics", timeout=10).text
-
-
-def _launch(plan: dict, folder: Path, **options) -> Running:
-    folder.mkdir(parents=True, exist_ok=True)
-    plan_obj = RolloutPlan.model_validate(plan)
-    plan_path = folder / "rollout.yaml"
-    plan_obj.save(plan_path)
-    registry = Registry(folder / "registry.sqlite")
-    traces = folder / "traces.jsonl"
-    config = options.pop("config", GatewayConfig())
-    app = create_app(plan_obj, registry=registry, traces_path=traces, config=config, plan_path=plan_path, **options)
-    server = ServerThread(app).start()
-    return Running(server, app, registry, traces, plan_path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models generate fastest single-threaded, especially on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def stub():
-    """A scriptable OpenAI-compatible upstream on 127.0.0.1; `stub.url` is its /v1 base URL."""
-    upstream = StubUpstream()
-    with ServerThread(upstream.app) as server:
-        upstream.url = server.url + "/v1"
-        yield upstream
-
-
-@pytest.fixture(autouse=True)
-def fresh_stub(request):
-    if "stub" in request.fixturenames:
-        request.getfixturevalue("stub").reset()
-    yield
-
-
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory):
-    """Start gateways that live until the end of the module."""
-    running: list[Running] = []
-
-    def start(plan: dict, **options) -> Running:
-        running.append(_launch(plan, tmp_path_factory.mktemp("gateway"), **options))
-        return running[-1]
-
-    yield start
-    for r in running:
-        r.server.stop()
-
-
-@pytest.fixture
-def launch_each(tmp_path):
-    """Start gateways that live for one test (for tests that change breaker, mirror or plan state)."""
-    running: list[Running] = []
-
-    def start(plan: dict, **options) -> Running:
-        running.append(_launch(plan, tmp_path / f"gw{len(running)}", **options))
-        return running[-1]
-
-    yield start
-    for r in running:
-        r.server.stop()
-
-
-def route_of(headers) -> dict[str, str]:
-    """x-mergegate-route → {key: value}."""
-    return dict(part.strip().split("=", 1) for part in headers["x-mergegate-route"].split(";"))
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
+pytestmark = [pytest.mark.one_torch_thread,
+              pytest.mark.filterwarnings("ignore::FutureWarning")]  # transformers' own, raised by PEFT loading
 
 
 # -- the module's gateway ----------------------------------------------------------------------------------------
-
-MESSAGES = [{"role": "user", "content": "hello there"}]
-
 
 @pytest.fixture(scope="module")
 def lora_adapter(family, tmp_path_factory) -> Path:

@@ -9,10 +9,9 @@ import pytest
 
 from mergegate.gateway import GatewayConfig
 
-from . import test_gateway as shared
+from .helpers import route_of
 
-# the shared fixtures (assigned, not imported, so that test parameters may use their names)
-launch, one_torch_thread, route_of = shared.launch, shared.one_torch_thread, shared.route_of
+pytestmark = pytest.mark.one_torch_thread
 
 WEATHER = ["What's the weather in Paris tomorrow?", "Will it rain in London this weekend?",
            "How hot will it be in Madrid today?", "Is there a storm warning for Miami tonight?",

@@ -20,14 +20,9 @@ from mergegate.gateway.backends import LocalBackend
 from mergegate.gateway.errors import APIError
 from mergegate.gateway.protocol import GenParams, GenRequest, parse_body, to_gen_request
 
-from . import test_gateway as shared
+from .helpers import MESSAGES, wait_for
 
-# the shared gateway fixtures (assigned, not imported, so that test parameters may use their names)
-stub, fresh_stub, launch, launch_each, one_torch_thread = (shared.stub, shared.fresh_stub, shared.launch,
-                                                           shared.launch_each, shared.one_torch_thread)
-MESSAGES, wait_for = shared.MESSAGES, shared.wait_for
-
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.one_torch_thread, pytest.mark.filterwarnings("ignore::FutureWarning")]
 TOKEN = "admin-token"
 
 
@@ -125,7 +120,7 @@ def test_an_upstream_refusing_a_request_as_invalid_is_a_4xx_not_a_breaker_failur
                                                max_tokens=4).choices[0].message.content == "fine"
 
 
-def test_a_local_model_refusing_a_parameter_raises_rejected_not_a_failure(family, one_torch_thread):
+def test_a_local_model_refusing_a_parameter_raises_rejected_not_a_failure(family):
     """Defence in depth behind the up-front checks: what a local model cannot take before it starts generating
     is the request's fault (BackendRejected, not counted by the breaker)."""
     async def run():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -15,7 +16,9 @@ from mergegate.cli.serve import register
 from mergegate.gateway.testing import ServerThread
 from mergegate.rollout import RolloutPlan
 
-from .test_gateway import MESSAGES, one_torch_thread  # noqa: F401
+from .helpers import MESSAGES
+
+pytestmark = pytest.mark.one_torch_thread
 
 
 def cli() -> typer.Typer:

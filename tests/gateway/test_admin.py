@@ -11,11 +11,9 @@ import pytest
 from mergegate.gateway import GatewayConfig
 from mergegate.rollout import load_plan
 
-from . import test_gateway as shared
+from .helpers import MESSAGES, route_of
 
-# the shared fixtures (assigned, not imported, so that test parameters may use their names)
-launch_each, one_torch_thread = shared.launch_each, shared.one_torch_thread
-MESSAGES, route_of = shared.MESSAGES, shared.route_of
+pytestmark = pytest.mark.one_torch_thread
 
 TOKEN = "s3cret-token"
 

@@ -13,12 +13,9 @@ import pytest
 from mergegate.gateway import GatewayConfig
 from mergegate.gateway.mirror import sampled
 
-from . import test_gateway as shared
+from .helpers import MESSAGES, route_of, wait_for
 
-# the shared fixtures (assigned, not imported, so that test parameters may use their names)
-stub, fresh_stub, launch_each = shared.stub, shared.fresh_stub, shared.launch_each
-one_torch_thread = shared.one_torch_thread
-MESSAGES, route_of, wait_for = shared.MESSAGES, shared.route_of, shared.wait_for
+pytestmark = pytest.mark.one_torch_thread
 
 # Short enough to keep the tests quick, long enough that a busy machine does not end a cooldown mid-assertion.
 COOLDOWN = 1.0
