@@ -12,9 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergegate import MergegateError
-from mergegate.evaluate import ModelSpec, SuiteError, evaluate_models, load_suite
+from mergegate.evaluate import SuiteError, evaluate_models, load_suite
 from mergegate.evaluate import evaluators as evaluators_module
 from mergegate.evaluate import runner as runner_module
+from mergegate.model_ref import ModelRef
 from mergegate.io.hashing import folder_hash
 from mergegate.registry import Registry
 
@@ -54,7 +55,7 @@ def test_malformed_rows_are_reported_by_line_number(tmp_path):
 def test_every_model_answers_the_same_rows_with_tokens_and_latency(family, suite_file, tmp_path):
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
-    specs = [ModelSpec("base", family["base"], "base"), ModelSpec("ft1", family["ft1"], "source")]
+    specs = [(ModelRef("base", family["base"]), "base"), (ModelRef("ft1", family["ft1"]), "source")]
     runs = evaluate_models(specs, suite, registry, batch_size=4, max_new_tokens=6, progress=False)
     for name, run in runs.items():
         assert [r.row_id for r in run.results] == [row["id"] for row in ROWS]
@@ -72,14 +73,14 @@ def test_every_model_answers_the_same_rows_with_tokens_and_latency(family, suite
 def test_sources_are_cached_by_model_suite_and_config(family, suite_file, tmp_path, monkeypatch):
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
-    spec = ModelSpec("base", family["base"], "base")
+    spec = (ModelRef("base", family["base"]), "base")
     first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["base"]
 
     def no_loading(spec):
         raise AssertionError("a cached model must not be loaded")
 
     monkeypatch.setattr(runner_module, "load_model", no_loading)
-    again = evaluate_models([ModelSpec("renamed", family["base"], "base")], suite, registry, batch_size=3,
+    again = evaluate_models([(ModelRef("renamed", family["base"]), "base")], suite, registry, batch_size=3,
                             max_new_tokens=4, progress=False)
     assert again["renamed"].cached and again["renamed"].run_id == first.run_id
     assert [r.output for r in again["renamed"].results] == [r.output for r in first.results]
@@ -94,7 +95,7 @@ def test_sources_are_cached_by_model_suite_and_config(family, suite_file, tmp_pa
 def test_interrupted_run_resumes_without_redoing_rows(family, suite_file, tmp_path, monkeypatch):
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
-    spec = ModelSpec("ft2", family["ft2"], "source")
+    spec = (ModelRef("ft2", family["ft2"]), "source")
     original = runner_module._run_batch
     seen: list[list[str]] = []
     crashed = []
@@ -132,7 +133,7 @@ def _runs(db_path) -> list[tuple]:
 def test_generation_settings_are_part_of_the_cache_key(family, suite_file, tmp_path):
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
-    spec = ModelSpec("base", family["base"], "base")
+    spec = (ModelRef("base", family["base"]), "base")
     short = evaluate_models([spec], suite, registry, batch_size=4, max_new_tokens=1, progress=False)["base"]
     assert all(r.completion_tokens <= 1 for r in short.results)
     full = evaluate_models([spec], suite, registry, batch_size=4, max_new_tokens=6, progress=False)["base"]
@@ -150,7 +151,7 @@ def test_generation_settings_are_part_of_the_cache_key(family, suite_file, tmp_p
 def test_a_new_evaluator_version_is_not_served_old_scores(family, suite_file, tmp_path, monkeypatch):
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
-    spec = ModelSpec("base", family["base"], "base")
+    spec = (ModelRef("base", family["base"]), "base")
     first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=3, progress=False)["base"]
     monkeypatch.setattr(evaluators_module.ExactMatch, "version", "2")
     again = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=3, progress=False)["base"]
@@ -165,7 +166,7 @@ def test_greedy_answers_do_not_depend_on_batch_size(tmp_path):
               for row in [r for r in rows if r["cohort"] == cohort][:5]]
     suite = load_suite(_write_rows(tmp_path / "suite.jsonl", picked))
     registry = Registry(tmp_path / "registry.sqlite")
-    spec = ModelSpec("json_output", DEMO / "models" / "json_output", "source")
+    spec = (ModelRef("json_output", DEMO / "models" / "json_output"), "source")
     answers = []
     for size in (1, 6, 20):
         run = evaluate_models([spec], suite, registry, batch_size=size, force=True, progress=False, threads=1)
@@ -192,12 +193,12 @@ def test_replacing_a_merged_models_weights_is_not_served_old_scores(family, suit
     assert (merged / "mergegate.json").is_file()
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
-    spec = ModelSpec("merged", merged, "candidate")
+    spec = (ModelRef("merged", merged), "candidate")
     first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["merged"]
     shutil.copyfile(family["ft3"] / "model.safetensors", merged / "model.safetensors")  # mergegate.json unchanged
     again = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["merged"]
     assert not again.cached and again.model_hash != first.model_hash
-    ft3 = evaluate_models([ModelSpec("ft3", family["ft3"], "source")], suite, registry, batch_size=5,
+    ft3 = evaluate_models([(ModelRef("ft3", family["ft3"]), "source")], suite, registry, batch_size=5,
                           max_new_tokens=4, progress=False)["ft3"]
     assert [r.output for r in again.results] == [r.output for r in ft3.results]
 
@@ -226,7 +227,7 @@ def test_files_that_change_answers_are_part_of_the_model_hash(family, tmp_path, 
 def test_bad_settings_are_refused_before_anything_is_recorded(family, suite_file, tmp_path, settings, message):
     registry = Registry(tmp_path / "registry.sqlite")
     with pytest.raises(MergegateError, match=message):
-        evaluate_models([ModelSpec("base", family["base"], "base")], load_suite(suite_file), registry,
+        evaluate_models([(ModelRef("base", family["base"]), "base")], load_suite(suite_file), registry,
                         progress=False, **settings)
     assert _runs(tmp_path / "registry.sqlite") == []
 
@@ -234,7 +235,8 @@ def test_bad_settings_are_refused_before_anything_is_recorded(family, suite_file
 def test_missing_model_folder_is_refused_by_name(family, suite_file, tmp_path):
     registry = Registry(tmp_path / "registry.sqlite")
     with pytest.raises(MergegateError, match=r"model 'ghost': .*nowhere: no such folder"):
-        evaluate_models([ModelSpec("base", family["base"], "base"), ModelSpec("ghost", tmp_path / "nowhere", "source")],
+        evaluate_models([(ModelRef("base", family["base"]), "base"),
+                         (ModelRef("ghost", tmp_path / "nowhere"), "source")],
                         load_suite(suite_file), registry, progress=False)
     assert _runs(tmp_path / "registry.sqlite") == []
 
@@ -242,7 +244,7 @@ def test_missing_model_folder_is_refused_by_name(family, suite_file, tmp_path):
 def test_a_finished_run_missing_rows_is_not_served(family, suite_file, tmp_path):
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
-    spec = ModelSpec("base", family["base"], "base")
+    spec = (ModelRef("base", family["base"]), "base")
     first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=3, progress=False)["base"]
     db = sqlite3.connect(tmp_path / "registry.sqlite")
     with db:
@@ -283,7 +285,7 @@ def test_an_old_registry_opens_and_its_unkeyed_runs_are_not_served(family, suite
                        [(r["id"], r["cohort"], "base", model_hash, "stale", 1, 1, 1.0, 1.0, 1, "{}") for r in ROWS])
     db.close()
     registry = Registry(path)
-    run = evaluate_models([ModelSpec("base", family["base"], "base")], suite, registry, batch_size=5, max_new_tokens=3,
+    run = evaluate_models([(ModelRef("base", family["base"]), "base")], suite, registry, batch_size=5, max_new_tokens=3,
                           progress=False)["base"]
     assert not run.cached and run.run_id == 2 and "stale" not in {r.output for r in run.results}
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
@@ -308,7 +310,7 @@ def test_cached_results_come_back_in_suite_order(family, tmp_path):
              "expected": "x", "evaluators": ["exact_match"]} for i in range(10)]
     suite = load_suite(_write_rows(tmp_path / "suite.jsonl", rows))
     registry = Registry(tmp_path / "registry.sqlite")
-    spec = ModelSpec("base", family["base"], "base")
+    spec = (ModelRef("base", family["base"]), "base")
     first = evaluate_models([spec], suite, registry, batch_size=3, max_new_tokens=3, progress=False)["base"]
     again = evaluate_models([spec], suite, registry, batch_size=3, max_new_tokens=3, progress=False)["base"]
     assert again.cached

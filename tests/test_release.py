@@ -102,7 +102,9 @@ def test_model_plus_adapter_sources_are_evaluated_as_base_with_adapter(tmp_path)
     recipe = load_recipe({"merge_method": "task_arithmetic", "base_model": str(demo / "base"), "models": [
         {"model": str(demo / "tool_required"), "parameters": {"weight": 1.0}},
         {"model": f"{demo / 'base'}+{demo / 'arithmetic_lora'}", "parameters": {"weight": 1.0}}]})
-    specs = {s.name: s for s in release_models(recipe, tmp_path / "candidate", "cand")}
-    assert specs["arithmetic_lora"].path == (demo / "base").resolve()
-    assert specs["arithmetic_lora"].adapter == (demo / "arithmetic_lora").resolve()
-    assert specs["base"].role == "base" and specs["base"].adapter is None
+    models = {ref.name: (ref, role) for ref, role in release_models(recipe, tmp_path / "candidate", "cand")}
+    lora, _ = models["arithmetic_lora"]
+    assert lora.path == (demo / "base").resolve()
+    assert lora.adapter == (demo / "arithmetic_lora").resolve()
+    base, role = models["base"]
+    assert role == "base" and base.adapter is None

@@ -41,3 +41,7 @@ class PolicyError(MergegateError, ValueError):
 
 class PlanError(MergegateError, ValueError):
     """A rollout plan is malformed or refers to an unknown model."""
+
+
+class ModelRefError(MergegateError, ValueError):
+    """A model reference (PATH, NAME=PATH, PATH+ADAPTER, NAME=URL#served-name) cannot be read."""

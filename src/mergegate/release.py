@@ -9,9 +9,10 @@ from typing import Sequence
 
 from .engine import merge
 from .errors import RecipeError
-from .evaluate import ModelRun, ModelSpec, evaluate_models, load_suite
+from .evaluate import ModelRun, evaluate_models, load_suite
 from .evaluate.runner import check_inputs, check_settings
 from .gate import GateResult, decide, load_policy
+from .model_ref import ModelRef, Role
 from .recipe import load_recipe
 from .registry import Registry
 from .report import rollout_plan, write_reports
@@ -21,42 +22,38 @@ from .rollout import PlanModel, RolloutPlan
 @dataclass(frozen=True)
 class ReleaseResult:
     out: Path
-    candidate: ModelSpec
+    candidate: ModelRef
     gate: GateResult
     plan: RolloutPlan
     runs: dict[str, ModelRun]
     reports: dict[str, Path]
 
 
-def release_models(recipe, candidate_dir: Path, candidate_name: str) -> list[ModelSpec]:
-    """The candidate, the base and every source the recipe names, with unique display names."""
-    from .engine.plan import resolve_model_path
-
+def release_models(recipe, candidate_dir: Path, candidate_name: str) -> list[tuple[ModelRef, Role]]:
+    """The candidate, the base and every source the recipe names, with their roles and unique display names.
+    A `model+adapter` source is evaluated and served as the model with its adapter (not the folded copy)."""
     if not recipe.base_model:
         raise RecipeError("a release needs base_model in the recipe: the base is evaluated beside every source")
-    specs = [ModelSpec(candidate_name, Path(candidate_dir), "candidate")]
+    models: list[tuple[ModelRef, Role]] = [(ModelRef(candidate_name, Path(candidate_dir)), "candidate")]
     taken = {candidate_name}
-    for ref in recipe.model_refs():
-        adapter = None
-        if "+" in ref and not Path(ref).exists():  # model+adapter: evaluated and served as the model with its adapter
-            model, adapter_ref = ref.split("+", 1)
-            path = resolve_model_path(model, recipe.folder).resolve()
-            adapter = resolve_model_path(adapter_ref, recipe.folder).resolve()
-        else:
-            path = resolve_model_path(ref, recipe.folder).resolve()
+    for text in recipe.model_refs():
+        ref = ModelRef.parse(text, name=text).resolve(recipe.folder)
+        if ref.path is None:
+            raise RecipeError(f"model '{text}': a recipe merges local folders, not a server's url")
+        path, adapter = ref.path.resolve(), ref.adapter.resolve() if ref.adapter is not None else None
         shown = adapter or path
         name = shown.name
         while name in taken:
             name = f"{shown.parent.name}/{name}"
         taken.add(name)
-        specs.append(ModelSpec(name, path, "base" if ref == recipe.base_model else "source", adapter))
-    return specs
+        models.append((ModelRef(name, path, adapter=adapter), "base" if text == recipe.base_model else "source"))
+    return models
 
 
 def release(recipe, suite, policy, out: str | Path, *, registry: Registry | None = None,
             candidate_name: str | None = None, seed: int = 0, progress: bool | None = None,
             batch_size: int = 32, max_new_tokens: int = 64,
-            extra_sources: Sequence[ModelSpec] = ()) -> ReleaseResult:
+            extra_sources: Sequence[ModelRef] = ()) -> ReleaseResult:
     """Merge → evaluate → gate → report. `extra_sources` are evaluated and may hold cohorts without being
     merged (e.g. a LoRA specialist served as base + adapter)."""
     out = Path(out)
@@ -71,18 +68,16 @@ def release(recipe, suite, policy, out: str | Path, *, registry: Registry | None
     candidate_name = candidate_name or f"merged-{recipe.merge_method}"
     candidate_dir = out / "candidate"
     merge(recipe, candidate_dir, seed=seed, overwrite=True, progress=progress)
-    specs = release_models(recipe, candidate_dir, candidate_name) + [
-        ModelSpec(s.name, Path(s.path), "source", s.adapter) for s in extra_sources]
+    evaluated = release_models(recipe, candidate_dir, candidate_name) + [(ref, "source") for ref in extra_sources]
     registry = registry or Registry(out / "registry.sqlite")
-    runs = evaluate_models(specs, suite, registry, progress=progress, batch_size=batch_size,
+    runs = evaluate_models(evaluated, suite, registry, progress=progress, batch_size=batch_size,
                            max_new_tokens=max_new_tokens)
-    base = next(s.name for s in specs if s.role == "base")
-    sources = [s.name for s in specs if s.role == "source"]
+    base = next(ref.name for ref, role in evaluated if role == "base")
+    sources = [ref.name for ref, role in evaluated if role == "source"]
     gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate_name, base=base,
                   sources=sources, policy=policy)
     registry.add_decisions(runs[candidate_name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
-    models = {s.name: PlanModel(role=s.role, path=str(s.path.absolute()),
-                                adapter=str(s.adapter) if s.adapter else None) for s in specs}
+    models = {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated}
     plan = rollout_plan(gate, models, suite)
     reports = write_reports(out, gate, plan, title=f"mergegate release: {candidate_name}")
-    return ReleaseResult(out, specs[0], gate, plan, runs, reports)
+    return ReleaseResult(out, evaluated[0][0], gate, plan, runs, reports)

@@ -11,25 +11,43 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import PlanError
+from .model_ref import ModelRef, Role
 
 OnlineCheck = Literal["json_valid", "refusal", "tool_selection"]
 
 
 class PlanModel(BaseModel):
-    """A model the gateway can call: a local folder (optionally with an adapter) or a remote upstream URL."""
+    """A plan's model entry (its YAML schema): a ModelRef with its role, the name being the entry's key.
+    A local folder (optionally with an adapter) or a remote upstream URL."""
 
     model_config = ConfigDict(extra="forbid")
-    role: Literal["candidate", "base", "source"] = "source"
+    role: Role = "source"
     path: str | None = None
     adapter: str | None = None
     url: str | None = None  # an OpenAI-compatible upstream, e.g. http://127.0.0.1:8000/v1
-    upstream_model: str | None = None  # the name the upstream knows it by
+    upstream_model: str | None = None  # the name the upstream knows it by (ModelRef.served_model)
 
     @model_validator(mode="after")
     def _one_location(self):
         if (self.path is None) == (self.url is None):
             raise ValueError("a model needs exactly one of 'path' or 'url'")
+        if self.url is not None and self.adapter is not None:
+            raise ValueError("an 'adapter' applies to a local 'path', not to a 'url'")
+        if self.path is not None and self.upstream_model is not None:
+            raise ValueError("'upstream_model' applies to a 'url', not to a local 'path'")
         return self
+
+    @classmethod
+    def from_ref(cls, ref: ModelRef, role: Role) -> PlanModel:
+        """The entry for `ref`; local paths made absolute (`RolloutPlan.save` writes them relative to the plan)."""
+        return cls(role=role, path=str(ref.path.absolute()) if ref.path is not None else None,
+                   adapter=str(ref.adapter.absolute()) if ref.adapter is not None else None,
+                   url=ref.url, upstream_model=ref.served_model)
+
+    def to_ref(self, name: str) -> ModelRef:
+        return ModelRef(name, Path(self.path) if self.path is not None else None,
+                        adapter=Path(self.adapter) if self.adapter is not None else None,
+                        url=self.url, served_model=self.upstream_model)
 
 
 class Route(BaseModel):

@@ -70,19 +70,11 @@ def merge_command(
                f"in {result.seconds:.1f} s")
 
 
-def _model_specs(values: list[str], role: str):
-    from ..evaluate import ModelSpec
+def _model_refs(values: list[str]):
+    """NAME=PATH options as ModelRefs (ModelRefError, a MergegateError, names a malformed one)."""
+    from ..model_ref import ModelRef
 
-    specs = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep:
-            name, path = Path(value).name, value
-        adapter = None
-        if "+" in path and not Path(path).exists():
-            path, adapter = path.split("+", 1)
-        specs.append(ModelSpec(name, Path(path), role, Path(adapter) if adapter else None))
-    return specs
+    return [ModelRef.parse(value).resolve() for value in values]
 
 
 @app.command("evaluate")
@@ -100,10 +92,10 @@ def evaluate_command(
     from ..registry import Registry
 
     try:
-        specs = _model_specs(models, "source")
-        check_inputs(specs, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the registry is touched
+        refs = _model_refs(models)
+        check_inputs(refs, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the registry is touched
         loaded = load_suite(suite)
-        runs = evaluate_models(specs, loaded, Registry(registry), batch_size=batch_size,
+        runs = evaluate_models([(ref, "source") for ref in refs], loaded, Registry(registry), batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
     except MergegateError as exc:
         _refuse(exc)
@@ -136,6 +128,7 @@ def gate_command(
     from ..evaluate import evaluate_models, load_suite
     from ..evaluate.runner import check_inputs
     from ..gate import decide, load_policy
+    from ..model_ref import ModelRef, Role
     from ..registry import Registry
     from ..report import rollout_plan, write_reports
     from ..rollout import PlanModel
@@ -143,16 +136,18 @@ def gate_command(
     try:
         loaded, rules = load_suite(suite), load_policy(policy)
         rules.check_cohorts(loaded.cohorts)
-        specs = _model_specs([candidate], "candidate") + _model_specs([base], "base") + _model_specs(source, "source")
-        check_inputs(specs, batch_size=32, max_new_tokens=64)
+        evaluated: list[tuple[ModelRef, Role]] = [
+            *((ref, "candidate") for ref in _model_refs([candidate])), *((ref, "base") for ref in _model_refs([base])),
+            *((ref, "source") for ref in _model_refs(source))]
+        check_inputs([ref for ref, _ in evaluated], batch_size=32, max_new_tokens=64)
         store = Registry(registry)
-        runs = evaluate_models(specs, loaded, store, batch_size=32, max_new_tokens=64)
-        result = decide({n: r.results for n, r in runs.items()}, candidate=specs[0].name, base=specs[1].name,
-                        sources=[s.name for s in specs[2:]], policy=rules)
-        store.add_decisions(runs[specs[0].name].model_hash, loaded.sha256, result.policy_sha256, result.decisions)
-        models = {s.name: PlanModel(role=s.role, path=str(s.path.absolute()),
-                                    adapter=str(s.adapter.absolute()) if s.adapter else None) for s in specs}
-        reports = write_reports(out, result, rollout_plan(result, models, loaded), title=f"gate: {specs[0].name}")
+        runs = evaluate_models(evaluated, loaded, store, batch_size=32, max_new_tokens=64)
+        names = [ref.name for ref, _ in evaluated]
+        result = decide({n: r.results for n, r in runs.items()}, candidate=names[0], base=names[1],
+                        sources=names[2:], policy=rules)
+        store.add_decisions(runs[names[0]].model_hash, loaded.sha256, result.policy_sha256, result.decisions)
+        models = {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated}
+        reports = write_reports(out, result, rollout_plan(result, models, loaded), title=f"gate: {names[0]}")
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result)

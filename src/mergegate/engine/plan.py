@@ -18,6 +18,7 @@ from ..io.write import OutputTensor, natural_key
 from ..compat import check_compatible
 from ..errors import CheckpointError, IncompatibleModels, RecipeError
 from ..methods import MergeMethod, ParamSpec
+from ..model_ref import ModelRef
 from ..methods._registry import CHUNK_ELEMENTS as DEFAULT_CHUNK, row_spans
 from ..recipe import Recipe, evaluate, input_models, load_recipe
 from ..vocab import VocabularyPlan, plan_vocabulary, tensor_has_vocabulary
@@ -100,20 +101,16 @@ class MergePlan:
 
 
 def resolve_model_path(ref: str, recipe_folder: Path | None, *, allow_pickle: bool = False) -> Path:
-    """A model reference is a local folder: relative to the working directory (as mergekit), else to the recipe.
-
-    `model+adapter` (mergekit's spelling) is the model with a PEFT LoRA adapter folded in, built once into the
-    cache and reused while neither input changes.
+    """The local folder a recipe's model reference names (read by ModelRef: relative to the working directory,
+    as mergekit, else to the recipe). `model+adapter` (mergekit's spelling) is the model with a PEFT LoRA adapter
+    folded in, built once into the cache and reused while neither input changes.
     """
-    path = Path(os.path.expanduser(ref))
-    if "+" in ref and not path.exists():
-        model, adapter = ref.split("+", 1)
-        return folded_adapter(resolve_model_path(model, recipe_folder), resolve_model_path(adapter, recipe_folder),
-                              allow_pickle=allow_pickle)
-    if path.is_dir() or path.is_absolute() or recipe_folder is None:
-        return path
-    beside_recipe = recipe_folder / path
-    return beside_recipe if beside_recipe.is_dir() else path
+    model = ModelRef.parse(ref, name=ref).resolve(recipe_folder)  # a recipe names a model by its reference
+    if model.path is None:
+        raise RecipeError(f"model '{ref}': a recipe merges local folders, not a server's url")
+    if model.adapter is not None:
+        return folded_adapter(model.path, model.adapter, allow_pickle=allow_pickle)
+    return model.path
 
 
 def folded_adapter(model: Path, adapter: Path, *, allow_pickle: bool = False) -> Path:

@@ -1,8 +1,8 @@
 """Evaluation: suites of cases per cohort, evaluators that score outputs, a runner over N models."""
 
 from .evaluators import EVALUATORS, EvalResult, Observation, get_evaluator, score_row
-from .runner import ModelRun, ModelSpec, evaluate_models
+from .runner import ModelRun, evaluate_models
 from .suite import Suite, SuiteError, SuiteRow, load_suite
 
-__all__ = ["EVALUATORS", "EvalResult", "ModelRun", "ModelSpec", "Observation", "Suite", "SuiteError", "SuiteRow",
+__all__ = ["EVALUATORS", "EvalResult", "ModelRun", "Observation", "Suite", "SuiteError", "SuiteRow",
            "evaluate_models", "get_evaluator", "load_suite", "score_row"]

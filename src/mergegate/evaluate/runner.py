@@ -20,11 +20,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from ..progress import Progress
 from ..errors import EvaluationError, RegistryError
+from ..model_ref import ModelRef, Role
 from ..registry import Registry, RowResult
 from .evaluators import Observation, evaluator_identity, needs_likelihood, score_row
 from .suite import Suite, SuiteRow
@@ -39,43 +41,42 @@ GENERATION = {"do_sample": False, "num_beams": 1}
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """A model to evaluate: a Hugging Face folder, optionally with a PEFT adapter on top."""
-
-    name: str
-    path: Path
-    role: str  # candidate | base | source
-    adapter: Path | None = None
-
-
-@dataclass(frozen=True)
 class ModelRun:
-    spec: ModelSpec
+    ref: ModelRef
+    role: Role
     model_hash: str
     run_id: int
     cached: bool  # read from the registry, not generated now
     results: list[RowResult]
 
 
-def load_model(spec: ModelSpec):
-    """Model and tokenizer for generation, on the CPU in float32."""
+def _local_folder(ref: ModelRef) -> Path:
+    if ref.path is None:  # a later issue: evaluate through the server's API
+        raise EvaluationError(f"model '{ref.name}': {ref.url} is a remote model; evaluating a remote model is "
+                              "not supported yet (give a local folder)")
+    return ref.path
+
+
+def load_model(ref: ModelRef):
+    """Model and tokenizer for generation, on the CPU in float32 (a local folder, with its adapter if any)."""
+    path = _local_folder(ref)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
-        if spec.adapter is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if ref.adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+            model = PeftModel.from_pretrained(model, ref.adapter).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-        where = f"{spec.path}" + (f" with adapter {spec.adapter}" if spec.adapter else "")
-        raise EvaluationError(f"model '{spec.name}' ({where}) cannot be loaded: {exc}") from None
+        where = f"{path}" + (f" with adapter {ref.adapter}" if ref.adapter else "")
+        raise EvaluationError(f"model '{ref.name}' ({where}) cannot be loaded: {exc}") from None
     model.eval()
     return model, tokenizer
 
@@ -102,30 +103,32 @@ def check_settings(*, batch_size: int, max_new_tokens: int, threads: int | None 
         raise EvaluationError("evaluate: " + "; ".join(problems))
 
 
-def check_inputs(models: list[ModelSpec], *, batch_size: int, max_new_tokens: int,
+def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens: int,
                  threads: int | None = None) -> None:
-    """Refuse bad settings and missing model folders before anything is loaded or recorded (EvaluationError)."""
+    """Refuse bad settings, remote models and missing model folders before anything is loaded or recorded
+    (EvaluationError)."""
     problems = _setting_problems(batch_size, max_new_tokens, threads)
     if not models:
         problems.append("no models to evaluate")
-    names = [spec.name for spec in models]
+    names = [ref.name for ref in models]
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         problems.append(f"model name(s) given twice: {', '.join(duplicated)}")
-    for spec in models:
-        path = Path(spec.path)
-        if not spec.name:
-            problems.append(f"model at {path}: empty name")
-        if not path.is_dir():
-            problems.append(f"model '{spec.name}': {path}: no such folder")
+    for ref in models:
+        path = ref.path
+        if path is None:
+            problems.append(f"model '{ref.name}': {ref.url} is a remote model; evaluating a remote model is not "
+                            "supported yet (give a local folder)")
+        elif not path.is_dir():
+            problems.append(f"model '{ref.name}': {path}: no such folder")
         elif not (path / "config.json").is_file():
-            problems.append(f"model '{spec.name}': {path} has no config.json (not a model folder)")
-        if spec.adapter is not None:
-            adapter = Path(spec.adapter)
+            problems.append(f"model '{ref.name}': {path} has no config.json (not a model folder)")
+        if ref.adapter is not None:
+            adapter = ref.adapter
             if not adapter.is_dir():
-                problems.append(f"model '{spec.name}': adapter {adapter}: no such folder")
+                problems.append(f"model '{ref.name}': adapter {adapter}: no such folder")
             elif not (adapter / "adapter_config.json").is_file():
-                problems.append(f"model '{spec.name}': adapter {adapter} has no adapter_config.json")
+                problems.append(f"model '{ref.name}': adapter {adapter} has no adapter_config.json")
     if problems:
         raise EvaluationError("evaluate: " + "; ".join(problems))
 
@@ -142,15 +145,15 @@ def _library_versions(adapter: bool) -> dict[str, str]:
     return found
 
 
-def run_config(spec: ModelSpec, suite: Suite, *, max_new_tokens: int) -> dict:
+def run_config(ref: ModelRef, suite: Suite, *, max_new_tokens: int) -> dict:
     """Everything besides the model files and the suite that can change an answer or a score: part of the
     cache key. Batch size and threads are left out on purpose (see the module docstring)."""
     return {
         "runner": RUNNER_FORMAT,
         "generation": {**GENERATION, "max_new_tokens": max_new_tokens, "dtype": "float32"},
-        "adapter": spec.adapter is not None,  # the adapter's files are in the model hash
+        "adapter": ref.adapter is not None,  # the adapter's files are in the model hash
         "evaluators": evaluator_identity(name for row in suite.rows for name in row.evaluators),
-        "libraries": _library_versions(spec.adapter is not None),
+        "libraries": _library_versions(ref.adapter is not None),
     }
 
 
@@ -158,15 +161,16 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def evaluate_models(models: list[ModelSpec], suite: Suite, registry: Registry, *, batch_size: int = 32,
-                    max_new_tokens: int = 64, progress: bool | None = None, force: bool = False,
+def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, registry: Registry, *,
+                    batch_size: int = 32, max_new_tokens: int = 64, progress: bool | None = None, force: bool = False,
                     threads: int | None = None) -> dict[str, ModelRun]:
-    """Evaluate every model on every row of `suite`; results keyed by model name.
+    """Evaluate every (model, role) on every row of `suite`; results keyed by model name. The role is recorded
+    in the registry beside the model. Local models only (a remote one is refused, EvaluationError).
 
     `threads` sets torch's intra-op threads for the run (default: half the cores, at least one): small
     models gain little from more, and oversubscribed OpenMP threads slow everything sharing the machine.
     """
-    check_inputs(models, batch_size=batch_size, max_new_tokens=max_new_tokens, threads=threads)
+    check_inputs([ref for ref, _ in models], batch_size=batch_size, max_new_tokens=max_new_tokens, threads=threads)
     show = sys.stderr.isatty() if progress is None else progress
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
@@ -180,29 +184,29 @@ def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) 
     runs = {}
     row_ids = [row.id for row in suite.rows]
     with Progress(show) as bar:
-        for spec in models:
-            model_hash = registry.register_model(spec.name, spec.path, role=spec.role, adapter=spec.adapter)
-            config = run_config(spec, suite, max_new_tokens=max_new_tokens)
+        for ref, role in models:
+            model_hash = registry.register_model(ref.name, _local_folder(ref), role=role, adapter=ref.adapter)
+            config = run_config(ref, suite, max_new_tokens=max_new_tokens)
             key = config_hash(config)
             cached = None if force else registry.cached_run(model_hash, suite.sha256, key, row_ids)
             if cached is not None:
-                results = _in_suite_order(registry.results(cached, spec.name), suite, registry, cached)
-                runs[spec.name] = ModelRun(spec, model_hash, cached, True, results)
+                results = _in_suite_order(registry.results(cached, ref.name), suite, registry, cached)
+                runs[ref.name] = ModelRun(ref, role, model_hash, cached, True, results)
                 continue
             run_id = registry.open_run(model_hash, suite.sha256, key, config)
             done = registry.done_rows(run_id)
             todo = [row for row in suite.rows if row.id not in done]
-            advance = bar.task(f"evaluating {spec.name}", len(suite.rows), completed=len(done), unit="rows")
+            advance = bar.task(f"evaluating {ref.name}", len(suite.rows), completed=len(done), unit="rows")
             if todo:
-                model, tokenizer = load_model(spec)
+                model, tokenizer = load_model(ref)
                 for batch in _batches(todo, batch_size):
-                    results = _run_batch(model, tokenizer, spec.name, model_hash, batch, max_new_tokens)
+                    results = _run_batch(model, tokenizer, ref.name, model_hash, batch, max_new_tokens)
                     registry.add_results(run_id, results)  # committed per batch: a crash loses one batch
                     advance(len(batch))
                 del model
             registry.finish_run(run_id, row_ids)  # refused unless every suite row has a result
-            results = _in_suite_order(registry.results(run_id, spec.name), suite, registry, run_id)
-            runs[spec.name] = ModelRun(spec, model_hash, run_id, False, results)
+            results = _in_suite_order(registry.results(run_id, ref.name), suite, registry, run_id)
+            runs[ref.name] = ModelRun(ref, role, model_hash, run_id, False, results)
     return runs
 
 

@@ -10,12 +10,13 @@ from .remote import RemoteBackend
 
 
 def build_backend(name: str, spec: PlanModel, config: GatewayConfig) -> Backend:
-    """The backend for one plan model: `url` → RemoteBackend, `path` (+ `adapter`) → LocalBackend."""
-    if spec.url is not None:
-        return RemoteBackend(name, spec.url, upstream_model=spec.upstream_model, timeout=config.backend_timeout,
+    """The backend for one plan model: a url → RemoteBackend, a path (+ adapter) → LocalBackend."""
+    ref = spec.to_ref(name)
+    if ref.url is not None:
+        return RemoteBackend(name, ref.url, upstream_model=ref.served_model, timeout=config.backend_timeout,
                              queue_limit=config.local_queue_limit)
-    assert spec.path is not None  # PlanModel holds exactly one of url and path
-    return LocalBackend(name, spec.path, adapter=spec.adapter, queue_limit=config.local_queue_limit)
+    assert ref.path is not None  # a ModelRef holds exactly one of url and path
+    return LocalBackend(name, ref.path, adapter=ref.adapter, queue_limit=config.local_queue_limit)
 
 
 __all__ = ["Backend", "LocalBackend", "RemoteBackend", "Slot", "build_backend"]

@@ -34,11 +34,12 @@ class LocalBackend(Backend):
         self._pending = 0
 
     async def start(self) -> None:
-        from ...evaluate.runner import ModelSpec, load_model
+        from ...evaluate.runner import load_model
+        from ...model_ref import ModelRef
 
         self._lock = asyncio.Lock()
-        spec = ModelSpec(self.name, self.path, "source", self.adapter)
-        self.model, self.tokenizer = await asyncio.to_thread(load_model, spec)
+        ref = ModelRef(self.name, self.path, adapter=self.adapter)
+        self.model, self.tokenizer = await asyncio.to_thread(load_model, ref)
 
     async def close(self) -> None:
         self.model = self.tokenizer = None
