@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from mergegate.cli.main import app
 
+from .conftest import recipe_for
+
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
 ROWS = [{"id": f"r{i}", "cohort": "echo" if i % 2 else "json_output", "prompt": f"say {i}:", "expected": str(i),
@@ -89,6 +91,35 @@ def test_evaluate_refuses_bad_settings_and_records_nothing(family, suite_file, t
                      tmp_path / "registry.sqlite", *options)
     _refused(result, *fragments)
     assert not (tmp_path / "registry.sqlite").exists()
+
+
+@pytest.mark.parametrize("options, fragments", [
+    (["--batch-size", "0"], ["batch size must be an integer >= 1, got 0"]),
+    (["--max-new-tokens", "0"], ["max new tokens must be an integer >= 1, got 0"]),
+])
+def test_gate_refuses_bad_settings_and_records_nothing(gate_args, tmp_path, options, fragments):
+    _refused(_invoke(*gate_args(), *options), *fragments)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "registry.sqlite").exists()
+
+
+def test_gate_passes_its_generation_settings_through(gate_args, tmp_path):
+    result = _invoke(*gate_args(), "--batch-size", "3", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    configs = sqlite3.connect(tmp_path / "registry.sqlite").execute("SELECT config FROM eval_runs").fetchall()
+    assert len(configs) == 3 and all(json.loads(c)["generation"]["max_new_tokens"] == 2 for (c,) in configs)
+
+
+def test_release_passes_registry_and_generation_settings_through(family, suite_file, tmp_path, write_recipe):
+    recipe = write_recipe(recipe_for("task_arithmetic", family, models=("ft1", "ft2")))
+    _refused(_invoke("release", recipe, "--suite", suite_file, "--out", tmp_path / "refused", "--batch-size", "0"),
+             "batch size must be an integer >= 1, got 0")
+    assert not (tmp_path / "refused").exists()
+    result = _invoke("release", recipe, "--suite", suite_file, "--out", tmp_path / "out", "--registry",
+                     tmp_path / "shared.sqlite", "--batch-size", "2", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out" / "registry.sqlite").exists()
+    configs = sqlite3.connect(tmp_path / "shared.sqlite").execute("SELECT config FROM eval_runs").fetchall()
+    assert len(configs) == 4 and all(json.loads(c)["generation"]["max_new_tokens"] == 2 for (c,) in configs)
 
 
 def test_evaluate_refuses_a_missing_model(suite_file, tmp_path):

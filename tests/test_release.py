@@ -65,6 +65,17 @@ def test_release_needs_a_base_model(family, small_suite, tmp_path):
         release(recipe_for("linear", family, base=False), small_suite, None, tmp_path / "o", progress=False)
 
 
+def test_gate_release_checks_every_model_before_opening_the_registry(family, small_suite, tmp_path):
+    from mergegate import MergegateError
+    from mergegate.model_ref import ModelRef
+    from mergegate.release import gate_release
+
+    with pytest.raises(MergegateError, match="model 'up': http://127.0.0.1:9/v1 is a remote model"):
+        gate_release(ModelRef("cand", family["ft1"]), ModelRef("base", family["base"]),
+                     [ModelRef("up", url="http://127.0.0.1:9/v1")], small_suite, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _follows_policy(decision, rule) -> bool:
     promote_ok = (decision.candidate_mean >= rule.min_score and decision.retention >= rule.min_retention
                   and decision.diff_low >= -rule.max_drop)

@@ -1,5 +1,8 @@
 """A release: merge the recipe into a candidate, evaluate it with the base and every source on the same
-suite, gate each cohort, and write the report and the rollout plan."""
+suite, gate each cohort, and write the report and the rollout plan.
+
+Everything after the merge is `gate_release`, the one pipeline behind `release`, `mergegate gate`,
+`mergegate release` and the demo."""
 
 from __future__ import annotations
 
@@ -9,9 +12,9 @@ from typing import Sequence
 
 from .engine import merge
 from .errors import RecipeError
-from .evaluate import ModelRun, evaluate_models, load_suite
+from .evaluate import ModelRun, Suite, evaluate_models, load_suite
 from .evaluate.runner import check_inputs, check_settings
-from .gate import GateResult, decide, load_policy
+from .gate import GateResult, Policy, decide, load_policy
 from .model_ref import ModelRef, Role
 from .recipe import load_recipe
 from .registry import Registry
@@ -21,6 +24,9 @@ from .rollout import PlanModel, RolloutPlan
 
 @dataclass(frozen=True)
 class ReleaseResult:
+    """What a gated release wrote and decided: its folder, the candidate, the decisions, the plan, every model's
+    run, and the report files (md, html, rollout)."""
+
     out: Path
     candidate: ModelRef
     gate: GateResult
@@ -50,15 +56,43 @@ def release_models(recipe, candidate_dir: Path, candidate_name: str) -> list[tup
     return models
 
 
-def release(recipe, suite, policy, out: str | Path, *, registry: Registry | None = None,
+def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef], suite: Suite | str | Path,
+                 policy: Policy | dict | str | Path | None, out: str | Path, *,
+                 registry: Registry | str | Path | None = None, batch_size: int = 32, max_new_tokens: int = 64,
+                 progress: bool | None = None, title: str | None = None) -> ReleaseResult:
+    """Evaluate → gate → record → report: the candidate, the base and every source on the same suite rows, a
+    decision per cohort recorded in the registry, and report.md, report.html and rollout.yaml written to `out`.
+
+    `registry` is a Registry or its file (default: OUT/registry.sqlite), opened only once the suite, the policy
+    and the models have been checked, so a refused input leaves no registry behind."""
+    out = Path(out)
+    suite = _loaded_suite(suite)
+    policy = load_policy(policy)
+    policy.check_cohorts(suite.cohorts)
+    evaluated: list[tuple[ModelRef, Role]] = [(candidate, "candidate"), (base, "base"),
+                                              *((source, "source") for source in sources)]
+    check_inputs([ref for ref, _ in evaluated], batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if not isinstance(registry, Registry):
+        registry = Registry(out / "registry.sqlite" if registry is None else Path(registry))
+    runs = evaluate_models(evaluated, suite, registry, progress=progress, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens)
+    gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate.name, base=base.name,
+                  sources=[source.name for source in sources], policy=policy)
+    registry.add_decisions(runs[candidate.name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
+    plan = rollout_plan(gate, {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated}, suite)
+    reports = write_reports(out, gate, plan, title=title or f"gate: {candidate.name}")
+    return ReleaseResult(out, candidate, gate, plan, runs, reports)
+
+
+def release(recipe, suite, policy, out: str | Path, *, registry: Registry | str | Path | None = None,
             candidate_name: str | None = None, seed: int = 0, progress: bool | None = None,
             batch_size: int = 32, max_new_tokens: int = 64,
             extra_sources: Sequence[ModelRef] = ()) -> ReleaseResult:
-    """Merge → evaluate → gate → report. `extra_sources` are evaluated and may hold cohorts without being
-    merged (e.g. a LoRA specialist served as base + adapter)."""
+    """Merge → `gate_release`. `extra_sources` are evaluated and may hold cohorts without being merged (e.g. a
+    LoRA specialist served as base + adapter)."""
     out = Path(out)
     recipe = load_recipe(recipe)
-    suite = load_suite(suite)
+    suite = _loaded_suite(suite)
     policy = load_policy(policy)
     policy.check_cohorts(suite.cohorts)  # before the merge: a typo in the policy should not cost a merge
     if extra_sources:
@@ -68,16 +102,13 @@ def release(recipe, suite, policy, out: str | Path, *, registry: Registry | None
     candidate_name = candidate_name or f"merged-{recipe.merge_method}"
     candidate_dir = out / "candidate"
     merge(recipe, candidate_dir, seed=seed, overwrite=True, progress=progress)
-    evaluated = release_models(recipe, candidate_dir, candidate_name) + [(ref, "source") for ref in extra_sources]
-    registry = registry or Registry(out / "registry.sqlite")
-    runs = evaluate_models(evaluated, suite, registry, progress=progress, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens)
-    base = next(ref.name for ref, role in evaluated if role == "base")
-    sources = [ref.name for ref, role in evaluated if role == "source"]
-    gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate_name, base=base,
-                  sources=sources, policy=policy)
-    registry.add_decisions(runs[candidate_name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
-    models = {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated}
-    plan = rollout_plan(gate, models, suite)
-    reports = write_reports(out, gate, plan, title=f"mergegate release: {candidate_name}")
-    return ReleaseResult(out, evaluated[0][0], gate, plan, runs, reports)
+    models = release_models(recipe, candidate_dir, candidate_name)
+    base = next(ref for ref, role in models if role == "base")
+    sources = [ref for ref, role in models if role == "source"] + list(extra_sources)
+    return gate_release(models[0][0], base, sources, suite, policy, out, registry=registry, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, progress=progress,
+                        title=f"mergegate release: {candidate_name}")
+
+
+def _loaded_suite(suite: Suite | str | Path) -> Suite:
+    return suite if isinstance(suite, Suite) else load_suite(suite)

@@ -70,11 +70,11 @@ def merge_command(
                f"in {result.seconds:.1f} s")
 
 
-def _model_refs(values: list[str]):
-    """NAME=PATH options as ModelRefs (ModelRefError, a MergegateError, names a malformed one)."""
+def _model_ref(value: str):
+    """A NAME=PATH option as a ModelRef (ModelRefError, a MergegateError, names a malformed one)."""
     from ..model_ref import ModelRef
 
-    return [ModelRef.parse(value).resolve() for value in values]
+    return ModelRef.parse(value).resolve()
 
 
 @app.command("evaluate")
@@ -92,7 +92,7 @@ def evaluate_command(
     from ..registry import Registry
 
     try:
-        refs = _model_refs(models)
+        refs = [_model_ref(value) for value in models]
         check_inputs(refs, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the registry is touched
         loaded = load_suite(suite)
         runs = evaluate_models([(ref, "source") for ref in refs], loaded, Registry(registry), batch_size=batch_size,
@@ -122,36 +122,20 @@ def gate_command(
     policy: Optional[Path] = typer.Option(None, help="Policy YAML (default rules when omitted)."),
     out: Path = typer.Option(Path("gate-out"), help="Folder for report.md, report.html, rollout.yaml."),
     registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
+    batch_size: int = typer.Option(32, help="Rows generated together."),
+    max_new_tokens: int = typer.Option(64, help="Longest completion."),
 ) -> None:
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
-    from ..evaluate import evaluate_models, load_suite
-    from ..evaluate.runner import check_inputs
-    from ..gate import decide, load_policy
-    from ..model_ref import ModelRef, Role
-    from ..registry import Registry
-    from ..report import rollout_plan, write_reports
-    from ..rollout import PlanModel
+    from ..release import gate_release
 
     try:
-        loaded, rules = load_suite(suite), load_policy(policy)
-        rules.check_cohorts(loaded.cohorts)
-        evaluated: list[tuple[ModelRef, Role]] = [
-            *((ref, "candidate") for ref in _model_refs([candidate])), *((ref, "base") for ref in _model_refs([base])),
-            *((ref, "source") for ref in _model_refs(source))]
-        check_inputs([ref for ref, _ in evaluated], batch_size=32, max_new_tokens=64)
-        store = Registry(registry)
-        runs = evaluate_models(evaluated, loaded, store, batch_size=32, max_new_tokens=64)
-        names = [ref.name for ref, _ in evaluated]
-        result = decide({n: r.results for n, r in runs.items()}, candidate=names[0], base=names[1],
-                        sources=names[2:], policy=rules)
-        store.add_decisions(runs[names[0]].model_hash, loaded.sha256, result.policy_sha256, result.decisions)
-        models = {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated}
-        reports = write_reports(out, result, rollout_plan(result, models, loaded), title=f"gate: {names[0]}")
+        result = gate_release(_model_ref(candidate), _model_ref(base), [_model_ref(value) for value in source], suite,
+                              policy, out, registry=registry, batch_size=batch_size, max_new_tokens=max_new_tokens)
     except MergegateError as exc:
         _refuse(exc)
-    _print_decisions(result)
-    typer.echo(f"wrote {', '.join(str(p) for p in reports.values())}")
+    _print_decisions(result.gate)
+    typer.echo(f"wrote {', '.join(str(p) for p in result.reports.values())}")
 
 
 @app.command("release")
@@ -161,6 +145,10 @@ def release_command(
     policy: Optional[Path] = typer.Option(None, help="Policy YAML (default rules when omitted)."),
     out: Path = typer.Option(Path("release-out"), help="Folder for the candidate, reports and rollout plan."),
     seed: int = typer.Option(0, help="Seed for random merge methods."),
+    registry: Optional[Path] = typer.Option(None, help="SQLite registry (results are cached; default: "
+                                                       "OUT/registry.sqlite)."),
+    batch_size: int = typer.Option(32, help="Rows generated together."),
+    max_new_tokens: int = typer.Option(64, help="Longest completion."),
 ) -> None:
     """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
     from .. import MergegateError
@@ -168,7 +156,8 @@ def release_command(
 
     _keep_freed_memory()
     try:
-        result = release(recipe, suite, policy, out, seed=seed)
+        result = release(recipe, suite, policy, out, seed=seed, registry=registry, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)
