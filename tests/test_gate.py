@@ -182,6 +182,19 @@ def test_a_policy_naming_a_cohort_the_suite_lacks_is_refused():
         decide(results(spec), candidate="merged", base="base", sources=["src"], policy=policy)
 
 
+def test_a_default_route_naming_a_cohort_the_suite_lacks_is_refused():
+    policy = load_policy({"default_route": "out_of_domian"})
+    with pytest.raises(PolicyError, match=r"default_route 'out_of_domian' is not a cohort of the suite "
+                                          r"\(the suite's cohorts: json_output, out_of_domain\)"):
+        policy.check_cohorts(["json_output", "out_of_domain"])
+    load_policy({"default_route": "out_of_domain"}).check_cohorts(["json_output", "out_of_domain"])
+
+
+def test_an_unset_default_route_leaves_the_policy_hash_as_it_was():
+    assert load_policy(None).sha256 == "6d186801567d6e61de2d774b1a0928e95bf8ee2c80363a7d9b7fa725b60ba5d7"
+    assert load_policy({"default_route": "json_output"}).sha256 != load_policy(None).sha256
+
+
 BAD_POLICIES = [
     ("default:\n  max_drop: [0.1\n", r"line 3, column 1: not valid YAML"),
     ("confidence: 0.95\n  bootstrap: 100\n", r"line 2, column 12: not valid YAML"),
@@ -202,6 +215,8 @@ BAD_POLICIES = [
     ("cohorts: {json: {max_dorp: 0.1}}\n", r"cohorts.json.max_dorp: Extra inputs are not permitted"),
     ("cohorts: [json]\n", r"cohorts: Input should be a valid dictionary"),
     ("thresholds: {}\n", r"thresholds: Extra inputs are not permitted"),
+    ("default_route: 7\n", r"default_route: Input should be a valid string"),
+    ("default_route: ''\n", r"default_route: String should have at least 1 character"),
 ]
 
 
@@ -229,6 +244,7 @@ def test_the_demo_policy_loads():
 
     policy = load_policy(Path(__file__).resolve().parents[1] / "examples" / "demo" / "policy.yaml")
     assert policy.rule("policy_refusal").max_drop == 0.05 and policy.rule("json_output").min_rows == 20
+    assert policy.default_route == "out_of_domain"
 
 
 # --- properties: any text is a policy or a PolicyError --------------------------------------------------------

@@ -101,6 +101,8 @@ def test_demo_end_to_end(tmp_path):
     assert any(d.decision != "promote" for d in decisions)
     plan = load_plan(tmp_path / "rollout.yaml")
     assert plan.candidate.startswith("merged-")
+    # the demo policy's default_route: requests no cohort claims go where out_of_domain goes
+    assert plan.default == plan.routes["out_of_domain"].model_copy(update={"decision": None})
     for name, model in plan.models.items():  # the top-level plan's relative paths still point at the models
         assert (Path(model.path) / "config.json").is_file(), name
 

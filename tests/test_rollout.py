@@ -31,6 +31,58 @@ def test_unknown_model_in_a_route_is_refused():
                     routes={"json_output": Route(model="ghost")}, default=Route(model="m"))
 
 
+def _decided(tmp_path):
+    """A gate result over two cohorts (held json_output, promoted out_of_domain), its suite and plan models."""
+    import json
+
+    from mergegate.evaluate import load_suite
+    from mergegate.gate import CohortDecision, GateResult
+
+    rows = [{"id": "j", "cohort": "json_output", "prompt": "p", "expected": "{}", "evaluators": ["json_schema"],
+             "schema": {"type": "object"}},
+            {"id": "o", "cohort": "out_of_domain", "prompt": "p", "expected": "x", "evaluators": ["exact_match"]}]
+    (tmp_path / "suite.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    numbers = dict(rows=1, candidate_mean=0.5, best_source="src", best_source_mean=0.5, base_mean=0.4, diff_mean=0.0,
+                   diff_low=-0.1, diff_high=0.1, retention=1.0, retention_low=0.9, retention_high=1.1)
+    gate = GateResult("cand", [
+        CohortDecision("json_output", "hold", "src", mirror_share=0.1, fallback=("src", "base"), **numbers),
+        CohortDecision("out_of_domain", "promote", "cand", mirror_share=0.0, fallback=("cand", "src", "base"),
+                       **numbers)], {}, "0" * 64)
+    models = {"cand": PlanModel(role="candidate", path="/m/cand"), "base": PlanModel(role="base", path="/m/base"),
+              "src": PlanModel(role="source", path="/m/src")}
+    return gate, models, load_suite(tmp_path / "suite.jsonl")
+
+
+def test_the_plan_routes_each_cohort_as_decided_with_its_online_check(tmp_path):
+    from mergegate.gate import load_policy
+
+    plan = RolloutPlan.from_decisions(*_decided(tmp_path), load_policy(None))
+    assert plan.candidate == "cand" and list(plan.models) == ["cand", "base", "src"]
+    assert plan.routes["json_output"] == Route(model="src", fallback=["src", "base"], mirror=0.1, decision="hold",
+                                               check="json_valid")
+    assert plan.routes["out_of_domain"] == Route(model="cand", fallback=["cand", "src", "base"], decision="promote")
+
+
+def test_without_a_default_route_in_the_policy_the_default_is_the_base_unmirrored(tmp_path):
+    from mergegate.gate import load_policy
+
+    plan = RolloutPlan.from_decisions(*_decided(tmp_path), load_policy(None))
+    assert plan.default == Route(model="base") and plan.default.mirror == 0.0  # even with a cohort named out_of_domain
+
+
+def test_the_default_route_follows_the_cohort_the_policy_names(tmp_path):
+    from mergegate.gate import load_policy
+
+    gate, models, suite = _decided(tmp_path)
+    plan = RolloutPlan.from_decisions(gate, models, suite, load_policy({"default_route": "json_output"}))
+    assert plan.default == Route(model="src", fallback=["src", "base"], mirror=0.1, check="json_valid")
+    assert plan.default.decision is None and plan.routes["json_output"].decision == "hold"
+    plan = RolloutPlan.from_decisions(gate, models, suite, load_policy({"default_route": "out_of_domain"}))
+    assert plan.default == Route(model="cand", fallback=["cand", "src", "base"])
+    with pytest.raises(PlanError, match="default_route 'tool_required': the gate decided no such cohort"):
+        RolloutPlan.from_decisions(gate, models, suite, load_policy({"default_route": "tool_required"}))
+
+
 def test_missing_local_folder_is_refused_by_name(family, tmp_path):
     plan = _plan(family)
     plan.models["merged"].path = str(tmp_path / "gone")

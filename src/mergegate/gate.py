@@ -44,12 +44,20 @@ class CohortRule(BaseModel):
 
 
 class Policy(BaseModel):
+    """The gate's rules: interval settings, a default rule per cohort and per-cohort overrides.
+
+    `default_route` names the cohort whose decision the rollout plan's default route (requests no cohort
+    claims) follows: its model, fallback chain, mirrored share and online check. When it is absent the default
+    route is the base model, with no fallback and no mirroring.
+    """
+
     model_config = _STRICT
     confidence: float = Field(default=0.95, ge=0.5, le=0.999)
     bootstrap: int = Field(default=2000, ge=100, le=100_000)  # resamples; bounded so a typo cannot hang the gate
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     default: CohortRule = CohortRule()
     cohorts: dict[str, CohortRule] = {}
+    default_route: str | None = Field(default=None, min_length=1)  # a cohort of the suite; None: the base model
 
     def rule(self, cohort: str) -> CohortRule:
         if cohort not in self.cohorts:
@@ -64,10 +72,16 @@ class Policy(BaseModel):
         if unknown:
             raise PolicyError(f"policy: cohort(s) {', '.join(repr(c) for c in unknown)} not in the suite "
                               f"(the suite's cohorts: {', '.join(known)})")
+        if self.default_route is not None and self.default_route not in known:
+            raise PolicyError(f"policy: default_route {self.default_route!r} is not a cohort of the suite "
+                              f"(the suite's cohorts: {', '.join(known)})")
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+        # default_route left out while unset, so a policy that does not use it keeps the hash recorded beside
+        # its earlier decisions
+        fields = self.model_dump(exclude={"default_route"} if self.default_route is None else None)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -18,7 +18,7 @@ from .gate import GateResult, Policy, decide, load_policy
 from .model_ref import ModelRef, Role
 from .recipe import load_recipe
 from .registry import Registry
-from .report import rollout_plan, write_reports
+from .report import write_reports
 from .rollout import PlanModel, RolloutPlan
 
 
@@ -79,7 +79,8 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate.name, base=base.name,
                   sources=[source.name for source in sources], policy=policy)
     registry.add_decisions(runs[candidate.name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
-    plan = rollout_plan(gate, {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated}, suite)
+    plan = RolloutPlan.from_decisions(gate, {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated},
+                                      suite, policy)
     reports = write_reports(out, gate, plan, title=title or f"gate: {candidate.name}")
     return ReleaseResult(out, candidate, gate, plan, runs, reports)
 

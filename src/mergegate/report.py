@@ -1,4 +1,5 @@
-"""Release reports: report.md, a self-contained report.html (chart embedded), and rollout.yaml.
+"""Release reports: report.md, a self-contained report.html (chart embedded), and rollout.yaml. The plan
+itself is built in rollout.py (`RolloutPlan.from_decisions`); this module only renders.
 
 The chart needs matplotlib (the `report` extra). Without it the reports and the rollout plan are still written,
 chart left out, and one line says which extra draws it: the decisions never depend on the picture."""
@@ -12,30 +13,8 @@ import logging
 from pathlib import Path
 
 from ._extras import install_hint, missing_extra
-from .evaluate.suite import Suite
 from .gate import GateResult
-from .rollout import PlanModel, RolloutPlan, Route
-
-CHECKS = {"json_valid": "json_valid", "json_schema": "json_valid", "refusal": "refusal",
-          "tool_selection": "tool_selection"}
-
-
-def rollout_plan(gate: GateResult, models: dict[str, PlanModel], suite: Suite,
-                 default_cohort: str = "out_of_domain") -> RolloutPlan:
-    """Routes from the gate's decisions; each cohort gets the online check its suite rows use."""
-    routes = {}
-    for d in gate.decisions:
-        rows = suite.by_cohort(d.cohort)
-        evaluators = {name for row in rows for name in row.evaluators}
-        check = next((CHECKS[e] for e in ("json_schema", "json_valid", "tool_selection", "refusal")
-                      if e in evaluators), None)
-        tools = sorted({t for row in rows for t in (row.tools or ())}) if check == "tool_selection" else None
-        routes[d.cohort] = Route(model=d.model, fallback=list(d.fallback), mirror=d.mirror_share,
-                                 decision=d.decision, check=check, tools=tools)
-    base = next(name for name, m in models.items() if m.role == "base")
-    default = routes[default_cohort].model_copy() if default_cohort in routes else Route(model=base)
-    default.decision = None
-    return RolloutPlan(candidate=gate.candidate, models=models, routes=routes, default=default)
+from .rollout import RolloutPlan
 
 
 def _chart_png(gate: GateResult) -> bytes | None:

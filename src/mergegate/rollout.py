@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -13,7 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import PlanError
 from .model_ref import ModelRef, Role
 
+if TYPE_CHECKING:  # annotations only: the gateway reads plans without the gate's or the suite's modules
+    from .evaluate.suite import Suite
+    from .gate import GateResult, Policy
+
 OnlineCheck = Literal["json_valid", "refusal", "tool_selection"]
+# The online check a route runs, from the evaluators its cohort's suite rows use: the first one found, in this order.
+ONLINE_CHECKS: dict[str, OnlineCheck] = {"json_schema": "json_valid", "json_valid": "json_valid",
+                                         "tool_selection": "tool_selection", "refusal": "refusal"}
 
 
 class PlanModel(BaseModel):
@@ -78,6 +85,29 @@ class RolloutPlan(BaseModel):
                     raise ValueError(f"route '{cohort}' names model '{name}', which is not among models "
                                      f"({', '.join(self.models)})")
         return self
+
+    @classmethod
+    def from_decisions(cls, gate: GateResult, models: dict[str, PlanModel], suite: Suite,
+                       policy: Policy) -> RolloutPlan:
+        """The plan the gate decided: a route per cohort (its model, fallback chain and mirrored share), each with
+        the online check its suite rows use. The default route copies the route of `policy.default_route`'s
+        cohort (without its decision); without one, it is the base model, unmirrored."""
+        routes = {}
+        for d in gate.decisions:
+            rows = suite.by_cohort(d.cohort)
+            evaluators = {name for row in rows for name in row.evaluators}
+            check = next((ONLINE_CHECKS[e] for e in ONLINE_CHECKS if e in evaluators), None)
+            tools = sorted({t for row in rows for t in (row.tools or ())}) if check == "tool_selection" else None
+            routes[d.cohort] = Route(model=d.model, fallback=list(d.fallback), mirror=d.mirror_share,
+                                     decision=d.decision, check=check, tools=tools)
+        if policy.default_route is None:
+            default = Route(model=next(name for name, m in models.items() if m.role == "base"))
+        elif policy.default_route in routes:
+            default = routes[policy.default_route].model_copy(update={"decision": None})
+        else:
+            raise PlanError(f"policy default_route {policy.default_route!r}: the gate decided no such cohort "
+                            f"(decided: {', '.join(routes)})")
+        return cls(candidate=gate.candidate, models=models, routes=routes, default=default)
 
     def route(self, cohort: str | None) -> Route:
         return self.routes.get(cohort or "", self.default)
