@@ -129,17 +129,17 @@ def test_bad_inputs_exit_2_with_one_line(case, family, tmp_path, write_recipe):
     path = write_recipe(recipe)
     if case == "not-utf8":
         path.write_bytes(path.read_bytes().replace(b"merge_method", b"merge_m\xe9thod"))
-        expected = [f"{path}: not UTF-8 text"]
+        expected = [f"{path}: line 1: not valid UTF-8 (byte 0xe9 at column 8)"]
     elif case == "not-a-mapping":
         path.write_text("- merge_method: ties\n")
         expected = [f"{path}: expected a mapping of recipe keys, got list"]
     elif case == "yaml-does-not-parse":
         path.write_text("merge_method: ties\nmodels: [\n  - {model: a\n")
-        expected = [f"{path}: not valid YAML:", "line"]
+        expected = [f"{path}: line 3, column 3: not valid YAML (expected the node content"]
     elif case in ("python-tag", "unsafe-tag"):
         tag = "!!python/object/apply:os.system ['touch pwned']" if case == "python-tag" else "!unsafe ties"
         path.write_text(f"merge_method: {tag}\nmodels: [{{model: a}}]\n")
-        expected = [f"{path}: not valid YAML: could not determine a constructor for the tag"]
+        expected = [f"{path}: line 1, column 15: not valid YAML (could not determine a constructor for the tag"]
     done = _run("merge", path, out, "--quiet", *args)
     _refused_with_one_line(done, *expected)
     assert not out.exists()

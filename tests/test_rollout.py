@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mergegate.rollout import PlanError, PlanModel, RolloutPlan, Route, load_plan
 
@@ -89,3 +92,44 @@ def test_missing_local_folder_is_refused_by_name(family, tmp_path):
     saved = plan.save(tmp_path / "rollout.yaml")
     with pytest.raises(PlanError, match=r"model 'merged' path .*gone is not a folder"):
         load_plan(saved)
+
+
+# --- properties: any text is a rollout plan or a PlanError ----------------------------------------------------
+
+_PLAN_FIELDS = ["version", "candidate", "models", "routes", "default", "model", "fallback", "check", "role", "path",
+                "adapter", "url", "upstream_model", "m", "json_output", "!!python/object:os.system", "&a", "*a"]
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                     st.text(max_size=8), st.sampled_from([".", "..", "/", "m", "base", "candidate", "json_valid",
+                                                           "http://127.0.0.1:1/v1", "a\x00b", "x" * 300, "[", "~"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(_PLAN_FIELDS), inner, max_size=4)), max_leaves=14)
+
+
+def _check_plan_text(folder, text: str | bytes) -> None:
+    path = folder / "rollout.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+    try:
+        plan = load_plan(path)
+    except PlanError as exc:
+        assert str(exc).startswith(f"rollout plan {path}: ") and "\n" not in str(exc)
+    else:
+        assert isinstance(plan, RolloutPlan) and plan.candidate in plan.models
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(st.text(), st.binary()))
+def test_any_text_is_a_rollout_plan_or_a_plan_error(tmp_path, text):
+    _check_plan_text(tmp_path, text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.dictionaries(st.sampled_from(_PLAN_FIELDS), _VALUES, max_size=5), flow=st.booleans())
+def test_any_yaml_mapping_is_a_rollout_plan_or_a_plan_error(tmp_path, data, flow):
+    _check_plan_text(tmp_path, yaml.safe_dump(data, default_flow_style=flow, allow_unicode=True))
+
+
+def test_any_valid_plan_shape_with_odd_paths_is_a_plan_or_a_plan_error(tmp_path):
+    (tmp_path / "here").mkdir()
+    for value in [".", "here", "missing", "a\x00b", "x" * 5000, "/", "../" * 50]:
+        plan = {"candidate": "m", "models": {"m": {"path": value}}, "routes": {}, "default": {"model": "m"}}
+        _check_plan_text(tmp_path, yaml.safe_dump(plan))

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from ._yaml import load_yaml_model, validate
 from .errors import MergegateError, PolicyError
 from .registry import RowResult
 
@@ -84,14 +84,6 @@ class Policy(BaseModel):
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context = getattr(exc, "context", None)
-    return f"{where}not valid YAML ({problem}{f' {context}' if context else ''})"
-
-
 def load_policy(source: str | Path | dict | Policy | None) -> Policy:
     """A Policy from a YAML file, a dict, or defaults (None). Raises PolicyError naming the file and the line
     (YAML syntax, tags) or the field (unknown keys, wrong types, values out of range); never another exception."""
@@ -99,37 +91,11 @@ def load_policy(source: str | Path | dict | Policy | None) -> Policy:
         return Policy()
     if isinstance(source, Policy):
         return source
-    where = "policy"
-    if not isinstance(source, dict):
-        path = Path(source)
-        where = f"policy {path}"
-        if not path.is_file():
-            raise PolicyError(f"{where}: no such file")
-        try:
-            text = path.read_bytes().decode("utf-8-sig")
-        except OSError as exc:
-            raise PolicyError(f"{where}: cannot be read ({exc.strerror or exc})") from None
-        except UnicodeDecodeError as exc:
-            line = path.read_bytes()[: exc.start].count(b"\n") + 1
-            raise PolicyError(f"{where}: line {line}: not valid UTF-8") from None
-        try:
-            source = yaml.safe_load(text)
-        except yaml.YAMLError as exc:  # syntax errors, and tags such as !!python/object that safe_load refuses
-            raise PolicyError(f"{where}: {_yaml_problem(exc)}") from None
-        except RecursionError:
-            raise PolicyError(f"{where}: nested too deeply") from None
-        if source is None:  # an empty file: the default rules
-            source = {}
-    if not isinstance(source, dict):
-        raise PolicyError(f"{where}: expected a mapping of policy fields (confidence, bootstrap, seed, default, "
-                          f"cohorts), got {type(source).__name__}")
-    try:
-        return Policy.model_validate(source)
-    except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'policy'}: {e['msg']}" for e in exc.errors()[:5])
-        raise PolicyError(f"{where}: {detail}") from None
-    except RecursionError:
-        raise PolicyError(f"{where}: nested too deeply") from None
+    if isinstance(source, dict):
+        return validate(Policy, source, "policy", PolicyError)
+    path = Path(source)
+    return load_yaml_model(path, Policy, where=f"policy {path}", what=f"policy fields ({', '.join(Policy.model_fields)})",
+                           error_cls=PolicyError, empty={})  # an empty file: the default rules
 
 
 Decision = Literal["promote", "hold", "reject"]

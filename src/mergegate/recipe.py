@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic_core import ErrorDetails
 
+from ._yaml import check_size, field_path, parse_yaml, read_yaml_file, require_mapping, validate
 from .errors import RecipeError
 from .methods import MergeMethod, ParamSpec, get_method
 
 Scalar = Union[bool, int, float, str]
 MAX_PAD_TO_MULTIPLE_OF = 1 << 16  # padding rows are copies of the mean embedding; more than this is a typo
-_MAX_NODES = 100_000  # YAML aliases can make a small file a huge tree (billion laughs): refuse, don't expand
 
 
 class Conditional(BaseModel):
@@ -157,24 +158,20 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
     if isinstance(source, dict):
         data = source
     elif isinstance(source, (str, Path)):
-        text = str(source)
         path = _recipe_path(source)
-        if path is not None:
-            text, folder, where = _read_recipe_file(path), path.resolve().parent, str(path)
-        data = _parse_yaml(text, where)
+        if path is None:
+            data = parse_yaml(str(source), where, RecipeError)
+        else:
+            _check_recipe_file(path)
+            data, folder, where = read_yaml_file(path, str(path), RecipeError), path.resolve().parent, str(path)
     else:
         raise RecipeError(f"recipe: expected a YAML file, YAML text or a mapping, got {type(source).__name__}")
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping of recipe keys, got {type(data).__name__}")
-    _check_size(data, where)
-    data = dict(data)
+    data = dict(require_mapping(data, where, RecipeError, "recipe keys"))
+    check_size(data, where, RecipeError)  # a mapping given directly (parsed documents are checked already)
     for key in ("dtype", "out_dtype"):
         if isinstance(data.get(key), str):
             data[key] = _DTYPE_ALIASES.get(data[key], data[key])
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{where}: " + _explain(exc)) from None
+    recipe = validate(Recipe, data, where, RecipeError, message=_recipe_message)
     recipe._folder = folder
     _check(recipe, where)
     return recipe
@@ -200,66 +197,27 @@ def _recipe_path(source: str | Path) -> Path | None:
     return path if is_path else None
 
 
-def _read_recipe_file(path: Path) -> str:
+def _check_recipe_file(path: Path) -> None:
+    """A recipe path names an existing file (its errors say "recipe PATH", content errors just "PATH")."""
     try:
-        if not path.is_file():
-            raise RecipeError(f"recipe {path}: no such file")
-        raw = path.read_bytes()
+        found = path.is_file()
     except OSError as exc:
         raise RecipeError(f"recipe {path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+    if not found:
+        raise RecipeError(f"recipe {path}: no such file")
 
 
-def _parse_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        reason = " ".join(str(exc.problem or exc.context or "").split())
-        raise RecipeError(f"{where}: not valid YAML: {reason}{at}") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
-    except RecursionError:
-        raise RecipeError(f"{where}: not valid YAML: nested too deeply") from None
-    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp that is not a date: 2024-02-30
-        raise RecipeError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
-
-
-def _check_size(data: Any, where: str) -> None:
-    """Refuse documents whose aliases expand to more than _MAX_NODES values (counted without expanding)."""
-    stack, seen = [data], 0
-    while stack:
-        item = stack.pop()
-        seen += 1
-        if seen > _MAX_NODES:
-            raise RecipeError(f"{where}: the recipe expands to more than {_MAX_NODES} values (YAML aliases?)")
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-
-
-def _explain(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "union[")))
-        if err["type"] == "extra_forbidden":
-            owners: dict[str, type[BaseModel]] = {"models": ModelEntry, "parameters": Conditional,
-                                                  "calibration": Calibration, "slices": OutputSlice,
-                                                  "tokenizer": TokenizerSection}
-            owner = owners.get(str(err["loc"][0]), Recipe)
-            allowed = ", ".join(owner.model_fields)
-            lines.append(f"unknown key '{loc}' (allowed: {allowed})")
-        elif err["type"] == "literal_error":
-            lines.append(f"{loc}: {err['msg']}, got {err['input']!r}")
-        else:
-            lines.append(f"{loc}: {err['msg']}")
-    return "; ".join(lines)
+def _recipe_message(error: ErrorDetails) -> str | None:
+    """Recipe errors worded for mergekit users: unknown keys list the allowed ones, literals say what was given."""
+    if error["type"] == "extra_forbidden":
+        owners: dict[str, type[BaseModel]] = {"models": ModelEntry, "parameters": Conditional,
+                                              "calibration": Calibration, "slices": OutputSlice,
+                                              "tokenizer": TokenizerSection}
+        owner = owners.get(str(error["loc"][0]), Recipe)
+        return f"unknown key '{field_path(error)}' (allowed: {', '.join(owner.model_fields)})"
+    if error["type"] == "literal_error":
+        return f"{error['msg']}, got {error['input']!r}"
+    return None
 
 
 def _check(recipe: Recipe, where: str) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ._yaml import load_yaml_model
 from .errors import PlanError
 from .model_ref import ModelRef, Role
 
@@ -124,23 +125,25 @@ class RolloutPlan(BaseModel):
 
 
 def load_plan(path: str | Path) -> RolloutPlan:
+    """A rollout plan from its YAML file, local paths resolved from the plan's folder. Anything wrong raises
+    PlanError naming the file and the line (UTF-8, YAML) or the field, or the model whose folder is missing."""
     path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"rollout plan {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-        plan = RolloutPlan.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise PlanError(f"rollout plan {path}: {exc}") from None
+    where = f"rollout plan {path}"
+    plan = load_yaml_model(path, RolloutPlan, where=where, what=f"plan fields ({', '.join(RolloutPlan.model_fields)})",
+                           error_cls=PlanError)
     for name, entry in plan.models.items():
         for key in ("path", "adapter"):
             value = getattr(entry, key)
             if value is None:
                 continue
-            if not Path(value).is_absolute():
-                value = str((path.parent / value).resolve())
-                setattr(entry, key, value)
-            if not Path(value).is_dir():
+            try:
+                if not Path(value).is_absolute():
+                    value = str((path.parent / value).resolve())
+                    setattr(entry, key, value)
+                found = Path(value).is_dir()
+            except (OSError, ValueError, RuntimeError) as exc:  # a NUL, a name too long, a symlink loop
+                raise PlanError(f"{where}: model '{name}' {key} {value!r} is not a usable path ({exc})") from None
+            if not found:
                 raise PlanError(f"rollout plan {path}: model '{name}' {key} {value} is not a folder "
                                 "(local paths are relative to the plan file; nothing is downloaded)")
     return plan
