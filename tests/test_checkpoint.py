@@ -296,6 +296,7 @@ def test_header_reader_on_any_bytes_reads_or_refuses(tmp_path_factory, raw):
     _read_or_refuse(path)
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_near_valid_files())
 def test_header_reader_on_near_valid_files_agrees_with_safetensors(tmp_path_factory, raw):

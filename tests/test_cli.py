@@ -11,6 +11,8 @@ import pytest
 from .conftest import recipe_for
 
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
+# every test runs the real executable: a fresh interpreter importing torch, about 2 s each
+pytestmark = pytest.mark.slow
 
 
 def _run(*args):

@@ -361,6 +361,7 @@ def _partials(parent):
     return sorted(p.name for p in parent.iterdir() if ".mergegate-" in p.name)
 
 
+@pytest.mark.slow
 def test_staging_of_a_killed_merge_is_removed_by_the_next_merge_into_that_folder(family, tmp_path, write_recipe):
     import os
     import signal

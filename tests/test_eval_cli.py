@@ -151,6 +151,7 @@ def test_evaluate_refuses_invalid_utf8_and_accepts_a_bom(family, tmp_path):
     assert "json_output" in result.stdout and "echo" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_real_executable_refuses_a_python_tag_without_a_traceback(gate_args, tmp_path):
     args = gate_args("!!python/object/apply:os.system ['touch pwned']\n")
     done = subprocess.run([MERGEGATE, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -162,6 +163,7 @@ def test_the_real_executable_refuses_a_python_tag_without_a_traceback(gate_args,
 # --- the same gate twice: byte-identical (issue 11) -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEMO / "models" / "base" / "config.json").is_file(), reason="demo models not built")
 def test_the_same_gate_twice_gives_byte_identical_decisions_and_reports(tmp_path):
     rows = [json.loads(line) for line in (DEMO / "suite.jsonl").read_text().splitlines()]

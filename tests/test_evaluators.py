@@ -312,6 +312,7 @@ def minilm():
     return model
 
 
+@pytest.mark.slow
 def test_minilm_returns_normalized_384_d_embeddings(minilm):
     vectors = minilm.encode(["a tall iron tower", "a lattice tower in Paris"])
     assert vectors.shape == (2, 384)
@@ -319,6 +320,7 @@ def test_minilm_returns_normalized_384_d_embeddings(minilm):
     assert ev._minilm() is minilm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "output", ["The tower is 330 metres tall.", "It was designed by Gustave Eiffel and built between 1887 and 1889."]
 )
@@ -329,6 +331,7 @@ def test_answer_taken_from_context_is_grounded(minilm, output):
     assert result.reason.startswith("lexical 1.00")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "output",
     [
@@ -343,12 +346,14 @@ def test_fabricated_answer_is_not_grounded(minilm, output):
     assert "not in context:" in result.reason
 
 
+@pytest.mark.slow
 def test_invented_facts_in_context_vocabulary_fail(minilm):
     result = run("groundedness", "It is 500 metres tall and made of glass.", context=CONTEXT)
     assert not result.passed
     assert "500" in result.reason and "glass" in result.reason
 
 
+@pytest.mark.slow
 def test_groundedness_threshold_is_configurable(minilm):
     row = make_row("groundedness", context=CONTEXT)
     obs = Observation("It is 500 metres tall and made of glass.")

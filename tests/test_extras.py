@@ -36,6 +36,7 @@ def test_pyproject_keeps_every_extra_out_of_the_core_dependencies():
             assert name not in core, f"{name} is both core and in the {extra} extra"
 
 
+@pytest.mark.slow
 def test_importing_mergegate_and_merge_pulls_no_extra(tmp_path):
     modules = sorted({m for ms in EXTRA_MODULES.values() for m in ms})
     code = (f"import sys, mergegate; mergegate.merge; "
@@ -45,7 +46,8 @@ def test_importing_mergegate_and_merge_pulls_no_extra(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module", ["fastapi", "uvicorn", "opentelemetry"])
+# a missing uvicorn is found only after the gateway (and torch) imported: the slow case
+@pytest.mark.parametrize("module", ["fastapi", pytest.param("uvicorn", marks=pytest.mark.slow), "opentelemetry"])
 def test_serve_without_the_serve_extra_exits_2_with_one_line(tmp_path, module):
     code = (f"import sys; sys.modules[{module!r}] = None; sys.argv = ['mergegate', 'serve', 'rollout.yaml']; "
             "from mergegate.cli import main; main()")

@@ -276,6 +276,7 @@ def test_any_text_is_a_policy_or_a_policy_error(tmp_path, text):
     _check_policy_text(tmp_path, text)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=5), flow=st.booleans())
 def test_any_yaml_mapping_is_a_policy_or_a_policy_error(tmp_path, data, flow):

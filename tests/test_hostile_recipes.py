@@ -250,6 +250,7 @@ def _loads_or_refuses(source) -> None:
                 assert not isinstance(leaf, (int, float)) or math.isfinite(float(leaf)), leaf
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_recipes)
 def test_load_recipe_on_structured_dicts_gives_a_recipe_or_a_recipe_error(data):
@@ -281,12 +282,14 @@ def test_near_valid_recipes_accept_only_finite_numbers_in_range(value, key, slic
     _loads_or_refuses(recipe)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.text(max_size=12), _values, max_size=6))
 def test_load_recipe_on_arbitrary_dicts_gives_a_recipe_or_a_recipe_error(data):
     _loads_or_refuses(data)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(
     st.text(max_size=200),

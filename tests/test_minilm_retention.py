@@ -124,6 +124,7 @@ def _slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
 
 
+@pytest.mark.slow
 def test_merged_encoders_are_what_the_recipes_say(miniature):
     out, results = miniature
     folders = {"base": "encoders/pretrained", "linear": "merges/linear", "slerp": "merges/slerp",
@@ -150,6 +151,7 @@ def test_merged_encoders_are_what_the_recipes_say(miniature):
     print("max abs diff vs recomputed merges:", {k: f"{v:.2g}" for k, v in worst.items()})
 
 
+@pytest.mark.slow
 def test_retention_is_merged_over_individual_accuracy(miniature):
     out, results = miniature
     individual = results["baselines"]["individual"]
@@ -169,6 +171,7 @@ def test_retention_is_merged_over_individual_accuracy(miniature):
         assert (acc * 32) == pytest.approx(round(acc * 32))
 
 
+@pytest.mark.slow
 def test_outputs_are_written(miniature):
     out, results = miniature
     saved = json.loads((out / "results.json").read_text())
@@ -184,6 +187,7 @@ def test_outputs_are_written(miniature):
     assert (out / ".gitignore").read_text().split() == ["encoders/", "heads/", "merges/"]
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_cached_fine_tunes(miniature):
     out, first = miniature
     again = exp.run(_miniature(out, methods=("linear",), keep_merges=False))

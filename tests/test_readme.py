@@ -88,6 +88,7 @@ def served_readme_gateway(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_readme_client_example_answers_from_the_json_specialist(served_readme_gateway, tmp_path):
     code = block_with("python", "OpenAI(").replace("127.0.0.1:8080", f"127.0.0.1:{served_readme_gateway}")
     script = tmp_path / "client.py"
@@ -108,6 +109,7 @@ def test_readme_recipes_are_valid_recipes():
         assert load_recipe(recipe).merge_method == recipe["merge_method"]
 
 
+@pytest.mark.slow
 def test_readme_ties_recipe_merges_as_written(family, tmp_path):
     """The first recipe, with `./base`, `./math` and `./code` being real (tiny) models in the working folder."""
     recipe = next(doc for block in blocks("yaml") for doc in yaml.safe_load_all(block)

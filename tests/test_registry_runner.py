@@ -158,6 +158,7 @@ def test_a_new_evaluator_version_is_not_served_old_scores(family, suite_file, tm
     assert not again.cached and again.run_id != first.run_id
 
 
+@pytest.mark.slow
 def test_greedy_answers_do_not_depend_on_batch_size(tmp_path):
     """Why batch size is not in the cache key: on the demo models, every row gets the same answer whatever rows
     it is batched with (its token budget is its own; left padding is masked)."""
@@ -377,6 +378,7 @@ def test_any_bytes_are_a_suite_or_a_suite_error(tmp_path, data):
     _check_suite_bytes(tmp_path, data)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.one_of(_ROW, _JSON), max_size=5), bom=st.booleans())
 def test_any_json_lines_are_a_suite_or_a_suite_error(tmp_path, rows, bom):

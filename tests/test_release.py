@@ -86,6 +86,7 @@ def _follows_policy(decision, rule) -> bool:
     return not promote_ok and decision.diff_high >= -rule.max_drop
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEMO / "models" / "base" / "config.json").is_file(), reason="demo models not built")
 def test_demo_end_to_end(tmp_path):
     from mergegate.demo import run_demo

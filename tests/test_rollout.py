@@ -122,6 +122,7 @@ def test_any_text_is_a_rollout_plan_or_a_plan_error(tmp_path, text):
     _check_plan_text(tmp_path, text)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.dictionaries(st.sampled_from(_PLAN_FIELDS), _VALUES, max_size=5), flow=st.booleans())
 def test_any_yaml_mapping_is_a_rollout_plan_or_a_plan_error(tmp_path, data, flow):

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import recipe_for
 
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
@@ -52,6 +54,7 @@ def test_isatty_really_is_a_terminal(tmp_path):
     assert code == 0 and "merge" in screen
 
 
+@pytest.mark.slow
 def test_merge_in_a_terminal_shows_a_bar(family, tmp_path, write_recipe):
     recipe = write_recipe(recipe_for("ties", family, density=0.5))
     code, screen = run_in_terminal("merge", recipe, tmp_path / "out", cwd=tmp_path)
@@ -73,6 +76,7 @@ def _small_demo_suite(path: Path, per_cohort: int = 2) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_evaluate_and_release_in_a_terminal(tmp_path):
     suite = _small_demo_suite(tmp_path / "suite.jsonl")
     code, screen = run_in_terminal("evaluate", f"base={DEMO / 'models' / 'base'}", "--suite", suite,

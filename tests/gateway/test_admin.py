@@ -13,7 +13,7 @@ from mergegate.rollout import load_plan
 
 from .helpers import MESSAGES, route_of
 
-pytestmark = pytest.mark.one_torch_thread
+pytestmark = [pytest.mark.one_torch_thread, pytest.mark.slow]  # every test talks to a live server
 
 TOKEN = "s3cret-token"
 

@@ -18,7 +18,7 @@ from mergegate.gateway.testing import ServerThread
 
 from .helpers import MESSAGES, route_of, wait_for
 
-pytestmark = [pytest.mark.one_torch_thread,
+pytestmark = [pytest.mark.one_torch_thread, pytest.mark.slow,  # every test talks to a live server
               pytest.mark.filterwarnings("ignore::FutureWarning")]  # transformers' own, raised by PEFT loading
 
 

@@ -11,7 +11,7 @@ from mergegate.gateway import GatewayConfig
 
 from .helpers import route_of
 
-pytestmark = pytest.mark.one_torch_thread
+pytestmark = [pytest.mark.one_torch_thread, pytest.mark.slow]  # every test talks to a live server
 
 WEATHER = ["What's the weather in Paris tomorrow?", "Will it rain in London this weekend?",
            "How hot will it be in Madrid today?", "Is there a storm warning for Miami tonight?",

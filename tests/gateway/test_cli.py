@@ -66,6 +66,7 @@ def test_serve_refuses_a_bad_plan_with_exit_code_2(tmp_path):
     assert result.exit_code == 2 and "rollout plan" in result.output
 
 
+@pytest.mark.slow
 def test_serve_builds_a_working_gateway_from_the_plan_file(monkeypatch, family, tmp_path):
     import uvicorn
 

@@ -71,6 +71,7 @@ def closed_port() -> int:
 
 # -- 13: client input is validated up front, and a request's own fault never counts against a backend ------------
 
+@pytest.mark.slow
 def test_out_of_range_seed_is_a_400_and_never_opens_a_breaker(gw):
     body = {"model": "mergegate", "messages": MESSAGES, "max_tokens": 4, "temperature": 1.0, "seed": 2 ** 64}
     for _ in range(4):  # breaker_failures=2: this used to open ft1's and base's breakers
@@ -99,6 +100,7 @@ INVALID = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("param, value", INVALID, ids=[f"{p}={str(v)[:12]}" for p, v in INVALID])
 def test_out_of_range_or_mistyped_parameters_are_openai_style_400s(gw, param, value):
     body = {"model": "cohort/chat", "messages": MESSAGES, "max_tokens": 2, param: value}
@@ -106,6 +108,7 @@ def test_out_of_range_or_mistyped_parameters_are_openai_style_400s(gw, param, va
     assert error["param"].split(".")[0] == param and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.slow
 def test_an_upstream_refusing_a_request_as_invalid_is_a_4xx_not_a_breaker_failure(family, stub, launch_each):
     gw = launch_each(plan(family, stub), config=GatewayConfig(breaker_failures=2, breaker_cooldown=60.0))
     stub.set("primary", mode="fail", status=400)
@@ -163,6 +166,7 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.slow
 def test_hostile_bodies_are_4xx_and_the_keep_alive_connection_stays_usable(gw):
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     with httpx.Client(base_url=gw.url, timeout=30, limits=limits) as client:
@@ -193,6 +197,7 @@ class Broken(LocalBackend):
         raise RuntimeError("a bug, not a backend failure")
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_is_a_json_500_and_keeps_the_connection(family, launch_each):
     spec = {"candidate": "base", "models": {"base": {"role": "base", "path": str(family["base"])},
                                             "broken": {"path": str(family["base"])}},
@@ -224,6 +229,7 @@ def _burst(url: str, body: dict, count: int, headers: dict | None = None) -> lis
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_a_burst_queued_behind_a_local_fallback_is_answered_without_timeouts(family, launch_each):
     down = f"http://127.0.0.1:{closed_port()}/v1"
     gw = launch_each({
@@ -242,6 +248,7 @@ def test_a_burst_queued_behind_a_local_fallback_is_answered_without_timeouts(fam
     assert gw.gateway.backends["base"]._pending == 0
 
 
+@pytest.mark.slow
 def test_a_burst_queued_for_upstream_connections_is_answered_without_timeouts(family, stub, launch_each):
     """More concurrent calls than the upstream's 64 connections: the rest wait for one, untimed."""
     gw = launch_each(plan(family, stub), config=GatewayConfig(backend_timeout=3.0, breaker_failures=2))
@@ -252,6 +259,7 @@ def test_a_burst_queued_for_upstream_connections_is_answered_without_timeouts(fa
     assert breaker(gw, "remote")["state"] == "closed" and breaker(gw, "remote")["consecutive_failures"] == 0
 
 
+@pytest.mark.slow
 def test_a_full_local_queue_sheds_with_429_and_retry_after(family, stub, launch_each):
     gw = launch_each(plan(family, stub), config=GatewayConfig(local_queue_limit=1, backend_timeout=30.0))
     body = {"model": "base", "messages": MESSAGES, "max_tokens": 64}  # pinned: no fallback
@@ -275,6 +283,7 @@ def stream_text(gw, **kw) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+@pytest.mark.slow
 def test_a_slow_but_steady_stream_outlives_the_timeout(family, stub, launch_each):
     gw = launch_each(plan(family, stub), config=GatewayConfig(backend_timeout=2.0, breaker_failures=2))
     stub.set("primary", reply=STEADY, interval=0.25)  # ~3.5 s in all, a chunk every 0.25 s
@@ -283,6 +292,7 @@ def test_a_slow_but_steady_stream_outlives_the_timeout(family, stub, launch_each
     assert "stream_timeout" not in gw.metrics()
 
 
+@pytest.mark.slow
 def test_a_stalled_stream_is_still_cut_after_the_timeout(family, stub, launch_each):
     gw = launch_each(plan(family, stub), config=GatewayConfig(backend_timeout=1.0, breaker_failures=2))
     stub.set("primary", reply="abcdefgh", interval=3.0)  # one chunk, then 3 s of silence
@@ -292,6 +302,7 @@ def test_a_stalled_stream_is_still_cut_after_the_timeout(family, stub, launch_ea
     assert breaker(gw, "remote")["consecutive_failures"] == 1
 
 
+@pytest.mark.slow
 def test_an_optional_total_cap_still_ends_a_long_stream(family, stub, launch_each):
     gw = launch_each(plan(family, stub), config=GatewayConfig(backend_timeout=2.0, stream_max_duration=1.0))
     stub.set("primary", reply=STEADY, interval=0.25)
@@ -318,6 +329,7 @@ class RecordingLocal(LocalBackend):
         return completion
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cohort, stream", [("checked", True), ("checked", False), ("default", False)])
 def test_a_caller_hanging_up_stops_a_buffered_or_unstreamed_generation(family, launch_each, cohort, stream):
     base = RecordingLocal("base", family["base"])
@@ -340,6 +352,7 @@ def test_a_caller_hanging_up_stops_a_buffered_or_unstreamed_generation(family, l
     assert gw.client().chat.completions.create(model="base", messages=MESSAGES, max_tokens=2).model == "base"
 
 
+@pytest.mark.slow
 def test_a_caller_hanging_up_cancels_the_upstream_call(family, stub, launch_each):
     gw = launch_each(plan(family, stub), config=GatewayConfig(backend_timeout=30.0))
     stub.set("primary", mode="hang", hang=20.0)
@@ -350,6 +363,7 @@ def test_a_caller_hanging_up_cancels_the_upstream_call(family, stub, launch_each
     assert breaker(gw, "remote")["consecutive_failures"] == 0
 
 
+@pytest.mark.slow
 def test_admin_bodies_are_bounded(gw):
     url, headers = gw.url + "/admin/routes/chat", {"Authorization": f"Bearer {TOKEN}"}
     big = json.dumps({"model": "base", "reason": "x" * (100 << 10)}).encode()
@@ -413,6 +427,7 @@ def test_parsing_any_bytes_is_a_request_or_a_4xx(raw, kind):
     _parse(raw, kind)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=plausible | json_like, kind=st.sampled_from(["chat", "text_completion"]))
 def test_parsing_any_json_value_is_a_request_or_a_4xx(value, kind):

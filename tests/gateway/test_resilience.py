@@ -57,6 +57,7 @@ def metric(gw, prefix: str) -> float:
 
 # -- fallback ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, reason, error_type", [("fail", "http_error", "500"),
                                                       ("invalid_json", "bad_response", "bad_response"),
                                                       ("hang", "timeout", "timeout")])
@@ -76,6 +77,7 @@ def test_upstream_failure_falls_back_to_the_next_model(gw, stub, mode, reason, e
     assert "gen_ai.usage.output_tokens" not in failed["attributes"]
 
 
+@pytest.mark.slow
 def test_streaming_falls_back_while_nothing_has_been_sent(gw, stub):
     stub.set("primary", mode="fail")
     client = gw.client()
@@ -86,6 +88,7 @@ def test_streaming_falls_back_while_nothing_has_been_sent(gw, stub):
     assert {c.model for c in chunks} == {"base"}
 
 
+@pytest.mark.slow
 def test_remote_streaming_passes_chunks_through(gw, stub):
     stub.set("primary", reply="streamed from upstream")
     chunks = list(gw.client().chat.completions.create(model="cohort/ops", messages=MESSAGES, max_tokens=20,
@@ -95,6 +98,7 @@ def test_remote_streaming_passes_chunks_through(gw, stub):
     assert chunks[-1].usage.completion_tokens == len(deltas)
 
 
+@pytest.mark.slow
 def test_every_model_failing_is_502_and_503_once_breakers_are_open(gw, stub):
     stub.set("primary", mode="fail")
     for _ in range(2):  # two failures open the breaker (breaker_failures=2)
@@ -110,6 +114,7 @@ def test_every_model_failing_is_502_and_503_once_breakers_are_open(gw, stub):
 
 # -- circuit breaker ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_circuit_breaker_opens_skips_during_cooldown_then_recovers(gw, stub):
     stub.set("primary", mode="fail")
     for n in (1, 2):
@@ -141,6 +146,7 @@ def test_circuit_breaker_opens_skips_during_cooldown_then_recovers(gw, stub):
 
 # -- mirroring ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mirrored_requests_record_both_outputs_and_checks(gw, stub):
     stub.set("primary", reply='{"answer": 42}')
     stub.set("candidate", reply="forty-two")
@@ -163,6 +169,7 @@ def test_mirrored_requests_record_both_outputs_and_checks(gw, stub):
     assert mirror_span["name"] == "chat cand"
 
 
+@pytest.mark.slow
 def test_mirror_failures_are_recorded_not_seen_by_the_caller(gw, stub):
     stub.set("primary", reply='{"ok": true}')
     stub.set("candidate", mode="fail")
@@ -172,6 +179,7 @@ def test_mirror_failures_are_recorded_not_seen_by_the_caller(gw, stub):
     assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="error"}') == 1
 
 
+@pytest.mark.slow
 def test_mirroring_is_bounded_and_drops_when_saturated(family, stub, launch_each):
     gw = launch_each(plan(family, stub), config=GatewayConfig(mirror_concurrency=1, backend_timeout=5))
     stub.set("primary", reply='{"n": 1}')
