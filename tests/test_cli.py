@@ -88,9 +88,9 @@ def test_bad_inputs_exit_2_with_one_line(case, family, tmp_path, write_recipe):
     if case == "shard-size-400-digits":
         args, expected = ["--shard-size", "9" * 400], ["--shard-size", "too large"]
     elif case == "workers-negative":
-        args, expected = ["--workers", "-1"], ["--workers must be at least 1, got -1"]
+        args, expected = ["--workers", "-1"], ["--workers must be a whole number of at least 1, got -1"]
     elif case == "workers-zero":
-        args, expected = ["--workers", "0"], ["--workers must be at least 1, got 0"]
+        args, expected = ["--workers", "0"], ["--workers must be a whole number of at least 1, got 0"]
     elif case == "pad-1e12":
         recipe["tokenizer"] = {"source": "union", "pad_to_multiple_of": 1e12}
         expected = ["tokenizer.pad_to_multiple_of", "less than or equal to 65536"]

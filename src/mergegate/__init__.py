@@ -15,6 +15,7 @@ _EXPORTS = {
     "Checkpoint": "io.read",
     "CheckpointError": "errors",
     "IncompatibleModels": "errors",
+    "MergeOptions": "engine",
     "MergePlan": "engine",
     "MergeResult": "engine",
     "MergegateError": "errors",
@@ -51,7 +52,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .io.read import Checkpoint
     from .compat import check_compatible
-    from .engine import MergePlan, MergeResult, merge, plan_merge, run_merge
+    from .engine import MergeOptions, MergePlan, MergeResult, merge, plan_merge, run_merge
     from .errors import CheckpointError, IncompatibleModels, MergegateError, RecipeError
     from .lora import combine_adapters, extract_adapter, merge_adapter
     from .methods import available_methods, get_method, register

@@ -45,3 +45,15 @@ class PlanError(MergegateError, ValueError):
 
 class ModelRefError(MergegateError, ValueError):
     """A model reference (PATH, NAME=PATH, PATH+ADAPTER, NAME=URL#served-name) cannot be read."""
+
+
+class MergeOptionsError(MergegateError, ValueError):
+    """A merge option is refused. `option` is the MergeOptions field and `problem` what is wrong with it, so the
+    CLI can name its own flag (`--shard-size: ...`) where the library names the field (`shard size: ...`)."""
+
+    def __init__(self, option: str, problem: str):
+        self.option, self.problem = option, problem
+        super().__init__(option.replace("_", " ") + problem)
+
+    def __reduce__(self):  # pickles with both arguments (the default passes only the message)
+        return type(self), (self.option, self.problem)

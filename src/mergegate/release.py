@@ -6,11 +6,11 @@ Everything after the merge is `gate_release`, the one pipeline behind `release`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from .engine import merge
+from .engine import MergeOptions, merge
 from .errors import RecipeError
 from .evaluate import ModelRun, Suite, evaluate_models, load_suite
 from .evaluate.runner import check_inputs, check_settings
@@ -85,12 +85,16 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     return ReleaseResult(out, candidate, gate, plan, runs, reports)
 
 
-def release(recipe, suite, policy, out: str | Path, *, registry: Registry | str | Path | None = None,
-            candidate_name: str | None = None, seed: int = 0, progress: bool | None = None,
-            batch_size: int = 32, max_new_tokens: int = 64,
+def release(recipe, suite, policy, out: str | Path, *, merge_options: MergeOptions | None = None,
+            registry: Registry | str | Path | None = None, candidate_name: str | None = None,
+            progress: bool | None = None, batch_size: int = 32, max_new_tokens: int = 64,
             extra_sources: Sequence[ModelRef] = ()) -> ReleaseResult:
     """Merge → `gate_release`. `extra_sources` are evaluated and may hold cohorts without being merged (e.g. a
-    LoRA specialist served as base + adapter)."""
+    LoRA specialist served as base + adapter).
+
+    `merge_options` go to the candidate's merge as given, except `overwrite`: the candidate's folder,
+    OUT/candidate, belongs to the release and is replaced when a release is run again. `progress` is the
+    evaluation's progress bar, and the merge's too when no `merge_options` are given."""
     out = Path(out)
     recipe = load_recipe(recipe)
     suite = _loaded_suite(suite)
@@ -102,7 +106,7 @@ def release(recipe, suite, policy, out: str | Path, *, registry: Registry | str 
         check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens)
     candidate_name = candidate_name or f"merged-{recipe.merge_method}"
     candidate_dir = out / "candidate"
-    merge(recipe, candidate_dir, seed=seed, overwrite=True, progress=progress)
+    merge(recipe, candidate_dir, replace(merge_options or MergeOptions(progress=progress), overwrite=True))
     models = release_models(recipe, candidate_dir, candidate_name)
     base = next(ref for ref, role in models if role == "base")
     sources = [ref for ref, role in models if role == "source"] + list(extra_sources)

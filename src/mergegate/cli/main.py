@@ -46,21 +46,21 @@ def merge_command(
 ) -> None:
     """Merge the models a recipe names into OUT_DIR (exit 2 with the reason when an input is refused)."""
     from .. import MergegateError, merge
-    from ..io.write import parse_size
+    from ..engine import MergeOptions
+    from ..errors import MergeOptionsError
 
     def one_line(error: Exception) -> str:  # the CLI's contract: one line on stderr, never a traceback
         return " ".join(str(error).split()) or type(error).__name__
 
     try:
-        parse_size(shard_size)
-    except ValueError as exc:
-        _refuse(MergegateError(f"--shard-size: {one_line(exc)}"))
-    if workers is not None and workers < 1:
-        _refuse(MergegateError(f"--workers must be at least 1, got {workers}"))
+        options = MergeOptions(shard_size=shard_size, allow_pickle=allow_pickle, seed=seed, workers=workers,
+                               overwrite=overwrite, progress=False if quiet else None)
+    except MergeOptionsError as exc:  # named by its flag, not by the field
+        flag = "--" + exc.option.replace("_", "-")
+        _refuse(MergegateError(" ".join(f"{flag}{exc.problem}".split())))
     _keep_freed_memory()
     try:
-        result = merge(recipe, out_dir, shard_size=shard_size, allow_pickle=allow_pickle, seed=seed,
-                       workers=workers, overwrite=overwrite, progress=False if quiet else None)
+        result = merge(recipe, out_dir, options)
     except MergegateError as exc:
         _refuse(MergegateError(one_line(exc)))
     except OSError as exc:  # the machine, not the input: a full disk, an unreadable folder
@@ -152,12 +152,13 @@ def release_command(
 ) -> None:
     """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
     from .. import MergegateError
+    from ..engine import MergeOptions
     from ..release import release
 
     _keep_freed_memory()
     try:
-        result = release(recipe, suite, policy, out, seed=seed, registry=registry, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens)
+        result = release(recipe, suite, policy, out, merge_options=MergeOptions(seed=seed), registry=registry,
+                         batch_size=batch_size, max_new_tokens=max_new_tokens)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)

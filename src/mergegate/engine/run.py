@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,11 +18,9 @@ from ..errors import IncompatibleModels, MergegateError
 from ..methods import NonFiniteInput
 from ..progress import Advance, Progress
 from ..vocab import align
+from .options import MergeOptions
 from .plan import MergePlan, Source, TensorJob, plan_merge
 from .provenance import hash_inputs, write_provenance
-
-DEFAULT_SHARD_SIZE = "5GB"
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -54,28 +52,29 @@ class _ByteBudget:
             self._cond.notify_all()
 
 
-def merge(recipe, out_dir: str | Path, *, shard_size: str | int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
-          seed: int = 0, workers: int | None = None, overwrite: bool = False, progress: bool | None = None,
-          memory_budget: int = DEFAULT_MEMORY_BUDGET, check_lineage: bool = True) -> MergeResult:
+def merge(recipe, out_dir: str | Path, options: MergeOptions | None = None, **overrides) -> MergeResult:
     """Merge the models a recipe names into `out_dir` (Hugging Face format, safetensors).
 
-    Nothing appears at `out_dir` unless the whole merge succeeds. Raises a MergegateError subclass, naming
-    the file, tensor or field at fault, when an input is refused.
+    `options` (default: MergeOptions()) with `overrides` (MergeOptions field names, e.g. `progress=False`)
+    replacing some of its fields. Nothing appears at `out_dir` unless the whole merge succeeds. Raises a
+    MergegateError subclass, naming the option, file, tensor or field at fault, when an input is refused.
     """
-    out_dir = check_output(Path(out_dir), overwrite)  # refused before any model is opened
-    _check_options(shard_size, workers)
-    plan = plan_merge(recipe, allow_pickle=allow_pickle, seed=seed, check_lineage=check_lineage)
-    return run_merge(plan, out_dir, shard_size=shard_size, workers=workers, progress=progress,
-                     memory_budget=memory_budget)
+    options = _options(options, overrides)
+    out_dir = check_output(Path(out_dir), options.overwrite)  # refused before any model is opened
+    plan = plan_merge(recipe, allow_pickle=options.allow_pickle, seed=options.seed,
+                      check_lineage=options.check_lineage)
+    return run_merge(plan, out_dir, options)
 
 
-def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT_SHARD_SIZE,
-              workers: int | None = None, progress: bool | None = None,
-              memory_budget: int = DEFAULT_MEMORY_BUDGET) -> MergeResult:
+def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = None, **overrides) -> MergeResult:
+    """Stream a planned merge into `out_dir`, replacing it. Of the options, the plan already holds its seed,
+    pickle policy and lineage check (`plan_merge`'s); the workers, memory budget, shard size and progress
+    bar are read here."""
+    options = _options(options, overrides)
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
-    _check_options(shard_size, workers)
-    workers = workers or min(4, os.cpu_count() or 1)
+    shard_size, progress, memory_budget = options.shard_size, options.progress, options.memory_budget
+    workers = options.workers or min(4, os.cpu_count() or 1)
     hasher = ThreadPoolExecutor(1, thread_name_prefix="mergegate-hash")
     input_hashes = hasher.submit(hash_inputs, plan)
     threads_before = torch.get_num_threads()
@@ -104,13 +103,12 @@ def run_merge(plan: MergePlan, out_dir: Path, *, shard_size: str | int = DEFAULT
     return MergeResult(out_dir, files, len(plan.jobs), writer.total_bytes, time.perf_counter() - started, provenance)
 
 
-def _check_options(shard_size: str | int, workers: int | None) -> None:
-    try:
-        parse_size(shard_size)
-    except ValueError as exc:
-        raise MergegateError(f"shard size: {exc}") from None
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise MergegateError(f"workers must be a whole number of at least 1, got {workers!r}")
+def _options(options: MergeOptions | None, overrides: dict) -> MergeOptions:
+    """`options` with `overrides` applied, checked by MergeOptions itself (an unknown name is a TypeError)."""
+    if options is not None and not isinstance(options, MergeOptions):
+        raise TypeError(f"options must be a MergeOptions, got {type(options).__name__}")
+    options = options or MergeOptions()
+    return replace(options, **overrides) if overrides else options
 
 
 def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None) -> None:

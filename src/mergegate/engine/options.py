@@ -1,0 +1,39 @@
+"""The options of one merge run, in one value checked once: `merge`, `run_merge`, `release` and the CLI take it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MergeOptionsError
+from ..io.write import parse_size
+
+DEFAULT_SHARD_SIZE = "5GB"
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How a merge runs. Only `seed` (random methods) can change the merged bytes, and only those of random
+    methods; the worker count, memory budget and shard size never do.
+
+    Refused on construction (MergeOptionsError naming the field): a shard size that is not a positive size, a
+    worker count that is not a whole number of at least 1.
+    """
+
+    workers: int | None = None  # tensors merged in parallel; None: the cores, at most 4
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of estimated working memory admitted at once
+    shard_size: str | int = DEFAULT_SHARD_SIZE  # largest safetensors shard, e.g. "5GB", "500MB" or bytes
+    seed: int = 0  # seeds random methods (DARE, …) per tensor
+    allow_pickle: bool = False  # load .bin/.pt weights with torch.load(weights_only=True)
+    overwrite: bool = False  # replace an existing output folder (only once the merge succeeded)
+    progress: bool | None = None  # a progress bar; None: when stderr is a terminal
+    check_lineage: bool = True  # refuse sources that do not share the base's initialisation
+
+    def __post_init__(self) -> None:
+        try:
+            parse_size(self.shard_size)
+        except ValueError as exc:
+            raise MergeOptionsError("shard_size", f": {exc}") from None
+        workers = self.workers
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise MergeOptionsError("workers", f" must be a whole number of at least 1, got {workers!r}")
