@@ -104,7 +104,7 @@ def run_demo(out: Path, methods: list[str], rerun: bool) -> dict:
     import yaml
 
     from mergegate.registry import Registry
-    from mergegate.release import release
+    from mergegate.pipeline import release
 
     path = HERE / "experiments" / "demo-methods.json"
     results = json.loads(path.read_text()) if path.is_file() else {}  # --rerun-demo redoes the listed methods only

@@ -58,7 +58,7 @@ def test_options_and_overrides_are_one_set_of_fields(family, tmp_path):
 
 
 def test_release_passes_every_merge_option_and_owns_its_candidate_folder(family, tmp_path, monkeypatch):
-    import mergegate.release as release_module
+    import mergegate.pipeline as release_module
 
     given = []
 

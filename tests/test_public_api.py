@@ -38,3 +38,26 @@ def test_core_does_not_import_the_cli():
     code = "import mergegate, sys; print(any(m.startswith(('mergegate.cli', 'typer')) for m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_every_public_function_is_fully_annotated():
+    """Type hints at every entry point: each parameter and the return of every public function."""
+    import inspect
+
+    missing = []
+    for name in mergegate.__all__:
+        obj = getattr(mergegate, name)
+        if not inspect.isfunction(obj):
+            continue
+        signature = inspect.signature(obj)
+        missing += [f"{name}({p.name})" for p in signature.parameters.values()
+                    if p.annotation is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if signature.return_annotation is inspect.Signature.empty:
+            missing.append(f"{name} -> ?")
+    assert not missing, missing
+
+
+def test_the_workflow_is_in_the_public_api():
+    for stage in ("merge", "evaluate_models", "decide", "release", "gate_release", "Registry", "RolloutPlan",
+                  "create_app", "ModelRef"):
+        assert stage in mergegate.__all__, stage

@@ -11,27 +11,54 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# The workflow's headline pieces, stage by stage (recipe → merge → evaluate → gate → release → rollout → gateway),
+# then the errors every stage raises. name → module it lives in.
 _EXPORTS = {
-    "Checkpoint": "io.read",
-    "CheckpointError": "errors",
-    "IncompatibleModels": "errors",
+    # models and recipes
+    "ModelRef": "model_ref",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    # merge
     "MergeOptions": "engine",
     "MergePlan": "engine",
     "MergeResult": "engine",
-    "MergegateError": "errors",
-    "Recipe": "recipe",
-    "RecipeError": "errors",
+    "merge": "engine",
+    "plan_merge": "engine",
+    "run_merge": "engine",
     "available_methods": "methods",
+    "get_method": "methods",
+    "register": "methods",
     "check_compatible": "compat",
+    "Checkpoint": "io.read",
+    "merge_adapter": "lora",
     "combine_adapters": "lora",
     "extract_adapter": "lora",
-    "get_method": "methods",
-    "load_recipe": "recipe",
-    "merge": "engine",
-    "merge_adapter": "lora",
-    "plan_merge": "engine",
-    "register": "methods",
-    "run_merge": "engine",
+    # evaluate
+    "Suite": "evaluate",
+    "load_suite": "evaluate",
+    "evaluate_models": "evaluate",
+    "Registry": "registry",
+    # gate and release
+    "Policy": "gate",
+    "load_policy": "gate",
+    "decide": "gate",
+    "GateResult": "gate",
+    "release": "pipeline",
+    "gate_release": "pipeline",
+    "ReleaseResult": "pipeline",
+    # roll out
+    "RolloutPlan": "rollout",
+    "load_plan": "rollout",
+    "create_app": "gateway",  # needs mergegate[serve]
+    "serve": "gateway",
+    # errors
+    "MergegateError": "errors",
+    "RecipeError": "errors",
+    "CheckpointError": "errors",
+    "IncompatibleModels": "errors",
+    "SuiteError": "errors",
+    "PolicyError": "errors",
+    "PlanError": "errors",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -50,10 +77,18 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .io.read import Checkpoint
     from .compat import check_compatible
     from .engine import MergeOptions, MergePlan, MergeResult, merge, plan_merge, run_merge
-    from .errors import CheckpointError, IncompatibleModels, MergegateError, RecipeError
+    from .errors import (CheckpointError, IncompatibleModels, MergegateError, PlanError, PolicyError, RecipeError,
+                         SuiteError)
+    from .evaluate import Suite, evaluate_models, load_suite
+    from .gate import GateResult, Policy, decide, load_policy
+    from .gateway import create_app, serve
+    from .io.read import Checkpoint
     from .lora import combine_adapters, extract_adapter, merge_adapter
     from .methods import available_methods, get_method, register
+    from .model_ref import ModelRef
     from .recipe import Recipe, load_recipe
+    from .registry import Registry
+    from .pipeline import ReleaseResult, gate_release, release
+    from .rollout import RolloutPlan, load_plan

@@ -17,7 +17,7 @@ from pathlib import Path
 from ._extras import missing_extra
 from .model_ref import ModelRef
 from .registry import Registry
-from .release import ReleaseResult, release
+from .pipeline import ReleaseResult, release
 from .rollout import load_plan
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")

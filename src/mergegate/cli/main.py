@@ -127,7 +127,7 @@ def gate_command(
 ) -> None:
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
-    from ..release import gate_release
+    from ..pipeline import gate_release
 
     try:
         result = gate_release(_model_ref(candidate), _model_ref(base), [_model_ref(value) for value in source], suite,
@@ -153,7 +153,7 @@ def release_command(
     """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
     from .. import MergegateError
     from ..engine import MergeOptions
-    from ..release import release
+    from ..pipeline import release
 
     _keep_freed_memory()
     try:

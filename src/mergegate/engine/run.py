@@ -19,6 +19,7 @@ from ..methods import NonFiniteInput
 from ..progress import Advance, Progress
 from ..vocab import align
 from .options import MergeOptions
+from ..recipe import Recipe
 from .plan import MergePlan, Source, TensorJob, plan_merge
 from .provenance import hash_inputs, write_provenance
 
@@ -52,7 +53,7 @@ class _ByteBudget:
             self._cond.notify_all()
 
 
-def merge(recipe, out_dir: str | Path, options: MergeOptions | None = None, **overrides) -> MergeResult:
+def merge(recipe: Recipe | dict | str | Path, out_dir: str | Path, options: MergeOptions | None = None, **overrides) -> MergeResult:
     """Merge the models a recipe names into `out_dir` (Hugging Face format, safetensors).
 
     `options` (default: MergeOptions()) with `overrides` (MergeOptions field names, e.g. `progress=False`)

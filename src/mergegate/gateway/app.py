@@ -7,6 +7,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,6 +27,10 @@ from .metrics import Metrics
 from .mirror import Mirror
 from .routing import Router
 from .telemetry import Telemetry
+
+if TYPE_CHECKING:  # annotations only: importing the evaluation stack would load torch
+    from ..evaluate.suite import Suite
+    from ..registry import Registry
 
 log = logging.getLogger("mergegate.gateway")
 
@@ -95,7 +100,7 @@ class Gateway:
         return (503 if status == "unavailable" else 200), {"status": status, "backends": backends}
 
 
-def create_app(plan: RolloutPlan, *, registry, suite=None, admin_token: str | None = None,
+def create_app(plan: RolloutPlan, *, registry: Registry, suite: Suite | str | Path | None = None, admin_token: str | None = None,
                traces_path: str | Path | None = None, otlp_endpoint: str | None = None,
                config: GatewayConfig | None = None, plan_path: str | Path | None = None,
                backends: dict[str, Backend] | None = None, embed: Embed | None = None) -> FastAPI:

@@ -16,7 +16,7 @@ from .evaluate import ModelRun, Suite, evaluate_models, load_suite
 from .evaluate.runner import check_inputs, check_settings
 from .gate import GateResult, Policy, decide, load_policy
 from .model_ref import ModelRef, Role
-from .recipe import load_recipe
+from .recipe import Recipe, load_recipe
 from .registry import Registry
 from .report import write_reports
 from .rollout import PlanModel, RolloutPlan
@@ -35,7 +35,7 @@ class ReleaseResult:
     reports: dict[str, Path]
 
 
-def release_models(recipe, candidate_dir: Path, candidate_name: str) -> list[tuple[ModelRef, Role]]:
+def release_models(recipe: Recipe, candidate_dir: Path, candidate_name: str) -> list[tuple[ModelRef, Role]]:
     """The candidate, the base and every source the recipe names, with their roles and unique display names.
     A `model+adapter` source is evaluated and served as the model with its adapter (not the folded copy)."""
     if not recipe.base_model:
@@ -85,7 +85,8 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     return ReleaseResult(out, candidate, gate, plan, runs, reports)
 
 
-def release(recipe, suite, policy, out: str | Path, *, merge_options: MergeOptions | None = None,
+def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
+            policy: Policy | dict | str | Path | None, out: str | Path, *, merge_options: MergeOptions | None = None,
             registry: Registry | str | Path | None = None, candidate_name: str | None = None,
             progress: bool | None = None, batch_size: int = 32, max_new_tokens: int = 64,
             extra_sources: Sequence[ModelRef] = ()) -> ReleaseResult:

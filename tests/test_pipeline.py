@@ -10,7 +10,7 @@ import pytest
 
 from mergegate.gate import load_policy
 from mergegate.registry import Registry
-from mergegate.release import release
+from mergegate.pipeline import release
 from mergegate.rollout import load_plan
 
 from .conftest import recipe_for
@@ -68,7 +68,7 @@ def test_release_needs_a_base_model(family, small_suite, tmp_path):
 def test_gate_release_checks_every_model_before_opening_the_registry(family, small_suite, tmp_path):
     from mergegate import MergegateError
     from mergegate.model_ref import ModelRef
-    from mergegate.release import gate_release
+    from mergegate.pipeline import gate_release
 
     with pytest.raises(MergegateError, match="model 'up': http://127.0.0.1:9/v1 is a remote model"):
         gate_release(ModelRef("cand", family["ft1"]), ModelRef("base", family["base"]),
@@ -110,7 +110,7 @@ def test_demo_end_to_end(tmp_path):
 
 def test_model_plus_adapter_sources_are_evaluated_as_base_with_adapter(tmp_path):
     from mergegate.recipe import load_recipe
-    from mergegate.release import release_models
+    from mergegate.pipeline import release_models
 
     demo = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models"
     recipe = load_recipe({"merge_method": "task_arithmetic", "base_model": str(demo / "base"), "models": [
