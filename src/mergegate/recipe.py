@@ -346,7 +346,8 @@ def evaluate(setting: Setting, spec: ParamSpec, tensor_name: str, t: float, wher
     conditions = [item for item in setting if isinstance(item, Conditional)]
     if len(conditions) == len(setting):
         for cond in conditions:
-            if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
+            pattern = cond.filter
+            if pattern is None or pattern == "*" or (tensor_name and pattern in tensor_name):
                 return evaluate(cond.value, spec, tensor_name, t, where)
         return None
     values = [spec.coerce(item, where) for item in setting]

@@ -149,13 +149,12 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
         others = [entry.model for entry in recipe.models or [] if entry.model != base]
         reference = base or others[0]
     chosen = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    _check_copied_files(checkpoints[reference], checkpoints[reference if chosen in (None, "base", "union") else chosen])
+    tokenizer_source = reference if chosen is None or chosen in ("base", "union") else chosen
+    _check_copied_files(checkpoints[reference], checkpoints[tokenizer_source])
     vocabulary = plan_vocabulary(recipe, checkpoints, base, reference)
     check_compatible(checkpoints, reference, check_lineage=check_lineage, same_depth=not recipe.slices,
                      same_vocabulary=vocabulary is None or vocabulary.identity)
 
-    chosen = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    tokenizer_source = reference if chosen in (None, "base", "union") else chosen
     load_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     compute_dtype = torch.float64 if load_dtype == torch.float64 else torch.float32
     plan = MergePlan(recipe, method, checkpoints, base, others, reference, tokenizer_source,
