@@ -175,7 +175,7 @@ def write_doc(demo: dict, minilm: Path) -> str:
              "## Support", "", "| method | mergegate | mergekit 0.1.5 | PEFT add_weighted_adapter |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in support_matrix()]
     lines += ["", "Agreement with mergekit and PEFT is checked by the tests (`tests/test_vs_mergekit.py`, "
-              "`tests/test_methods_*.py`, `tests/test_lora.py`, `tests/test_vocab.py`), which report the max abs "
+              "`tests/methods/`, `tests/lora/`, `tests/test_vocab.py`), which report the max abs "
               "difference per case.", ""]
     lines += ["## On the demo: candidate score per cohort (gate decision)", "",
               "The demo's three full specialists plus the arithmetic LoRA folded into the base (`base+adapter`), merged "

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from mergegate.cli.main import app
 
-from .conftest import recipe_for
+from ..conftest import recipe_for
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
 ROWS = [{"id": f"r{i}", "cohort": "echo" if i % 2 else "json_output", "prompt": f"say {i}:", "expected": str(i),
          "evaluators": ["exact_match"] if i % 2 else ["json_valid"]} for i in range(4)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import recipe_for
+from ..conftest import recipe_for
 
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
 # every test runs the real executable: a fresh interpreter importing torch, about 2 s each

@@ -12,7 +12,7 @@ import mergegate
 from mergegate.engine import MergeOptions, merge
 from mergegate.errors import MergegateError, MergeOptionsError
 
-from .conftest import recipe_for
+from ..conftest import recipe_for
 
 
 def test_defaults_are_the_engines():

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import recipe_for
+from ..conftest import recipe_for
 
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 
 
 def run_in_terminal(*args, cwd: Path, timeout: float = 240) -> tuple[int, str]:

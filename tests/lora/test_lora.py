@@ -20,7 +20,7 @@ from mergegate.lora.extract import REPORT_FILE, rank_for_energy
 
 pytestmark = pytest.mark.one_torch_thread
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo" / "models"
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from mergegate import merge, plan_merge
 from mergegate.io.write import ShardedWriter
 
-from . import reference
-from .conftest import recipe_for
+from .. import reference
+from ..conftest import recipe_for
 
 MODELS = ("ft1", "ft2", "ft3")
 
@@ -318,7 +318,7 @@ def test_model_plus_adapter_folds_the_lora_in_once(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("MERGEGATE_CACHE", str(tmp_path / "cache"))
-    demo = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models"
+    demo = Path(__file__).resolve().parents[2] / "examples" / "demo" / "models"
     folded_ref = f"{demo / 'base'}+{demo / 'arithmetic_lora'}"
     recipe = {"merge_method": "task_arithmetic", "base_model": str(demo / "base"),
               "models": [{"model": str(demo / "tool_required"), "parameters": {"weight": 1.0}},
