@@ -36,9 +36,11 @@ def test_release_writes_reports_rollout_and_decisions(family, small_suite, tmp_p
     first = release(recipe_for("ties", family, density=0.5), small_suite, {"default": {"max_drop": 0.2}},
                     tmp_path / "ties", registry=registry, progress=False, max_new_tokens=4)
     assert {p.name for p in (tmp_path / "ties").iterdir()} >= {"candidate", "report.md", "report.html",
-                                                                "rollout.yaml", "chart.png"}
+                                                                "rollout.yaml", "chart.png", "forest.png"}
     html = (tmp_path / "ties" / "report.html").read_text()
     assert "data:image/png;base64," in html and "json_output" in html
+    # what ships comes first; latency and tokens come from the runs' rows
+    assert html.index('id="what-ships"') < html.index('id="intervals"') and "latency p99 ms" in html
     plan = load_plan(tmp_path / "ties" / "rollout.yaml")
     assert plan.candidate == "merged-ties" and set(plan.routes) == {"json_output", "tool_required"}
     assert plan.routes["json_output"].check == "json_valid"
@@ -53,7 +55,8 @@ def test_release_writes_reports_rollout_and_decisions(family, small_suite, tmp_p
     assert sorted(rows) == sorted((d.cohort, d.decision) for d in first.gate.decisions)
 
     second = release(recipe_for("task_arithmetic", family), small_suite, None, tmp_path / "ta", registry=registry,
-                     progress=False, max_new_tokens=4)
+                     progress=False, max_new_tokens=4, current=tmp_path / "ties" / "rollout.yaml")
+    assert "vs current" in (tmp_path / "ta" / "report.html").read_text()  # against the plan served now
     assert all(second.runs[name].cached for name in ("base", "ft1", "ft2", "ft3"))
     assert not second.runs["merged-task_arithmetic"].cached
 

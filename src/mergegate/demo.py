@@ -3,7 +3,8 @@
 Each method's candidate is merged, evaluated beside the base and every source on the held-out suite, and
 gated per cohort. Sources are evaluated once (the registry caches runs by model, suite and run config). The
 summary shows which method wins which cohort and what the gate decided; the top-level report and rollout plan
-are those of the method the gate promotes on the most cohorts.
+are those of the best release (`pipeline.release_rank`: most cohorts promoted, then the best worst-cohort
+retention; never a mean).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import time
 from pathlib import Path
 
 from ._extras import missing_extra
+from .costs import cohort_costs
+from .gate import Policy, load_policy
 from .model_ref import ModelRef
 from .registry import Registry
-from .pipeline import ReleaseResult, release
+from .pipeline import ReleaseResult, release, release_rank
+from .report import html_page, render_html_body, render_markdown
 from .rollout import load_plan
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
@@ -35,9 +39,8 @@ def find_demo_folder(start: Path | None = None) -> Path:
                             "run from a mergegate checkout or pass --models")
 
 
-def _rank(result: ReleaseResult) -> tuple:
-    decisions = [d.decision for d in result.gate.decisions]
-    return (decisions.count("promote"), -decisions.count("reject"), result.gate.aggregate[result.candidate.name])
+RANKING = ("ranked by cohorts promoted, then by worst-cohort retention (the lowest retention over cohorts); "
+           "never by a mean. A tie keeps the method listed first.")
 
 
 def run_demo(out: Path, models: Path | None = None, methods=METHODS) -> dict[str, ReleaseResult]:
@@ -74,17 +77,20 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS) -> dict[str
         first = cells[methods[0]]
         table.add_row(cohort, *row, f"{first.best_source} {first.best_source_mean:.3f}")
     console.print(table)
-    best = max(methods, key=lambda m: _rank(results[m]))
-    _write_summary(out, results, best)
-    console.print(f"best release: [bold]{best}[/] (most cohorts promoted). Reports: {out / 'report.html'}, "
+    best = max(methods, key=lambda m: release_rank(results[m].gate))  # max keeps the first of equals
+    _write_summary(out, results, best, load_policy(demo / "policy.yaml"))
+    console.print(f"best release: [bold]{best}[/] ({RANKING}) Reports: {out / 'report.html'}, "
                   f"{out / 'report.md'}, rollout plan {out / 'rollout.yaml'}; per method in {out}/<method>/. "
                   f"{time.perf_counter() - started:.0f} s.")
     return results
 
 
-def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str) -> None:
+def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, policy: Policy) -> None:
+    """The top-level report: what the best release ships first, then how every method fared and why this one
+    was picked, then the best release's intervals, decisions and costs."""
     methods = list(results)
-    cohorts = [d.cohort for d in results[best].gate.decisions]
+    chosen = results[best]
+    cohorts = [d.cohort for d in chosen.gate.decisions]
     load_plan(out / best / "rollout.yaml").save(out / "rollout.yaml")  # re-anchors the relative model paths
     header = ["cohort", *methods, "best source"]
     rows = []
@@ -93,32 +99,51 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str) -> N
         rows.append([cohort, *(f"{results[m].gate.decision(cohort).candidate_mean:.3f} "
                                f"{results[m].gate.decision(cohort).decision}" for m in methods),
                      f"{first.best_source} {first.best_source_mean:.3f}"])
+    rank_header = ["method", "cohorts promoted", "worst-cohort retention", "held", "rejected"]
+    rank_rows = []
+    for m in sorted(methods, key=lambda m: release_rank(results[m].gate), reverse=True):
+        promoted, worst = release_rank(results[m].gate)
+        decided = [d.decision for d in results[m].gate.decisions]
+        rank_rows.append([m + (" (best)" if m == best else ""), f"{promoted} of {len(decided)}", f"{worst:.2f}",
+                          str(decided.count("hold")), str(decided.count("reject"))])
     png = _summary_chart(results, cohorts)
     if png is None:
         (out / "summary.png").unlink(missing_ok=True)
     else:
         (out / "summary.png").write_bytes(png)
-    md = ["# mergegate demo", "", "Candidate score per cohort and the gate's decision for each merge method.", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-          *("| " + " | ".join(r) + " |" for r in rows), "",
-          f"Best release: **{best}** (most cohorts promoted); its rollout plan is `rollout.yaml`. Per-method "
-          "reports, with intervals and reasons, are in each method's folder.", "",
-          *(["![summary](summary.png)", ""] if png is not None else []),
-          open(out / best / "report.md").read().replace("![chart](chart.png)", f"![chart]({best}/chart.png)")]
-    (out / "report.md").write_text("\n".join(md))
-    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
-    best_html = (out / best / "report.html").read_text()
-    best_body = best_html[best_html.index("<body>") + 6: best_html.index("</body>")]
-    summary = (f'<img alt="summary" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-               if png is not None else "")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mergegate demo</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left}}th{{background:#eee}}</style></head><body>
-<h1>mergegate demo</h1><p>Candidate score per cohort and the gate's decision, per merge method.
-Best release: <b>{html.escape(best)}</b>.</p>
-<table><tr>{cells(header, "th")}</tr>{"".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)}</table>
-{summary}<hr>{best_body}</body></html>"""
-    (out / "report.html").write_text(page)
+    costs = cohort_costs({name: run.results for name, run in chosen.runs.items()})
+    lead = f"Best release: **{best}** ({RANKING}) Its rollout plan is `rollout.yaml`."
+    methods_md = ["## Every method", "", "How the best release was picked:", "",
+                  *_md_rows(rank_header, rank_rows), "",
+                  "Candidate score per cohort and the gate's decision for each merge method. Per-method reports, "
+                  "with intervals and reasons, are in each method's folder.", "",
+                  *_md_rows(header, rows), "", *(["![summary](summary.png)"] if png is not None else [])]
+    pictures = tuple(name for name in ("forest.png", "chart.png") if (out / best / name).is_file())
+    (out / "report.md").write_text(render_markdown(
+        chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs, pictures=pictures,
+        picture_dir=f"{best}/", lead=lead, after_ships="\n".join(methods_md)))
+
+    table = lambda head, body: (f'<div class="scroll"><table><tr>{_html_cells(head, "th")}</tr>'  # noqa: E731
+                                + "".join(f"<tr>{_html_cells(r, 'td')}</tr>" for r in body) + "</table></div>")
+    summary = (f'<img alt="candidate score per cohort, every method" '
+               f'src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png is not None else "")
+    lead_html = f"<p>Best release: <b>{html.escape(best)}</b> ({html.escape(RANKING)}) Its rollout plan is rollout.yaml.</p>"
+    methods_html = (f'<section id="methods"><h2>Every method</h2><p>How the best release was picked:</p>'
+                    f"{table(rank_header, rank_rows)}<p>Candidate score per cohort and the gate's decision for each "
+                    f"merge method (per-method reports in each method's folder).</p>{table(header, rows)}{summary}"
+                    "</section>")
+    body = render_html_body(chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs,
+                            pictures={name: (out / best / name).read_bytes() for name in pictures}, lead=lead_html,
+                            after_ships=methods_html)
+    (out / "report.html").write_text(html_page("mergegate demo", body))
+
+
+def _md_rows(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _html_cells(row: list[str], tag: str) -> str:
+    return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
 
 
 def _summary_chart(results: dict[str, ReleaseResult], cohorts: list[str]) -> bytes | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from .costs import cohort_costs
 from .engine import MergeOptions, merge
 from .errors import RecipeError
 from .evaluate import ModelRun, Suite, evaluate_models, load_suite
@@ -19,7 +20,7 @@ from .model_ref import ModelRef, Role
 from .recipe import Recipe, load_recipe
 from .registry import Registry
 from .report import write_reports
-from .rollout import PlanModel, RolloutPlan
+from .rollout import PlanModel, RolloutPlan, load_plan
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,17 @@ def release_models(recipe: Recipe, candidate_dir: Path, candidate_name: str) -> 
 def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef], suite: Suite | str | Path,
                  policy: Policy | dict | str | Path | None, out: str | Path, *,
                  registry: Registry | str | Path | None = None, batch_size: int = 32, max_new_tokens: int = 64,
-                 progress: bool | None = None, title: str | None = None) -> ReleaseResult:
+                 progress: bool | None = None, title: str | None = None,
+                 current: RolloutPlan | str | Path | None = None) -> ReleaseResult:
     """Evaluate → gate → record → report: the candidate, the base and every source on the same suite rows, a
     decision per cohort recorded in the registry, and report.md, report.html and rollout.yaml written to `out`.
 
     `registry` is a Registry or its file (default: OUT/registry.sqlite), opened only once the suite, the policy
-    and the models have been checked, so a refused input leaves no registry behind."""
+    and the models have been checked, so a refused input leaves no registry behind. `current` is the plan served
+    now (or its rollout.yaml): the report says what changes against it."""
     out = Path(out)
+    if current is not None and not isinstance(current, RolloutPlan):
+        current = load_plan(current)  # before any evaluation: a wrong path should not cost one
     suite = _loaded_suite(suite)
     policy = load_policy(policy)
     policy.check_cohorts(suite.cohorts)
@@ -81,7 +86,8 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     registry.add_decisions(runs[candidate.name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
     plan = RolloutPlan.from_decisions(gate, {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated},
                                       suite, policy)
-    reports = write_reports(out, gate, plan, title=title or f"gate: {candidate.name}")
+    reports = write_reports(out, gate, plan, title=title or f"gate: {candidate.name}", policy=policy,
+                            costs=cohort_costs({name: run.results for name, run in runs.items()}), current=current)
     return ReleaseResult(out, candidate, gate, plan, runs, reports)
 
 
@@ -89,7 +95,8 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
             policy: Policy | dict | str | Path | None, out: str | Path, *, merge_options: MergeOptions | None = None,
             registry: Registry | str | Path | None = None, candidate_name: str | None = None,
             progress: bool | None = None, batch_size: int = 32, max_new_tokens: int = 64,
-            extra_sources: Sequence[ModelRef] = ()) -> ReleaseResult:
+            extra_sources: Sequence[ModelRef] = (),
+            current: RolloutPlan | str | Path | None = None) -> ReleaseResult:
     """Merge → `gate_release`. `extra_sources` are evaluated and may hold cohorts without being merged (e.g. a
     LoRA specialist served as base + adapter).
 
@@ -101,6 +108,8 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
     suite = _loaded_suite(suite)
     policy = load_policy(policy)
     policy.check_cohorts(suite.cohorts)  # before the merge: a typo in the policy should not cost a merge
+    if current is not None and not isinstance(current, RolloutPlan):
+        current = load_plan(current)
     if extra_sources:
         check_inputs(list(extra_sources), batch_size=batch_size, max_new_tokens=max_new_tokens)
     else:
@@ -113,8 +122,15 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
     sources = [ref for ref, role in models if role == "source"] + list(extra_sources)
     return gate_release(models[0][0], base, sources, suite, policy, out, registry=registry, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, progress=progress,
-                        title=f"mergegate release: {candidate_name}")
+                        title=f"mergegate release: {candidate_name}", current=current)
 
 
 def _loaded_suite(suite: Suite | str | Path) -> Suite:
     return suite if isinstance(suite, Suite) else load_suite(suite)
+
+
+def release_rank(gate: GateResult) -> tuple[int, float]:
+    """How good a release is, larger is better: cohorts promoted, then the worst cohort's retention (the
+    lowest over cohorts). Never an aggregate mean: a mean can hide one cohort's regression behind another's gain."""
+    promoted = sum(d.decision == "promote" for d in gate.decisions)
+    return promoted, min((d.retention for d in gate.decisions), default=0.0)

@@ -1,8 +1,14 @@
-"""Release reports: report.md, a self-contained report.html (chart embedded), and rollout.yaml. The plan
+"""Release reports: report.md, a self-contained report.html (pictures embedded), and rollout.yaml. The plan
 itself is built in rollout.py (`RolloutPlan.from_decisions`); this module only renders.
 
-The chart needs matplotlib (the `report` extra). Without it the reports and the rollout plan are still written,
-chart left out, and one line says which extra draws it: the decisions never depend on the picture."""
+The page is written for a release manager. Its first screen says what ships: per cohort the route, the
+decision, the fallback chain and the share mirrored to the candidate, the default route, and what changed
+against the currently served plan when one is given. Then a forest plot of the paired differences with their
+intervals against each cohort's −max_drop, the decisions with their reasons (folded), and per model and cohort
+the mean score, latency and token cost.
+
+The pictures need matplotlib (the `report` extra). Without it the reports and the rollout plan are still
+written, pictures left out, and one line says which extra draws them: the decisions never depend on a picture."""
 
 from __future__ import annotations
 
@@ -11,14 +17,37 @@ import html
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 from ._extras import install_hint, missing_extra
-from .gate import GateResult
-from .rollout import RolloutPlan
+from .costs import CohortCost
+from .errors import MergegateError
+from .gate import CohortDecision, GateResult, Policy
+from .rollout import RolloutPlan, Route, load_plan
+
+DECISION_COLOURS = {"promote": "#2e7d32", "hold": "#e0a800", "reject": "#c62828"}
+TOLERATED_DROP = "drop established, within max_drop"
+# Pictures a report may write beside itself; each is removed when not drawn, so none outlives its decisions.
+PICTURES = ("forest.png", "chart.png")
 
 
-def _chart_png(gate: GateResult) -> bytes | None:
-    """The per-cohort chart as PNG bytes, or None (logged once per report) when matplotlib is not installed."""
+def _max_drop(policy: Policy | None, cohort: str) -> float | None:
+    return policy.rule(cohort).max_drop if policy is not None else None
+
+
+def tolerated_drop(decision: CohortDecision, max_drop: float | None) -> bool:
+    """A drop the gate let through: the whole interval of (candidate − best source) is below zero, yet the
+    cohort is promoted or held because its lower bound stays at or above −max_drop. Without the policy's
+    max_drop only a promotion implies the lower bound (the promote rule checks it)."""
+    if decision.decision == "reject" or decision.diff_high >= 0:
+        return False
+    if max_drop is None:
+        return decision.decision == "promote"
+    return decision.diff_low >= -max_drop
+
+
+def _matplotlib_pyplot() -> Any | None:
+    """pyplot on the Agg backend, or None (logged) when matplotlib is not installed."""
     try:
         import matplotlib
     except ModuleNotFoundError as exc:
@@ -27,10 +56,21 @@ def _chart_png(gate: GateResult) -> bytes | None:
         logging.getLogger(__name__).warning("mergegate: report written without its chart (matplotlib is not "
                                             "installed): %s", install_hint("report"))
         return None
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(fig: Any, plt: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _scores_png(gate: GateResult, plt: Any) -> bytes:
+    """Mean score per cohort of the candidate beside the base and every source, decisions over the candidate."""
     cohorts = [d.cohort for d in gate.decisions]
     names = [gate.candidate] + list(gate.decisions[0].source_means)
     width = 0.8 / len(names)
@@ -50,59 +90,343 @@ def _chart_png(gate: GateResult) -> bytes | None:
     ax.set_title(f"{gate.candidate} vs base and sources, per cohort")
     ax.legend(fontsize=7, ncols=min(len(names), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig, plt)
 
 
-def _table_rows(gate: GateResult) -> tuple[list[str], list[list[str]]]:
-    sources = list(gate.decisions[0].source_means)
-    header = ["cohort", "n", gate.candidate, *sources, "best source", "Δ vs best [CI]", "retention [CI]",
-              "decision", "route", "why"]
-    rows = []
+def _forest_png(gate: GateResult, policy: Policy | None, plt: Any) -> bytes:
+    """Per cohort: candidate − best source with its interval against that cohort's −max_drop (left), and
+    retention with its interval against min_retention (right); coloured by decision."""
+    from matplotlib.lines import Line2D
+
+    decisions = gate.decisions
+    count = len(decisions)
+    labels: list[tuple[int, str, str]] = []  # drawn once the axis range is known, in one column on the right
+    fig, (diff_ax, ret_ax) = plt.subplots(1, 2, sharey=True, figsize=(11, 1.6 + 0.75 * count), dpi=110,
+                                          gridspec_kw={"width_ratios": [3, 2]})
+    level = f"{policy.confidence:.0%} " if policy is not None else ""
+    for i, d in enumerate(decisions):
+        y = count - 1 - i  # first cohort on top
+        colour = DECISION_COLOURS[d.decision]
+        tolerated = tolerated_drop(d, _max_drop(policy, d.cohort))
+        face = "white" if tolerated else colour
+        diff_ax.errorbar([d.diff_mean], [y], xerr=[[d.diff_mean - d.diff_low], [d.diff_high - d.diff_mean]],
+                         fmt="o", color=colour, mfc=face, mew=2, capsize=5, lw=2, ms=8)
+        ret_ax.errorbar([d.retention], [y], xerr=[[d.retention - d.retention_low], [d.retention_high - d.retention]],
+                        fmt="s", color=colour, mfc=face, mew=2, capsize=5, lw=2, ms=7)
+        if policy is not None:
+            rule = policy.rule(d.cohort)
+            diff_ax.vlines(-rule.max_drop, y - 0.38, y + 0.38, colors="#7b1fa2", linestyles="--", lw=1.5)
+            ret_ax.vlines(rule.min_retention, y - 0.38, y + 0.38, colors="#7b1fa2", linestyles="--", lw=1.5)
+        label = d.decision.upper() + (f"\n{TOLERATED_DROP}" if tolerated else "")
+        labels.append((y, label, colour))
+    diff_ax.axvline(0, color="#555", lw=1)
+    ret_ax.axvline(1, color="#555", lw=1)
+    lows = [d.diff_low for d in decisions] + ([-policy.rule(d.cohort).max_drop for d in decisions] if policy else [])
+    highs = [d.diff_high for d in decisions] + [0.0]
+    span = max(highs) - min(lows) or 0.1
+    # room on the right for the decision labels, aligned in one column clear of every interval and line
+    diff_ax.set_xlim(min(lows) - 0.08 * span, max(highs) + 0.75 * span)
+    for y, label, colour in labels:
+        diff_ax.annotate(label, (max(highs) + 0.06 * span, y), va="center", fontsize=8, color=colour,
+                         fontweight="bold")
+    diff_ax.set_yticks(range(count), [d.cohort for d in reversed(decisions)], fontsize=9)
+    diff_ax.set_ylim(-0.6, count - 0.4)
+    diff_ax.set_xlabel(f"candidate − best source (paired mean, {level}interval)", fontsize=9)
+    ret_ax.set_xlabel(f"retention: candidate / best source ({level}interval)", fontsize=9)
+    for ax in (diff_ax, ret_ax):
+        ax.grid(axis="x", color="#ddd", lw=0.6)
+        ax.tick_params(axis="x", labelsize=8)
+    handles = [Line2D([], [], color=c, marker="o", ls="", ms=7, label=name) for name, c in DECISION_COLOURS.items()]
+    handles.append(Line2D([], [], color="#555", marker="o", mfc="white", mew=2, ls="", ms=7, label=TOLERATED_DROP))
+    if policy is not None:
+        handles.append(Line2D([], [], color="#7b1fa2", ls="--", label="−max_drop (left), min_retention (right)"))
+    fig.legend(handles=handles, loc="lower center", ncols=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"{gate.candidate}: paired difference and retention against the best source, per cohort",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if count < 4 else 0.05, 1, 1))
+    return _png(fig, plt)
+
+
+def report_pictures(gate: GateResult, policy: Policy | None = None) -> dict[str, bytes]:
+    """file name → PNG bytes (the forest plot and the score chart); empty without matplotlib."""
+    plt = _matplotlib_pyplot()
+    if plt is None:
+        return {}
+    return {"forest.png": _forest_png(gate, policy, plt), "chart.png": _scores_png(gate, plt)}
+
+
+# ---- what ships ------------------------------------------------------------------------------------------------
+
+def _route_text(route: Route, candidate: str) -> tuple[str, str, str]:
+    """(model, fallback chain, mirrored share) of a route, as shown."""
+    fallback = " → ".join(route.fallback) or "none"
+    mirror = f"{route.mirror:.0%} to {candidate}" if route.mirror > 0 else "none"
+    return route.model, fallback, mirror
+
+
+def _route_change(before: Route | None, after: Route | None) -> str:
+    if before is None and after is None:
+        return ""
+    if before is None:
+        return "new cohort"
+    if after is None:
+        return "removed (goes to the default route)"
+    changes = []
+    if before.model != after.model:
+        changes.append(f"model {before.model} → {after.model}")
+    if before.fallback != after.fallback:
+        changes.append(f"fallback {' → '.join(before.fallback) or 'none'} → {' → '.join(after.fallback) or 'none'}")
+    if before.mirror != after.mirror:
+        changes.append(f"mirror {before.mirror:.0%} → {after.mirror:.0%}")
+    return "; ".join(changes) or "unchanged"
+
+
+def plan_changes(current: RolloutPlan, plan: RolloutPlan) -> dict[str, str]:
+    """route → what changed from `current` to `plan` ("unchanged" when nothing did); the default route under
+    "default", cohorts only the current plan routes included."""
+    cohorts = list(dict.fromkeys([*plan.routes, *current.routes]))
+    changes = {cohort: _route_change(current.routes.get(cohort), plan.routes.get(cohort)) for cohort in cohorts}
+    changes["default"] = _route_change(current.default, plan.default)
+    return changes
+
+
+def _ships_rows(gate: GateResult, plan: RolloutPlan, policy: Policy | None,
+                changes: dict[str, str] | None) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The "what ships" table: header, and (decision, cells) per route; the default route last."""
+    header = ["route", "decision", "model", "fallback chain", "mirrored"] + (["vs current"] if changes else [])
+    rows: list[tuple[str, list[str]]] = []
     for d in gate.decisions:
-        rows.append([
-            d.cohort, str(d.rows), f"{d.candidate_mean:.3f}", *(f"{d.source_means[s]:.3f}" for s in sources),
-            d.best_source, f"{d.diff_mean:+.3f} [{d.diff_low:+.3f}, {d.diff_high:+.3f}]",
-            f"{d.retention:.2f} [{d.retention_low:.2f}, {d.retention_high:.2f}]", d.decision.upper(), d.model,
-            "; ".join(d.reasons) or "non-inferior within policy",
-        ])
+        route = plan.routes.get(d.cohort)
+        if route is None:
+            continue
+        decision = d.decision.upper() + (f" ({TOLERATED_DROP})" if tolerated_drop(d, _max_drop(policy, d.cohort))
+                                         else "")
+        rows.append((d.decision, [d.cohort, decision, *_route_text(route, plan.candidate)]
+                     + ([changes.get(d.cohort, "")] if changes else [])))
+    default_note = "default (no cohort)"
+    rows.append(("default", [default_note, "—", *_route_text(plan.default, plan.candidate)]
+                 + ([changes["default"]] if changes else [])))
+    if changes:
+        for cohort, change in changes.items():
+            if cohort != "default" and cohort not in plan.routes:
+                rows.append(("removed", [cohort, "—", "—", "—", "—", change]))
     return header, rows
 
 
-def write_reports(out: Path, gate: GateResult, plan: RolloutPlan, *, title: str) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    header, rows = _table_rows(gate)
-    png = _chart_png(gate)
-    if png is None:
-        (out / "chart.png").unlink(missing_ok=True)  # a chart from an earlier run would not match these decisions
-    else:
-        (out / "chart.png").write_bytes(png)
-    aggregate = ", ".join(f"{name} {value:.3f}" for name, value in gate.aggregate.items())
-    md = [f"# {title}", "", "Per-cohort decisions (paired bootstrap against the best source on each cohort).", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(row) + " |" for row in rows]
-    md += ["", f"Aggregate mean over all rows (reported, not decisive): {aggregate}", "",
-           f"Policy sha256: `{gate.policy_sha256[:16]}`. Rollout plan: `rollout.yaml`.", ""]
-    md += ["![chart](chart.png)", ""] if png is not None else []
-    (out / "report.md").write_text("\n".join(md))
+def _verdict(gate: GateResult) -> str:
+    counts = {name: sum(d.decision == name for d in gate.decisions) for name in ("promote", "hold", "reject")}
+    return (f"{gate.candidate} ships on {counts['promote']} of {len(gate.decisions)} cohort(s); "
+            f"{counts['hold']} held on a source (mirrored to gather evidence), {counts['reject']} rejected.")
 
-    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
-    colors = {"PROMOTE": "#d9f2d9", "HOLD": "#fff2cc", "REJECT": "#f8d0d0"}
-    body = "".join(f'<tr style="background:{colors.get(row[header.index("decision")], "")}">{cells(row, "td")}</tr>'
-                   for row in rows)
-    chart = (f'<img alt="per-cohort scores" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-             if png is not None else "")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left}}th{{background:#eee}}</style></head><body>
-<h1>{html.escape(title)}</h1><p>Per-cohort decisions from paired bootstrap intervals against the best source on
-each cohort. A decision never comes from the aggregate mean.</p>
-<table><tr>{cells(header, "th")}</tr>{body}</table>
-<p>Aggregate mean over all rows (reported, not decisive): {html.escape(aggregate)}</p>
-{chart}
-</body></html>"""
-    (out / "report.html").write_text(page)
+
+# ---- decisions and costs ---------------------------------------------------------------------------------------
+
+def _decision_rows(gate: GateResult,
+                   policy: Policy | None) -> tuple[list[str], list[tuple[CohortDecision, list[str], str]]]:
+    header = ["cohort", "n", gate.candidate, "best source", "Δ vs best [CI]", "−max_drop", "retention [CI]",
+              "decision", "route"]
+    rows = []
+    for d in gate.decisions:
+        max_drop = _max_drop(policy, d.cohort)
+        decision = d.decision.upper() + (f" · {TOLERATED_DROP}" if tolerated_drop(d, max_drop) else "")
+        why = "; ".join(d.reasons) or "non-inferior within policy"
+        rows.append((d, [d.cohort, str(d.rows), f"{d.candidate_mean:.3f}", f"{d.best_source} {d.best_source_mean:.3f}",
+                         f"{d.diff_mean:+.3f} [{d.diff_low:+.3f}, {d.diff_high:+.3f}]",
+                         f"{-max_drop:+.3f}" if max_drop is not None else "—",
+                         f"{d.retention:.2f} [{d.retention_low:.2f}, {d.retention_high:.2f}]", decision, d.model], why))
+    return header, rows
+
+
+def _cost_rows(gate: GateResult, costs: dict[str, dict[str, CohortCost]] | None) -> tuple[list[str], list[list[str]]]:
+    """Per cohort and model: mean score, and with costs latency p50/p99 and mean prompt/completion tokens."""
+    header = ["cohort", "model", "mean score"]
+    if costs:
+        header += ["rows", "latency p50 ms", "latency p99 ms", "prompt tokens", "completion tokens"]
+    rows = []
+    for d in gate.decisions:
+        scores = {gate.candidate: d.candidate_mean, **d.source_means}
+        for name, score in scores.items():
+            shown = name + (" (serves)" if name == d.model else "")
+            row = [d.cohort, shown, f"{score:.3f}"]
+            if costs:
+                cost = costs.get(name, {}).get(d.cohort)
+                row += ([str(cost.rows), f"{cost.latency_p50_ms:.1f}", f"{cost.latency_p99_ms:.1f}",
+                         f"{cost.prompt_tokens_mean:.1f}", f"{cost.completion_tokens_mean:.1f}"]
+                        if cost is not None else ["—"] * 5)
+            rows.append(row)
+    return header, rows
+
+
+def _models_heading(costs: dict[str, dict[str, CohortCost]] | None) -> str:
+    return "Scores, latency and tokens per model" if costs else "Scores per model"
+
+
+# ---- markdown --------------------------------------------------------------------------------------------------
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    escape = lambda cell: cell.replace("|", "\\|")  # noqa: E731
+    return ["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(map(escape, row)) + " |" for row in rows)]
+
+
+def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
+                    costs: dict[str, dict[str, CohortCost]] | None = None, current: RolloutPlan | None = None,
+                    pictures: tuple[str, ...] = (), picture_dir: str = "", lead: str = "",
+                    after_ships: str = "") -> str:
+    """report.md. `pictures`: the picture files written (linked from `picture_dir`); `lead` and `after_ships`
+    are Markdown put before and after the "what ships" section (the demo's summary uses them)."""
+    changes = plan_changes(current, plan) if current is not None else None
+    ships_header, ships = _ships_rows(gate, plan, policy, changes)
+    md = [f"# {title}", ""] + ([lead, ""] if lead else [])
+    md += ["## What ships", "", _verdict(gate), ""]
+    md += _md_table(ships_header, [cells for _, cells in ships])
+    md += ["", "Requests no cohort claims take the default route. The mirrored share of a cohort's requests is "
+           f"also sent to {plan.candidate}, its answers only recorded. Full plan: `rollout.yaml`."]
+    if current is not None:
+        md += ["", f"Compared with the currently served plan (candidate {current.candidate})."]
+    md += [""] + ([after_ships, ""] if after_ships else [])
+    md += ["## Intervals", ""]
+    if "forest.png" in pictures:
+        md += [f"![paired differences and retention per cohort]({picture_dir}forest.png)", ""]
+    header, rows = _decision_rows(gate, policy)
+    md += ["Per-cohort decisions: paired bootstrap against the best source on each cohort.", ""]
+    md += _md_table([*header, "why"], [[*cells, why] for _, cells, why in rows])
+    aggregate = ", ".join(f"{name} {value:.3f}" for name, value in gate.aggregate.items())
+    md += ["", f"## {_models_heading(costs)}", ""]
+    md += _md_table(*_cost_rows(gate, costs))
+    md += ["", f"Aggregate mean over all rows (reported, not decisive): {aggregate}", ""]
+    if "chart.png" in pictures:
+        md += [f"![chart]({picture_dir}chart.png)", ""]
+    md += [f"Policy sha256: `{gate.policy_sha256[:16]}`. Rollout plan: `rollout.yaml`.", ""]
+    return "\n".join(md)
+
+
+# ---- html ------------------------------------------------------------------------------------------------------
+
+# No fixed widths: the page follows the window; a table wider than the window scrolls inside its own box.
+# Printed, every box shows everything: reasons unfolded, nothing scrolled away.
+STYLE = """*{box-sizing:border-box}
+body{font-family:system-ui,sans-serif;margin:0 auto;padding:1em 1.5em;max-width:1400px;line-height:1.4;color:#222}
+h1,h2,p,li,summary,.reasons{overflow-wrap:anywhere}
+h1{font-size:1.5em;margin:.3em 0}h2{font-size:1.2em;margin:1.2em 0 .4em}
+.scroll{overflow-x:auto;max-width:100%;margin:.5em 0}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#eee}td.num{text-align:right;white-space:nowrap}
+img{max-width:100%;height:auto;display:block;margin:.5em 0}
+tr.promote>td.decision{background:#d9f2d9}tr.hold>td.decision{background:#fff2cc}
+tr.reject>td.decision{background:#f8d0d0}tr.default>td{background:#f3f3f3}
+.tolerated{font-weight:600;color:#8a4b00}
+.verdict{font-size:1.1em;font-weight:600}
+tr.why>td{background:#fafafa;font-size:12px;border-top:none}
+summary{cursor:pointer;color:#444}
+@media print{
+ body{max-width:none;padding:0}
+ .scroll{overflow:visible}
+ details::details-content{content-visibility:visible;display:block}
+ summary{list-style:none}
+ img,tr{break-inside:avoid}
+}"""
+
+# Reasons unfold for printing in browsers without ::details-content.
+PRINT_SCRIPT = ("<script>addEventListener('beforeprint',()=>document.querySelectorAll('details')"
+                ".forEach(d=>d.open=true))</script>")
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete, self-contained page in the reports' style."""
+    return (f'<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width,initial-scale=1"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style>{PRINT_SCRIPT}</head><body>\n{body}\n</body></html>")
+
+
+def _cells(row: list[str], tag: str, classes: dict[int, str] | None = None) -> str:
+    """Cells of one row; `classes`: column index → class attribute."""
+    classes = classes or {}
+    attribute = lambda i: f' class="{classes[i]}"' if classes.get(i) else ""  # noqa: E731
+    return "".join(f"<{tag}{attribute(i)}>{html.escape(c)}</{tag}>" for i, c in enumerate(row))
+
+
+def _decision_class(cell: str) -> str:
+    return "decision tolerated" if TOLERATED_DROP in cell else "decision"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def render_html_body(gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
+                     costs: dict[str, dict[str, CohortCost]] | None = None, current: RolloutPlan | None = None,
+                     pictures: dict[str, bytes] | None = None, lead: str = "", after_ships: str = "") -> str:
+    """The page's body; `lead` and `after_ships` are HTML put before and after the "what ships" section."""
+    pictures = pictures or {}
+    changes = plan_changes(current, plan) if current is not None else None
+    ships_header, ships = _ships_rows(gate, plan, policy, changes)
+    ships_body = "".join(f'<tr class="{kind}">{_cells(cells, "td", {1: _decision_class(cells[1])})}</tr>'
+                         for kind, cells in ships)
+    compared = (f"<p>Compared with the currently served plan (candidate {html.escape(current.candidate)}).</p>"
+                if current is not None else "")
+    parts = [f"<h1>{html.escape(title)}</h1>", lead,
+             f'<section id="what-ships"><h2>What ships</h2><p class="verdict">{html.escape(_verdict(gate))}</p>',
+             f'<div class="scroll"><table><tr>{_cells(ships_header, "th")}</tr>{ships_body}</table></div>',
+             f"<p>Requests no cohort claims take the default route. The mirrored share of a cohort's requests is also "
+             f"sent to {html.escape(plan.candidate)}, its answers only recorded. Full plan: rollout.yaml.</p>"
+             f"{compared}</section>", after_ships]
+
+    header, rows = _decision_rows(gate, policy)
+    numeric = {i: "num" for i in (1, 2, 4, 5, 6)}
+    decision_column = header.index("decision")
+    body = []
+    for d, cells, why in rows:
+        text = _cells(cells, "td", {**numeric, decision_column: _decision_class(cells[decision_column])})
+        short = d.reasons[0] if d.reasons else why
+        summary = (short if len(d.reasons) <= 1 and len(short) <= 90
+                   else f"{short[:90].rstrip()}… ({len(d.reasons)} reason{'s' if len(d.reasons) > 1 else ''})")
+        body.append(f'<tr class="{d.decision}">{text}</tr><tr class="why"><td colspan="{len(header)}"><details>'
+                    f'<summary>why: {html.escape(summary)}</summary><div class="reasons">{html.escape(why)}</div>'
+                    "</details></td></tr>")
+    parts += ['<section id="intervals"><h2>Intervals and decisions</h2>',
+              _img(pictures["forest.png"], "paired difference and retention per cohort, with intervals and −max_drop")
+              if "forest.png" in pictures else "",
+              "<p>Per-cohort decisions from paired bootstrap intervals against the best source on each cohort. A "
+              "decision never comes from the aggregate mean.</p>",
+              f'<div class="scroll"><table><tr>{_cells(header, "th")}</tr>{"".join(body)}</table></div></section>']
+
+    cost_header, cost_rows = _cost_rows(gate, costs)
+    aggregate = ", ".join(f"{name} {value:.3f}" for name, value in gate.aggregate.items())
+    parts += [f'<section id="models"><h2>{_models_heading(costs)}</h2>',
+              f'<div class="scroll"><table><tr>{_cells(cost_header, "th")}</tr>'
+              + "".join(f"<tr>{_cells(row, 'td', {i: 'num' for i in range(2, len(row))})}</tr>" for row in cost_rows)
+              + "</table></div>",
+              f"<p>Aggregate mean over all rows (reported, not decisive): {html.escape(aggregate)}</p>",
+              _img(pictures["chart.png"], "per-cohort scores") if "chart.png" in pictures else "",
+              f"<p>Policy sha256: <code>{gate.policy_sha256[:16]}</code>.</p></section>"]
+    return "\n".join(part for part in parts if part)
+
+
+def _loaded_current(current: RolloutPlan | str | Path | None) -> RolloutPlan | None:
+    return current if current is None or isinstance(current, RolloutPlan) else load_plan(current)
+
+
+def write_reports(out: Path, gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
+                  costs: dict[str, dict[str, CohortCost]] | None = None,
+                  current: RolloutPlan | str | Path | None = None) -> dict[str, Path]:
+    """report.md, report.html, their pictures and rollout.yaml in `out`. `policy` (the one the gate applied) draws
+    each cohort's −max_drop; `costs` (`costs.cohort_costs`) adds latency and token columns; `current` (the plan
+    served now, or its file) adds what changed."""
+    if policy is not None and policy.sha256 != gate.policy_sha256:
+        raise MergegateError("report: the policy given is not the one the gate applied (sha256 differs)")
+    current = _loaded_current(current)
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = report_pictures(gate, policy)
+    for name in PICTURES:
+        if name in pictures:
+            (out / name).write_bytes(pictures[name])
+        else:
+            (out / name).unlink(missing_ok=True)  # a picture from an earlier run would not match these decisions
+    (out / "report.md").write_text(render_markdown(gate, plan, title=title, policy=policy, costs=costs,
+                                                   current=current, pictures=tuple(pictures)))
+    body = render_html_body(gate, plan, title=title, policy=policy, costs=costs, current=current, pictures=pictures)
+    (out / "report.html").write_text(html_page(title, body))
     plan.save(out / "rollout.yaml")
     return {"md": out / "report.md", "html": out / "report.html", "rollout": out / "rollout.yaml"}

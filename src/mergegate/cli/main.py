@@ -124,6 +124,7 @@ def gate_command(
     registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
     batch_size: int = typer.Option(32, help="Rows generated together."),
     max_new_tokens: int = typer.Option(64, help="Longest completion."),
+    current: Optional[Path] = typer.Option(None, help="rollout.yaml served now: the report says what changes."),
 ) -> None:
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
@@ -131,7 +132,8 @@ def gate_command(
 
     try:
         result = gate_release(_model_ref(candidate), _model_ref(base), [_model_ref(value) for value in source], suite,
-                              policy, out, registry=registry, batch_size=batch_size, max_new_tokens=max_new_tokens)
+                              policy, out, registry=registry, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              current=current)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)
@@ -149,6 +151,7 @@ def release_command(
                                                        "OUT/registry.sqlite)."),
     batch_size: int = typer.Option(32, help="Rows generated together."),
     max_new_tokens: int = typer.Option(64, help="Longest completion."),
+    current: Optional[Path] = typer.Option(None, help="rollout.yaml served now: the report says what changes."),
 ) -> None:
     """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
     from .. import MergegateError
@@ -158,7 +161,7 @@ def release_command(
     _keep_freed_memory()
     try:
         result = release(recipe, suite, policy, out, merge_options=MergeOptions(seed=seed), registry=registry,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens)
+                         batch_size=batch_size, max_new_tokens=max_new_tokens, current=current)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)
