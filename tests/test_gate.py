@@ -69,11 +69,38 @@ def test_inconclusive_drop_holds_on_the_best_source_and_mirrors():
 
 def test_min_score_blocks_promotion_even_without_a_drop():
     n = 50
-    same = binary(0.3, n, 1)
+    same = binary(0.45, n, 1)  # below 0.5, but the interval of its mean reaches above it: not established
     spec = {"base": {"c": same}, "src": {"c": same}, "merged": {"c": same}}
     policy = Policy.model_validate({"cohorts": {"c": {"min_score": 0.5}}})
     d = decide(results(spec), candidate="merged", base="base", sources=["src"], policy=policy).decision("c")
-    assert d.decision == "hold" and any("min_score" in r for r in d.reasons)
+    assert d.candidate_low < d.candidate_mean < 0.5 < d.candidate_high
+    assert d.decision == "hold" and d.mirror_share == 0.1 and any("min_score" in r for r in d.reasons)
+
+
+def test_a_score_established_below_min_score_rejects_without_mirroring():
+    n = 50
+    same = binary(0.3, n, 1)  # no drop against any source, but the whole interval of its mean is below 0.5
+    spec = {"base": {"c": same}, "src": {"c": same}, "merged": {"c": same}}
+    policy = Policy.model_validate({"cohorts": {"c": {"min_score": 0.5}}})
+    d = decide(results(spec), candidate="merged", base="base", sources=["src"], policy=policy).decision("c")
+    assert d.diff_low == d.diff_high == 0.0 and d.candidate_high < 0.5
+    assert d.decision == "reject" and d.model == "src" and d.mirror_share == 0.0
+    assert d.reasons[-1].startswith("score below min_score established: the candidate's 95% interval [")
+    # the same scores on fewer rows than min_rows: not enough evidence to reject, so hold
+    few = {name: {"c": scores["c"][:19]} for name, scores in spec.items()}
+    d = decide(results(few), candidate="merged", base="base", sources=["src"], policy=policy).decision("c")
+    assert d.candidate_high < 0.5 and d.decision == "hold"
+
+
+def test_the_candidate_interval_uses_the_same_resamples_as_the_difference():
+    # the best source scores 1 on every row, so diff = candidate - 1 on every resample: the two intervals
+    # are the same interval shifted by one only if they come from the same resampled rows
+    n = 40
+    cand = binary(0.6, n, 3)
+    spec = {"base": {"c": np.zeros(n)}, "src": {"c": np.ones(n)}, "merged": {"c": cand}}
+    d = decide(results(spec), candidate="merged", base="base", sources=["src"]).decision("c")
+    assert d.candidate_low < d.candidate_high
+    assert (d.diff_low, d.diff_high) == (pytest.approx(d.candidate_low - 1), pytest.approx(d.candidate_high - 1))
 
 
 def test_named_fallback_and_partial_cohort_overrides():
@@ -119,6 +146,94 @@ def test_unpaired_results_are_refused():
     with pytest.raises(MergegateError, match="model 'src' has no result for row"):
         decide(results(spec), candidate="merged", base="base", sources=["src"])
 
+
+
+# --- fallback chains and cost bounds (issue 13) ---------------------------------------------------------------
+
+
+def test_the_fallback_chain_ranks_sources_by_their_score_on_the_cohort_before_the_base():
+    n = 60
+    # the generalist (0.6) is no specialist here but far better than the base (0.25): it comes before the base
+    spec = {"base": {"c": binary(0.25, n, 1)}, "specialist": {"c": binary(0.9, n, 2)},
+            "weak": {"c": binary(0.4, n, 5)}, "generalist": {"c": binary(0.6, n, 3)}, "merged": {"c": binary(0.1, n, 4)}}
+    sources = ["weak", "specialist", "generalist"]
+    d = decide(results(spec), candidate="merged", base="base", sources=sources).decision("c")
+    assert d.decision == "reject" and d.model == "specialist"
+    assert d.fallback == ("generalist", "weak", "base")
+    # a named fallback serves the cohort first; the chain after it is still ranked by score, the base last
+    policy = load_policy({"cohorts": {"c": {"fallback": "weak"}}})
+    d = decide(results(spec), candidate="merged", base="base", sources=sources, policy=policy).decision("c")
+    assert d.model == "weak" and d.fallback == ("specialist", "generalist", "base")
+    policy = load_policy({"cohorts": {"c": {"fallback": "base"}}})
+    d = decide(results(spec), candidate="merged", base="base", sources=sources, policy=policy).decision("c")
+    assert d.model == "base" and d.fallback == ("specialist", "generalist", "weak")
+    # promoted: the candidate serves, the whole chain backs it, the candidate never in it
+    spec["merged"] = spec["specialist"]
+    d = decide(results(spec), candidate="merged", base="base", sources=sources).decision("c")
+    assert d.decision == "promote" and d.model == "merged" and d.fallback == ("specialist", "generalist", "weak", "base")
+
+
+def test_sources_tied_on_score_keep_the_order_given_in_the_chain():
+    n = 40
+    same = binary(0.7, n, 1)
+    spec = {"base": {"c": binary(0.2, n, 2)}, "a": {"c": same}, "b": {"c": same}, "z": {"c": same},
+            "merged": {"c": np.zeros(n)}}
+    d = decide(results(spec), candidate="merged", base="base", sources=["z", "a", "b"]).decision("c")
+    assert d.model == "z" and d.fallback == ("a", "b", "base")
+
+
+def cost_rows(model: str, scores, latencies, tokens) -> list[RowResult]:
+    return [RowResult(f"c-{i}", "c", model, "h", "", 1, int(t), float(ms), float(s), s >= 0.5, {})
+            for i, (s, ms, t) in enumerate(zip(scores, latencies, tokens))]
+
+
+def _costed(cand_latency, cand_tokens, cand_scores=None, n=40):
+    good = binary(0.8, n, 1)
+    return {"base": cost_rows("base", binary(0.3, n, 2), [50.0] * n, [2] * n),
+            "src": cost_rows("src", good, [50.0] * n, [2] * n),
+            "merged": cost_rows("merged", good if cand_scores is None else cand_scores, cand_latency, cand_tokens)}
+
+
+def test_a_candidate_over_the_p99_latency_bound_holds_instead_of_promoting():
+    n = 40
+    slow_tail = [100.0] * (n - 1) + [900.0]  # p99 (linear interpolation over 40 rows) is 588.0 ms
+    policy = load_policy({"cohorts": {"c": {"max_p99_ms": 500}}})
+    d = decide(_costed(slow_tail, [2] * n), candidate="merged", base="base", sources=["src"],
+               policy=policy).decision("c")
+    assert d.decision == "hold" and d.model == "src" and d.mirror_share == 0.1
+    assert d.reasons == ("p99 latency 588.0 ms > max_p99_ms 500.0",)
+    policy = load_policy({"cohorts": {"c": {"max_p99_ms": 588}}})  # on the bound: met
+    assert decide(_costed(slow_tail, [2] * n), candidate="merged", base="base", sources=["src"],
+                  policy=policy).decision("c").decision == "promote"
+    assert decide(_costed(slow_tail, [2] * n), candidate="merged", base="base",  # no bound: promote
+                  sources=["src"]).decision("c").decision == "promote"
+
+
+def test_a_candidate_over_the_tokens_ratio_bound_holds_instead_of_promoting():
+    n = 40
+    policy = load_policy({"default": {"max_tokens_ratio": 1.5}})
+    d = decide(_costed([50.0] * n, [4] * n), candidate="merged", base="base", sources=["src"],
+               policy=policy).decision("c")
+    assert d.decision == "hold" and d.reasons == ("completion tokens 4.0 per row, 2.00x src's 2.0 > max_tokens_ratio 1.5",)
+    d = decide(_costed([50.0] * n, [3] * n), candidate="merged", base="base", sources=["src"],
+               policy=policy).decision("c")
+    assert d.decision == "promote"  # 1.5x: on the bound
+
+
+def test_a_broken_cost_bound_never_softens_a_reject():
+    n = 40
+    policy = load_policy({"default": {"max_p99_ms": 10, "max_tokens_ratio": 1.0}})
+    d = decide(_costed([50.0] * n, [4] * n, cand_scores=np.zeros(n)), candidate="merged", base="base",
+               sources=["src"], policy=policy).decision("c")
+    assert d.decision == "reject" and d.mirror_share == 0.0
+    assert any("max_p99_ms" in r for r in d.reasons) and any("max_tokens_ratio" in r for r in d.reasons)
+
+
+def test_cost_bounds_are_part_of_the_policy_hash_only_when_set():
+    assert load_policy({"default": {"max_p99_ms": None}}).sha256 == load_policy(None).sha256
+    assert load_policy({"default": {"max_p99_ms": 200}}).sha256 != load_policy(None).sha256
+    assert (load_policy({"cohorts": {"c": {"max_tokens_ratio": 2}}}).sha256
+            != load_policy({"cohorts": {"c": {"min_rows": 20}}}).sha256)
 
 # --- minimum evidence and boundaries (issue 12) -------------------------------------------------------------
 
@@ -216,6 +331,12 @@ BAD_POLICIES = [
     ("cohorts: [json]\n", r"cohorts: Input should be a valid dictionary"),
     ("thresholds: {}\n", r"thresholds: Extra inputs are not permitted"),
     ("default_route: 7\n", r"default_route: Input should be a valid string"),
+    ("default: {max_p99_ms: 0}\n", r"default.max_p99_ms: Input should be greater than 0"),
+    ("default: {max_p99_ms: .inf}\n", r"default.max_p99_ms: Input should be a finite number"),
+    ("default: {max_p99_ms: '200'}\n", r"default.max_p99_ms: Input should be a valid number"),
+    ("cohorts: {json: {max_tokens_ratio: -1}}\n", r"cohorts.json.max_tokens_ratio: Input should be greater than 0"),
+    ("cohorts: {json: {max_tokens_ratio: .nan}}\n", r"cohorts.json.max_tokens_ratio: Input should be a finite number"),
+    ("cohorts: {json: {max_tokens_ratio: true}}\n", r"cohorts.json.max_tokens_ratio: Input should be a valid number"),
     ("default_route: ''\n", r"default_route: String should have at least 1 character"),
 ]
 
@@ -250,7 +371,7 @@ def test_the_demo_policy_loads():
 # --- properties: any text is a policy or a PolicyError --------------------------------------------------------
 
 _FIELDS = ["confidence", "bootstrap", "seed", "default", "cohorts", "min_score", "max_drop", "min_retention",
-           "fallback", "mirror_share", "min_rows", "json_output", "!!python/object:os.system", "&a", "*a"]
+           "fallback", "mirror_share", "min_rows", "max_p99_ms", "max_tokens_ratio", "json_output", "!!python/object:os.system", "&a", "*a"]
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
                      st.sampled_from(["1e9", ".inf", ".nan", "0x10", "yes", "~", "[", "{", "!!binary x", "2001-01-01"]))

@@ -118,6 +118,72 @@ def test_interrupted_run_resumes_without_redoing_rows(family, suite_file, tmp_pa
     assert len(run.results) == 10 and not run.cached
 
 
+
+# --- per-row latency (issue 13) -------------------------------------------------------------------------------
+
+
+def _ticking(monkeypatch):
+    """The runner's clock made to advance one second per reading: the batch's start reads 0, the generation
+    step that appends each row's k-th new token reads k (no likelihood rows, so nothing else reads it)."""
+    import itertools
+    from types import SimpleNamespace
+
+    ticks = itertools.count()
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+
+
+def test_each_rows_latency_ends_when_its_own_answer_was_complete(family, tmp_path, monkeypatch):
+    rows = [{"id": f"r{i}", "cohort": "echo", "prompt": f"say {i}:", "expected": "7" * (i % 4 + 1),
+             "evaluators": ["exact_match"]} for i in range(8)]
+    (tmp_path / "suite.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    suite = load_suite(tmp_path / "suite.jsonl")
+    budgets = {row.id: 2 * len(row.expected) + 8 for row in suite.rows}  # one token per character: 10 to 16
+    model, tokenizer = runner_module.load_model(ModelRef("base", family["base"]))
+    _ticking(monkeypatch)
+    # the tiny model never says EOS: every row's answer is final at its own budget, not when the batch ends
+    results = runner_module._run_batch(model, tokenizer, "base", "h", suite.rows, 20)
+    assert {r.row_id: r.latency_ms for r in results} == {i: 1000.0 * b for i, b in budgets.items()}
+    # a row that ends early (its EOS) is answered at that step, while the rest of its batch runs on
+    stop = results[0].output[2]
+    assert stop not in results[0].output[:2]
+    tokenizer.eos_token = stop
+    _ticking(monkeypatch)
+    stopped = {r.row_id: r for r in runner_module._run_batch(model, tokenizer, "base", "h", suite.rows, 20)}
+    assert stopped["r0"].completion_tokens == 3 and stopped["r0"].latency_ms == 3000.0
+    assert max(r.latency_ms for r in stopped.values()) == 16000.0
+    for r in stopped.values():  # never before its last token, never after its budget
+        assert 1000.0 * r.completion_tokens <= r.latency_ms <= 1000.0 * budgets[r.row_id]
+
+
+def test_latency_is_per_row_within_the_batchs_wall_time(family, suite_file, tmp_path, monkeypatch):
+    import time
+
+    walls = []
+    original = runner_module._run_batch
+
+    def timed(*args):
+        started = time.perf_counter()
+        results = original(*args)
+        walls.append(((time.perf_counter() - started) * 1000, results))
+        return results
+
+    monkeypatch.setattr(runner_module, "_run_batch", timed)
+    evaluate_models([(ModelRef("base", family["base"]), "base")], load_suite(suite_file), Registry(tmp_path / "r.sqlite"),
+                    batch_size=10, max_new_tokens=12, progress=False)
+    (wall, results), = walls
+    assert len(results) == 10 and all(0 < r.latency_ms <= wall for r in results)
+
+
+def test_runs_recorded_with_batch_latencies_are_not_served(family, suite_file, tmp_path, monkeypatch):
+    suite = load_suite(suite_file)
+    registry = Registry(tmp_path / "registry.sqlite")
+    spec = (ModelRef("base", family["base"]), "base")
+    monkeypatch.setattr(runner_module, "RUNNER_FORMAT", "2")  # the format that recorded the batch's wall time
+    old = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["base"]
+    monkeypatch.undo()
+    now = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["base"]
+    assert not now.cached and now.run_id != old.run_id
+
 # --- the cache key: everything that changes an answer (issue 8) --------------------------------------------
 
 

@@ -2,15 +2,23 @@
 
 Judged on paired per-row differences against the best source on that cohort (every model answered the
 same rows), with a seeded bootstrap confidence interval — never on an aggregate mean, which is only
-reported beside. The rules are a non-inferiority test (the exact rule, with its minimum-evidence and
-rounding clauses, is in `decide`'s docstring):
+reported beside. The rules are a non-inferiority test plus optional cost bounds (the exact rule, with its
+minimum-evidence and rounding clauses, is in `decide`'s docstring):
 
 - promote: at least `min_rows` rows, candidate mean ≥ `min_score`, retention (candidate / best source)
-  ≥ `min_retention`, and the interval's lower bound of (candidate − best) ≥ −`max_drop`.
-- reject: at least `min_rows` rows and the interval's upper bound < −`max_drop`: a regression beyond the
-  allowed drop is established. The cohort stays on its fallback and the candidate is not even mirrored there.
-- hold: anything else (too few rows, or not shown non-inferior but no regression established either): the
-  cohort stays on its fallback source, and a share of its traffic is mirrored to the candidate to gather evidence.
+  ≥ `min_retention`, the interval's lower bound of (candidate − best) ≥ −`max_drop`, and every cost bound the
+  rule sets is met (`max_p99_ms` on the candidate's p99 per-row latency, `max_tokens_ratio` on its mean
+  completion tokens over the best source's).
+- reject: at least `min_rows` rows and either the interval's upper bound of (candidate − best) < −`max_drop`
+  (a regression beyond the allowed drop is established) or the upper bound of the candidate's own mean's
+  interval (the same resamples) < `min_score` (a score below the floor is established). The cohort stays on
+  its fallback and the candidate is not even mirrored there.
+- hold: anything else (too few rows, not shown non-inferior but no regression established, a score below
+  `min_score` not established, a cost bound broken): the cohort stays on its fallback, and a share of its
+  traffic is mirrored to the candidate to gather evidence.
+
+A held or rejected cohort is served by its fallback and falls over along a chain ranked by score: the
+policy's `fallback` if set, then every other source by descending mean on the cohort, then the base.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._yaml import load_yaml_model, validate
+from .costs import cohort_costs
 from .errors import MergegateError, PolicyError
 from .registry import RowResult
 
@@ -41,6 +50,13 @@ class CohortRule(BaseModel):
     fallback: str | None = Field(default=None, min_length=1)  # a source to hold on; default: the best source on the cohort
     mirror_share: float = Field(default=0.1, ge=0, le=1)
     min_rows: int = Field(default=20, ge=1, le=1_000_000)  # fewer rows than this: hold, whatever the interval says
+    # cost bounds (None: no bound); breaking one holds the cohort
+    max_p99_ms: float | None = Field(default=None, gt=0)  # the candidate's p99 per-row latency on the cohort
+    max_tokens_ratio: float | None = Field(default=None, gt=0)  # its mean completion tokens / the best source's
+
+
+# Rule fields added after policies were hashed: left out of the hash while unset (see Policy.sha256).
+_HASHED_WHEN_SET = ("max_p99_ms", "max_tokens_ratio")
 
 
 class Policy(BaseModel):
@@ -78,9 +94,13 @@ class Policy(BaseModel):
 
     @property
     def sha256(self) -> str:
-        # default_route left out while unset, so a policy that does not use it keeps the hash recorded beside
-        # its earlier decisions
+        # default_route and the cost bounds left out while unset, so a policy that does not use them keeps the
+        # hash recorded beside its earlier decisions
         fields = self.model_dump(exclude={"default_route"} if self.default_route is None else None)
+        for rule in [fields["default"], *fields["cohorts"].values()]:
+            for name in _HASHED_WHEN_SET:
+                if rule[name] is None:
+                    del rule[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -120,7 +140,9 @@ class CohortDecision:
     source_means: dict[str, float] = field(default_factory=dict)
     reasons: tuple[str, ...] = ()
     mirror_share: float = 0.0
-    fallback: tuple[str, ...] = ()
+    fallback: tuple[str, ...] = ()  # where the route falls over after `model`, in order
+    candidate_low: float = 0.0  # the bootstrap interval of the candidate's mean (the same resamples as diff_*)
+    candidate_high: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -144,20 +166,29 @@ def decide(results: dict[str, list[RowResult]], *, candidate: str, base: str, so
     """Decide every cohort present in the candidate's results (a pure function of its arguments).
 
     Per cohort, with n rows, every model's per-row scores paired by row id, `best` the source (or base) with
-    the highest mean there (ties: sources in the order given, then the base), and [low, high] the seeded
-    percentile bootstrap interval (`policy.confidence`, `policy.bootstrap` resamples) of mean(candidate − best):
+    the highest mean there (ties: sources in the order given, then the base), [low, high] the seeded
+    percentile bootstrap interval (`policy.confidence`, `policy.bootstrap` resamples) of mean(candidate − best)
+    and [score_low, score_high] the interval of mean(candidate) over the same resampled rows:
 
-    - hold when n < `min_rows` (default 20), whatever the interval says: with fewer rows one row moves a mean by
+    - hold when n < `min_rows` (default 20), whatever the intervals say: with fewer rows one row moves a mean by
       more than 1/20 = 0.05, the default `max_drop`, and a bootstrap of 1–3 rows gives a zero-width or [0, 1]
       interval that proves nothing either way. The cohort stays on its fallback and is mirrored to gather rows.
     - promote when mean(candidate) ≥ `min_score`, retention mean(candidate) / mean(best) ≥ `min_retention`,
-      and low ≥ −`max_drop` (non-inferior within the allowed drop);
-    - reject when high < −`max_drop` (a regression beyond the allowed drop is established): the cohort stays on
-      its fallback, not mirrored;
-    - hold otherwise, mirroring `mirror_share` of the cohort to the candidate.
+      low ≥ −`max_drop` (non-inferior within the allowed drop), and each cost bound the rule sets holds:
+      the candidate's p99 per-row latency on the cohort ≤ `max_p99_ms`, and its mean completion tokens /
+      best's ≤ `max_tokens_ratio` (costs from `mergegate.costs.cohort_costs` over the cohort's rows);
+    - reject when high < −`max_drop` (a regression beyond the allowed drop is established) or score_high <
+      `min_score` (a score below the floor is established): the cohort stays on its fallback, not mirrored;
+    - hold otherwise, mirroring `mirror_share` of the cohort to the candidate. A broken cost bound alone holds:
+      cost is never a reason to reject, and never lets a cohort promote.
 
-    Comparisons are made without float noise: every mean, interval bound, ratio and threshold is rounded to 9
-    decimals before it is compared (scores are means of per-row scores in [0, 1], so a bound computed as
+    A held or rejected cohort is served by `fallback` if the rule sets one, else by `best`. Every decision
+    carries the chain its route falls over along, after the model it is served by: the rule's `fallback` if
+    set, then every other source by descending mean on the cohort (ties: the order given), then the base — the
+    candidate never in it.
+
+    Comparisons are made without float noise: every mean, interval bound, ratio, cost and threshold is rounded
+    to 9 decimals before it is compared (scores are means of per-row scores in [0, 1], so a bound computed as
     −0.09999999999999998 is −0.1 and sits exactly on a `max_drop` of 0.1, which is non-inferior and not a
     regression). The reported numbers are the rounded ones.
 
@@ -180,27 +211,34 @@ def decide(results: dict[str, list[RowResult]], *, candidate: str, base: str, so
             missing = [i for i in ids if i not in scores[name]]
             if missing:
                 raise MergegateError(f"model '{name}' has no result for row(s) {missing[:3]}: results are not paired")
-        decisions.append(_decide_cohort(cohort, ids, scores, candidate, base, holders, policy))
+        decisions.append(_decide_cohort(cohort, ids, results, scores, candidate, base, holders, policy))
     aggregate = {name: _q(np.mean([by_id[i] for i in sorted(by_id)])) for name, by_id in scores.items()}
     return GateResult(candidate, decisions, aggregate, policy.sha256)
 
 
-def _decide_cohort(cohort, ids, scores, candidate, base, holders, policy: Policy) -> CohortDecision:
+def _decide_cohort(cohort, ids, results, scores, candidate, base, holders, policy: Policy) -> CohortDecision:
     rule = policy.rule(cohort)
     cand = np.array([scores[candidate][i] for i in ids])
     means = {name: _q(np.mean([scores[name][i] for i in ids])) for name in holders}
     best = max(holders, key=lambda name: means[name])  # first listed wins ties: sources before the base
     best_scores = np.array([scores[best][i] for i in ids])
-    diff_low, diff_high, ret_low, ret_high = (_q(v) for v in _bootstrap(cand, best_scores, policy, cohort))
+    interval = _bootstrap(cand, best_scores, policy, cohort)
+    diff_low, diff_high, ret_low, ret_high, score_low, score_high = (_q(v) for v in interval)
     cand_mean = _q(cand.mean())
     retention = _q(_ratio(cand.mean(), best_scores.mean()))
-    fallback = rule.fallback or best
-    if fallback not in holders:
-        raise PolicyError(f"policy: cohort '{cohort}' falls back to '{fallback}', which is not a source here "
+    if rule.fallback is not None and rule.fallback not in holders:
+        raise PolicyError(f"policy: cohort '{cohort}' falls back to '{rule.fallback}', which is not a source here "
                           f"(sources: {', '.join(holders)})")
+    holder = rule.fallback or best
+    # Ranked by score so a strong generalist source is tried before a weak base; sorted() is stable, so ties
+    # keep the order the sources were given.
+    others = sorted((s for s in holders if s != base), key=lambda name: -means[name])
+    chain = [name for name in dict.fromkeys([*([rule.fallback] if rule.fallback else []), *others, base])
+             if name != candidate]
+    enough = len(ids) >= rule.min_rows
 
     reasons = []
-    if len(ids) < rule.min_rows:
+    if not enough:
         reasons.append(f"only {len(ids)} row(s), below min_rows {rule.min_rows}: too little evidence to decide")
     if cand_mean < _q(rule.min_score):
         reasons.append(f"score {cand_mean:.3f} < min_score {rule.min_score}")
@@ -209,20 +247,45 @@ def _decide_cohort(cohort, ids, scores, candidate, base, holders, policy: Policy
     if diff_low < _q(-rule.max_drop):
         reasons.append(f"paired difference vs {best}: {policy.confidence:.0%} interval [{diff_low:+.3f}, "
                        f"{diff_high:+.3f}] reaches below -max_drop {-rule.max_drop}")
-    chain = [name for name in (fallback, best, base) if name != candidate]
+    reasons += _cost_reasons(rule, cohort, ids, results, candidate, best)
     decision: Decision
     if not reasons:
         decision, model, mirror = "promote", candidate, 0.0
-    elif len(ids) >= rule.min_rows and diff_high < _q(-rule.max_drop):
-        decision, model, mirror = "reject", fallback, 0.0
-        reasons.append("regression established: the whole interval is below -max_drop")
+    elif enough and (diff_high < _q(-rule.max_drop) or score_high < _q(rule.min_score)):
+        decision, model, mirror = "reject", holder, 0.0
+        if diff_high < _q(-rule.max_drop):
+            reasons.append("regression established: the whole interval is below -max_drop")
+        if score_high < _q(rule.min_score):
+            reasons.append(f"score below min_score established: the candidate's {policy.confidence:.0%} interval "
+                           f"[{score_low:.3f}, {score_high:.3f}] is below {rule.min_score}")
     else:
-        decision, model, mirror = "hold", fallback, rule.mirror_share
-    fallbacks = tuple(dict.fromkeys(name for name in chain if name != model))
+        decision, model, mirror = "hold", holder, rule.mirror_share
+    fallbacks = tuple(name for name in chain if name != model)
     return CohortDecision(
         cohort, decision, model, len(ids), cand_mean, best, means[best], means[base],
         _q(cand.mean() - best_scores.mean()), diff_low, diff_high, retention, ret_low, ret_high,
-        means, tuple(reasons), mirror, fallbacks)
+        means, tuple(reasons), mirror, fallbacks, score_low, score_high)
+
+
+def _cost_reasons(rule: CohortRule, cohort: str, ids: list[str], results, candidate: str, best: str) -> list[str]:
+    """Why the candidate breaks the rule's cost bounds on the cohort (none set: nothing computed)."""
+    if rule.max_p99_ms is None and rule.max_tokens_ratio is None:
+        return []
+    wanted = set(ids)  # the paired rows only, as for the scores
+    costs = cohort_costs({name: [r for r in results[name] if r.row_id in wanted] for name in (candidate, best)})
+    cand_cost = next(iter(costs[candidate].values()))
+    reasons = []
+    if rule.max_p99_ms is not None and _q(cand_cost.latency_p99_ms) > _q(rule.max_p99_ms):
+        reasons.append(f"p99 latency {cand_cost.latency_p99_ms:.1f} ms > max_p99_ms {rule.max_p99_ms}")
+    if rule.max_tokens_ratio is not None:
+        best_tokens = next(iter(costs[best].values())).completion_tokens_mean
+        tokens = cand_cost.completion_tokens_mean
+        # no tokens from the best source: any tokens at all are an unbounded ratio
+        ratio = tokens / best_tokens if best_tokens > 0 else (1.0 if tokens == 0 else float("inf"))
+        if _q(ratio) > _q(rule.max_tokens_ratio):
+            reasons.append(f"completion tokens {tokens:.1f} per row, {ratio:.2f}x {best}'s {best_tokens:.1f} "
+                           f"> max_tokens_ratio {rule.max_tokens_ratio}")
+    return reasons
 
 
 def _ratio(a: float, b: float) -> float:
@@ -230,8 +293,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _bootstrap(cand: np.ndarray, best: np.ndarray, policy: Policy, cohort: str):
-    """Percentile intervals of the paired mean difference and of the retention ratio, seeded per cohort.
-    Resamples are drawn in fixed-size blocks, so memory stays bounded for any `bootstrap` and row count."""
+    """Percentile intervals of the paired mean difference, of the retention ratio and of the candidate's mean,
+    all from the same resampled rows, seeded per cohort. Resamples are drawn in fixed-size blocks, so memory stays bounded for any `bootstrap` and row count."""
     seed = policy.seed + int.from_bytes(hashlib.sha256(cohort.encode()).digest()[:4], "little")
     rng = np.random.default_rng(seed)
     n = len(cand)
@@ -247,4 +310,5 @@ def _bootstrap(cand: np.ndarray, best: np.ndarray, policy: Policy, cohort: str):
     tail = (1 - policy.confidence) / 2 * 100
     low, high = np.percentile(diffs, [tail, 100 - tail])
     ret_low, ret_high = np.percentile(ratios, [tail, 100 - tail])
-    return float(low), float(high), float(ret_low), float(ret_high)
+    score_low, score_high = np.percentile(cand_m, [tail, 100 - tail])
+    return float(low), float(high), float(ret_low), float(ret_high), float(score_low), float(score_high)

@@ -9,6 +9,10 @@ Batch size and thread count are not in the key: each row's answer does not depen
 with (its token budget is its own, prompts are left-padded under an attention mask, greedy decoding), so they
 change only the speed. Padding can in principle move a logit by float rounding; on the demo models greedy
 outputs are identical across batch sizes (tests/test_registry_runner.py checks it).
+
+Each row's latency is its own: from its batch's start until the generation step that completed its answer (a
+per-step timestamp from a stopping criterion that never stops), plus its own likelihood pass if any (see
+RowResult.latency_ms). It is measured, not part of the answer, so it depends on batch size and machine.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from .suite import Suite, SuiteRow
 # (its special tokens, no chat template applied), left padding, float32 on the CPU, greedy decoding with
 # GENERATION (merged by transformers with the model's generation_config.json, which the model hash covers),
 # each row cut at its own budget min(max_new_tokens, 2 * tokens of `expected` + 8), decoded without special
-# tokens; NLL computed row by row. Bump it with any change to `_run_batch`/`_mean_nll` that can change an answer.
-RUNNER_FORMAT = "2"
+# tokens; NLL computed row by row. Bump it with any change to `_run_batch`/`_mean_nll` that can change an answer
+# or what a recorded measure means (3: latency_ms is per row, no longer the batch's wall time).
+RUNNER_FORMAT = "3"
 GENERATION = {"do_sample": False, "num_beams": 1}
 
 
@@ -226,8 +231,22 @@ def _batches(rows: list[SuiteRow], size: int):
         yield ordered[start:start + size]
 
 
+class _StepClock:
+    """A stopping criterion that never stops: it timestamps each generation step as its token is appended (the
+    first step's stamp includes the prefill). `stamps[k]` is when every row's (k+1)-th new token existed."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:  # a bool per row
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow], max_new_tokens: int):
+    from transformers import StoppingCriteriaList
+
     started = time.perf_counter()
     encoded = tokenizer([row.prompt for row in rows], return_tensors="pt", padding=True)
     # A correct answer is about as long as the expected one: twice that, plus slack, bounds a row's generation
@@ -235,16 +254,26 @@ def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow
     # does not depend on which rows share its batch.
     budgets = [min(max_new_tokens, 2 * len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]) + 8)
                for row in rows]
+    clock = _StepClock()
     generated = model.generate(**encoded, max_new_tokens=max(budgets), **GENERATION,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               stopping_criteria=StoppingCriteriaList([clock]))
     new_tokens = generated[:, encoded["input_ids"].shape[1]:]
-    nlls = {row.id: _mean_nll(model, tokenizer, row) for row in rows if needs_likelihood(row)}
-    latency_ms = (time.perf_counter() - started) * 1000  # the batch's wall time: what each caller waited
+    nlls, nll_ms = {}, {}
+    for row in rows:
+        if needs_likelihood(row):  # timed per row: a row's own likelihood pass is part of its latency
+            nll_started = time.perf_counter()
+            nlls[row.id] = _mean_nll(model, tokenizer, row)
+            nll_ms[row.id] = (time.perf_counter() - nll_started) * 1000
     results = []
     for i, row in enumerate(rows):
         completion = new_tokens[i, :budgets[i]]
         ended = (completion == tokenizer.eos_token_id).nonzero()
         length = int(ended[0, 0]) + 1 if len(ended) else int((completion != tokenizer.pad_token_id).sum())
+        # The step that completed this row's answer: its EOS, or else its own budget (the batch may run on for
+        # longer rows, but this row's answer was final by then).
+        done_step = min(length if len(ended) else budgets[i], len(clock.stamps))
+        latency_ms = (clock.stamps[done_step - 1] - started) * 1000 + nll_ms.get(row.id, 0.0)
         output = tokenizer.decode(completion[:length], skip_special_tokens=True)
         scores = score_row(row, Observation(output=output, mean_nll=nlls.get(row.id)))
         details = {k: {"score": v.score, "passed": v.passed, "reason": v.reason} for k, v in scores.items()}
