@@ -40,7 +40,7 @@ def run(name: str, output: str, mean_nll: float | None = None, **fields) -> Eval
 def test_registry_holds_exactly_the_documented_evaluators():
     assert set(EVALUATORS) == {
         "exact_match", "normalized_match", "json_valid", "json_schema",
-        "tool_selection", "groundedness", "refusal", "perplexity",
+        "tool_selection", "groundedness", "hallucination", "refusal", "perplexity", "llm_judge",
     }
     for name, factory in EVALUATORS.items():
         assert factory.name == name
@@ -59,7 +59,8 @@ def test_unknown_evaluator_is_refused_by_suite_row_listing_the_available_ones():
         make_row("exact_match", "bleu")
     message = str(info.value)
     assert "unknown evaluator(s) ['bleu']" in message
-    assert "exact_match, groundedness, json_schema, json_valid, normalized_match, perplexity, refusal" in message
+    assert ("exact_match, groundedness, hallucination, json_schema, json_valid, llm_judge, normalized_match, "
+            "perplexity, refusal") in message
     with pytest.raises(ValueError, match="unknown evaluator 'bleu'; available: exact_match"):
         get_evaluator("bleu")
 

@@ -282,6 +282,17 @@ def test_tool_selection_check_needs_a_listed_tool_first(gw, stub):
     assert chat(gw, "tools", raw=False).model == "remote"
 
 
+def test_tool_selection_check_accepts_call_forms_and_openai_tool_calls(gw, stub):
+    stub.set("primary", reply='search(query="best pizza")')
+    assert chat(gw, "tools", raw=False).model == "remote"
+    call = {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+2"}'}}
+    stub.set("primary", reply=json.dumps({"tool_calls": [call]}))
+    assert chat(gw, "tools", max_tokens=64, raw=False).model == "remote"
+    stub.set("primary", reply='{"name": "weather", "arguments": {}}')  # not a listed tool: fall back
+    stub.set("secondary", reply="search pizza")
+    assert chat(gw, "tools", max_tokens=64, raw=False).model == "remote_b"
+
+
 def test_refusal_is_recorded_but_does_not_fall_over(gw, stub):
     stub.set("primary", reply="I'm sorry, but I can't help with that.")
     response = chat(gw, "safety")
@@ -328,6 +339,16 @@ def test_traces_carry_gen_ai_attributes_and_token_counts(gw, stub):
     assert answered["attributes"]["mergegate.fallback"] is True and answered["attributes"]["mergegate.attempt"] == 1
     assert answered["attributes"]["gen_ai.usage.output_tokens"] == 3  # the stub counts 4-character chunks
     assert failed["trace_id"] == answered["trace_id"]  # one request, one trace
+
+
+def test_client_spans_also_carry_openinference_names(gw, stub):
+    answer = chat(gw, "code", max_tokens=6, raw=False)
+    a = [s for s in gw.spans() if s["kind"] == "CLIENT" and s["attributes"]["gen_ai.request.model"] == "ft2"][-1][
+        "attributes"]
+    assert a["llm.model_name"] == a["gen_ai.request.model"] == "ft2"
+    assert a["llm.token_count.prompt"] == a["gen_ai.usage.input_tokens"] == answer.usage.prompt_tokens
+    assert a["llm.token_count.completion"] == a["gen_ai.usage.output_tokens"] == answer.usage.completion_tokens
+    assert a["llm.token_count.total"] == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
 
 def test_metrics_expose_fallbacks_breakers_and_latency_quantiles(gw, stub):

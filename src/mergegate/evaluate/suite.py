@@ -13,6 +13,46 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import SuiteError
 
 
+class JudgeSettings(BaseModel):
+    """Where `llm_judge` sends a row: any OpenAI-compatible endpoint. Unset fields come from the environment
+    (MERGEGATE_JUDGE_URL, MERGEGATE_JUDGE_MODEL, MERGEGATE_JUDGE_API_KEY_ENV) or the evaluator's options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base_url: str | None = Field(default=None, pattern=r"^https?://")
+    model: str | None = Field(default=None, min_length=1)
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable's name
+    timeout_s: float | None = Field(default=None, gt=0, le=600)
+    retries: int | None = Field(default=None, ge=0, le=10)
+
+
+def _tool_definition(item: Any, where: str) -> tuple[str, dict[str, Any] | None]:
+    """(name, parameters) of an OpenAI tool definition; ValueError saying what is wrong, at `where`."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a tool name or an OpenAI tool definition, got {type(item).__name__}")
+    if item.get("type") != "function" or not isinstance(item.get("function"), dict):
+        raise ValueError(f'{where}: an OpenAI tool definition is {{"type": "function", "function": {{"name": ...}}}}')
+    function = item["function"]
+    unknown = sorted(set(function) - {"name", "description", "parameters", "strict"})
+    if unknown or set(item) - {"type", "function"}:
+        raise ValueError(f"{where}: unknown field(s) {unknown or sorted(set(item) - {'type', 'function'})}")
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where}.function.name: a non-empty string is required")
+    schema = function.get("parameters")
+    if schema is None:
+        return name, None
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where}.function.parameters: expected a JSON Schema object")
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(f"{where}.function.parameters is not a valid JSON Schema: {exc.message}") from None
+    return name, schema
+
+
 class SuiteRow(BaseModel):
     """One evaluation case."""
 
@@ -24,7 +64,34 @@ class SuiteRow(BaseModel):
     evaluators: tuple[str, ...] = Field(min_length=1)
     context: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    # `tools` is given as tool names or OpenAI tool definitions ({"type": "function", "function": {"name",
+    # "parameters"}}); it is kept as the names, and each definition's parameters (a JSON Schema) go to
+    # `tool_parameters`, so code that only needs the names (rollout, the gateway) never sees the difference.
     tools: tuple[str, ...] | None = None
+    tool_parameters: dict[str, dict[str, Any]] | None = None
+    expected_arguments: dict[str, Any] | None = None  # tool_selection: these arguments, with these values
+    rubric: str | None = None  # llm_judge: what the judge grades the answer against
+    judge: JudgeSettings | None = None  # llm_judge: this row's endpoint, overriding the environment's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_definitions(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("tools"), list):
+            return data
+        if "tool_parameters" in data:
+            raise ValueError("give tool parameters inside 'tools' as OpenAI tool definitions, not as 'tool_parameters'")
+        names, parameters = [], {}
+        for index, item in enumerate(data["tools"]):
+            if isinstance(item, str):
+                names.append(item)
+                continue
+            name, schema = _tool_definition(item, f"tools[{index}]")
+            names.append(name)
+            if schema is not None:
+                parameters[name] = schema
+        if len(set(names)) != len(names):
+            raise ValueError(f"'tools' names a tool twice: {names}")
+        return {**data, "tools": names, "tool_parameters": parameters or None}
 
     @field_validator("evaluators")
     @classmethod
@@ -48,8 +115,23 @@ class SuiteRow(BaseModel):
                 Draft202012Validator.check_schema(self.schema_)
             except SchemaError as exc:
                 raise ValueError(f"'schema' is not a valid JSON Schema: {exc.message}") from None
-        if "groundedness" in self.evaluators and not (self.context or "").strip():
-            raise ValueError("evaluator 'groundedness' needs a 'context'")
+        for name in ("groundedness", "hallucination"):
+            if name in self.evaluators and not (self.context or "").strip():
+                raise ValueError(f"evaluator '{name}' needs a 'context'")
+        if "llm_judge" in self.evaluators and not (self.rubric or "").strip():
+            raise ValueError("evaluator 'llm_judge' needs a 'rubric'")
+        if self.expected_arguments is not None:
+            if "tool_selection" not in self.evaluators:
+                raise ValueError("'expected_arguments' is checked by evaluator 'tool_selection', which the row lacks")
+            schema = (self.tool_parameters or {}).get(self.expected.strip())
+            if schema is not None:  # a suite whose own expectation breaks the tool's schema is a suite bug
+                from jsonschema import Draft202012Validator
+                from jsonschema.exceptions import best_match
+
+                error = best_match(Draft202012Validator(schema).iter_errors(self.expected_arguments))
+                if error is not None:
+                    raise ValueError(f"'expected_arguments' do not fit tool {self.expected.strip()!r}'s parameters: "
+                                     f"{error.message}")
         return self
 
     @property

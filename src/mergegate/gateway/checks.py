@@ -8,7 +8,7 @@ and tool_selection failures always do; a refusal only when the gateway is config
 
 from __future__ import annotations
 
-from ..evaluate.evaluators import is_refusal, named_tool, parse_json_object
+from ..evaluate.evaluators import check_tool_call, is_refusal, parse_json_object
 from ..rollout import Route
 
 
@@ -19,14 +19,11 @@ def json_object(text: str) -> tuple[bool, str]:
 
 
 def tool_named(text: str, tools: list[str] | None) -> tuple[bool, str]:
-    named = named_tool(text)
-    if not named:
-        return False, "names no tool"
+    """The `tool_selection` evaluator's test without an expected tool: the answer calls one of the route's tools,
+    in any form the evaluator accepts (OpenAI tool-call JSON, `name(key=value)`, or the name first)."""
     if not tools:
-        return False, f"named {named!r}, but the route lists no tools"
-    if named not in tools:
-        return False, f"named {named!r}, not one of {', '.join(tools)}"
-    return True, f"named {named!r}"
+        return False, "the route lists no tools"
+    return check_tool_call(text, expected=None, tools=tools)
 
 
 def run_checks(route: Route, text: str) -> dict[str, dict]:

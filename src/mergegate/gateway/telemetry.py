@@ -1,7 +1,8 @@
 """Tracing and GenAI metrics with OpenTelemetry.
 
 Every backend call is a CLIENT span named "{gen_ai.operation.name} {gen_ai.request.model}" carrying the GenAI
-semantic-convention attributes plus mergegate's routing ones; each request is a SERVER span around its calls.
+semantic-convention attributes, the OpenInference ones (llm.model_name, llm.token_count.prompt/completion/total) for
+tools that read only those, plus mergegate's routing ones; each request is a SERVER span around its calls.
 Spans go over OTLP/HTTP when an endpoint is configured (the `otlp_endpoint` option, or the standard
 OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variables) and to a JSONL file (one span a line)
 when `traces_path` is given; with neither, spans are made but not exported.
@@ -132,6 +133,7 @@ class CallRecord:
             "mergegate.cohort": cohort, "mergegate.route": route, "mergegate.fallback": attempt > 0,
             "mergegate.attempt": attempt, "mergegate.mirror": mirror, "mergegate.stream": stream,
             "mergegate.backend.kind": backend.kind,
+            "llm.model_name": backend.name,  # OpenInference's name for the model, beside GenAI's
         }
         optional = {"gen_ai.request.temperature": p.temperature, "gen_ai.request.top_p": p.top_p,
                     "gen_ai.request.seed": p.seed, "gen_ai.request.stop_sequences": list(p.stop) or None,
@@ -157,6 +159,10 @@ class CallRecord:
             "gen_ai.usage.input_tokens": completion.prompt_tokens,
             "gen_ai.usage.output_tokens": completion.completion_tokens,
             "gen_ai.response.finish_reasons": [completion.finish_reason],
+            # the same counts under OpenInference's names, for tools (Phoenix, Arize) that read only those
+            "llm.token_count.prompt": completion.prompt_tokens,
+            "llm.token_count.completion": completion.completion_tokens,
+            "llm.token_count.total": completion.prompt_tokens + completion.completion_tokens,
         })
         for name, result in (checks or {}).items():
             span.set_attribute(f"mergegate.check.{name}", bool(result["passed"]))
