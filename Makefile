@@ -27,7 +27,7 @@ lint: setup
 # elsewhere nothing happens and that test skips, saying why.
 test: lint
 	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && apt-get install -y -qq chromium || echo "chromium not installed: the layout test skips"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || echo "chromium not installed: the layout test skips"; \
 	fi
 	$(BIN)/python -m pytest -q
 
