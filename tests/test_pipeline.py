@@ -73,9 +73,10 @@ def test_gate_release_checks_every_model_before_opening_the_registry(family, sma
     from mergegate.model_ref import ModelRef
     from mergegate.pipeline import gate_release
 
-    with pytest.raises(MergegateError, match="model 'up': http://127.0.0.1:9/v1 is a remote model"):
+    with pytest.raises(MergegateError, match="model 'gone': .* no such folder"):
         gate_release(ModelRef("cand", family["ft1"]), ModelRef("base", family["base"]),
-                     [ModelRef("up", url="http://127.0.0.1:9/v1")], small_suite, None, tmp_path / "out")
+                     [ModelRef("up", url="http://127.0.0.1:9/v1"), ModelRef("gone", tmp_path / "missing")],
+                     small_suite, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

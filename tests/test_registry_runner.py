@@ -76,7 +76,7 @@ def test_sources_are_cached_by_model_suite_and_config(family, suite_file, tmp_pa
     spec = (ModelRef("base", family["base"]), "base")
     first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["base"]
 
-    def no_loading(spec):
+    def no_loading(spec, device=None):
         raise AssertionError("a cached model must not be loaded")
 
     monkeypatch.setattr(runner_module, "load_model", no_loading)

@@ -14,7 +14,7 @@ from .costs import cohort_costs
 from .engine import MergeOptions, merge
 from .errors import RecipeError
 from .evaluate import ModelRun, Suite, evaluate_models, load_suite
-from .evaluate.runner import check_inputs, check_settings
+from .evaluate.runner import check_inputs, check_settings, resolve_device
 from .gate import GateResult, Policy, decide, load_policy
 from .model_ref import ModelRef, Role
 from .recipe import Recipe, load_recipe
@@ -61,13 +61,14 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
                  policy: Policy | dict | str | Path | None, out: str | Path, *,
                  registry: Registry | str | Path | None = None, batch_size: int = 32, max_new_tokens: int = 64,
                  progress: bool | None = None, title: str | None = None,
-                 current: RolloutPlan | str | Path | None = None) -> ReleaseResult:
+                 current: RolloutPlan | str | Path | None = None, device: str | None = None) -> ReleaseResult:
     """Evaluate → gate → record → report: the candidate, the base and every source on the same suite rows, a
     decision per cohort recorded in the registry, and report.md, report.html and rollout.yaml written to `out`.
 
     `registry` is a Registry or its file (default: OUT/registry.sqlite), opened only once the suite, the policy
     and the models have been checked, so a refused input leaves no registry behind. `current` is the plan served
-    now (or its rollout.yaml): the report says what changes against it."""
+    now (or its rollout.yaml): the report says what changes against it. `device` is where the models are
+    evaluated (`evaluate_models`; default: "cuda" when torch sees a GPU, else "cpu")."""
     out = Path(out)
     if current is not None and not isinstance(current, RolloutPlan):
         current = load_plan(current)  # before any evaluation: a wrong path should not cost one
@@ -77,10 +78,11 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     evaluated: list[tuple[ModelRef, Role]] = [(candidate, "candidate"), (base, "base"),
                                               *((source, "source") for source in sources)]
     check_inputs([ref for ref, _ in evaluated], batch_size=batch_size, max_new_tokens=max_new_tokens)
+    device = resolve_device(device)  # before the registry: a refused device leaves none behind
     if not isinstance(registry, Registry):
         registry = Registry(out / "registry.sqlite" if registry is None else Path(registry))
     runs = evaluate_models(evaluated, suite, registry, progress=progress, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, device=device)
     gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate.name, base=base.name,
                   sources=[source.name for source in sources], policy=policy)
     registry.add_decisions(runs[candidate.name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
@@ -96,7 +98,7 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
             registry: Registry | str | Path | None = None, candidate_name: str | None = None,
             progress: bool | None = None, batch_size: int = 32, max_new_tokens: int = 64,
             extra_sources: Sequence[ModelRef] = (),
-            current: RolloutPlan | str | Path | None = None) -> ReleaseResult:
+            current: RolloutPlan | str | Path | None = None, device: str | None = None) -> ReleaseResult:
     """Merge → `gate_release`. `extra_sources` are evaluated and may hold cohorts without being merged (e.g. a
     LoRA specialist served as base + adapter).
 
@@ -114,6 +116,7 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
         check_inputs(list(extra_sources), batch_size=batch_size, max_new_tokens=max_new_tokens)
     else:
         check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    device = resolve_device(device)  # before the merge: a device this machine lacks should not cost one
     candidate_name = candidate_name or f"merged-{recipe.merge_method}"
     candidate_dir = out / "candidate"
     merge(recipe, candidate_dir, replace(merge_options or MergeOptions(progress=progress), overwrite=True))
@@ -122,7 +125,7 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
     sources = [ref for ref, role in models if role == "source"] + list(extra_sources)
     return gate_release(models[0][0], base, sources, suite, policy, out, registry=registry, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, progress=progress,
-                        title=f"mergegate release: {candidate_name}", current=current)
+                        title=f"mergegate release: {candidate_name}", current=current, device=device)
 
 
 def _loaded_suite(suite: Suite | str | Path) -> Suite:

@@ -152,6 +152,16 @@ class Registry:
         )
         return model_hash
 
+    def register_remote(self, name: str, url: str, model_hash: str, *, role: str, identity: dict) -> str:
+        """Record a model behind a server: `model_hash` from what the server reports (evaluate.endpoint), the
+        URL as its path (for display), the reported identity as its provenance."""
+        self._write(
+            "INSERT INTO models VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(hash) DO UPDATE SET name=excluded.name, "
+            "path=excluded.path, role=excluded.role",
+            (model_hash, name, url, None, role, json.dumps({}), json.dumps({"endpoint": identity}), time.time()),
+        )
+        return model_hash
+
     def model(self, model_hash: str) -> dict | None:
         rows = self._read("SELECT * FROM models WHERE hash=?", (model_hash,))
         return dict(rows[0]) if rows else None

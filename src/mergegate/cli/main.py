@@ -84,19 +84,22 @@ def evaluate_command(
     registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
     batch_size: int = typer.Option(32, help="Rows generated together."),
     max_new_tokens: int = typer.Option(64, help="Longest completion."),
+    device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
+                                                  "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
 ) -> None:
     """Evaluate models on the same suite rows; print the mean score per cohort."""
     from .. import MergegateError
     from ..evaluate import evaluate_models, load_suite
-    from ..evaluate.runner import check_inputs
+    from ..evaluate.runner import check_inputs, resolve_device
     from ..registry import Registry
 
     try:
         refs = [_model_ref(value) for value in models]
         check_inputs(refs, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the registry is touched
+        device = resolve_device(device)
         loaded = load_suite(suite)
         runs = evaluate_models([(ref, "source") for ref in refs], loaded, Registry(registry), batch_size=batch_size,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, device=device)
     except MergegateError as exc:
         _refuse(exc)
     from rich.console import Console
@@ -125,6 +128,8 @@ def gate_command(
     batch_size: int = typer.Option(32, help="Rows generated together."),
     max_new_tokens: int = typer.Option(64, help="Longest completion."),
     current: Optional[Path] = typer.Option(None, help="rollout.yaml served now: the report says what changes."),
+    device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
+                                                  "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
 ) -> None:
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
@@ -133,7 +138,7 @@ def gate_command(
     try:
         result = gate_release(_model_ref(candidate), _model_ref(base), [_model_ref(value) for value in source], suite,
                               policy, out, registry=registry, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              current=current)
+                              current=current, device=device)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)
@@ -152,6 +157,8 @@ def release_command(
     batch_size: int = typer.Option(32, help="Rows generated together."),
     max_new_tokens: int = typer.Option(64, help="Longest completion."),
     current: Optional[Path] = typer.Option(None, help="rollout.yaml served now: the report says what changes."),
+    device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
+                                                  "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
 ) -> None:
     """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
     from .. import MergegateError
@@ -161,7 +168,7 @@ def release_command(
     _keep_freed_memory()
     try:
         result = release(recipe, suite, policy, out, merge_options=MergeOptions(seed=seed), registry=registry,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, current=current)
+                         batch_size=batch_size, max_new_tokens=max_new_tokens, current=current, device=device)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)

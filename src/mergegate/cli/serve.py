@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
                                                               "route."),
         persist_plan: bool = typer.Option(False, help="Write admin route changes back to PLAN."),
         torch_threads: Optional[int] = typer.Option(None, help="torch intra-op threads for local models."),
+        device: Optional[str] = typer.Option(None, help="Where local models run: cpu, cuda or cuda:N (default: cuda "
+                                                      "when a GPU is available, else cpu; bf16 on CUDA)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
     ) -> None:
         """Serve PLAN as an OpenAI-compatible gateway: per-cohort routing, fallback, mirroring, tracing."""
@@ -70,8 +72,12 @@ def register(app: typer.Typer) -> None:
                                mirror_concurrency=mirror_concurrency,
                                mirror_timeout=timeout, breaker_failures=breaker_failures,
                                breaker_cooldown=breaker_cooldown, classifier_threshold=classifier_threshold,
-                               persist_plan=persist_plan)
+                               persist_plan=persist_plan, device=device)
         try:
+            if device is not None:  # refused before the plan is loaded or a port is taken
+                from ..evaluate.runner import resolve_device
+
+                resolve_device(device)
             serve(plan, host=host, port=port, registry=registry, suite=suite, admin_token=admin_token,
                   traces_path=traces, otlp_endpoint=otlp_endpoint, config=config, log_level=log_level,
                   torch_threads=torch_threads)

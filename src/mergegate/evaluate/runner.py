@@ -13,6 +13,10 @@ outputs are identical across batch sizes (tests/test_registry_runner.py checks i
 Each row's latency is its own: from its batch's start until the generation step that completed its answer (a
 per-step timestamp from a stopping criterion that never stops), plus its own likelihood pass if any (see
 RowResult.latency_ms). It is measured, not part of the answer, so it depends on batch size and machine.
+
+`device` picks where models run: "cpu" (float32) or "cuda"/"cuda:N" (bfloat16); the default is "cuda" when
+torch sees a GPU, else "cpu". A bf16 answer can differ from an fp32 one, so the dtype (and, off the CPU, the
+device) is in the cache key (`run_config`); a CPU run keys exactly as before devices existed.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -32,11 +36,13 @@ from ..progress import Progress
 from ..errors import EvaluationError, RegistryError
 from ..model_ref import ModelRef, Role
 from ..registry import Registry, RowResult
+from . import endpoint as _endpoint
+from .endpoint import EndpointSettings
 from .evaluators import Observation, evaluator_identity, needs_likelihood, score_row
 from .suite import Suite, SuiteRow
 
 # The runner's prompt format and generation procedure: the raw prompt through the model's own tokenizer
-# (its special tokens, no chat template applied), left padding, float32 on the CPU, greedy decoding with
+# (its special tokens, no chat template applied), left padding, fp32 on the CPU (bf16 on CUDA), greedy decoding with
 # GENERATION (merged by transformers with the model's generation_config.json, which the model hash covers),
 # each row cut at its own budget min(max_new_tokens, 2 * tokens of `expected` + 8), decoded without special
 # tokens; NLL computed row by row. Bump it with any change to `_run_batch`/`_mean_nll` that can change an answer
@@ -56,14 +62,45 @@ class ModelRun:
 
 
 def _local_folder(ref: ModelRef) -> Path:
-    if ref.path is None:  # a later issue: evaluate through the server's API
-        raise EvaluationError(f"model '{ref.name}': {ref.url} is a remote model; evaluating a remote model is "
-                              "not supported yet (give a local folder)")
+    if ref.path is None:  # evaluation reaches a url model through evaluate.endpoint, never through this
+        raise EvaluationError(f"model '{ref.name}': {ref.url} is a remote model; it is called through its server, "
+                              "not loaded (give a local folder)")
     return ref.path
 
 
-def load_model(ref: ModelRef):
-    """Model and tokenizer for generation, on the CPU in float32 (a local folder, with its adapter if any)."""
+_DEVICE_FORMS = "'cpu', 'cuda' or 'cuda:N'"
+
+
+def resolve_device(device: str | None = None) -> str:
+    """`device` checked ("cpu", "cuda", "cuda:N"), or the default: "cuda" when torch sees a GPU, else "cpu".
+    A CUDA device this machine does not have is refused (EvaluationError naming the option)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str):
+        raise EvaluationError(f"device must be {_DEVICE_FORMS}, got {device!r}")
+    if device == "cpu":
+        return device
+    kind, colon, index = device.partition(":")
+    if kind != "cuda" or (colon and not (index.isascii() and index.isdigit())):
+        raise EvaluationError(f"device must be {_DEVICE_FORMS}, got {device!r}")
+    if not torch.cuda.is_available():
+        raise EvaluationError(f"device {device!r}: no CUDA GPU is available on this machine "
+                              "(torch.cuda.is_available() is false); use device 'cpu'")
+    if index and int(index) >= torch.cuda.device_count():
+        raise EvaluationError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def device_dtype(device: str) -> torch.dtype:
+    """The weights' dtype on `device`: bfloat16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(ref: ModelRef, device: str | None = None):
+    """Model and tokenizer for generation on `device` (`resolve_device`: float32 on the CPU, bfloat16 on CUDA),
+    from a local folder, with its adapter if any."""
+    device = resolve_device(device)
     path = _local_folder(ref)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -74,11 +111,13 @@ def load_model(ref: ModelRef):
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=device_dtype(device))
         if ref.adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, ref.adapter).merge_and_unload()
+        if device != "cpu":
+            model = model.to(device)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         where = f"{path}" + (f" with adapter {ref.adapter}" if ref.adapter else "")
         raise EvaluationError(f"model '{ref.name}' ({where}) cannot be loaded: {exc}") from None
@@ -109,10 +148,12 @@ def check_settings(*, batch_size: int, max_new_tokens: int, threads: int | None 
 
 
 def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens: int,
-                 threads: int | None = None) -> None:
-    """Refuse bad settings, remote models and missing model folders before anything is loaded or recorded
-    (EvaluationError)."""
+                 threads: int | None = None, endpoint: EndpointSettings | None = None) -> None:
+    """Refuse bad settings (`endpoint`'s too when a model is a url) and missing model folders before anything
+    is loaded or recorded (EvaluationError)."""
     problems = _setting_problems(batch_size, max_new_tokens, threads)
+    if any(ref.is_remote for ref in models):
+        problems += (endpoint or EndpointSettings()).problems()
     if not models:
         problems.append("no models to evaluate")
     names = [ref.name for ref in models]
@@ -122,8 +163,7 @@ def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens:
     for ref in models:
         path = ref.path
         if path is None:
-            problems.append(f"model '{ref.name}': {ref.url} is a remote model; evaluating a remote model is not "
-                            "supported yet (give a local folder)")
+            pass  # a url model: its server is reached when it is evaluated (evaluate.endpoint)
         elif not path.is_dir():
             problems.append(f"model '{ref.name}': {path}: no such folder")
         elif not (path / "config.json").is_file():
@@ -150,12 +190,20 @@ def _library_versions(adapter: bool) -> dict[str, str]:
     return found
 
 
-def run_config(ref: ModelRef, suite: Suite, *, max_new_tokens: int) -> dict:
+def run_config(ref: ModelRef, suite: Suite, *, max_new_tokens: int, device: str = "cpu") -> dict:
     """Everything besides the model files and the suite that can change an answer or a score: part of the
-    cache key. Batch size and threads are left out on purpose (see the module docstring)."""
+    cache key. Batch size and threads are left out on purpose (see the module docstring).
+
+    The weights' dtype follows `device` (float32 on the CPU, bfloat16 on CUDA). Off the CPU the device kind
+    ("cuda", not its index: any GPU of a machine answers alike) is recorded too; on the CPU it is left out, so a
+    CPU run keeps the key it had before devices existed."""
+    generation = {**GENERATION, "max_new_tokens": max_new_tokens,
+                  "dtype": str(device_dtype(device)).removeprefix("torch.")}
+    if device != "cpu":
+        generation["device"] = device.partition(":")[0]
     return {
         "runner": RUNNER_FORMAT,
-        "generation": {**GENERATION, "max_new_tokens": max_new_tokens, "dtype": "float32"},
+        "generation": generation,
         "adapter": ref.adapter is not None,  # the adapter's files are in the model hash
         "evaluators": evaluator_identity(name for row in suite.rows for name in row.evaluators),
         "libraries": _library_versions(ref.adapter is not None),
@@ -168,30 +216,45 @@ def config_hash(config: dict) -> str:
 
 def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, registry: Registry, *,
                     batch_size: int = 32, max_new_tokens: int = 64, progress: bool | None = None, force: bool = False,
-                    threads: int | None = None) -> dict[str, ModelRun]:
+                    threads: int | None = None, device: str | None = None,
+                    endpoint: EndpointSettings | None = None) -> dict[str, ModelRun]:
     """Evaluate every (model, role) on every row of `suite`; results keyed by model name. The role is recorded
-    in the registry beside the model. Local models only (a remote one is refused, EvaluationError).
+    in the registry beside the model. A url model is called through its server (evaluate.endpoint, with
+    `endpoint`'s settings; default EndpointSettings()); perplexity rows are refused for it (EvaluationError).
+
+    `device` is where the models run (`resolve_device`; default: "cuda" when torch sees a GPU, else "cpu").
 
     `threads` sets torch's intra-op threads for the run (default: half the cores, at least one): small
     models gain little from more, and oversubscribed OpenMP threads slow everything sharing the machine.
     """
-    check_inputs([ref for ref, _ in models], batch_size=batch_size, max_new_tokens=max_new_tokens, threads=threads)
+    check_inputs([ref for ref, _ in models], batch_size=batch_size, max_new_tokens=max_new_tokens, threads=threads,
+                 endpoint=endpoint)
+    for ref, _ in models:
+        if ref.is_remote:
+            _endpoint.check_rows(ref, suite.rows)
+    device = resolve_device(device)
     show = sys.stderr.isatty() if progress is None else progress
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
     try:
-        return _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force)
+        return _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force, device,
+                         endpoint=endpoint or EndpointSettings())
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) -> dict[str, ModelRun]:
+def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force,
+              device: str = "cpu",
+              endpoint: EndpointSettings = EndpointSettings()) -> dict[str, ModelRun]:
     runs = {}
     row_ids = [row.id for row in suite.rows]
     with Progress(show) as bar:
         for ref, role in models:
+            if ref.is_remote:
+                runs[ref.name] = _evaluate_remote(ref, role, suite, registry, max_new_tokens, bar, force, endpoint)
+                continue
             model_hash = registry.register_model(ref.name, _local_folder(ref), role=role, adapter=ref.adapter)
-            config = run_config(ref, suite, max_new_tokens=max_new_tokens)
+            config = run_config(ref, suite, max_new_tokens=max_new_tokens, device=device)
             key = config_hash(config)
             cached = None if force else registry.cached_run(model_hash, suite.sha256, key, row_ids)
             if cached is not None:
@@ -203,7 +266,7 @@ def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) 
             todo = [row for row in suite.rows if row.id not in done]
             advance = bar.task(f"evaluating {ref.name}", len(suite.rows), completed=len(done), unit="rows")
             if todo:
-                model, tokenizer = load_model(ref)
+                model, tokenizer = load_model(ref, device)
                 for batch in _batches(todo, batch_size):
                     results = _run_batch(model, tokenizer, ref.name, model_hash, batch, max_new_tokens)
                     registry.add_results(run_id, results)  # committed per batch: a crash loses one batch
@@ -213,6 +276,37 @@ def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force) 
             results = _in_suite_order(registry.results(run_id, ref.name), suite, registry, run_id)
             runs[ref.name] = ModelRun(ref, role, model_hash, run_id, False, results)
     return runs
+
+
+def _evaluate_remote(ref: ModelRef, role: Role, suite: Suite, registry: Registry, max_new_tokens: int, bar,
+                     force: bool, settings: EndpointSettings) -> ModelRun:
+    """One url model through its server (evaluate.endpoint): the same registry, cache rules and results."""
+    row_ids = [row.id for row in suite.rows]
+    prepared = _endpoint.prepare(ref, suite.rows, max_new_tokens, settings)
+    model_hash = registry.register_remote(ref.name, str(ref.url), _endpoint.identity_hash(prepared.identity),
+                                          role=role, identity=prepared.identity)
+    evaluators = evaluator_identity(name for row in suite.rows for name in row.evaluators)
+    config = _endpoint.run_config(ref, evaluators, max_new_tokens=max_new_tokens, budget_mode=prepared.budget_mode,
+                                  runner_format=RUNNER_FORMAT)
+    key = config_hash(config)
+    cached = None if force else registry.cached_run(model_hash, suite.sha256, key, row_ids)
+    if cached is not None:
+        return ModelRun(ref, role, model_hash, cached, True,
+                        _in_suite_order(registry.results(cached, ref.name), suite, registry, cached))
+    run_id = registry.open_run(model_hash, suite.sha256, key, config)
+    done = registry.done_rows(run_id)
+    todo = [row for row in suite.rows if row.id not in done]
+    advance = bar.task(f"evaluating {ref.name}", len(suite.rows), completed=len(done), unit="rows")
+
+    def record(result: RowResult) -> None:  # called in this thread: the registry is written from one thread
+        registry.add_results(run_id, [result])
+        advance(1)
+
+    if todo:
+        _endpoint.run_rows(ref, model_hash, todo, prepared.budgets, settings, record)
+    registry.finish_run(run_id, row_ids)
+    return ModelRun(ref, role, model_hash, run_id, False,
+                    _in_suite_order(registry.results(run_id, ref.name), suite, registry, run_id))
 
 
 def _in_suite_order(results: list[RowResult], suite: Suite, registry: Registry, run_id: int) -> list[RowResult]:
@@ -248,7 +342,7 @@ def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow
     from transformers import StoppingCriteriaList
 
     started = time.perf_counter()
-    encoded = tokenizer([row.prompt for row in rows], return_tensors="pt", padding=True)
+    encoded = tokenizer([row.prompt for row in rows], return_tensors="pt", padding=True).to(model.device)
     # A correct answer is about as long as the expected one: twice that, plus slack, bounds a row's generation
     # without cutting an answer that could still be right. Each row is cut at its own budget, so its answer
     # does not depend on which rows share its batch.
@@ -258,7 +352,7 @@ def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow
     generated = model.generate(**encoded, max_new_tokens=max(budgets), **GENERATION,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                stopping_criteria=StoppingCriteriaList([clock]))
-    new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+    new_tokens = generated[:, encoded["input_ids"].shape[1]:].cpu()
     nlls, nll_ms = {}, {}
     for row in rows:
         if needs_likelihood(row):  # timed per row: a row's own likelihood pass is part of its latency
@@ -287,7 +381,7 @@ def _mean_nll(model, tokenizer, row: SuiteRow) -> float:
     """Mean negative log-likelihood per token of `expected` given `prompt`."""
     prompt = tokenizer(row.prompt, return_tensors="pt")["input_ids"]
     target = tokenizer(row.expected, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ids = torch.cat([prompt, target], dim=1)
+    ids = torch.cat([prompt, target], dim=1).to(model.device)
     labels = ids.clone()
     labels[:, : prompt.shape[1]] = -100
     return float(model(input_ids=ids, labels=labels).loss)

@@ -22,6 +22,9 @@ class GatewayConfig:
     # requests waiting for one backend (a local model serves one at a time, an upstream 64 at a time); more are
     # shed: the next model in the chain answers, else 429 with Retry-After
     local_queue_limit: int = 64
+    # where local models run: "cpu", "cuda" or "cuda:N" (bf16 on CUDA, fp32 on CPU); None: cuda when a GPU is
+    # available, else cpu
+    device: str | None = None
     # circuit breaker, per backend
     breaker_failures: int = 3  # consecutive failures that open it
     breaker_cooldown: float = 30.0  # seconds open before one probe is let through (half-open)

@@ -16,7 +16,8 @@ def build_backend(name: str, spec: PlanModel, config: GatewayConfig) -> Backend:
         return RemoteBackend(name, ref.url, upstream_model=ref.served_model, timeout=config.backend_timeout,
                              queue_limit=config.local_queue_limit)
     assert ref.path is not None  # a ModelRef holds exactly one of url and path
-    return LocalBackend(name, ref.path, adapter=ref.adapter, queue_limit=config.local_queue_limit)
+    return LocalBackend(name, ref.path, adapter=ref.adapter, queue_limit=config.local_queue_limit,
+                        device=config.device)
 
 
 __all__ = ["Backend", "LocalBackend", "RemoteBackend", "Slot", "build_backend"]

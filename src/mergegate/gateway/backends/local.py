@@ -25,9 +25,11 @@ class LocalBackend(Backend):
     kind = "local"
     provider = "mergegate.local"
 
-    def __init__(self, name: str, path: str | Path, *, adapter: str | Path | None = None, queue_limit: int = 64):
+    def __init__(self, name: str, path: str | Path, *, adapter: str | Path | None = None, queue_limit: int = 64,
+                 device: str | None = None):
         self.name, self.path, self.adapter = name, Path(path), Path(adapter) if adapter else None
         self.queue_limit = queue_limit
+        self.device = device  # resolved by load_model: None is cuda when a GPU is available, else cpu
         self.model: Any = None  # loaded by start()
         self.tokenizer: Any = None
         self._lock: asyncio.Lock | None = None
@@ -39,14 +41,15 @@ class LocalBackend(Backend):
 
         self._lock = asyncio.Lock()
         ref = ModelRef(self.name, self.path, adapter=self.adapter)
-        self.model, self.tokenizer = await asyncio.to_thread(load_model, ref)
+        self.model, self.tokenizer = await asyncio.to_thread(load_model, ref, self.device)
 
     async def close(self) -> None:
         self.model = self.tokenizer = None
 
     def describe(self) -> dict:
         return {**super().describe(), "path": str(self.path), "adapter": str(self.adapter) if self.adapter else None,
-                "loaded": self.model is not None, "pending": self._pending}
+                "loaded": self.model is not None, "pending": self._pending,
+                "device": str(self.model.device) if self.model is not None else self.device}
 
     # -- prompts -----------------------------------------------------------------------------------------
     def render(self, request: GenRequest) -> tuple[str, bool]:
@@ -170,7 +173,7 @@ class LocalBackend(Backend):
 
         params = request.params
         text, special = self.render(request)
-        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=special)
+        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=special).to(self.model.device)
         prompt_len = encoded["input_ids"].shape[1]
         tracker = TextTracker(self.tokenizer, prompt_len, params.stop, cancel, emit)
         options = dict(max_new_tokens=params.max_tokens, pad_token_id=self.tokenizer.pad_token_id,

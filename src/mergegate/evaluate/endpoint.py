@@ -1,0 +1,287 @@
+"""Evaluate a model behind an OpenAI-compatible server (vLLM, TGI, the mergegate gateway): `ModelRef.url`.
+
+Each suite row is one POST to `{url}/completions` with the row's prompt and the generation settings sent
+explicitly (temperature 0, n 1, max_tokens the row's own budget as the in-process runner computes it), at most
+`EndpointSettings.concurrency` in flight. Connection errors, timeouts, 5xx and 429 are retried with exponential
+backoff (a 429's or 503's `Retry-After` honoured); any other HTTP error stops the run (EvaluationError).
+A row's latency is its request's wall time (retries included); its token counts are the server's `usage`.
+
+The model's identity (its hash in the registry, part of the cache key) is what `GET {url}/models` reports for
+the served model — its id and the stable fields beside it (`root`, `parent`, `owned_by`, `max_model_len`, and
+any field named like a fingerprint, hash, digest, revision or version) — with the served name; never the URL
+alone. `created` is left out: vLLM stamps it with the time of each /models call.
+
+A row's budget is min(max_new_tokens, 2 * tokens of `expected` + 8), tokens counted by the server's
+`POST /tokenize` (vLLM's, the gateway's for its local models); a server without one gives every row
+max_new_tokens, and the run config says which (`budget`). Perplexity needs the likelihood of `expected`, which
+completions do not give: such rows are refused for a url model (`check_rows`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ..errors import EvaluationError
+from ..model_ref import ModelRef
+from ..registry import RowResult
+from .evaluators import Observation, needs_likelihood, score_row
+from .suite import SuiteRow
+
+ENDPOINT_FORMAT = "1"  # bump with any change to the request sent or to how an answer is read
+_IDENTITY_FIELDS = ("id", "root", "parent", "owned_by", "max_model_len")
+_FINGERPRINT = re.compile(r"fingerprint|hash|digest|revision|version|sha", re.IGNORECASE)
+_RETRIED = (429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """How url models are called: requests in flight, seconds per request, retries after the first try, and the
+    environment variable holding an API key (sent as a bearer token)."""
+
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    retries: int = 4
+    api_key_env: str | None = None
+    backoff_s: float = 0.5  # the first retry's wait; doubled each time, at most 30 s
+
+    def problems(self) -> list[str]:
+        found = []
+        if not isinstance(self.concurrency, int) or isinstance(self.concurrency, bool) or self.concurrency < 1:
+            found.append(f"endpoint concurrency must be an integer >= 1, got {self.concurrency!r}")
+        if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= 3600:
+            found.append(f"endpoint timeout must be in (0, 3600] seconds, got {self.timeout_s!r}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or not 0 <= self.retries <= 20:
+            found.append(f"endpoint retries must be an integer in [0, 20], got {self.retries!r}")
+        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
+            found.append(f"API key variable {self.api_key_env} is not set")
+        return found
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+def check_rows(ref: ModelRef, rows: Sequence[SuiteRow]) -> None:
+    """Refuse rows a completions API cannot score (EvaluationError)."""
+    likelihood = [row.id for row in rows if needs_likelihood(row)]
+    if likelihood:
+        raise EvaluationError(f"model '{ref.name}' ({ref.url}): evaluator 'perplexity' needs the likelihood of the "
+                              f"expected answer, which a completions endpoint does not give; row(s) "
+                              f"{', '.join(likelihood[:5])}{' …' if len(likelihood) > 5 else ''} cannot be "
+                              "evaluated through a server (evaluate a local folder, or drop perplexity)")
+
+
+def _httpx():
+    try:
+        import httpx
+    except ImportError:
+        raise EvaluationError("evaluating a model through its server needs httpx: pip install 'mergegate[serve]'") \
+            from None
+    return httpx
+
+
+def _client(ref: ModelRef, settings: EndpointSettings):
+    httpx = _httpx()
+    key = settings.api_key()
+    assert ref.url is not None
+    return httpx.AsyncClient(base_url=ref.url.rstrip("/") + "/", trust_env=False,
+                             headers={"Authorization": f"Bearer {key}"} if key else {},
+                             timeout=httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0)),
+                             limits=httpx.Limits(max_connections=settings.concurrency,
+                                                 max_keepalive_connections=settings.concurrency))
+
+
+def served_name(ref: ModelRef) -> str:
+    return ref.served_model or ref.name
+
+
+def identity_hash(identity: dict) -> str:
+    return "endpoint:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+async def _request(client, ref: ModelRef, settings: EndpointSettings, method: str, path: str,
+                   body: dict | None = None, *, what: str):
+    """One call with retries; the response (any status but the retried ones), or EvaluationError."""
+    httpx = _httpx()
+    last = ""
+    for attempt in range(settings.retries + 1):
+        wait = min(settings.backoff_s * 2 ** attempt, 30.0)
+        try:
+            response = await client.request(method, path, json=body)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        else:
+            if response.status_code not in _RETRIED:
+                return response
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+            after = _retry_after(response.headers.get("retry-after"))
+            if after is not None:
+                wait = min(after, 60.0)
+        if attempt < settings.retries:
+            await asyncio.sleep(wait)
+    raise EvaluationError(f"model '{ref.name}' ({ref.url}): {what} failed after {settings.retries + 1} "
+                          f"tr{'y' if settings.retries == 0 else 'ies'}: {last}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _error_text(ref: ModelRef, response, what: str) -> EvaluationError:
+    detail = response.text[:300]
+    try:
+        detail = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return EvaluationError(f"model '{ref.name}' ({ref.url}): {what} answered HTTP {response.status_code}: {detail}")
+
+
+async def _identity(client, ref: ModelRef, settings: EndpointSettings) -> dict:
+    response = await _request(client, ref, settings, "GET", "models", what="GET /models")
+    if response.status_code >= 400:
+        raise _error_text(ref, response, "GET /models")
+    try:
+        entries = response.json()["data"]
+        entry = next((e for e in entries if isinstance(e, dict) and e.get("id") == served_name(ref)), None)
+        listed = [str(e.get("id")) for e in entries if isinstance(e, dict)]
+    except (ValueError, KeyError, TypeError):
+        raise EvaluationError(f"model '{ref.name}' ({ref.url}): GET /models did not answer an OpenAI model "
+                              "list") from None
+    if entry is None:
+        raise EvaluationError(f"model '{ref.name}' ({ref.url}): the server does not serve '{served_name(ref)}' "
+                              f"(it lists {', '.join(listed[:10]) or 'no models'})")
+    reported = {k: v for k, v in entry.items() if k in _IDENTITY_FIELDS or (_FINGERPRINT.search(k) and k != "created")}
+    return {"served_model": served_name(ref), "reported": reported}
+
+
+async def _budget(client, ref: ModelRef, row: SuiteRow, max_new_tokens: int, root: str) -> int | None:
+    """The row's budget from the server's tokenizer; None when the server has no /tokenize."""
+    httpx = _httpx()
+    try:
+        response = await client.post(root + "/tokenize", json={"model": served_name(ref), "prompt": row.expected,
+                                                               "add_special_tokens": False})
+    except httpx.HTTPError:
+        return None
+    if response.status_code >= 400:
+        return None
+    try:
+        data = response.json()
+        count = int(data["count"]) if "count" in data else len(data["tokens"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return min(max_new_tokens, 2 * count + 8)
+
+
+def _root(url: str) -> str:
+    """The server's root (where vLLM's /tokenize is): the url without a trailing /v1."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+@dataclass
+class Prepared:
+    identity: dict
+    budgets: dict[str, int]
+    budget_mode: str  # "tokenize" | "max_new_tokens"
+
+
+def prepare(ref: ModelRef, rows: Sequence[SuiteRow], max_new_tokens: int, settings: EndpointSettings) -> Prepared:
+    """The server's identity for the served model and every row's token budget (nothing is generated)."""
+    async def go() -> Prepared:
+        async with _client(ref, settings) as client:
+            identity = await _identity(client, ref, settings)
+            assert ref.url is not None
+            root = _root(ref.url)
+            gate = asyncio.Semaphore(settings.concurrency)
+
+            async def one(row):
+                async with gate:
+                    return await _budget(client, ref, row, max_new_tokens, root)
+
+            found = await asyncio.gather(*(one(row) for row in rows)) if rows else []
+            if rows and all(b is not None for b in found):
+                return Prepared(identity, {row.id: b for row, b in zip(rows, found) if b is not None}, "tokenize")
+            return Prepared(identity, {row.id: max_new_tokens for row in rows}, "max_new_tokens")
+
+    return asyncio.run(go())
+
+
+def run_rows(ref: ModelRef, model_hash: str, rows: Sequence[SuiteRow], budgets: dict[str, int],
+             settings: EndpointSettings, on_result: Callable[[RowResult], None]) -> None:
+    """Send every row (at most `settings.concurrency` at once); `on_result` gets each scored row as it completes,
+    in this (the calling) thread. The first row that fails for good stops the run (EvaluationError); rows
+    already handed to `on_result` stay."""
+    async def go() -> None:
+        no_usage = False
+        async with _client(ref, settings) as client:
+            gate = asyncio.Semaphore(settings.concurrency)
+
+            async def one(row: SuiteRow):
+                async with gate:
+                    started = time.perf_counter()
+                    body = {"model": served_name(ref), "prompt": row.prompt, "max_tokens": budgets[row.id],
+                            "temperature": 0, "n": 1, "stream": False}
+                    response = await _request(client, ref, settings, "POST", "completions", body,
+                                              what=f"row {row.id}")
+                    latency_ms = (time.perf_counter() - started) * 1000
+                if response.status_code >= 400:
+                    raise _error_text(ref, response, f"row {row.id}")
+                try:
+                    data = response.json()
+                    text = data["choices"][0]["text"] or ""
+                    usage = data.get("usage")
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise EvaluationError(f"model '{ref.name}' ({ref.url}): row {row.id}: the answer is not an "
+                                          "OpenAI completion") from None
+                return row, str(text), usage if isinstance(usage, dict) else None, latency_ms
+
+            tasks = [asyncio.ensure_future(one(row)) for row in rows]
+            try:
+                for finished in asyncio.as_completed(tasks):
+                    row, text, usage, latency_ms = await finished
+                    no_usage = no_usage or usage is None
+                    used = usage or {}
+                    scores = score_row(row, Observation(output=text))
+                    details: dict[str, Any] = {k: {"score": v.score, "passed": v.passed, "reason": v.reason}
+                                               for k, v in scores.items()}
+                    on_result(RowResult(row.id, row.cohort, ref.name, model_hash, text,
+                                        int(used.get("prompt_tokens") or 0), int(used.get("completion_tokens") or 0),
+                                        latency_ms, min(v.score for v in scores.values()),
+                                        all(v.passed for v in scores.values()), details))
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if no_usage:
+            warnings.warn(f"model '{ref.name}' ({ref.url}): the server sent no usage; token counts recorded as 0",
+                          stacklevel=2)
+
+    asyncio.run(go())
+
+
+def run_config(ref: ModelRef, evaluators: dict, *, max_new_tokens: int, budget_mode: str, runner_format: str) -> dict:
+    """The cache key's config for a url model: what is sent and how the answer is read (the model's own identity
+    is in its hash)."""
+    return {
+        "runner": runner_format,
+        "endpoint": ENDPOINT_FORMAT,
+        "generation": {"temperature": 0, "n": 1, "max_new_tokens": max_new_tokens, "budget": budget_mode},
+        "evaluators": evaluators,
+    }

@@ -1,0 +1,186 @@
+"""Evaluation through an OpenAI-compatible server (evaluate.endpoint): the same answers as in-process, the same
+cache rules (keyed by what the server reports for the model), retries that honour Retry-After, perplexity
+refused, and `mergegate gate` with a url candidate. Servers listen on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mergegate.errors import EvaluationError
+from mergegate.evaluate import evaluate_models, load_suite
+from mergegate.evaluate.endpoint import EndpointSettings
+from mergegate.model_ref import ModelRef
+from mergegate.registry import Registry
+
+pytestmark = pytest.mark.one_torch_thread
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
+FAST = EndpointSettings(concurrency=4, timeout_s=30, retries=2, backoff_s=0.05)
+
+
+def _demo_rows(per_cohort: int = 2) -> list[dict]:
+    rows, seen = [], {}
+    for line in (DEMO / "suite.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "perplexity" in row["evaluators"] or seen.get(row["cohort"], 0) >= per_cohort:
+            continue
+        seen[row["cohort"]] = seen.get(row["cohort"], 0) + 1
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def demo_suite(tmp_path_factory):
+    path = tmp_path_factory.mktemp("suite") / "suite.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in _demo_rows()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """The project's gateway serving the demo json_output model (one-model plan)."""
+    from mergegate.gateway import create_app
+    from mergegate.gateway.testing import ServerThread
+    from mergegate.rollout import RolloutPlan
+
+    folder = tmp_path_factory.mktemp("gateway")
+    plan = RolloutPlan.model_validate({"candidate": "json_output", "models": {
+        "json_output": {"role": "candidate", "path": str(DEMO / "models" / "json_output")}},
+        "routes": {}, "default": {"model": "json_output"}})
+    app = create_app(plan, registry=Registry(folder / "gateway.sqlite"))
+    with ServerThread(app) as server:
+        yield server.url + "/v1"
+
+
+@pytest.mark.slow
+def test_gateway_answers_as_in_process_and_second_run_is_cached(gateway, demo_suite, tmp_path):
+    suite = load_suite(demo_suite)
+    registry = Registry(tmp_path / "r.sqlite")
+    local = ModelRef("local", DEMO / "models" / "json_output")
+    remote = ModelRef("remote", url=gateway, served_model="json_output")
+    # max_new_tokens 8 is below every row's 2*expected+8 budget, so both runners cut at 8 tokens (the gateway has
+    # no /tokenize: its rows get max_new_tokens).
+    runs = evaluate_models([(local, "source"), (remote, "candidate")], suite, registry, max_new_tokens=8,
+                           progress=False, endpoint=FAST)
+    mine, theirs = runs["local"].results, runs["remote"].results
+    assert [r.row_id for r in mine] == [r.row_id for r in theirs]
+    assert [r.output for r in mine] == [r.output for r in theirs]
+    assert [r.score for r in mine] == [r.score for r in theirs]
+    assert [r.prompt_tokens for r in mine] == [r.prompt_tokens for r in theirs]
+    assert [r.completion_tokens for r in mine] == [r.completion_tokens for r in theirs]
+    assert all(r.latency_ms > 0 for r in theirs)
+    assert registry.model(runs["remote"].model_hash)["path"] == gateway
+    again = evaluate_models([(remote, "candidate")], suite, registry, max_new_tokens=8, progress=False,
+                            endpoint=FAST)
+    assert again["remote"].cached and [r.output for r in again["remote"].results] == [r.output for r in theirs]
+
+
+class _Scripted:
+    """A tiny OpenAI-compatible server: /v1/models reports `identity`; the first `busy` completions answer 429
+    with Retry-After, the rest the reply."""
+
+    def __init__(self):
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse
+
+        self.identity = {"id": "m", "object": "model", "owned_by": "me", "created": 1, "fingerprint": "a"}
+        self.busy, self.calls, self.lock = 0, 0, threading.Lock()
+        app = self.app = FastAPI()
+
+        @app.get("/v1/models")
+        def models():
+            return {"object": "list", "data": [dict(self.identity)]}
+
+        @app.post("/v1/completions")
+        def completions(body: dict):
+            with self.lock:
+                self.calls += 1
+                busy = self.busy > 0
+                self.busy -= busy
+            if busy:
+                return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
+                                    headers={"Retry-After": "0.3"})
+            assert body["temperature"] == 0 and body["n"] == 1 and body["max_tokens"] >= 1
+            return {"id": "x", "object": "text_completion", "model": "m",
+                    "choices": [{"index": 0, "text": "42", "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
+@pytest.fixture
+def scripted():
+    from mergegate.gateway.testing import ServerThread
+
+    server = _Scripted()
+    with ServerThread(server.app) as running:
+        server.url = running.url + "/v1"
+        yield server
+
+
+def _tiny_suite(tmp_path, evaluators=("exact_match",)):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(json.dumps({"id": "a", "cohort": "c", "prompt": "6*7=", "expected": "42",
+                                "evaluators": list(evaluators)}) + "\n")
+    return load_suite(path)
+
+
+@pytest.mark.slow
+def test_429_with_retry_after_is_retried(scripted, tmp_path):
+    scripted.busy = 1
+    ref = ModelRef("m", url=scripted.url)
+    runs = evaluate_models([(ref, "candidate")], _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite"),
+                           progress=False, endpoint=FAST)
+    (result,) = runs["m"].results
+    assert scripted.calls == 2 and result.passed and result.output == "42"
+    assert result.latency_ms >= 300  # the wait Retry-After asked for is part of the row's wall time
+    assert (result.prompt_tokens, result.completion_tokens) == (3, 1)
+
+
+@pytest.mark.slow
+def test_a_server_reporting_another_identity_is_another_model(scripted, tmp_path):
+    suite, registry = _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite")
+    ref = ModelRef("m", url=scripted.url)
+
+    def run():
+        return evaluate_models([(ref, "candidate")], suite, registry, progress=False, endpoint=FAST)["m"]
+
+    first = run()
+    scripted.identity["created"] = 2  # vLLM stamps `created` per call: not part of the identity
+    assert run().cached
+    scripted.identity["fingerprint"] = "b"
+    changed = run()
+    assert not changed.cached and changed.model_hash != first.model_hash
+    assert scripted.calls == 2
+
+
+def test_perplexity_rows_are_refused_for_a_url_model(tmp_path):
+    suite = _tiny_suite(tmp_path, ("exact_match", "perplexity"))
+    with pytest.raises(EvaluationError, match="'perplexity' needs the likelihood"):
+        evaluate_models([(ModelRef("m", url="http://127.0.0.1:9/v1"), "candidate")], suite,
+                        Registry(tmp_path / "r.sqlite"), progress=False)
+
+
+def test_bad_endpoint_settings_are_refused(tmp_path):
+    with pytest.raises(EvaluationError, match="endpoint concurrency"):
+        evaluate_models([(ModelRef("m", url="http://127.0.0.1:9/v1"), "candidate")], _tiny_suite(tmp_path),
+                        Registry(tmp_path / "r.sqlite"), progress=False, endpoint=EndpointSettings(concurrency=0))
+
+
+@pytest.mark.slow
+def test_gate_cli_with_a_url_candidate(gateway, demo_suite, tmp_path):
+    from mergegate.cli.main import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "gate", "--candidate", f"x={gateway}#json_output", "--base", f"base={DEMO / 'models' / 'base'}",
+        "--source", f"json_output={DEMO / 'models' / 'json_output'}", "--suite", str(demo_suite),
+        "--out", str(out), "--registry", str(tmp_path / "r.sqlite"), "--max-new-tokens", "8"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (out / "report.md").is_file()
+    plan = yaml.safe_load((out / "rollout.yaml").read_text())
+    assert plan["models"]["x"]["url"] == gateway and plan["models"]["x"]["upstream_model"] == "json_output"
