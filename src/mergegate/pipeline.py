@@ -14,7 +14,8 @@ from .costs import cohort_costs
 from .engine import MergeOptions, merge
 from .errors import RecipeError
 from .evaluate import ModelRun, Suite, evaluate_models, load_suite
-from .evaluate.runner import check_inputs, check_settings, resolve_device
+from .evaluate.endpoint import EndpointSettings
+from .evaluate.runner import check_endpoint, check_inputs, check_settings, resolve_device
 from .gate import GateResult, Policy, decide, load_policy
 from .model_ref import ModelRef, Role
 from .recipe import Recipe, load_recipe
@@ -61,14 +62,16 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
                  policy: Policy | dict | str | Path | None, out: str | Path, *,
                  registry: Registry | str | Path | None = None, batch_size: int = 32, max_new_tokens: int = 64,
                  progress: bool | None = None, title: str | None = None,
-                 current: RolloutPlan | str | Path | None = None, device: str | None = None) -> ReleaseResult:
+                 current: RolloutPlan | str | Path | None = None, device: str | None = None,
+                 endpoint: EndpointSettings | None = None) -> ReleaseResult:
     """Evaluate → gate → record → report: the candidate, the base and every source on the same suite rows, a
     decision per cohort recorded in the registry, and report.md, report.html and rollout.yaml written to `out`.
 
     `registry` is a Registry or its file (default: OUT/registry.sqlite), opened only once the suite, the policy
     and the models have been checked, so a refused input leaves no registry behind. `current` is the plan served
     now (or its rollout.yaml): the report says what changes against it. `device` is where the models are
-    evaluated (`evaluate_models`; default: "cuda" when torch sees a GPU, else "cpu")."""
+    evaluated (`evaluate_models`; default: "cuda" when torch sees a GPU, else "cpu"). `endpoint` is how url
+    models are called (default EndpointSettings()); given, it is checked even when no model is a url."""
     out = Path(out)
     if current is not None and not isinstance(current, RolloutPlan):
         current = load_plan(current)  # before any evaluation: a wrong path should not cost one
@@ -77,12 +80,15 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     policy.check_cohorts(suite.cohorts)
     evaluated: list[tuple[ModelRef, Role]] = [(candidate, "candidate"), (base, "base"),
                                               *((source, "source") for source in sources)]
-    check_inputs([ref for ref, _ in evaluated], batch_size=batch_size, max_new_tokens=max_new_tokens)
+    check_inputs([ref for ref, _ in evaluated], batch_size=batch_size, max_new_tokens=max_new_tokens,
+                 endpoint=endpoint)
+    if endpoint is not None:
+        check_endpoint(endpoint)
     device = resolve_device(device)  # before the registry: a refused device leaves none behind
     if not isinstance(registry, Registry):
         registry = Registry(out / "registry.sqlite" if registry is None else Path(registry))
     runs = evaluate_models(evaluated, suite, registry, progress=progress, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, device=device)
+                           max_new_tokens=max_new_tokens, device=device, endpoint=endpoint)
     gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate.name, base=base.name,
                   sources=[source.name for source in sources], policy=policy)
     registry.add_decisions(runs[candidate.name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
@@ -98,9 +104,10 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
             registry: Registry | str | Path | None = None, candidate_name: str | None = None,
             progress: bool | None = None, batch_size: int = 32, max_new_tokens: int = 64,
             extra_sources: Sequence[ModelRef] = (),
-            current: RolloutPlan | str | Path | None = None, device: str | None = None) -> ReleaseResult:
+            current: RolloutPlan | str | Path | None = None, device: str | None = None,
+            endpoint: EndpointSettings | None = None) -> ReleaseResult:
     """Merge → `gate_release`. `extra_sources` are evaluated and may hold cohorts without being merged (e.g. a
-    LoRA specialist served as base + adapter).
+    LoRA specialist served as base + adapter). `endpoint` is how url models are called (checked before the merge).
 
     `merge_options` go to the candidate's merge as given, except `overwrite`: the candidate's folder,
     OUT/candidate, belongs to the release and is replaced when a release is run again. `progress` is the
@@ -113,9 +120,11 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
     if current is not None and not isinstance(current, RolloutPlan):
         current = load_plan(current)
     if extra_sources:
-        check_inputs(list(extra_sources), batch_size=batch_size, max_new_tokens=max_new_tokens)
+        check_inputs(list(extra_sources), batch_size=batch_size, max_new_tokens=max_new_tokens, endpoint=endpoint)
     else:
         check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if endpoint is not None:
+        check_endpoint(endpoint)
     device = resolve_device(device)  # before the merge: a device this machine lacks should not cost one
     candidate_name = candidate_name or f"merged-{recipe.merge_method}"
     candidate_dir = out / "candidate"
@@ -125,7 +134,8 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
     sources = [ref for ref, role in models if role == "source"] + list(extra_sources)
     return gate_release(models[0][0], base, sources, suite, policy, out, registry=registry, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, progress=progress,
-                        title=f"mergegate release: {candidate_name}", current=current, device=device)
+                        title=f"mergegate release: {candidate_name}", current=current, device=device,
+                        endpoint=endpoint)
 
 
 def _loaded_suite(suite: Suite | str | Path) -> Suite:

@@ -187,3 +187,61 @@ def test_the_same_gate_twice_gives_byte_identical_decisions_and_reports(tmp_path
     decisions = db.execute("SELECT candidate_hash, cohort, decision, model, numbers FROM decisions ORDER BY id").fetchall()
     assert runs == 3  # the second gate read every model from the registry
     assert decisions[:2] == decisions[2:]
+
+
+# --- endpoint settings on the CLI (issue 11) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, fragments", [
+    (["--endpoint-concurrency", "0"], ["endpoint concurrency must be an integer >= 1, got 0"]),
+    (["--endpoint-timeout", "0"], ["endpoint timeout must be in (0, 3600] seconds, got 0.0"]),
+    (["--endpoint-timeout", "nan"], ["endpoint timeout must be in (0, 3600] seconds, got nan"]),
+    (["--endpoint-timeout", "inf"], ["endpoint timeout must be in (0, 3600] seconds, got inf"]),
+    (["--endpoint-retries", "-1"], ["endpoint retries must be an integer in [0, 20], got -1"]),
+    (["--api-key-env", "MERGEGATE_TEST_UNSET_KEY"], ["API key variable MERGEGATE_TEST_UNSET_KEY is not set"]),
+])
+@pytest.mark.parametrize("command", ["evaluate", "gate", "release"])
+def test_bad_endpoint_settings_are_refused_before_anything_is_written(family, suite_file, tmp_path, write_recipe,
+                                                                      monkeypatch, command, options, fragments):
+    monkeypatch.delenv("MERGEGATE_TEST_UNSET_KEY", raising=False)
+    registry, out = tmp_path / "registry.sqlite", tmp_path / "out"
+    if command == "evaluate":
+        args = ["evaluate", "m=http://127.0.0.1:9/v1#m", "--suite", suite_file, "--registry", registry]
+    elif command == "gate":
+        args = ["gate", "--candidate", "cand=http://127.0.0.1:9/v1#cand", "--base", f"base={family['base']}",
+                "--source", f"src={family['ft2']}", "--suite", suite_file, "--out", out, "--registry", registry]
+    else:
+        recipe = write_recipe(recipe_for("task_arithmetic", family, models=("ft1", "ft2")))
+        args = ["release", recipe, "--suite", suite_file, "--out", out, "--registry", registry]
+    _refused(_invoke(*args, *options), *fragments)
+    assert not out.exists() and not registry.exists()
+
+
+@pytest.mark.slow
+def test_endpoint_settings_reach_the_url_model(tmp_path, monkeypatch):
+    from mergegate.gateway.testing import ServerThread
+
+    from ..evaluate.test_endpoint_runner import _Scripted
+
+    server = _Scripted()
+    seen_keys: list[str | None] = []
+
+    @server.app.middleware("http")
+    async def record_key(request, call_next):
+        seen_keys.append(request.headers.get("authorization"))
+        return await call_next(request)
+
+    suite = tmp_path / "tiny.jsonl"
+    suite.write_text(json.dumps({"id": "a", "cohort": "c", "prompt": "6*7=", "expected": "42",
+                                 "evaluators": ["exact_match"]}) + "\n")
+    monkeypatch.setenv("MERGEGATE_TEST_KEY", "sekrit")
+    with ServerThread(server.app) as running:
+        args = ["evaluate", f"m={running.url}/v1#m", "--suite", suite, "--registry", tmp_path / "r.sqlite",
+                "--endpoint-concurrency", "1", "--endpoint-timeout", "5", "--api-key-env", "MERGEGATE_TEST_KEY"]
+        server.busy = 1
+        _refused(_invoke(*args, "--endpoint-retries", "0"), "model 'm'", "failed after 1 try", "HTTP 429")
+        server.busy = 1
+        result = _invoke(*args, "--endpoint-retries", "1")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "1.000" in result.stdout
+    assert seen_keys and set(seen_keys) == {"Bearer sekrit"}

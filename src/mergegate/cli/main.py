@@ -77,6 +77,16 @@ def _model_ref(value: str):
     return ModelRef.parse(value).resolve()
 
 
+def _endpoint_settings(concurrency: int, timeout: float, retries: int, api_key_env: str | None):
+    """The --endpoint-* options as EndpointSettings, checked (EvaluationError names the bad option)."""
+    from ..evaluate.endpoint import EndpointSettings
+    from ..evaluate.runner import check_endpoint
+
+    settings = EndpointSettings(concurrency=concurrency, timeout_s=timeout, retries=retries, api_key_env=api_key_env)
+    check_endpoint(settings)
+    return settings
+
+
 @app.command("evaluate")
 def evaluate_command(
     models: list[str] = typer.Argument(..., help="Models as NAME=PATH (or PATH; PATH+ADAPTER for a PEFT adapter)."),
@@ -86,6 +96,11 @@ def evaluate_command(
     max_new_tokens: int = typer.Option(64, help="Longest completion."),
     device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
                                                   "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
+    endpoint_concurrency: int = typer.Option(8, help="Requests in flight per url model (NAME=http://...)."),
+    endpoint_timeout: float = typer.Option(60.0, help="Seconds one request to a url model may take, in (0, 3600]."),
+    endpoint_retries: int = typer.Option(4, help="Retries after a url model's failed request (0 to 20)."),
+    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key sent to url "
+                                                         "models as a bearer token."),
 ) -> None:
     """Evaluate models on the same suite rows; print the mean score per cohort."""
     from .. import MergegateError
@@ -94,12 +109,14 @@ def evaluate_command(
     from ..registry import Registry
 
     try:
+        endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
         refs = [_model_ref(value) for value in models]
-        check_inputs(refs, batch_size=batch_size, max_new_tokens=max_new_tokens)  # before the registry is touched
+        check_inputs(refs, batch_size=batch_size, max_new_tokens=max_new_tokens,  # before the registry is touched
+                     endpoint=endpoint)
         device = resolve_device(device)
         loaded = load_suite(suite)
         runs = evaluate_models([(ref, "source") for ref in refs], loaded, Registry(registry), batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, device=device)
+                               max_new_tokens=max_new_tokens, device=device, endpoint=endpoint)
     except MergegateError as exc:
         _refuse(exc)
     from rich.console import Console
@@ -130,15 +147,21 @@ def gate_command(
     current: Optional[Path] = typer.Option(None, help="rollout.yaml served now: the report says what changes."),
     device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
                                                   "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
+    endpoint_concurrency: int = typer.Option(8, help="Requests in flight per url model (NAME=http://...)."),
+    endpoint_timeout: float = typer.Option(60.0, help="Seconds one request to a url model may take, in (0, 3600]."),
+    endpoint_retries: int = typer.Option(4, help="Retries after a url model's failed request (0 to 20)."),
+    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key sent to url "
+                                                         "models as a bearer token."),
 ) -> None:
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
     from ..pipeline import gate_release
 
     try:
+        endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
         result = gate_release(_model_ref(candidate), _model_ref(base), [_model_ref(value) for value in source], suite,
                               policy, out, registry=registry, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              current=current, device=device)
+                              current=current, device=device, endpoint=endpoint)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)
@@ -159,6 +182,11 @@ def release_command(
     current: Optional[Path] = typer.Option(None, help="rollout.yaml served now: the report says what changes."),
     device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
                                                   "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
+    endpoint_concurrency: int = typer.Option(8, help="Requests in flight per url model (NAME=http://...)."),
+    endpoint_timeout: float = typer.Option(60.0, help="Seconds one request to a url model may take, in (0, 3600]."),
+    endpoint_retries: int = typer.Option(4, help="Retries after a url model's failed request (0 to 20)."),
+    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key sent to url "
+                                                         "models as a bearer token."),
 ) -> None:
     """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
     from .. import MergegateError
@@ -167,8 +195,10 @@ def release_command(
 
     _keep_freed_memory()
     try:
+        endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
         result = release(recipe, suite, policy, out, merge_options=MergeOptions(seed=seed), registry=registry,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, current=current, device=device)
+                         batch_size=batch_size, max_new_tokens=max_new_tokens, current=current, device=device,
+                         endpoint=endpoint)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)

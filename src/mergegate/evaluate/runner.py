@@ -147,6 +147,13 @@ def check_settings(*, batch_size: int, max_new_tokens: int, threads: int | None 
         raise EvaluationError("evaluate: " + "; ".join(problems))
 
 
+def check_endpoint(endpoint: EndpointSettings) -> None:
+    """Refuse bad endpoint settings whether or not a model is a url (EvaluationError)."""
+    problems = endpoint.problems()
+    if problems:
+        raise EvaluationError("evaluate: " + "; ".join(problems))
+
+
 def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens: int,
                  threads: int | None = None, endpoint: EndpointSettings | None = None) -> None:
     """Refuse bad settings (`endpoint`'s too when a model is a url) and missing model folders before anything
