@@ -57,3 +57,7 @@ class MergeOptionsError(MergegateError, ValueError):
 
     def __reduce__(self):  # pickles with both arguments (the default passes only the message)
         return type(self), (self.option, self.problem)
+
+
+class CandidateServerError(MergegateError):
+    """The server started for a release's candidate (`--serve-candidate`) could not be started or never got ready."""

@@ -6,13 +6,15 @@ Everything after the merge is `gate_release`, the one pipeline behind `release`,
 
 from __future__ import annotations
 
+import math
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from .costs import cohort_costs
 from .engine import MergeOptions, merge
-from .errors import RecipeError
+from .errors import CandidateServerError, RecipeError
 from .evaluate import ModelRun, Suite, evaluate_models, load_suite
 from .evaluate.endpoint import EndpointSettings
 from .evaluate.runner import check_endpoint, check_inputs, check_settings, resolve_device
@@ -63,7 +65,7 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
                  registry: Registry | str | Path | None = None, batch_size: int = 32, max_new_tokens: int = 64,
                  progress: bool | None = None, title: str | None = None,
                  current: RolloutPlan | str | Path | None = None, device: str | None = None,
-                 endpoint: EndpointSettings | None = None) -> ReleaseResult:
+                 endpoint: EndpointSettings | None = None, candidate_in_plan: ModelRef | None = None) -> ReleaseResult:
     """Evaluate → gate → record → report: the candidate, the base and every source on the same suite rows, a
     decision per cohort recorded in the registry, and report.md, report.html and rollout.yaml written to `out`.
 
@@ -71,7 +73,9 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     and the models have been checked, so a refused input leaves no registry behind. `current` is the plan served
     now (or its rollout.yaml): the report says what changes against it. `device` is where the models are
     evaluated (`evaluate_models`; default: "cuda" when torch sees a GPU, else "cpu"). `endpoint` is how url
-    models are called (default EndpointSettings()); given, it is checked even when no model is a url."""
+    models are called (default EndpointSettings()); given, it is checked even when no model is a url.
+    `candidate_in_plan` is the candidate as the rollout plan names it when it differs from the one evaluated (a
+    local folder evaluated through a temporary server); it is the result's `candidate` too."""
     out = Path(out)
     if current is not None and not isinstance(current, RolloutPlan):
         current = load_plan(current)  # before any evaluation: a wrong path should not cost one
@@ -92,11 +96,12 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate.name, base=base.name,
                   sources=[source.name for source in sources], policy=policy)
     registry.add_decisions(runs[candidate.name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
-    plan = RolloutPlan.from_decisions(gate, {ref.name: PlanModel.from_ref(ref, role) for ref, role in evaluated},
+    in_plan = [(candidate_in_plan or candidate, "candidate"), *evaluated[1:]]
+    plan = RolloutPlan.from_decisions(gate, {ref.name: PlanModel.from_ref(ref, role) for ref, role in in_plan},
                                       suite, policy)
     reports = write_reports(out, gate, plan, title=title or f"gate: {candidate.name}", policy=policy,
                             costs=cohort_costs({name: run.results for name, run in runs.items()}), current=current)
-    return ReleaseResult(out, candidate, gate, plan, runs, reports)
+    return ReleaseResult(out, candidate_in_plan or candidate, gate, plan, runs, reports)
 
 
 def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
@@ -105,13 +110,19 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
             progress: bool | None = None, batch_size: int = 32, max_new_tokens: int = 64,
             extra_sources: Sequence[ModelRef] = (),
             current: RolloutPlan | str | Path | None = None, device: str | None = None,
-            endpoint: EndpointSettings | None = None) -> ReleaseResult:
+            endpoint: EndpointSettings | None = None, serve_candidate: str | None = None,
+            serve_timeout: float = 600.0) -> ReleaseResult:
     """Merge → `gate_release`. `extra_sources` are evaluated and may hold cohorts without being merged (e.g. a
     LoRA specialist served as base + adapter). `endpoint` is how url models are called (checked before the merge).
 
     `merge_options` go to the candidate's merge as given, except `overwrite`: the candidate's folder,
     OUT/candidate, belongs to the release and is replaced when a release is run again. `progress` is the
-    evaluation's progress bar, and the merge's too when no `merge_options` are given."""
+    evaluation's progress bar, and the merge's too when no `merge_options` are given.
+
+    `serve_candidate` is a command template (`vllm serve {path} --port {port} --served-model-name {name}`): the
+    merged candidate is then evaluated through that server (`candidate_server.served_candidate`, log in
+    OUT/candidate-server.log, ready within `serve_timeout` seconds, stopped afterwards however the evaluation
+    ends); the rollout plan names the candidate's folder."""
     out = Path(out)
     recipe = load_recipe(recipe)
     suite = _loaded_suite(suite)
@@ -128,14 +139,31 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
     device = resolve_device(device)  # before the merge: a device this machine lacks should not cost one
     candidate_name = candidate_name or f"merged-{recipe.merge_method}"
     candidate_dir = out / "candidate"
+    if serve_candidate is not None:  # before the merge: a bad template or an unservable suite should not cost one
+        from .candidate_server import candidate_command
+        from .evaluate.endpoint import check_rows
+
+        candidate_command(serve_candidate, candidate_dir, 1, candidate_name)
+        if not (isinstance(serve_timeout, (int, float)) and math.isfinite(serve_timeout) and serve_timeout > 0):
+            raise CandidateServerError(f"serve timeout must be a finite number of seconds > 0, got {serve_timeout!r}")
+        check_rows(ModelRef(candidate_name, url="http://127.0.0.1/v1"), suite.rows)
     merge(recipe, candidate_dir, replace(merge_options or MergeOptions(progress=progress), overwrite=True))
     models = release_models(recipe, candidate_dir, candidate_name)
     base = next(ref for ref, role in models if role == "base")
     sources = [ref for ref, role in models if role == "source"] + list(extra_sources)
-    return gate_release(models[0][0], base, sources, suite, policy, out, registry=registry, batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, progress=progress,
-                        title=f"mergegate release: {candidate_name}", current=current, device=device,
-                        endpoint=endpoint)
+    local_candidate = models[0][0]
+    with ExitStack() as stack:
+        evaluated = local_candidate
+        if serve_candidate is not None:
+            from .candidate_server import served_candidate
+
+            url = stack.enter_context(served_candidate(serve_candidate, candidate_dir.absolute(), candidate_name,
+                                                       out / "candidate-server.log", timeout_s=serve_timeout))
+            evaluated = ModelRef(candidate_name, url=url, served_model=candidate_name)
+        return gate_release(evaluated, base, sources, suite, policy, out, registry=registry, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, progress=progress,
+                            title=f"mergegate release: {candidate_name}", current=current, device=device,
+                            endpoint=endpoint, candidate_in_plan=local_candidate)
 
 
 def _loaded_suite(suite: Suite | str | Path) -> Suite:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from mergegate.cli.main import app
@@ -245,3 +246,66 @@ def test_endpoint_settings_reach_the_url_model(tmp_path, monkeypatch):
     assert result.exit_code == 0, (result.output, result.exception)
     assert "1.000" in result.stdout
     assert seen_keys and set(seen_keys) == {"Bearer sekrit"}
+
+
+# --- release --serve-candidate (issue 11) ---------------------------------------------------------------------
+
+
+def _served_demo_suite(tmp_path) -> Path:
+    """The first 2 rows per cohort of the demo suite, the perplexity cohort left out (a server gives no
+    likelihood)."""
+    rows, seen = [], {}
+    for line in (DEMO / "suite.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "perplexity" not in row["evaluators"] and seen.get(row["cohort"], 0) < 2:
+            seen[row["cohort"]] = seen.get(row["cohort"], 0) + 1
+            rows.append(row)
+    path = tmp_path / "suite.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _no_process_serves(folder: Path) -> bool:
+    import os
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "serve-folder" in cmdline and str(folder) in cmdline:
+            return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO / "models" / "base" / "config.json").is_file(), reason="demo models not built")
+def test_release_serves_the_candidate_and_plans_its_folder(tmp_path):
+    out = tmp_path / "out"
+    template = f"{MERGEGATE} serve-folder {{path}} --port {{port}} --served-model-name {{name}} --device cpu"
+    result = _invoke("release", DEMO / "recipes" / "ties.yaml", "--suite", _served_demo_suite(tmp_path), "--out", out,
+                     "--max-new-tokens", "8", "--device", "cpu", "--serve-candidate", template, "--serve-timeout", "180")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (out / "report.md").is_file() and (out / "candidate-server.log").is_file()
+    plan = yaml.safe_load((out / "rollout.yaml").read_text())
+    entry = plan["models"]["merged-ties"]
+    assert entry.get("url") is None and Path(out / "rollout.yaml").parent.joinpath(entry["path"]).resolve() \
+        == (out / "candidate").resolve()
+    db = sqlite3.connect(out / "registry.sqlite")
+    assert any(path.startswith("http://127.0.0.1:") for (path,) in db.execute("SELECT path FROM models"))
+    assert _no_process_serves(out / "candidate")
+
+
+def test_release_refuses_a_candidate_server_that_exits_at_once(tmp_path):
+    out = tmp_path / "out"
+    result = _invoke("release", DEMO / "recipes" / "ties.yaml", "--suite", _served_demo_suite(tmp_path), "--out", out,
+                     "--device", "cpu", "--serve-candidate", "false {path} {port} {name}")
+    _refused(result, "exited with code 1 before it was ready", str(out / "candidate-server.log"))
+    assert (out / "candidate-server.log").is_file()
+
+
+def test_release_refuses_a_bad_template_before_merging(tmp_path):
+    out = tmp_path / "out"
+    _refused(_invoke("release", DEMO / "recipes" / "ties.yaml", "--suite", _served_demo_suite(tmp_path), "--out",
+                     out, "--serve-candidate", "vllm serve {path} --port {prot}"), "{path}, {port} and {name}")
+    assert not out.exists()

@@ -187,6 +187,11 @@ def release_command(
     endpoint_retries: int = typer.Option(4, help="Retries after a url model's failed request (0 to 20)."),
     api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key sent to url "
                                                          "models as a bearer token."),
+    serve_candidate: Optional[str] = typer.Option(None, help="Evaluate the merged candidate through a server "
+                                                   "started with this command, e.g. \"vllm serve {path} --port "
+                                                   "{port} --served-model-name {name}\" (log: OUT/candidate-server."
+                                                   "log; stopped afterwards)."),
+    serve_timeout: float = typer.Option(600.0, help="Seconds the candidate's server may take to list its model."),
 ) -> None:
     """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
     from .. import MergegateError
@@ -198,7 +203,7 @@ def release_command(
         endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
         result = release(recipe, suite, policy, out, merge_options=MergeOptions(seed=seed), registry=registry,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, current=current, device=device,
-                         endpoint=endpoint)
+                         endpoint=endpoint, serve_candidate=serve_candidate, serve_timeout=serve_timeout)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)

@@ -21,6 +21,51 @@ def _refuse_without_serve_extra(exc: ModuleNotFoundError) -> NoReturn:
 
 
 def register(app: typer.Typer) -> None:
+    @app.command("serve-folder")
+    def serve_folder_command(
+        path: Path = typer.Argument(..., help="Model folder to serve."),
+        port: int = typer.Option(..., help="Port to listen on."),
+        served_model_name: str = typer.Option(..., help="The name /v1/models lists and requests use."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+        device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when a GPU is "
+                                                      "available, else cpu)."),
+        log_level: str = typer.Option("warning", help="uvicorn log level."),
+    ) -> None:
+        """Serve one model folder the way `vllm serve PATH --served-model-name NAME` does (OpenAI-compatible
+        /v1/models, /v1/completions, /v1/chat/completions), through the gateway with a one-model plan."""
+        import tempfile
+
+        from ..errors import MergegateError
+
+        try:
+            import uvicorn
+
+            from ..gateway import GatewayConfig, create_app
+        except ModuleNotFoundError as exc:
+            _refuse_without_serve_extra(exc)
+        from ..registry import Registry
+        from ..rollout import RolloutPlan
+
+        if not (path / "config.json").is_file():
+            typer.echo(f"mergegate: {path}: not a model folder (no config.json)", err=True)
+            raise typer.Exit(2)
+        try:
+            if device is not None:
+                from ..evaluate.runner import resolve_device
+
+                resolve_device(device)
+            plan = RolloutPlan.model_validate({
+                "candidate": served_model_name,
+                "models": {served_model_name: {"role": "candidate", "path": str(path.absolute())}},
+                "routes": {}, "default": {"model": served_model_name}})
+            with tempfile.TemporaryDirectory(prefix="mergegate-serve-folder-") as scratch:
+                app_ = create_app(plan, registry=Registry(Path(scratch) / "registry.sqlite"),
+                                  config=GatewayConfig(device=device))
+                uvicorn.run(app_, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        except MergegateError as exc:
+            typer.echo(f"mergegate: {exc}", err=True)
+            raise typer.Exit(2)
+
     @app.command("serve")
     def serve_command(
         plan: Path = typer.Argument(..., help="Rollout plan YAML (written by `mergegate gate`)."),
