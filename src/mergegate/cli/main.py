@@ -77,6 +77,19 @@ def _model_ref(value: str):
     return ModelRef.parse(value).resolve()
 
 
+# Options that evaluate, gate and release share: declared once, so their defaults and help cannot drift apart.
+BATCH_SIZE = typer.Option(32, help="Rows generated together.")
+MAX_NEW_TOKENS = typer.Option(64, help="Longest completion.")
+DEVICE = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a GPU is available, "
+                                 "else cpu; bf16 on CUDA, fp32 on CPU).")
+ENDPOINT_CONCURRENCY = typer.Option(8, help="Requests in flight per url model (NAME=http://...).")
+ENDPOINT_TIMEOUT = typer.Option(60.0, help="Seconds one request to a url model may take, in (0, 3600].")
+ENDPOINT_RETRIES = typer.Option(4, help="Retries after a url model's failed request (0 to 20).")
+API_KEY_ENV = typer.Option(None, help="Environment variable holding the API key sent to url models as a bearer "
+                                      "token.")
+CURRENT_PLAN = typer.Option(None, help="rollout.yaml served now: the report says what changes.")
+
+
 def _endpoint_settings(concurrency: int, timeout: float, retries: int, api_key_env: str | None):
     """The --endpoint-* options as EndpointSettings, checked (EvaluationError names the bad option)."""
     from ..evaluate.endpoint import EndpointSettings
@@ -92,15 +105,13 @@ def evaluate_command(
     models: list[str] = typer.Argument(..., help="Models as NAME=PATH (or PATH; PATH+ADAPTER for a PEFT adapter)."),
     suite: Path = typer.Option(..., help="Eval suite JSONL."),
     registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
-    batch_size: int = typer.Option(32, help="Rows generated together."),
-    max_new_tokens: int = typer.Option(64, help="Longest completion."),
-    device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
-                                                  "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
-    endpoint_concurrency: int = typer.Option(8, help="Requests in flight per url model (NAME=http://...)."),
-    endpoint_timeout: float = typer.Option(60.0, help="Seconds one request to a url model may take, in (0, 3600]."),
-    endpoint_retries: int = typer.Option(4, help="Retries after a url model's failed request (0 to 20)."),
-    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key sent to url "
-                                                         "models as a bearer token."),
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    device: Optional[str] = DEVICE,
+    endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
+    endpoint_timeout: float = ENDPOINT_TIMEOUT,
+    endpoint_retries: int = ENDPOINT_RETRIES,
+    api_key_env: Optional[str] = API_KEY_ENV,
 ) -> None:
     """Evaluate models on the same suite rows; print the mean score per cohort."""
     from .. import MergegateError
@@ -142,16 +153,14 @@ def gate_command(
     policy: Optional[Path] = typer.Option(None, help="Policy YAML (default rules when omitted)."),
     out: Path = typer.Option(Path("gate-out"), help="Folder for report.md, report.html, rollout.yaml."),
     registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
-    batch_size: int = typer.Option(32, help="Rows generated together."),
-    max_new_tokens: int = typer.Option(64, help="Longest completion."),
-    current: Optional[Path] = typer.Option(None, help="rollout.yaml served now: the report says what changes."),
-    device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
-                                                  "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
-    endpoint_concurrency: int = typer.Option(8, help="Requests in flight per url model (NAME=http://...)."),
-    endpoint_timeout: float = typer.Option(60.0, help="Seconds one request to a url model may take, in (0, 3600]."),
-    endpoint_retries: int = typer.Option(4, help="Retries after a url model's failed request (0 to 20)."),
-    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key sent to url "
-                                                         "models as a bearer token."),
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    current: Optional[Path] = CURRENT_PLAN,
+    device: Optional[str] = DEVICE,
+    endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
+    endpoint_timeout: float = ENDPOINT_TIMEOUT,
+    endpoint_retries: int = ENDPOINT_RETRIES,
+    api_key_env: Optional[str] = API_KEY_ENV,
 ) -> None:
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
@@ -177,16 +186,14 @@ def release_command(
     seed: int = typer.Option(0, help="Seed for random merge methods."),
     registry: Optional[Path] = typer.Option(None, help="SQLite registry (results are cached; default: "
                                                        "OUT/registry.sqlite)."),
-    batch_size: int = typer.Option(32, help="Rows generated together."),
-    max_new_tokens: int = typer.Option(64, help="Longest completion."),
-    current: Optional[Path] = typer.Option(None, help="rollout.yaml served now: the report says what changes."),
-    device: Optional[str] = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a "
-                                                  "GPU is available, else cpu; bf16 on CUDA, fp32 on CPU)."),
-    endpoint_concurrency: int = typer.Option(8, help="Requests in flight per url model (NAME=http://...)."),
-    endpoint_timeout: float = typer.Option(60.0, help="Seconds one request to a url model may take, in (0, 3600]."),
-    endpoint_retries: int = typer.Option(4, help="Retries after a url model's failed request (0 to 20)."),
-    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key sent to url "
-                                                         "models as a bearer token."),
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    current: Optional[Path] = CURRENT_PLAN,
+    device: Optional[str] = DEVICE,
+    endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
+    endpoint_timeout: float = ENDPOINT_TIMEOUT,
+    endpoint_retries: int = ENDPOINT_RETRIES,
+    api_key_env: Optional[str] = API_KEY_ENV,
     serve_candidate: Optional[str] = typer.Option(None, help="Evaluate the merged candidate through a server "
                                                    "started with this command, e.g. \"vllm serve {path} --port "
                                                    "{port} --served-model-name {name}\" (log: OUT/candidate-server."
