@@ -63,3 +63,15 @@ def recipe_for(method: str, family: dict[str, Path], models=("ft1", "ft2", "ft3"
     if parameters:
         recipe["parameters"] = parameters
     return recipe
+
+
+def assert_refused(result, *fragments: str) -> None:
+    """A refusal as a user sees it: exit 2, exactly one `mergegate: ...` line on stderr naming each fragment, no
+    traceback. `result` is a typer CliRunner result or a finished subprocess."""
+    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    assert code == 2, (code, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + (getattr(result, "output", "") or "")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mergegate: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

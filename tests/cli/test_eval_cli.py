@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mergegate.cli.main import app
 
-from ..conftest import recipe_for
+from ..conftest import assert_refused, recipe_for
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
@@ -27,14 +27,7 @@ def _invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def _refused(result, *fragments: str) -> None:
-    """Exit 2, exactly one line on stderr, `mergegate: ...` naming what is wrong, no traceback anywhere."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergegate: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+
 
 
 @pytest.fixture
@@ -69,17 +62,17 @@ def gate_args(family, suite_file, tmp_path):
     ("cohorts: {json_ouput: {max_drop: 0.01}}\n", ["'json_ouput' not in the suite", "cohorts: json_output, echo"]),
 ])
 def test_gate_refuses_a_bad_policy_in_one_line(gate_args, tmp_path, policy, fragments):
-    _refused(_invoke(*gate_args(policy)), *fragments)
+    assert_refused(_invoke(*gate_args(policy)), *fragments)
     assert not (tmp_path / "out").exists() and not (tmp_path / "registry.sqlite").exists()
 
 
 def test_gate_refuses_a_bad_suite_in_one_line(gate_args, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + json.dumps(ROWS[1]).encode()[:-2] + b'\xff"}\n')
-    _refused(_invoke(*gate_args(suite=bad)), "bad.jsonl: line 2: not valid UTF-8 (byte 0xff")
+    assert_refused(_invoke(*gate_args(suite=bad)), "bad.jsonl: line 2: not valid UTF-8 (byte 0xff")
     dup = tmp_path / "dup.jsonl"
     dup.write_text("\n".join(json.dumps(r) for r in [*ROWS, ROWS[1]]))
-    _refused(_invoke(*gate_args(suite=dup)), "dup.jsonl: line 5: duplicate id 'r1' (first used on line 2)")
+    assert_refused(_invoke(*gate_args(suite=dup)), "dup.jsonl: line 5: duplicate id 'r1' (first used on line 2)")
 
 
 @pytest.mark.parametrize("options, fragments", [
@@ -90,7 +83,7 @@ def test_gate_refuses_a_bad_suite_in_one_line(gate_args, tmp_path):
 def test_evaluate_refuses_bad_settings_and_records_nothing(family, suite_file, tmp_path, options, fragments):
     result = _invoke("evaluate", f"base={family['base']}", "--suite", suite_file, "--registry",
                      tmp_path / "registry.sqlite", *options)
-    _refused(result, *fragments)
+    assert_refused(result, *fragments)
     assert not (tmp_path / "registry.sqlite").exists()
 
 
@@ -99,7 +92,7 @@ def test_evaluate_refuses_bad_settings_and_records_nothing(family, suite_file, t
     (["--max-new-tokens", "0"], ["max new tokens must be an integer >= 1, got 0"]),
 ])
 def test_gate_refuses_bad_settings_and_records_nothing(gate_args, tmp_path, options, fragments):
-    _refused(_invoke(*gate_args(), *options), *fragments)
+    assert_refused(_invoke(*gate_args(), *options), *fragments)
     assert not (tmp_path / "out").exists() and not (tmp_path / "registry.sqlite").exists()
 
 
@@ -112,7 +105,7 @@ def test_gate_passes_its_generation_settings_through(gate_args, tmp_path):
 
 def test_release_passes_registry_and_generation_settings_through(family, suite_file, tmp_path, write_recipe):
     recipe = write_recipe(recipe_for("task_arithmetic", family, models=("ft1", "ft2")))
-    _refused(_invoke("release", recipe, "--suite", suite_file, "--out", tmp_path / "refused", "--batch-size", "0"),
+    assert_refused(_invoke("release", recipe, "--suite", suite_file, "--out", tmp_path / "refused", "--batch-size", "0"),
              "batch size must be an integer >= 1, got 0")
     assert not (tmp_path / "refused").exists()
     result = _invoke("release", recipe, "--suite", suite_file, "--out", tmp_path / "out", "--registry",
@@ -124,7 +117,7 @@ def test_release_passes_registry_and_generation_settings_through(family, suite_f
 
 
 def test_evaluate_refuses_a_missing_model(suite_file, tmp_path):
-    _refused(_invoke("evaluate", f"ghost={tmp_path / 'nowhere'}", "--suite", suite_file, "--registry",
+    assert_refused(_invoke("evaluate", f"ghost={tmp_path / 'nowhere'}", "--suite", suite_file, "--registry",
                      tmp_path / "registry.sqlite"), "model 'ghost':", "nowhere: no such folder")
 
 
@@ -135,14 +128,14 @@ def test_evaluate_refuses_an_unopenable_registry(family, suite_file, tmp_path, k
         registry.mkdir()
     else:
         registry.write_bytes(b"PK\x03\x04" + b"\x00" * 4096)
-    _refused(_invoke("evaluate", f"base={family['base']}", "--suite", suite_file, "--registry", registry),
+    assert_refused(_invoke("evaluate", f"base={family['base']}", "--suite", suite_file, "--registry", registry),
              f"registry {registry}")
 
 
 def test_evaluate_refuses_invalid_utf8_and_accepts_a_bom(family, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b"\n".join([json.dumps(ROWS[0]).encode(), b'{"id": "caf\xe9"}']))
-    _refused(_invoke("evaluate", f"base={family['base']}", "--suite", bad, "--registry", tmp_path / "r.sqlite"),
+    assert_refused(_invoke("evaluate", f"base={family['base']}", "--suite", bad, "--registry", tmp_path / "r.sqlite"),
              "bad.jsonl: line 2: not valid UTF-8 (byte 0xe9 at column 12)")
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in ROWS).encode())
@@ -214,7 +207,7 @@ def test_bad_endpoint_settings_are_refused_before_anything_is_written(family, su
     else:
         recipe = write_recipe(recipe_for("task_arithmetic", family, models=("ft1", "ft2")))
         args = ["release", recipe, "--suite", suite_file, "--out", out, "--registry", registry]
-    _refused(_invoke(*args, *options), *fragments)
+    assert_refused(_invoke(*args, *options), *fragments)
     assert not out.exists() and not registry.exists()
 
 
@@ -240,7 +233,7 @@ def test_endpoint_settings_reach_the_url_model(tmp_path, monkeypatch):
         args = ["evaluate", f"m={running.url}/v1#m", "--suite", suite, "--registry", tmp_path / "r.sqlite",
                 "--endpoint-concurrency", "1", "--endpoint-timeout", "5", "--api-key-env", "MERGEGATE_TEST_KEY"]
         server.busy = 1
-        _refused(_invoke(*args, "--endpoint-retries", "0"), "model 'm'", "failed after 1 try", "HTTP 429")
+        assert_refused(_invoke(*args, "--endpoint-retries", "0"), "model 'm'", "failed after 1 try", "HTTP 429")
         server.busy = 1
         result = _invoke(*args, "--endpoint-retries", "1")
     assert result.exit_code == 0, (result.output, result.exception)
@@ -300,12 +293,12 @@ def test_release_refuses_a_candidate_server_that_exits_at_once(tmp_path):
     out = tmp_path / "out"
     result = _invoke("release", DEMO / "recipes" / "ties.yaml", "--suite", _served_demo_suite(tmp_path), "--out", out,
                      "--device", "cpu", "--serve-candidate", "false {path} {port} {name}")
-    _refused(result, "exited with code 1 before it was ready", str(out / "candidate-server.log"))
+    assert_refused(result, "exited with code 1 before it was ready", str(out / "candidate-server.log"))
     assert (out / "candidate-server.log").is_file()
 
 
 def test_release_refuses_a_bad_template_before_merging(tmp_path):
     out = tmp_path / "out"
-    _refused(_invoke("release", DEMO / "recipes" / "ties.yaml", "--suite", _served_demo_suite(tmp_path), "--out",
+    assert_refused(_invoke("release", DEMO / "recipes" / "ties.yaml", "--suite", _served_demo_suite(tmp_path), "--out",
                      out, "--serve-candidate", "vllm serve {path} --port {prot}"), "{path}, {port} and {name}")
     assert not out.exists()

@@ -9,17 +9,17 @@ import sqlite3
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 import mergegate.gateway
-from mergegate.cli.main import app
-from mergegate.cli.serve import register
+from mergegate.cli import app
 from mergegate.errors import EvaluationError
 from mergegate.evaluate import evaluate_models, load_suite
 from mergegate.evaluate.runner import config_hash, device_dtype, load_model, resolve_device, run_config
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
+
+from ..conftest import assert_refused
 
 pytestmark = pytest.mark.one_torch_thread
 
@@ -42,13 +42,7 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-def _refused(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergegate: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+
 
 
 def test_the_default_is_cpu_without_a_gpu_and_cpu_is_always_accepted(no_gpu):
@@ -63,7 +57,7 @@ def test_malformed_devices_are_refused_naming_the_accepted_forms(value):
 
 
 @pytest.mark.parametrize("value", ["cuda", "cuda:0"])
-def test_cuda_without_a_gpu_is_refused(no_gpu, value):
+def test_cuda_without_a_gpu_isassert_refused(no_gpu, value):
     with pytest.raises(EvaluationError, match=f"device '{value}': no CUDA GPU is available"):
         resolve_device(value)
 
@@ -92,41 +86,33 @@ def test_evaluate_gate_and_release_refuse_cuda_without_a_gpu(no_gpu, family, sui
     from ..conftest import recipe_for
 
     registry = tmp_path / "r.sqlite"
-    _refused(CliRunner().invoke(app, ["evaluate", f"base={family['base']}", "--suite", str(suite_file),
+    assert_refused(CliRunner().invoke(app, ["evaluate", f"base={family['base']}", "--suite", str(suite_file),
                                       "--registry", str(registry), "--device", "cuda"]),
              "device 'cuda': no CUDA GPU is available")
-    _refused(CliRunner().invoke(app, ["gate", "--candidate", f"cand={family['ft1']}", "--base",
+    assert_refused(CliRunner().invoke(app, ["gate", "--candidate", f"cand={family['ft1']}", "--base",
                                       f"base={family['base']}", "--source", f"src={family['ft2']}", "--suite",
                                       str(suite_file), "--out", str(tmp_path / "out"), "--registry", str(registry),
                                       "--device", "cuda"]),
              "device 'cuda'")
     recipe = write_recipe(recipe_for("task_arithmetic", family, models=("ft1", "ft2")))
-    _refused(CliRunner().invoke(app, ["release", str(recipe), "--suite", str(suite_file), "--out",
+    assert_refused(CliRunner().invoke(app, ["release", str(recipe), "--suite", str(suite_file), "--out",
                                       str(tmp_path / "rel"), "--device", "cuda:0"]),
              "device 'cuda:0'")
     assert not registry.exists() and not (tmp_path / "out").exists() and not (tmp_path / "rel").exists()
 
 
-def _serve_cli() -> typer.Typer:
-    cli = typer.Typer()
 
-    @cli.callback()
-    def main() -> None:
-        """mergegate"""
-
-    register(cli)
-    return cli
 
 
 def test_serve_passes_the_device_and_refuses_cuda_without_a_gpu(no_gpu, monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(mergegate.gateway, "serve", lambda plan, **kw: seen.update(plan=plan, **kw))
     plan = tmp_path / "rollout.yaml"
-    result = CliRunner().invoke(_serve_cli(), ["serve", str(plan), "--device", "cpu"])
+    result = CliRunner().invoke(app, ["serve", str(plan), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert seen["config"].device == "cpu"
     seen.clear()
-    _refused(CliRunner().invoke(_serve_cli(), ["serve", str(plan), "--device", "cuda"]), "device 'cuda'")
+    assert_refused(CliRunner().invoke(app, ["serve", str(plan), "--device", "cuda"]), "device 'cuda'")
     assert not seen
 
 
