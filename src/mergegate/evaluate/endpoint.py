@@ -32,13 +32,13 @@ from typing import Any, Callable, Sequence
 from ..errors import EvaluationError
 from ..model_ref import ModelRef
 from ..registry import RowResult
+from ._retry import RETRIED_STATUSES, retry_wait
 from .evaluators import Observation, needs_likelihood, score_row
 from .suite import SuiteRow
 
 ENDPOINT_FORMAT = "1"  # bump with any change to the request sent or to how an answer is read
 _IDENTITY_FIELDS = ("id", "root", "parent", "owned_by", "max_model_len")
 _FINGERPRINT = re.compile(r"fingerprint|hash|digest|revision|version|sha", re.IGNORECASE)
-_RETRIED = (429, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -112,36 +112,20 @@ async def _request(client, ref: ModelRef, settings: EndpointSettings, method: st
     httpx = _httpx()
     last = ""
     for attempt in range(settings.retries + 1):
-        wait = min(settings.backoff_s * 2 ** attempt, 30.0)
+        asked = None
         try:
             response = await client.request(method, path, json=body)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             last = f"{type(exc).__name__}: {exc}"
         else:
-            if response.status_code not in _RETRIED:
+            if response.status_code not in RETRIED_STATUSES:
                 return response
             last = f"HTTP {response.status_code}: {response.text[:200]}"
-            after = _retry_after(response.headers.get("retry-after"))
-            if after is not None:
-                wait = min(after, 60.0)
+            asked = response.headers.get("retry-after")
         if attempt < settings.retries:
-            await asyncio.sleep(wait)
+            await asyncio.sleep(retry_wait(attempt, settings.backoff_s, asked))
     raise EvaluationError(f"model '{ref.name}' ({ref.url}): {what} failed after {settings.retries + 1} "
                           f"tr{'y' if settings.retries == 0 else 'ies'}: {last}")
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 def _error_text(ref: ModelRef, response, what: str) -> EvaluationError:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Sequence
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
 
+from ._retry import RETRIED_STATUSES, retry_wait
 from .suite import SuiteError, SuiteRow
 
 
@@ -575,6 +577,7 @@ class Hallucination:
                                        f"(threshold {self.threshold})")
 
 
+JUDGE_BACKOFF_S = 0.5  # the first retry's wait (see _retry.retry_wait), as the endpoint runner's default
 JUDGE_PROMPT = (
     "You grade an AI assistant's answer against a rubric. Reply with one JSON object and nothing else: "
     '{{"verdict": "pass" or "fail", "score": a number from 0 to 1, "reason": "one sentence"}}.\n\n'
@@ -660,19 +663,22 @@ class LlmJudge:
                                 "response_format": {"type": "json_object"}}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         url = f"{base_url}/chat/completions"
-        problem = ""
+        problem, wait = "", 0.0
         with httpx.Client(timeout=timeout) as client:
-            for _ in range(retries + 1):
+            for attempt in range(retries + 1):
+                if attempt:
+                    time.sleep(wait)
                 try:
                     response = client.post(url, json=body, headers=headers)
                 except httpx.HTTPError as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
+                    problem, wait = f"{type(exc).__name__}: {exc}", retry_wait(attempt, JUDGE_BACKOFF_S)
                     continue
                 if response.status_code == 400 and "response_format" in body:
                     body.pop("response_format")  # a server without JSON mode: ask again, parse leniently
                     response = client.post(url, json=body, headers=headers)
-                if response.status_code >= 500 or response.status_code == 429:
+                if response.status_code in RETRIED_STATUSES:
                     problem = f"HTTP {response.status_code}"
+                    wait = retry_wait(attempt, JUDGE_BACKOFF_S, response.headers.get("retry-after"))
                     continue
                 if response.status_code != 200:
                     raise EvaluationError(f"judge {model!r} at {url}: HTTP {response.status_code}: "
