@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,22 +239,21 @@ def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, regis
         if ref.is_remote:
             _endpoint.check_rows(ref, suite.rows)
     device = resolve_device(device)
-    show = sys.stderr.isatty() if progress is None else progress
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
     try:
-        return _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force, device,
+        return _evaluate(models, suite, registry, batch_size, max_new_tokens, progress, force, device,
                          endpoint=endpoint or EndpointSettings())
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _evaluate(models, suite, registry, batch_size, max_new_tokens, show, force,
+def _evaluate(models, suite, registry, batch_size, max_new_tokens, progress, force,
               device: str = "cpu",
               endpoint: EndpointSettings = EndpointSettings()) -> dict[str, ModelRun]:
     runs = {}
     row_ids = [row.id for row in suite.rows]
-    with Progress(show) as bar:
+    with Progress(progress) as bar:
         for ref, role in models:
             if ref.is_remote:
                 runs[ref.name] = _evaluate_remote(ref, role, suite, registry, max_new_tokens, bar, force, endpoint)
