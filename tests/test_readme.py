@@ -6,7 +6,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import pytest
 import yaml
 
+from mergegate.candidate_server import free_port
 from mergegate.recipe import load_recipe
 from mergegate.rollout import RolloutPlan
 
@@ -33,12 +33,6 @@ def block_with(language: str, marker: str) -> str:
     found = [b for b in blocks(language) if marker in b]
     assert len(found) == 1, f"README has {len(found)} {language} blocks with {marker!r}"
     return found[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_plan(path: Path) -> Path:

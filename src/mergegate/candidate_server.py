@@ -38,6 +38,7 @@ def candidate_command(template: str, path: Path, port: int, name: str) -> list[s
 
 
 def free_port() -> int:
+    """A loopback port nobody listens on now (the OS's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((LOOPBACK, 0))
         return probe.getsockname()[1]

@@ -4,12 +4,12 @@ without JSON mode, one answering garbage, one failing then recovering, and one t
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from mergegate.candidate_server import free_port
 from mergegate.errors import EvaluationError
 from mergegate.evaluate.evaluators import LlmJudge, Observation, parse_verdict
 from mergegate.evaluate.suite import SuiteRow
@@ -128,9 +128,7 @@ def test_a_failing_judge_is_retried(judge_server):
 
 @pytest.mark.slow
 def test_a_judge_that_is_down_stops_the_evaluation_naming_it():
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nobody listens on it
     judge = LlmJudge(base_url=f"http://127.0.0.1:{port}/v1", model="judge-x", timeout_s=2, retries=1)
     with pytest.raises(EvaluationError, match=r"judge 'judge-x' at http://127\.0\.0\.1:\d+/v1/chat/completions did "
                                               r"not answer after 2 attempt\(s\) \(ConnectError"):

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mergegate.candidate_server import free_port
 from mergegate.gateway import GatewayConfig, errors
 from mergegate.gateway.backends import LocalBackend
 from mergegate.gateway.errors import APIError
@@ -61,12 +62,6 @@ def error_of(response, status: int) -> dict:
 
 def breaker(gw, model: str) -> dict:
     return httpx.get(gw.url + "/healthz", timeout=10).json()["backends"][model]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- 13: client input is validated up front, and a request's own fault never counts against a backend ------------
@@ -231,7 +226,7 @@ def _burst(url: str, body: dict, count: int, headers: dict | None = None) -> lis
 
 @pytest.mark.slow
 def test_a_burst_queued_behind_a_local_fallback_is_answered_without_timeouts(family, launch_each):
-    down = f"http://127.0.0.1:{closed_port()}/v1"
+    down = f"http://127.0.0.1:{free_port()}/v1"
     gw = launch_each({
         "candidate": "base",
         "models": {"base": {"role": "base", "path": str(family["base"])},
