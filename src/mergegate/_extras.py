@@ -7,6 +7,8 @@ from __future__ import annotations
 EXTRA_MODULES = {
     "serve": ("fastapi", "starlette", "uvicorn", "httpx", "opentelemetry"),
     "report": ("matplotlib",),
+    "ray": ("ray",),
+    "search": ("optuna",),
 }
 
 
