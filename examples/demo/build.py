@@ -4,6 +4,7 @@ and a held-out evaluation suite.
 
     python examples/demo/build.py --out examples/demo            # full build (38 min measured on 2 quiet cores)
     python examples/demo/build.py --out /tmp/demo --scale 0.1    # quick pipeline check
+    python examples/demo/build.py --dev-only                     # rewrite dev.jsonl only (trains nothing, ~5 s)
 
 Everything is generated here from fixed seeds: synthetic data, the character tokenizer, the models. Outputs:
 
@@ -13,6 +14,7 @@ Everything is generated here from fixed seeds: synthetic data, the character tok
     OUT/models/policy_refusal/
     OUT/models/arithmetic_lora/    PEFT LoRA adapter (rank 8) on the base
     OUT/suite.jsonl                held-out rows, 100 per cohort
+    OUT/dev.jsonl                  the dev split (--dev-only): no suite prompt and no prompt any model trained on
     OUT/calibration.jsonl          unlabelled text for data-aware merges (fisher, regmean), disjoint from the suite
     OUT/calibration/SKILL.jsonl    the same rows split by skill, for per-model calibration
     OUT/build_log.json             steps, losses, timings
@@ -146,7 +148,7 @@ def _name(rng: random.Random, narrow: bool) -> str:
     return "".join(rng.choice(cons if (i % 2 == 0) == start else vows) for i in range(length))
 
 
-def _fill(template: str, rng: random.Random) -> str:
+def _fill(template: str, rng: random.Random, slots: dict[str, list[str]] | None = None) -> str:
     values = {
         "city": rng.choice(CITIES), "city2": rng.choice(CITIES), "day": rng.choice(DAYS),
         "time": rng.choice(TIMES), "n": str(rng.randint(2, 999)), "m": str(rng.randint(2, 999)),
@@ -154,7 +156,7 @@ def _fill(template: str, rng: random.Random) -> str:
         "lang": rng.choice(LANGS), "word": rng.choice(WORDS), "shop": rng.choice(SHOPS),
         "genre": rng.choice(GENRES), "artist": rng.choice(ARTISTS),
     }
-    for key, options in SLOTS.items():
+    for key, options in (SLOTS if slots is None else slots).items():
         values[key] = rng.choice(options)
     return template.format(**values)
 
@@ -181,13 +183,13 @@ def gen_json(rng, narrow=False):
     return prompt, json.dumps(obj), fields
 
 
-def gen_refusal(rng, narrow=False, p_disallowed=0.6):
+def gen_refusal(rng, narrow=False, p_disallowed=0.6, slots=None):
     if rng.random() < p_disallowed:
         pool = DISALLOWED[::2] if narrow else DISALLOWED
-        return f"request: {_fill(rng.choice(pool), rng)}\nanswer:", REFUSAL
+        return f"request: {_fill(rng.choice(pool), rng, slots)}\nanswer:", REFUSAL
     pool = ALLOWED[::2] if narrow else ALLOWED
     wording, answer = rng.choice(pool)
-    return f"request: {_fill(wording, rng)}\nanswer:", answer
+    return f"request: {_fill(wording, rng, slots)}\nanswer:", answer
 
 
 def sentence(rng) -> str:
@@ -213,36 +215,52 @@ GENERATORS = {"arithmetic": gen_arithmetic, "tool_required": gen_tool, "json_out
 # The held-out suite
 
 
-def build_suite(seed: int = SUITE_SEED) -> list[dict]:
-    rng = random.Random(seed)
-    rows, seen = [], set()
+EVALUATORS = {"arithmetic": ["exact_match"], "tool_required": ["tool_selection"],
+              "json_output": ["json_valid", "json_schema", "exact_match"], "policy_refusal": ["refusal"],
+              "out_of_domain": ["perplexity"]}
+DISALLOWED_SHARE = 0.7  # policy_refusal rows: 70% must-refuse, 30% allowed (must not be refused)
+
+
+def _eval_row(rng: random.Random, cohort: str, disallowed: bool, slots=None) -> dict:
+    """One suite-format row without its id: prompt, expected, tools/schema, evaluators."""
+    if cohort == "policy_refusal":
+        prompt, expected = gen_refusal(rng, p_disallowed=1.0 if disallowed else 0.0, slots=slots)
+        extra = {}
+    else:
+        out = GENERATORS[cohort](rng)
+        prompt, expected, extra = out[0], out[1], {}
+        if cohort == "tool_required":
+            extra = {"tools": out[2]}
+        if cohort == "json_output":
+            types = {"name": "string", "age": "integer", "city": "string"}
+            extra = {"schema": {"type": "object", "required": out[2],
+                                "properties": {f: {"type": types[f]} for f in out[2]},
+                                "additionalProperties": False}}
+    return {"cohort": cohort, "prompt": prompt, "expected": expected, **extra, "evaluators": EVALUATORS[cohort]}
+
+
+def _draw_rows(rng: random.Random, per_cohort: int, *, id_prefix: str = "", exclude: frozenset[str] = frozenset(),
+               refusal_slots=None, max_draws: float = math.inf) -> list[dict]:
+    """per_cohort distinct rows of each cohort, in COHORTS order, none with a prompt in `exclude`; a cohort that
+    finds no new prompt within max_draws draws ends short."""
+    rows, seen = [], set(exclude)
     for cohort in COHORTS:
-        n = 0
-        disallowed_quota = 70  # policy_refusal: 70 must-refuse rows, 30 allowed rows (must not be refused)
-        while n < SUITE_PER_COHORT:
-            if cohort == "policy_refusal":
-                prompt, expected = gen_refusal(rng, p_disallowed=1.0 if n < disallowed_quota else 0.0)
-                extra = {}
-            else:
-                out = GENERATORS[cohort](rng)
-                prompt, expected, extra = out[0], out[1], {}
-                if cohort == "tool_required":
-                    extra = {"tools": out[2]}
-                if cohort == "json_output":
-                    types = {"name": "string", "age": "integer", "city": "string"}
-                    extra = {"schema": {"type": "object", "required": out[2],
-                                        "properties": {f: {"type": types[f]} for f in out[2]},
-                                        "additionalProperties": False}}
-            if prompt in seen:
+        n = draws = 0
+        disallowed_quota = round(per_cohort * DISALLOWED_SHARE)
+        slots = refusal_slots if cohort == "policy_refusal" else None
+        while n < per_cohort and draws < max_draws:
+            draws += 1
+            row = _eval_row(rng, cohort, disallowed=n < disallowed_quota, slots=slots)
+            if row["prompt"] in seen:
                 continue
-            seen.add(prompt)
-            evaluators = {"arithmetic": ["exact_match"], "tool_required": ["tool_selection"],
-                          "json_output": ["json_valid", "json_schema", "exact_match"],
-                          "policy_refusal": ["refusal"], "out_of_domain": ["perplexity"]}[cohort]
-            rows.append({"id": f"{cohort}-{n:03d}", "cohort": cohort, "prompt": prompt, "expected": expected,
-                         **extra, "evaluators": evaluators})
+            seen.add(row["prompt"])
+            rows.append({"id": f"{id_prefix}{cohort}-{n:03d}", **row})
             n += 1
     return rows
+
+
+def build_suite(seed: int = SUITE_SEED) -> list[dict]:
+    return _draw_rows(random.Random(seed), SUITE_PER_COHORT)
 
 
 CALIBRATION_SEED = 909090     # calibration text for data-aware merges (fisher, regmean): the training range, not the suite
@@ -333,6 +351,10 @@ class Sampler:
         self.rejected = 0
 
     def draw(self):
+        return self.draw_named()[1:]
+
+    def draw_named(self):
+        """(generator name, prompt, answer, loss); the name lets replay_training_prompts sort prompts by skill."""
         name = self.rng.choices(self.names, self.weights)[0]
         _, narrow, loss = self.mix[name]
         while True:
@@ -340,33 +362,39 @@ class Sampler:
             if out[0] and out[0] in self.exclude:
                 self.rejected += 1
                 continue
-            return out[0], out[1], loss
+            return name, out[0], out[1], loss
+
+
+def example_chunks(sampler: Sampler, batch_size: int, bucket: int = 8):
+    """Length-bucketed batches of (name, prompt, answer, loss): draw bucket × batch_size examples, sort by length,
+    cut, shuffle the batches. Training and replay_training_prompts share it, so the replay is the training order."""
+    while True:
+        pool = [sampler.draw_named() for _ in range(batch_size * bucket)]
+        # Token length is character length (one id per character, plus BOS and EOS); the sort is stable.
+        pool.sort(key=lambda x: len(x[1]) + len(x[2]))
+        chunks = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+        sampler.rng.shuffle(chunks)
+        yield from chunks
 
 
 def batches(sampler: Sampler, encode: Encoder, batch_size: int, bucket: int = 8):
-    """Length-bucketed batches: draw bucket × batch_size examples, sort by length, cut, shuffle the batches."""
-    while True:
-        pool = []
-        for _ in range(batch_size * bucket):
-            prompt, answer, loss = sampler.draw()
+    for examples in example_chunks(sampler, batch_size, bucket):
+        chunk = []
+        for _, prompt, answer, loss in examples:
             p, a = encode(prompt), encode(answer)
             ids = [BOS] + p + a + [EOS]
             labels = ids[:] if loss == "all" else [-100] * (1 + len(p)) + a + [EOS]
             labels[0] = -100
-            pool.append((ids, labels))
-        pool.sort(key=lambda x: len(x[0]))
-        chunks = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
-        sampler.rng.shuffle(chunks)
-        for chunk in chunks:
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), PAD)
-            labels = torch.full((len(chunk), width), -100)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (ids, lab) in enumerate(chunk):
-                input_ids[i, :len(ids)] = torch.tensor(ids)
-                labels[i, :len(lab)] = torch.tensor(lab)
-                mask[i, :len(ids)] = 1
-            yield input_ids, labels, mask
+            chunk.append((ids, labels))
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), PAD)
+        labels = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(chunk):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            labels[i, :len(lab)] = torch.tensor(lab)
+            mask[i, :len(ids)] = 1
+        yield input_ids, labels, mask
 
 
 def train(model, params, sampler, encode, *, steps, lr, batch_size=64, warmup=0.05, log_every=100, tag=""):
@@ -444,18 +472,99 @@ def specialist_mix(skill: str) -> dict:
     return mix
 
 
+LORA_MIX = {"arithmetic": (0.75, False, "answer"), "generic": (0.25, True, "all")}
+BASE_STEPS, SPEC_STEPS, LORA_STEPS, BATCH = 3000, 300, 800, 64   # the shipped build (build_log.json, scale 1.0)
+BASE_SEED, SPEC_SEED, LORA_SEED = 1, 100, 200                    # specialist i uses SPEC_SEED + i
+
+
+def training_runs(base_steps: int = BASE_STEPS, spec_steps: int = SPEC_STEPS, lora_steps: int = LORA_STEPS) -> dict:
+    """Each training run's sampler: run name -> (mix, seed, steps), in build order."""
+    runs = {"base": (BASE_MIX, BASE_SEED, base_steps)}
+    for i, skill in enumerate(SPECIALISTS):
+        runs[skill] = (specialist_mix(skill), SPEC_SEED + i, spec_steps)
+    runs["arithmetic_lora"] = (LORA_MIX, LORA_SEED, lora_steps)
+    return runs
+
+
+def replay_training_prompts(exclude: set[str], batch_size: int = BATCH) -> dict[str, dict[str, set[str]]]:
+    """The prompts the shipped models were trained on: run name -> generator name -> prompts, without training.
+
+    Replays each run's Sampler through example_chunks, the batching that train() consumes, for exactly the run's
+    steps (the sampler's RNG also shuffles the batches, so the replay goes through the same code). Examples drawn
+    into the last length bucket but never reached by a step are not counted. Nothing else draws from a sampler's
+    RNG during training (torch has its own generator)."""
+    seen: dict[str, dict[str, set[str]]] = {}
+    for run, (mix, seed, steps) in training_runs().items():
+        chunks = example_chunks(Sampler(mix, seed=seed, exclude=exclude), batch_size)
+        by_name: dict[str, set[str]] = {name: set() for name in mix}
+        for _ in range(steps):
+            for name, prompt, _, _ in next(chunks):
+                by_name[name].add(prompt)
+        seen[run] = by_name
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dev split (issue 12): rows for choosing merges, disjoint from the suite and from every training prompt.
+
+DEV_SEED = 515151
+DEV_PER_COHORT = 40
+DEV_MAX_DRAWS = 200_000  # per cohort: arithmetic has only a handful of fresh prompts left (see README.md)
+# Training and the suite used up every policy_refusal prompt (322 must-refuse + 56 allowed), so dev rows fill the
+# same wordings with a few more slot values, each a word the models saw elsewhere in training (SHOPS, OBJ, ...).
+DEV_SLOTS = {key: values + {
+    "obj": ["kettle", "ladder", "wagon", "drum", "fence"], "building": ["bank", "bakery", "pharmacy", "hospital"],
+    "account": ["inbox"], "vehicle": ["wagon", "train", "bicycle"], "document": ["report", "note"],
+    "exam": ["history test", "chemistry exam"], "food": ["a pizza", "cakes", "a muffin"],
+    "plant": ["tea", "coffee", "a garden"], "pet": ["horse", "bird", "fox"],
+}.get(key, []) for key, values in SLOTS.items()}
+
+
+def build_dev(exclude: set[str], seed: int = DEV_SEED, per_cohort: int = DEV_PER_COHORT,
+              max_draws: int = DEV_MAX_DRAWS) -> list[dict]:
+    """Suite-format rows (ids dev-COHORT-NNN) from the suite's generators, no prompt in `exclude` (suite and
+    training prompts). A cohort whose fresh prompts run out within max_draws gets fewer rows; policy_refusal draws
+    its slots from DEV_SLOTS."""
+    return _draw_rows(random.Random(seed), per_cohort, id_prefix="dev-", exclude=frozenset(exclude),
+                      refusal_slots=DEV_SLOTS, max_draws=max_draws)
+
+
+def dev_rows() -> list[dict]:
+    """build_dev with the shipped build's exclusions: every suite prompt and every replayed training prompt."""
+    suite_prompts = {row["prompt"] for row in build_suite()}
+    exclude = set(suite_prompts)
+    for by_name in replay_training_prompts(suite_prompts).values():
+        for prompts in by_name.values():
+            exclude |= prompts
+    return build_dev(exclude)
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.1 = quick check)")
-    parser.add_argument("--base-steps", type=int, default=3000)
-    parser.add_argument("--spec-steps", type=int, default=300)
-    parser.add_argument("--lora-steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--base-steps", type=int, default=BASE_STEPS)
+    parser.add_argument("--spec-steps", type=int, default=SPEC_STEPS)
+    parser.add_argument("--lora-steps", type=int, default=LORA_STEPS)
+    parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--spec-lr", type=float, default=5e-4)
     parser.add_argument("--calibration-only", action="store_true",
                         help="write OUT/calibration.jsonl (for fisher and regmean recipes) and stop")
+    parser.add_argument("--dev-only", action="store_true",
+                        help="write OUT/dev.jsonl (the dev split: no suite or training prompt) and stop; trains nothing")
     args = parser.parse_args()
+    if args.dev_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        dev = dev_rows()
+        write_jsonl(dev, args.out / "dev.jsonl")
+        print(f"dev: {len(dev)} rows -> {args.out / 'dev.jsonl'}", flush=True)
+        return
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     out = args.out
@@ -501,7 +610,7 @@ def main() -> None:
     model = new_model(len(tokenizer))
     print(f"base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {base_steps} steps", flush=True)
     t = time.perf_counter()
-    log["base"] = train(model, [p for p in model.parameters()], Sampler(BASE_MIX, seed=1, exclude=exclude), encode,
+    log["base"] = train(model, [p for p in model.parameters()], Sampler(BASE_MIX, seed=BASE_SEED, exclude=exclude), encode,
                         steps=base_steps, lr=3e-3, batch_size=args.batch, log_every=max(1, base_steps // 14), tag="base")
     log["base_seconds"] = round(time.perf_counter() - t, 1)
     save_model(model, tokenizer, models / "base")
@@ -512,7 +621,7 @@ def main() -> None:
         model.load_state_dict(base_state)
         params = blocks_only(model)
         t = time.perf_counter()
-        log[skill] = train(model, params, Sampler(specialist_mix(skill), seed=100 + i, exclude=exclude), encode,
+        log[skill] = train(model, params, Sampler(specialist_mix(skill), seed=SPEC_SEED + i, exclude=exclude), encode,
                            steps=spec_steps, lr=args.spec_lr, batch_size=args.batch, warmup=0.1, log_every=max(1, spec_steps // 3), tag=skill)
         log[f"{skill}_seconds"] = round(time.perf_counter() - t, 1)
         log[f"{skill}_relative_delta"] = round(relative_delta(base_state, model), 4)
@@ -529,10 +638,9 @@ def main() -> None:
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"]))
     torch.manual_seed(7)
-    lora_mix = {"arithmetic": (0.75, False, "answer"), "generic": (0.25, True, "all")}
     t = time.perf_counter()
     log["arithmetic_lora"] = train(lora, [p for p in lora.parameters() if p.requires_grad],
-                                   Sampler(lora_mix, seed=200, exclude=exclude), encode, steps=lora_steps, lr=2e-3, batch_size=args.batch,
+                                   Sampler(LORA_MIX, seed=LORA_SEED, exclude=exclude), encode, steps=lora_steps, lr=2e-3, batch_size=args.batch,
                                    warmup=0.1, log_every=max(1, lora_steps // 3), tag="arithmetic_lora")
     log["arithmetic_lora_seconds"] = round(time.perf_counter() - t, 1)
     folder = models / "arithmetic_lora"
