@@ -61,3 +61,11 @@ class MergeOptionsError(MergegateError, ValueError):
 
 class CandidateServerError(MergegateError):
     """The server started for a release's candidate (`--serve-candidate`) could not be started or never got ready."""
+
+
+class SearchSpaceError(MergegateError, ValueError):
+    """A search space is malformed: a bad range or choice, a parameter no method in the space declares."""
+
+
+class SearchError(MergegateError):
+    """A search cannot run: overlapping dev and held-out suites, an output folder holding another search."""

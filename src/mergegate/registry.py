@@ -131,9 +131,10 @@ class Registry:
 
     # -- models ---------------------------------------------------------------------------------
     def register_model(self, name: str, path: Path, *, role: str, adapter: Path | None = None,
-                       lineage: dict | None = None) -> str:
-        """Record a model; returns its content hash. Lineage and provenance come from mergegate.json when present."""
-        model_hash = folder_hash(path, adapter)
+                       lineage: dict | None = None, model_hash: str | None = None) -> str:
+        """Record a model; returns its content hash (`model_hash` when the caller computed it already, as a search
+        trial does where it merged). Lineage and provenance come from mergegate.json when present."""
+        model_hash = model_hash or folder_hash(path, adapter)
         provenance_file = Path(path) / "mergegate.json"
         provenance = provenance_file.read_text() if provenance_file.is_file() else None
         if lineage is None and provenance:

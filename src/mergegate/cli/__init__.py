@@ -2,9 +2,11 @@
 
 from .main import app, main
 from .lora import register as _register_lora
+from .search import register as _register_search
 from .serve import register as _register_serve
 
 _register_lora(app)
+_register_search(app)
 _register_serve(app)
 
 __all__ = ["app", "main"]

@@ -1,0 +1,66 @@
+"""Trials as Ray tasks: a local Ray bounded to the cores the search is given, or a cluster at `ray_address`.
+
+Each trial declares its resources (CPUs, GPUs, memory for its merge and evaluation) and runs once: a crashed
+worker or an out-of-memory kill is the trial's outcome (failed, with Ray's reason), never a retry that could
+crash again. On a cluster the search's output folder must be on storage every node sees (the trials write their
+merged folders there), and every node needs mergegate installed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .._extras import install_hint
+from ..errors import SearchError
+from .trial import TrialOutcome, TrialSpec, run_trial
+
+
+def _ray():
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise SearchError(f"search: trials run on Ray, which is not installed ({install_hint('search')})") from None
+    return ray
+
+
+class TrialRunner:
+    """Runs rounds of trials on Ray; Ray is started on entry (unless already running) and stopped on exit only
+    if this runner started it."""
+
+    def __init__(self, options: Any):
+        self.options = options
+        self._started = False
+
+    def __enter__(self) -> TrialRunner:
+        ray = _ray()
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report sent from a search
+            if self.options.ray_address:
+                ray.init(address=self.options.ray_address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=self.options.parallel * self.options.cpus_per_trial,
+                         num_gpus=int(self.options.parallel * self.options.gpus_per_trial + 0.999),
+                         include_dashboard=False, log_to_driver=False)
+            self._started = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._started:
+            _ray().shutdown()
+
+    def run(self, specs: list[TrialSpec]) -> dict[int, TrialOutcome]:
+        """Every spec's outcome, by trial number; a task Ray could not finish is a failed outcome."""
+        ray = _ray()
+        task = ray.remote(run_trial).options(
+            num_cpus=self.options.cpus_per_trial, num_gpus=self.options.gpus_per_trial,
+            memory=self.options.memory_per_trial, max_retries=0)
+        pending = {task.remote(spec): spec.number for spec in specs}
+        outcomes: dict[int, TrialOutcome] = {}
+        for ref, number in pending.items():
+            try:
+                outcomes[number] = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # worker crashed, killed for memory, task cancelled
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                outcomes[number] = TrialOutcome(number, "failed", reason=f"{type(exc).__name__}: {first}"[:500])
+        return outcomes

@@ -1,0 +1,188 @@
+"""search.md / search.html: the trials, the best recipe's dev vs held-out gate, what its rollout costs to serve,
+and — when no recipe keeps every cohort — the trade-off that says which cohort to route instead of merge.
+Also writes best.yaml (the winning recipe as plain mergekit YAML) and rollout.yaml (its held-out gate's plan)."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..evaluate import Suite
+from ..gate import Policy
+from ..report import _img, _matplotlib_pyplot, _md_table, _png, html_page
+from ..rollout import RolloutPlan
+from .space import Space
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def portable_recipe(recipe_yaml: str, recipe_folder: Path | None, out: Path) -> str:
+    """The recipe with each model path relative to `out` (mergekit and `mergegate merge` read it from there);
+    `model+adapter` keeps mergekit's spelling."""
+    data = yaml.safe_load(recipe_yaml)
+
+    def moved(text: str) -> str:
+        parts = []
+        for piece in text.split("+"):
+            path = Path(piece)
+            if not path.is_absolute() and recipe_folder is not None:
+                path = recipe_folder / path
+            parts.append(os.path.relpath(path.resolve(), out.resolve()) if path.exists() else piece)
+        return "+".join(parts)
+
+    if isinstance(data.get("base_model"), str):
+        data["base_model"] = moved(data["base_model"])
+    for entry in data.get("models") or []:
+        entry["model"] = moved(entry["model"])
+    for piece in data.get("slices") or []:
+        if isinstance(piece.get("base_model"), str):
+            piece["base_model"] = moved(piece["base_model"])
+        for source in piece.get("sources") or []:
+            source["model"] = moved(source["model"])
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def serving_cost(plan: RolloutPlan) -> tuple[int, list[str]]:
+    """How many models the plan's routes send traffic to first (what must be served), and their names."""
+    served = sorted({route.model for route in [*plan.routes.values(), plan.default]})
+    return len(served), served
+
+
+def _method(record: Any) -> str:
+    try:
+        return str(yaml.safe_load(record.recipe_yaml).get("merge_method", "?"))
+    except (yaml.YAMLError, AttributeError):
+        return "?"
+
+
+def _pictures(trials: list, best: list, held: list, cohorts: list[str]) -> dict[str, bytes]:
+    plt = _matplotlib_pyplot()
+    complete = [t for t in trials if t.status == "complete"]
+    if plt is None or not complete:
+        return {}
+    pictures = {}
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    xs = [t.number for t in complete]
+    ax.scatter(xs, [t.worst_retention for t in complete], s=18, label="trial")
+    running, best_so_far = [], None
+    for t in complete:
+        best_so_far = t if best_so_far is None or t.rank > best_so_far.rank else best_so_far
+        running.append(best_so_far.worst_retention)
+    ax.step(xs, running, where="post", color="tab:green", label="best so far (by cohorts promoted, then worst)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("worst cohort's retention (dev)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    pictures["trials.png"] = _png(fig, plt)
+    if best:
+        fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+        width = 0.4
+        positions = range(len(cohorts))
+        ax.bar([p - width / 2 for p in positions], [best[0].retention.get(c, 0.0) for c in cohorts], width,
+               label=f"dev (trial {best[0].number})")
+        if held:
+            ax.bar([p + width / 2 for p in positions], [held[0].release.gate.decision(c).retention for c in cohorts],
+                   width, label="held-out")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(list(positions), cohorts, rotation=15, fontsize=8)
+        ax.set_ylabel("retention vs best source")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        pictures["best.png"] = _png(fig, plt)
+        pair = sorted(cohorts, key=lambda c: best[0].retention.get(c, 0.0))[:2]
+        if len(pair) == 2:
+            a, b = pair
+            points = [(t.retention.get(a, 0.0), t.retention.get(b, 0.0), t.number) for t in complete]
+            front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points)]
+            fig, ax = plt.subplots(figsize=(4.6, 4.0), dpi=110)
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=16, color="tab:blue", label="trial")
+            front.sort()
+            ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="tab:red", label="Pareto front")
+            ax.set_xlabel(f"{a} retention (dev)")
+            ax.set_ylabel(f"{b} retention (dev)")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            pictures["pareto.png"] = _png(fig, plt)
+    return pictures
+
+
+def write_search_reports(out: Path, space: Space, trials: list, best: list, held: list, dev: Suite,
+                         held_out: Suite, policy: Policy, options: Any) -> dict[str, Path]:
+    cohorts = dev.cohorts
+    written: dict[str, Path] = {}
+    if best:
+        written["best"] = out / "best.yaml"
+        written["best"].write_text(
+            f"# mergegate search: trial {best[0].number}, the best of {len(trials)} on the dev rows "
+            f"({best[0].promoted} of {len(cohorts)} cohorts promoted, worst retention {_fmt(best[0].worst_retention)})."
+            "\n# Plain mergekit YAML: `mergegate merge best.yaml OUT` or `mergekit-yaml best.yaml OUT`.\n"
+            + portable_recipe(best[0].recipe_yaml, space.folder, out))
+    if held:
+        written["rollout"] = held[0].release.plan.save(out / "rollout.yaml")
+    counts = {s: sum(t.status == s for t in trials) for s in ("complete", "pruned", "failed")}
+    lines = [f"# merge search: {len(trials)} trials", "",
+             f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed; objective "
+             f"`{options.objective}`, seed {options.seed}. Trials saw only the dev rows ({dev.path}, {len(dev.rows)} "
+             f"rows); the best {len(held)} were then gated on the held-out rows ({held_out.path}, "
+             f"{len(held_out.rows)} rows).", ""]
+    summary = ""
+    if held:
+        top, release = best[0], held[0].release
+        n_served, served = serving_cost(release.plan)
+        n_sources = len({d.best_source for d in release.gate.decisions})  # without the merge: each on its best
+        promoted_held = held[0].promoted
+        summary = (f"Best recipe: trial {top.number} ({_method(top)}): dev {top.promoted}/{len(cohorts)} cohorts "
+                   f"promoted, worst retention {_fmt(top.worst_retention)}; held-out {promoted_held}/{len(cohorts)} "
+                   f"promoted, worst retention {_fmt(held[0].worst_retention)}. Serving cost of its rollout plan: "
+                   f"{n_served} model(s) take traffic ({', '.join(served)}) instead of {n_sources} (each promoted "
+                   "cohort is a source model the team no longer has to serve; without the merge each cohort runs on its best "
+                   "source).")
+        never = [c for c in cohorts if not any(t.decisions.get(c) == "promote" for t in trials)]
+        if never:
+            summary += (f" No trial kept {', '.join(never)}: across this space, merging it costs the other cohorts "
+                        "(see the Pareto front) — route that cohort to its source model instead of merging it.")
+        lines += [summary, "", "## Dev vs held-out, per cohort (best recipe)", ""]
+        rows = [[c, f"{top.decisions.get(c, '-')} {_fmt(top.retention.get(c))}",
+                 f"{release.gate.decision(c).decision} {_fmt(release.gate.decision(c).retention)}",
+                 _fmt(release.gate.decision(c).retention - top.retention.get(c, 0.0))] for c in cohorts]
+        lines += _md_table(["cohort", "dev: decision, retention", "held-out: decision, retention", "gap"], rows)
+        lines += ["", "## The kept trials on the held-out rows", ""]
+        lines += _md_table(["trial", "method", "dev promoted", "dev worst", "held-out promoted", "held-out worst",
+                            "report"],
+                           [[str(h.trial.number), _method(h.trial), str(h.trial.promoted), _fmt(h.trial.worst_retention),
+                             str(h.promoted), _fmt(h.worst_retention),
+                             str(h.release.reports["md"].relative_to(out))] for h in held])
+    lines += ["", "## Trials", ""]
+    trial_rows = [[str(t.number), t.status, _method(t), "-" if t.promoted is None else str(t.promoted),
+                   _fmt(t.worst_retention), _fmt(t.mean_score), *(_fmt(t.retention.get(c)) for c in cohorts),
+                   (t.reason or "")[:160]] for t in trials]
+    header = ["trial", "status", "method", "promoted", "worst", "mean", *cohorts, "reason"]
+    lines += _md_table(header, trial_rows)
+    lines += ["", "Why not the mean: a recipe that gains on one cohort and silently loses another can have the best "
+              "mean score; ranking by cohorts promoted (the gate's interval rule) and then by the worst cohort's "
+              "retention only rewards recipes that keep every cohort."]
+    pictures = _pictures(trials, best, held, cohorts)
+    for name, png in pictures.items():
+        (out / name).write_bytes(png)
+        lines += ["", f"![{name}]({name})"]
+    written["md"] = out / "search.md"
+    written["md"].write_text("\n".join(lines) + "\n")
+    body = [f"<h1>merge search: {len(trials)} trials</h1>", f"<p>{html.escape(' '.join(lines[2:3]))}</p>"]
+    if summary:
+        body.append(f'<p class="lead">{html.escape(summary)}</p>')
+    for name, alt in (("best.png", "per-cohort retention of the best recipe, dev vs held-out"),
+                      ("trials.png", "worst cohort's retention per trial"), ("pareto.png", "Pareto front")):
+        if name in pictures:
+            body.append(_img(pictures[name], alt))
+    body.append("<h2>Trials</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in trial_rows)
+                + "</table>")
+    written["html"] = out / "search.html"
+    written["html"].write_text(html_page(f"merge search: {len(trials)} trials", "\n".join(body)))
+    return written

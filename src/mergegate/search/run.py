@@ -1,0 +1,416 @@
+"""The merge search: Optuna draws recipes from a space, Ray runs the trials, the gate scores them.
+
+A trial is scored on the dev suite exactly as the gate would score its release (`gate.decide` against the base
+and every source, evaluated once and cached in the registry): by default first by how many cohorts it would
+promote, then by the worst cohort's retention (`pipeline.release_rank`) — never by a mean, which can buy one
+cohort's gain with another's silent loss. `objective="mean"` (mergekit-evolve's objective: the mean score) is
+there to compare against; `objective="pareto"` searches the front of per-cohort retentions (NSGA-II).
+
+Determinism and resume: trials run in rounds of `parallel`; each draw reseeds the sampler from (seed, how many
+trials were finished before it), and a round's results are told in trial order, so the same seed draws the same
+recipes whatever the timing. The study lives in OUT/study.sqlite: a search killed at any point and started again
+with the same arguments re-runs the trials that were in flight (same recipes) and goes on; a finished one is
+read back. Trials that fail (a refused recipe, a crash, out of memory) are recorded with their reason.
+
+After the trials, the best `keep` (by the dev rank) are released through the normal gate on the held-out suite:
+the report shows dev and held-out side by side, and the gap is the search's overfitting to its dev rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import SearchError
+from ..evaluate import ModelRun, Suite, evaluate_models, load_suite
+from ..evaluate.endpoint import EndpointSettings
+from ..evaluate.runner import check_endpoint, check_settings, config_hash, resolve_device
+from ..gate import GateResult, Policy, decide, load_policy
+from ..model_ref import ModelRef
+from ..pipeline import ReleaseResult, gate_release, release_models, release_rank
+from ..registry import Registry, RowResult
+from .space import Space, load_space
+from .trial import TrialOutcome, TrialSpec, policy_for
+
+Objective = Literal["gate", "mean", "pareto"]
+SamplerKind = Literal["tpe", "cmaes", "random", "nsga2"]
+STUDY_NAME = "mergegate-search"
+STARTUP_TRIALS = 6  # TPE draws at random until this many trials are in (fixed: a resumed study draws alike)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a search runs. Only `seed`, `sampler`, `objective`, `prune` and the evaluation settings can change
+    which recipes are drawn or how they rank; `parallel`, the per-trial resources and the Ray address never do."""
+
+    trials: int = 20
+    parallel: int = 1  # trials in flight (one round); results are told in trial order
+    seed: int = 0
+    sampler: SamplerKind | None = None  # None: TPE, or NSGA-II for the pareto objective
+    objective: Objective = "gate"
+    keep: int = 3  # the best trials' folders kept and released on the held-out suite
+    prune: bool = True  # stop a trial once it cannot rank first (gate objective only; see search.trial)
+    ray_address: str | None = None  # None: a local Ray bounded to parallel × cpus_per_trial cores
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    memory_per_trial: int | None = None  # bytes Ray reserves for a trial's merge and evaluation
+    batch_size: int = 32
+    max_new_tokens: int = 64
+    device: str | None = None
+    serve_candidate: str | None = None  # launch template: each trial's candidate evaluated through a server
+    serve_timeout: float = 600.0
+    endpoint: EndpointSettings | None = None
+    progress: bool | None = None
+
+    def problems(self) -> list[str]:
+        found = []
+        for name, low in (("trials", 1), ("parallel", 1), ("keep", 1), ("cpus_per_trial", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                found.append(f"{name} must be a whole number >= {low}, got {value!r}")
+        if self.objective not in ("gate", "mean", "pareto"):
+            found.append(f"objective must be gate, mean or pareto, got {self.objective!r}")
+        if self.sampler not in (None, "tpe", "cmaes", "random", "nsga2"):
+            found.append(f"sampler must be tpe, cmaes, random or nsga2, got {self.sampler!r}")
+        if self.sampler == "nsga2" and self.objective != "pareto":
+            found.append("the nsga2 sampler searches the pareto objective (several values), not a single one")
+        if self.sampler == "cmaes" and self.objective == "pareto":
+            found.append("the cmaes sampler optimises one value; use nsga2 (the default) for the pareto objective")
+        if not (isinstance(self.gpus_per_trial, (int, float)) and self.gpus_per_trial >= 0):
+            found.append(f"gpus_per_trial must be >= 0, got {self.gpus_per_trial!r}")
+        return found
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the study holds it."""
+
+    number: int
+    status: str  # complete, pruned, failed
+    params: dict[str, Any]
+    recipe_yaml: str
+    reason: str | None = None
+    promoted: int | None = None
+    worst_retention: float | None = None
+    mean_score: float | None = None
+    retention: dict[str, float] = field(default_factory=dict)  # per cohort, on the dev rows
+    decisions: dict[str, str] = field(default_factory=dict)
+    folder: Path | None = None  # kept for the best trials only
+    merge_s: float = 0.0
+    evaluate_s: float = 0.0
+
+    @property
+    def rank(self) -> tuple[int, float]:
+        return (self.promoted or 0, self.worst_retention if self.worst_retention is not None else -math.inf)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    trial: TrialRecord
+    release: ReleaseResult
+
+    @property
+    def promoted(self) -> int:
+        return release_rank(self.release.gate)[0]
+
+    @property
+    def worst_retention(self) -> float:
+        return release_rank(self.release.gate)[1]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    out: Path
+    space: Space
+    trials: list[TrialRecord]  # in trial order, interrupted re-runs left out
+    best: list[TrialRecord]  # the kept trials, best first by the dev rank
+    held_out: list[HeldOut]  # the kept trials' gated releases on the held-out suite, same order
+    dev_runs: dict[str, ModelRun]  # the base and sources on the dev rows
+    reports: dict[str, Path]
+
+
+def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: Suite | str | Path,
+           policy: Policy | dict | str | Path | None, out: str | Path,
+           options: SearchOptions | None = None, **overrides: Any) -> SearchResult:
+    """Search the space for the recipe whose release the policy likes best; release the best `keep` on
+    `held_out`. Writes OUT/study.sqlite (the resumable study), OUT/registry.sqlite, OUT/trials/ (the kept
+    folders), OUT/held-out/trial-N/ (each kept trial's gated release), OUT/best.yaml (the winning recipe as plain
+    mergekit YAML), OUT/rollout.yaml and OUT/search.md, OUT/search.html. Keyword `overrides` replace fields of
+    `options` (`search(..., trials=8, parallel=2)`)."""
+    options = replace(options or SearchOptions(), **overrides)
+    problems = options.problems()
+    if problems:
+        raise SearchError("search: " + "; ".join(problems))
+    check_settings(batch_size=options.batch_size, max_new_tokens=options.max_new_tokens)
+    if options.endpoint is not None:
+        check_endpoint(options.endpoint)
+    out = Path(out)
+    space = space if isinstance(space, Space) else load_space(space)
+    dev = dev if isinstance(dev, Suite) else load_suite(dev)
+    held_out = held_out if isinstance(held_out, Suite) else load_suite(held_out)
+    _check_disjoint(dev, held_out)
+    policy = load_policy(policy)
+    policy.check_cohorts(dev.cohorts)
+    policy.check_cohorts(held_out.cohorts)
+    device = resolve_device(options.device)
+    models = release_models(space.fixed_point(), out / "trials" / "candidate", "candidate")
+    base = next(ref for ref, role in models if role == "base")
+    sources = [ref for ref, role in models if role == "source"]
+    names = {base.name, *(s.name for s in sources)}
+    for taken in ("candidate",):
+        if taken in names:
+            raise SearchError(f"search: a source model is named '{taken}', the name trials are evaluated under")
+
+    out.mkdir(parents=True, exist_ok=True)
+    registry = Registry(out / "registry.sqlite")
+    dev_runs = evaluate_models([(base, "base"), *((s, "source") for s in sources)], dev, registry,
+                               batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+                               progress=options.progress, device=device, endpoint=options.endpoint)
+    source_results = {name: run.results for name, run in dev_runs.items()}
+    study = _open_study(out, space, dev, policy, options)
+    _run_trials(study, space, dev, policy, registry, base, sources, source_results, out, options, device)
+    trials = _records(study, out)
+    best = _best(trials, options)
+    _prune_folders(trials, best)
+    held = [HeldOut(record, gate_release(ModelRef(f"trial-{record.number}", record.folder), base, sources, held_out,
+                                         policy, out / "held-out" / f"trial-{record.number}", registry=registry,
+                                         batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+                                         progress=options.progress, device=device, endpoint=options.endpoint,
+                                         title=f"held-out gate: trial {record.number}"))
+            for record in best if record.folder is not None]
+    from .report import write_search_reports
+
+    reports = write_search_reports(out, space, trials, best, held, dev, held_out, policy, options)
+    registry.close()
+    return SearchResult(out, space, trials, best, held, dev_runs, reports)
+
+
+def _check_disjoint(dev: Suite, held_out: Suite) -> None:
+    """A dev row that is also a held-out row makes the held-out check a second look at the dev rows."""
+    shared_ids = {r.id for r in dev.rows} & {r.id for r in held_out.rows}
+    shared_prompts = {r.asked for r in dev.rows} & {r.asked for r in held_out.rows}
+    if shared_ids or shared_prompts:
+        shown = sorted(shared_ids)[:3] or [repr(p[:40]) for p in sorted(shared_prompts)[:3]]
+        raise SearchError(f"search: the dev suite {dev.path} and the held-out suite {held_out.path} share "
+                          f"{len(shared_ids)} row id(s) and {len(shared_prompts)} prompt(s) (e.g. {', '.join(shown)}); "
+                          "the held-out rows must be unseen by the search")
+
+
+# -- the study ----------------------------------------------------------------------------------------------------
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _sampler(options: SearchOptions, seed: int):
+    optuna = _optuna()
+    kind = options.sampler or ("nsga2" if options.objective == "pareto" else "tpe")
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "cmaes":  # CMA-ES over the numbers; categorical values (the method) drawn independently
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, options.parallel))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS)
+
+
+def _identity(space: Space, dev: Suite, policy: Policy, options: SearchOptions) -> dict[str, Any]:
+    """What a resumed study must share with the one it resumes: otherwise its trials are another search's."""
+    return {"space": space.sha256, "dev_suite": dev.sha256, "policy": policy.sha256, "seed": options.seed,
+            "sampler": options.sampler or "", "objective": options.objective, "prune": options.prune,
+            "max_new_tokens": options.max_new_tokens}
+
+
+def _open_study(out: Path, space: Space, dev: Suite, policy: Policy, options: SearchOptions):
+    optuna = _optuna()
+    storage = f"sqlite:///{(out / 'study.sqlite').absolute()}"
+    directions = ["maximize"] * (len(dev.cohorts) if options.objective == "pareto" else 1)
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, load_if_exists=True,
+                                directions=directions, sampler=_sampler(options, options.seed))
+    identity = _identity(space, dev, policy, options)
+    recorded = study.user_attrs.get("identity")
+    if recorded is None:
+        study.set_user_attr("identity", identity)
+        study.set_user_attr("cohorts", dev.cohorts)
+    elif recorded != identity:
+        changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+        raise SearchError(f"search: {out} holds a search with another {', '.join(changed)}; resume it with the same "
+                          "inputs, or give a new --out")
+    return study
+
+
+def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Registry, base: ModelRef,
+                sources: list[ModelRef], source_results: dict[str, list[RowResult]], out: Path,
+                options: SearchOptions, device: str) -> None:
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    # Trials left running by a killed search: marked failed (interrupted) and drawn again, same recipe.
+    for stale in study.get_trials(deepcopy=False, states=(states.RUNNING, states.WAITING)):
+        if stale.state == states.RUNNING:
+            study.enqueue_trial(stale.params, user_attrs={"rerun_of": stale.number}, skip_if_exists=False)
+            study.tell(stale.number, state=states.FAIL)
+    finished = _finished(study)
+    if finished >= options.trials:
+        return
+    from ..progress import Progress
+    from .ray_tasks import TrialRunner
+
+    with TrialRunner(options) as runner, Progress(options.progress) as bar:
+        advance = bar.task("searching", options.trials, completed=finished, unit="trials")
+        while finished < options.trials:
+            round_specs: list[TrialSpec | None] = []
+            asked = []
+            for slot in range(min(options.parallel, options.trials - finished)):
+                study.sampler = _sampler(options, options.seed * 1_000_003 + finished + slot)
+                trial = study.ask()
+                asked.append(trial)
+                try:
+                    recipe = space.point(trial)
+                except Exception as exc:  # noqa: BLE001 — a point that is no recipe is a failed trial, recorded
+                    trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}")
+                    round_specs.append(None)
+                    continue
+                trial.set_user_attr("recipe", recipe.to_yaml())
+                round_specs.append(TrialSpec(
+                    number=trial.number, recipe_yaml=recipe.to_yaml(),
+                    recipe_folder=str(space.folder) if space.folder else None,
+                    folder=str((out / "trials" / f"trial-{trial.number:04d}").absolute()),
+                    dev_suite=dev, candidate="candidate", base=base.name,
+                    sources=tuple(s.name for s in sources), source_results=source_results, policy=policy,
+                    seed=options.seed, threads=options.cpus_per_trial, batch_size=options.batch_size,
+                    max_new_tokens=options.max_new_tokens, device=device,
+                    stop_below=_stop_below(study, options), serve_candidate=options.serve_candidate,
+                    serve_timeout=options.serve_timeout, endpoint=options.endpoint))
+            outcomes = runner.run([spec for spec in round_specs if spec is not None])
+            for trial, spec in zip(asked, round_specs):  # told in trial order: the next draw sees the same history
+                if spec is None:
+                    study.tell(trial, state=states.FAIL)
+                else:
+                    _tell(study, trial, outcomes[spec.number], dev, policy, registry, base, sources, source_results,
+                          Path(spec.folder), options)
+                finished += 1
+                advance(1)
+
+
+def _interrupted(study) -> set[int]:
+    """Trials a killed search left running: each was drawn again (`rerun_of`) and counts only as its re-run."""
+    return {t.user_attrs["rerun_of"] for t in study.get_trials(deepcopy=False) if "rerun_of" in t.user_attrs}
+
+
+def _finished(study) -> int:
+    """Trials that count towards the budget: every finished one except those interrupted (drawn again)."""
+    interrupted = _interrupted(study)
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in interrupted)
+
+
+def _stop_below(study, options: SearchOptions) -> int | None:
+    """The best complete trial's promoted count: a trial that cannot reach it is pruned (gate objective only)."""
+    if not options.prune or options.objective != "gate":
+        return None
+    counts = [t.user_attrs.get("promoted") for t in study.get_trials(deepcopy=False)
+              if t.state.name == "COMPLETE" and t.user_attrs.get("promoted") is not None]
+    return max(counts) if counts else None
+
+
+def objective_values(gate: GateResult, objective: Objective, cohorts: list[str]) -> list[float]:
+    """The value(s) Optuna maximises for a trial's gate result.
+
+    gate: promoted + 0.999 × worst retention clipped to [0, 1] — the lexicographic order of
+    `release_rank` as one number (a retention above 1 keeps its cohort fully, as 1 does). mean: the mean of the
+    cohorts' candidate means (what an evolutionary merge maximises). pareto: each cohort's retention."""
+    if objective == "pareto":
+        return [gate.decision(c).retention for c in cohorts]
+    if objective == "mean":
+        return [sum(d.candidate_mean for d in gate.decisions) / len(gate.decisions)]
+    promoted, worst = release_rank(gate)
+    return [promoted + 0.999 * min(max(worst, 0.0), 1.0)]
+
+
+def _tell(study, trial, outcome: TrialOutcome, dev: Suite, policy: Policy, registry: Registry, base: ModelRef,
+          sources: list[ModelRef], source_results: dict[str, list[RowResult]], folder: Path,
+          options: SearchOptions) -> None:
+    optuna = _optuna()
+    trial.set_user_attr("merge_s", round(outcome.merge_s, 3))
+    trial.set_user_attr("evaluate_s", round(outcome.evaluate_s, 3))
+    if outcome.status == "failed":
+        trial.set_user_attr("failure", outcome.reason)
+        shutil.rmtree(folder, ignore_errors=True)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    evaluated = list(dict.fromkeys(r.cohort for r in outcome.results))  # a pruned trial's are some cohorts
+    gate = decide({"candidate": outcome.results, **source_results}, candidate="candidate", base=base.name,
+                  sources=[s.name for s in sources], policy=policy_for(policy, evaluated))
+    trial.set_user_attr("retention", {d.cohort: d.retention for d in gate.decisions})
+    trial.set_user_attr("decisions", {d.cohort: d.decision for d in gate.decisions})
+    if outcome.status == "pruned":
+        trial.set_user_attr("pruned", outcome.reason)
+        shutil.rmtree(folder, ignore_errors=True)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return
+    assert outcome.model_hash is not None and outcome.config is not None
+    model_hash = registry.register_model(f"trial-{trial.number}", folder, role="candidate",
+                                         model_hash=outcome.model_hash)
+    run_id = registry.open_run(model_hash, dev.sha256, config_hash(outcome.config), outcome.config)
+    registry.add_results(run_id, outcome.results)
+    registry.finish_run(run_id, [row.id for row in dev.rows])
+    promoted, worst = release_rank(gate)
+    trial.set_user_attr("promoted", promoted)
+    trial.set_user_attr("worst_retention", worst)
+    trial.set_user_attr("mean_score", sum(d.candidate_mean for d in gate.decisions) / len(gate.decisions))
+    trial.set_user_attr("folder", str(folder))
+    study.tell(trial, objective_values(gate, options.objective, dev.cohorts))
+    records = _records(study, folder.parent.parent)
+    _prune_folders(records, _best(records, options))
+
+
+# -- reading the study back ---------------------------------------------------------------------------------------
+
+def _records(study, out: Path) -> list[TrialRecord]:
+    records = []
+    interrupted = _interrupted(study)
+    for t in study.get_trials(deepcopy=False):
+        if t.number in interrupted or not t.state.is_finished():
+            continue
+        status = {"COMPLETE": "complete", "PRUNED": "pruned"}.get(t.state.name, "failed")
+        folder = t.user_attrs.get("folder")
+        records.append(TrialRecord(
+            t.number, status, dict(t.params), t.user_attrs.get("recipe", ""),
+            reason=t.user_attrs.get("failure") or t.user_attrs.get("pruned"),
+            promoted=t.user_attrs.get("promoted"), worst_retention=t.user_attrs.get("worst_retention"),
+            mean_score=t.user_attrs.get("mean_score"), retention=t.user_attrs.get("retention", {}),
+            decisions=t.user_attrs.get("decisions", {}),
+            folder=Path(folder) if folder and Path(folder).is_dir() else None,
+            merge_s=t.user_attrs.get("merge_s", 0.0), evaluate_s=t.user_attrs.get("evaluate_s", 0.0)))
+    return records
+
+
+def _best(trials: list[TrialRecord], options: SearchOptions) -> list[TrialRecord]:
+    """The `keep` best complete trials: by the objective's own order (rank for gate, the mean for mean; for pareto
+    the rank too, the front is in the report), earlier trials first on ties."""
+    complete = [t for t in trials if t.status == "complete"]
+    def key(t: TrialRecord) -> tuple[float, float, int]:
+        if options.objective == "mean":
+            return (-(t.mean_score or 0.0), 0.0, t.number)
+        return (-t.rank[0], -t.rank[1], t.number)
+
+    return sorted(complete, key=key)[:options.keep]
+
+
+def _prune_folders(trials: list[TrialRecord], best: list[TrialRecord]) -> None:
+    """Keep only the best trials' merged folders: the other scored trials' bytes are not needed. (Trials of the
+    round still being told are not among `trials` yet, so their folders stay.)"""
+    keep = {t.number for t in best}
+    for record in trials:
+        if record.folder is not None and record.number not in keep:
+            shutil.rmtree(record.folder, ignore_errors=True)
+
+
+def default_parallel() -> int:
+    return max(1, (os.cpu_count() or 1))

@@ -1,0 +1,307 @@
+"""A search space: a mergekit recipe in which some values are ranges or choices.
+
+Anywhere a recipe holds a value, a mapping with `range` or `choice` makes it a searched value:
+
+- `{range: [LOW, HIGH]}` — a float drawn in [LOW, HIGH] (`log: true` for a log scale, `step: S` for a grid);
+  both ends whole numbers and `int: true` draw an integer;
+- `{choice: [A, B, ...]}` — one of the listed values (the merge method, a dtype, a flag, a number);
+- `groups: N` beside a range — a per-layer gradient: N values drawn independently, written as mergekit's
+  gradient list `[v1, ..., vN]` (interpolated over depth), so each depth group gets its own coefficient.
+
+A recipe without any such mapping is a valid space of one point. Searched method parameters are conditional on
+the method: a point keeps only the parameters its merge method declares (so `density` is drawn only when the
+drawn method has one), and a parameter no method in the space declares is refused when the space is loaded.
+
+Each searched value has a name, its path in the recipe (`merge_method`, `parameters.lambda`,
+`models[1].parameters.weight`, with `[g]` per gradient group): Optuna's parameter names, the report's columns.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .._yaml import parse_yaml, read_yaml_file, require_mapping
+from ..errors import RecipeError, SearchSpaceError
+from ..methods import available_methods, get_method
+from ..recipe import Recipe, load_recipe
+
+_NODE_KEYS = {"range", "choice", "log", "step", "int", "groups"}
+MAX_GROUPS = 16  # more depth groups than this is a typo, not a gradient
+
+
+class Suggest(Protocol):
+    """What a space needs from an optimiser's trial (Optuna's `Trial` has exactly these)."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float: ...
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Searched:
+    """One searched value: where it sits in the recipe and how it is drawn."""
+
+    path: tuple[str | int, ...]  # keys and list indexes from the recipe's root
+    name: str
+    choice: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    integer: bool = False
+    groups: int | None = None  # a gradient: this many values, each drawn on its own
+
+    def draw(self, trial: Suggest) -> Any:
+        if self.choice is not None:
+            return trial.suggest_categorical(self.name, list(self.choice))
+        if self.groups is not None:
+            return [self._one(trial, f"{self.name}[{g}]") for g in range(self.groups)]
+        return self._one(trial, self.name)
+
+    def _one(self, trial: Suggest, name: str) -> float | int:
+        assert self.low is not None and self.high is not None
+        if self.integer:
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+
+@dataclass(frozen=True)
+class Space:
+    """A loaded space: the recipe template, its searched values, and the folder relative paths start from."""
+
+    template: dict[str, Any]
+    searched: tuple[Searched, ...]
+    folder: Path | None
+    sha256: str  # of the template and searched values: a resumed search must search the same space
+    declared: frozenset[str] = frozenset()  # every parameter some method of the space declares
+
+    @property
+    def methods(self) -> list[str]:
+        node = next((s for s in self.searched if s.path == ("merge_method",)), None)
+        return [str(m) for m in node.choice] if node is not None and node.choice else [self.template["merge_method"]]
+
+    def point(self, trial: Suggest) -> Recipe:
+        """Draw one recipe: the method first, then only the parameters that method declares (conditional)."""
+        values: dict[tuple[str | int, ...], Any] = {}
+        method_node = next((s for s in self.searched if s.path == ("merge_method",)), None)
+        if method_node is not None:
+            values[method_node.path] = method_node.draw(trial)
+        method = get_method(str(values.get(("merge_method",), self.template["merge_method"])))
+        known = set(method.param_names())
+        for node in self.searched:
+            if node is method_node:
+                continue
+            if _parameter_name(node.path) not in (None, *known):
+                continue  # this method has no such parameter: not drawn, and dropped below
+            values[node.path] = node.draw(trial)
+        return self.recipe(values, method.name, known)
+
+    def recipe(self, values: dict[tuple[str | int, ...], Any], method: str, known: set[str]) -> Recipe:
+        data = copy.deepcopy(self.template)
+        for path, value in values.items():
+            _set(data, path, value)
+        data["merge_method"] = method
+        # Parameters of the space's other methods are conditional: dropped when this method lacks them. Any other
+        # unknown one stays, so the recipe check names it.
+        _drop_parameters(data, self.declared - known)
+        try:
+            recipe = load_recipe(data)
+        except RecipeError as exc:
+            raise SearchSpaceError(f"search space: a drawn point is not a valid recipe: {exc}") from None
+        recipe._folder = self.folder
+        return recipe
+
+    def fixed_point(self) -> Recipe:
+        """The recipe with every searched value at its first choice or its range's low end (the space's models,
+        method and shape, e.g. to evaluate the sources before any trial)."""
+        return self.point(_FirstValues())
+
+
+class _FirstValues:
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        return low
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        return low
+
+    def suggest_categorical(self, name, choices):
+        return choices[0]
+
+
+def load_space(source: str | Path | dict) -> Space:
+    """Parse a space from a YAML file, YAML text or a mapping; every searched value is checked and every bad one
+    reported at once (SearchSpaceError naming its path). The template, with each searched value at its first
+    point, must be a valid recipe for each method in the space."""
+    folder = None
+    where = "search space"
+    if isinstance(source, dict):
+        data = source
+    elif isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and Path(source).is_file()):
+        path = Path(source)
+        data, folder, where = read_yaml_file(path, str(path), SearchSpaceError), path.resolve().parent, str(path)
+    elif isinstance(source, str):
+        data = parse_yaml(source, where, SearchSpaceError)
+    else:
+        raise SearchSpaceError(f"search space: expected a YAML file, YAML text or a mapping, got "
+                               f"{type(source).__name__}")
+    data = dict(require_mapping(data, where, SearchSpaceError, "recipe keys"))
+    problems: list[str] = []
+    searched: list[Searched] = []
+    template = _collect(data, (), searched, problems)
+    methods = next((list(s.choice or ()) for s in searched if s.path == ("merge_method",)), None)
+    if methods is None and not isinstance(template.get("merge_method"), str):
+        problems.append("merge_method: a method name or {choice: [...]} of method names is required")
+    for name in methods or []:
+        if name not in available_methods():
+            problems.append(f"merge_method: unknown method {name!r} in choice")
+    for node in searched:
+        if node.path != ("merge_method",) and node.path[0] == "merge_method":
+            problems.append(f"{node.name}: only the whole merge_method can be searched")
+        if node.path and node.path[0] in ("models", "slices") and node.path[-1] == "model":
+            problems.append(f"{node.name}: the models are the space's fixed inputs; search their parameters")
+    if problems:
+        raise SearchSpaceError(f"{where}: " + "; ".join(problems))
+    methods = methods or [template["merge_method"]]
+    declared = set().union(*(get_method(name).param_names() for name in methods))
+    unknown = sorted({name for node in searched if (name := _parameter_name(node.path)) and name not in declared})
+    if unknown:
+        raise SearchSpaceError(f"{where}: parameter(s) {', '.join(unknown)} are declared by no method in the space "
+                               f"({', '.join(methods)})")
+    digest = hashlib.sha256(json.dumps([template, [_describe(s) for s in searched]], sort_keys=True,
+                                       default=str).encode()).hexdigest()
+    space = Space(template, tuple(searched), folder, digest, frozenset(declared))
+    for name in methods:  # every method's first point must be a recipe: a typo shows now, not in trial 37
+        first = _FirstValues()
+        values = {node.path: node.draw(first) for node in searched if node.path != ("merge_method",)}
+        try:
+            space.recipe(values, name, set(get_method(name).param_names()))
+        except SearchSpaceError as exc:
+            raise SearchSpaceError(f"{where}: with merge_method {name}: {str(exc).split(': ', 2)[-1]}") from None
+    return space
+
+
+def _describe(node: Searched) -> dict[str, Any]:
+    return {k: v for k, v in node.__dict__.items() if v is not None and k != "name"}
+
+
+def _name(path: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _parameter_name(path: tuple[str | int, ...]) -> str | None:
+    """The method parameter a path sets (`parameters.<name>` anywhere), or None for a recipe field."""
+    keys = [p for p in path if isinstance(p, str)]
+    if "parameters" in keys:
+        after = keys[keys.index("parameters") + 1:]
+        return after[0] if after else None
+    return None
+
+
+def _is_node(value: Any) -> bool:
+    return isinstance(value, dict) and bool(set(value) & {"range", "choice"})
+
+
+def _collect(value: Any, path: tuple[str | int, ...], searched: list[Searched], problems: list[str]) -> Any:
+    """The template (each searched value replaced by None) and the searched values found on the way."""
+    if _is_node(value):
+        node = _node(value, path, problems)
+        if node is not None:
+            searched.append(node)
+        return None
+    if isinstance(value, dict):
+        return {k: _collect(v, (*path, k), searched, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_collect(v, (*path, i), searched, problems) for i, v in enumerate(value)]
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _node(spec: dict, path: tuple[str | int, ...], problems: list[str]) -> Searched | None:
+    name = _name(path)
+    unknown = sorted(set(map(str, spec)) - _NODE_KEYS)
+    if unknown:
+        problems.append(f"{name}: unknown key(s) {', '.join(unknown)} (a searched value has range or choice, "
+                        f"and optionally log, step, int, groups)")
+        return None
+    if "range" in spec and "choice" in spec:
+        problems.append(f"{name}: give range or choice, not both")
+        return None
+    if "choice" in spec:
+        choice = spec["choice"]
+        if not isinstance(choice, list) or not choice:
+            problems.append(f"{name}.choice: a non-empty list is required")
+            return None
+        if any(not isinstance(c, (str, int, float, bool)) or (_number(c) is False and isinstance(c, float))
+               for c in choice):
+            problems.append(f"{name}.choice: each choice must be a finite number, a string or true/false")
+            return None
+        if len(set(map(repr, choice))) != len(choice):
+            problems.append(f"{name}.choice: a value is listed twice")
+            return None
+        if set(spec) - {"choice"}:
+            problems.append(f"{name}: log, step, int and groups apply to a range, not to a choice")
+            return None
+        return Searched(path, name, choice=tuple(choice))
+    bounds = spec["range"]
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(_number(b) for b in bounds)):
+        problems.append(f"{name}.range: [LOW, HIGH] with two finite numbers is required, got {bounds!r}")
+        return None
+    low, high = bounds
+    log, step, integer, groups = spec.get("log", False), spec.get("step"), spec.get("int", False), spec.get("groups")
+    found = len(problems)
+    if not low < high:
+        problems.append(f"{name}.range: LOW must be below HIGH, got {bounds!r}")
+    if not isinstance(log, bool) or not isinstance(integer, bool):
+        problems.append(f"{name}: log and int must be true or false")
+    if log and low <= 0:
+        problems.append(f"{name}.range: a log range needs LOW > 0")
+    if step is not None and (not _number(step) or step <= 0 or (log and step is not None)):
+        problems.append(f"{name}.step: a positive number, not with log")
+    if integer and not all(isinstance(b, int) for b in bounds):
+        problems.append(f"{name}.range: int ranges need whole-number ends")
+    if groups is not None and (not isinstance(groups, int) or isinstance(groups, bool) or not 2 <= groups <= MAX_GROUPS):
+        problems.append(f"{name}.groups: a whole number from 2 to {MAX_GROUPS}")
+    if len(problems) > found:
+        return None
+    return Searched(path, name, low=float(low) if not integer else low, high=float(high) if not integer else high,
+                    log=log, step=step, integer=integer, groups=groups)
+
+
+def _set(data: Any, path: tuple[str | int, ...], value: Any) -> None:
+    for part in path[:-1]:
+        data = data[part]
+    data[path[-1]] = value
+
+
+def _drop_parameters(data: dict, dropped: frozenset[str] | set[str]) -> None:
+    """Remove the `dropped` keys from every `parameters` mapping, wherever parameters sit."""
+    def prune(node: Any) -> None:
+        if isinstance(node, dict):
+            params = node.get("parameters")
+            if isinstance(params, dict):
+                for key in [k for k in params if k in dropped]:
+                    del params[key]
+                if not params:
+                    del node["parameters"]
+            for key, child in node.items():
+                if key != "parameters":
+                    prune(child)
+        elif isinstance(node, list):
+            for child in node:
+                prune(child)
+    prune(data)
