@@ -9,21 +9,70 @@ Spellings (`ModelRef.parse`):
   knows the model by (default: NAME).
 
 A text that exists as a path is a path, even with a `+` or `=` in it (as mergekit reads `+`).
+
+A models file (`load_models_file`) names references as YAML blocks — a folder (`path`, `adapter`) or a server
+(`base_url`, `model`, and that server's own `api_key_env`, `concurrency`, `timeout_s`, `retries`, which override
+the command's `EndpointSettings` for that model alone); `resolve_model_ref` reads a name from such a file, or
+else any spelling above.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import KW_ONLY, dataclass, replace
+from dataclasses import KW_ONLY, dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ModelRefError
 
 Role = Literal["candidate", "base", "source"]  # a model's part in a release; kept beside its ModelRef
 
 _REMOTE_SCHEMES = ("http", "https")
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """How url models are called: requests in flight, seconds per request, retries after the first try, and the
+    environment variable holding an API key (sent as a bearer token). They change how fast answers come, never
+    what they are: no field is part of a cache key."""
+
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    retries: int = 4
+    api_key_env: str | None = None
+    backoff_s: float = 0.5  # the first retry's wait; doubled each time, at most 30 s
+
+    def problems(self) -> list[str]:
+        found = []
+        if not isinstance(self.concurrency, int) or isinstance(self.concurrency, bool) or self.concurrency < 1:
+            found.append(f"endpoint concurrency must be an integer >= 1, got {self.concurrency!r}")
+        if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= 3600:
+            found.append(f"endpoint timeout must be in (0, 3600] seconds, got {self.timeout_s!r}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or not 0 <= self.retries <= 20:
+            found.append(f"endpoint retries must be an integer in [0, 20], got {self.retries!r}")
+        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
+            found.append(f"API key variable {self.api_key_env} is not set")
+        return found
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+@dataclass(frozen=True)
+class EndpointOverrides:
+    """One url model's own endpoint settings (a models file's block): each field given replaces the command's."""
+
+    concurrency: int | None = None
+    timeout_s: float | None = None
+    retries: int | None = None
+    api_key_env: str | None = None
+
+    def apply(self, settings: EndpointSettings) -> EndpointSettings:
+        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(settings, **given)
 
 
 @dataclass(frozen=True)
@@ -36,6 +85,7 @@ class ModelRef:
     adapter: Path | None = None
     url: str | None = None  # an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     served_model: str | None = None  # the name the server knows the model by; None: `name`
+    endpoint: EndpointOverrides | None = None  # this url model's own settings, over the command's
 
     def __post_init__(self) -> None:
         # Paths given as text are normalised here so callers compare and hash one type.
@@ -51,10 +101,16 @@ class ModelRef:
             raise ModelRefError(f"model '{self.name}': an adapter applies to a local folder, not to a url")
         if self.served_model is not None and self.url is None:
             raise ModelRefError(f"model '{self.name}': a served model name applies to a url, not to a local folder")
+        if self.endpoint is not None and self.url is None:
+            raise ModelRefError(f"model '{self.name}': endpoint settings apply to a url, not to a local folder")
 
     @property
     def is_remote(self) -> bool:
         return self.url is not None
+
+    def endpoint_settings(self, command: EndpointSettings) -> EndpointSettings:
+        """The settings this model is called with: the command's, with this model's own overrides on top."""
+        return self.endpoint.apply(command) if self.endpoint is not None else command
 
     @classmethod
     def parse(cls, text: str, *, name: str | None = None) -> ModelRef:
@@ -103,7 +159,7 @@ class ModelRef:
                        adapter=_find(self.adapter, folder) if self.adapter is not None else None)
 
     def __str__(self) -> str:
-        """The spelling `parse` reads back."""
+        """The spelling `parse` reads back (without `endpoint`: only a models file spells those)."""
         if self.url is not None:
             return f"{self.name}={self.url}" + (f"#{self.served_model}" if self.served_model else "")
         return f"{self.name}={self.path}" + (f"+{self.adapter}" if self.adapter is not None else "")
@@ -149,3 +205,100 @@ def _find(path: Path, folder: Path | None) -> Path:
         return path
     beside = Path(folder) / path
     return beside if _is_dir(beside) else path
+
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class ModelBlock(BaseModel):
+    """One entry of a models file (its YAML schema): a local folder, or a server and its own endpoint settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str | None = Field(default=None, min_length=1)
+    adapter: str | None = Field(default=None, min_length=1)
+    base_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    model: str | None = Field(default=None, min_length=1)  # the name the server knows it by (default: the entry's)
+    api_key_env: str | None = Field(default=None, pattern=_ENV_NAME)  # the variable's name, never the key
+    concurrency: int | None = Field(default=None, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0, le=3600)
+    retries: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if (self.path is None) == (self.base_url is None):
+            raise ValueError("needs exactly one of 'path' or 'base_url'")
+        if self.path is not None:
+            remote_only = [name for name in ("model", "api_key_env", "concurrency", "timeout_s", "retries")
+                           if getattr(self, name) is not None]
+            if remote_only:
+                raise ValueError(f"{', '.join(remote_only)} appl{'ies' if len(remote_only) == 1 else 'y'} to a "
+                                 "'base_url', not to a local 'path'")
+        elif self.adapter is not None:
+            raise ValueError("an 'adapter' applies to a local 'path', not to a 'base_url'")
+        return self
+
+    def to_ref(self, name: str, folder: Path | None = None) -> ModelRef:
+        """The entry as a ModelRef; relative paths found as `ModelRef.resolve` finds them (`folder`: the file's)."""
+        if self.base_url is not None:
+            url, served_model = _split_url(self.base_url, self.base_url)
+            overrides = EndpointOverrides(self.concurrency, self.timeout_s, self.retries, self.api_key_env)
+            return ModelRef(name, url=url, served_model=self.model or served_model,
+                            endpoint=None if overrides == EndpointOverrides() else overrides)
+        return ModelRef(name, Path(str(self.path)),
+                        adapter=Path(self.adapter) if self.adapter is not None else None).resolve(folder)
+
+
+def load_models_file(path: str | Path) -> dict[str, ModelRef]:
+    """A models file (`models: {NAME: block}`, `ModelBlock`) as references by name, in the file's order.
+    Every bad entry is reported at once, each naming the entry and its field (ModelRefError, one line per entry)."""
+    from ._yaml import read_yaml_file, require_mapping
+
+    path = Path(path)
+    where = f"models file {path}"
+    data = require_mapping(read_yaml_file(path, where, ModelRefError), where, ModelRefError, "'models'")
+    if set(data) != {"models"}:
+        extra = sorted(map(str, set(data) - {"models"}))
+        raise ModelRefError(f"{where}: " + (f"unknown field(s) {extra}; " if extra else "") +
+                            "expected one field, 'models': a mapping of names to model blocks")
+    entries = require_mapping(data["models"], f"{where}: models", ModelRefError, "names to model blocks")
+    if not entries:
+        raise ModelRefError(f"{where}: models: no models")
+    refs, problems = {}, []
+    for name, block in entries.items():
+        # a name that is not plain printable text is shown quoted, so it cannot break the one-line-per-entry form
+        at = f"models.{name}" if isinstance(name, str) and name.isprintable() and name.strip() == name \
+            else f"models[{name!r}]"
+        if not isinstance(name, str):
+            problems.append(f"{at}: a name must be text, got {type(name).__name__}")
+            continue
+        try:
+            refs[name] = ModelBlock.model_validate(block).to_ref(name, path.parent)
+        except ValidationError as exc:
+            problems.append(f"{at}: {_entry_errors(exc)}")
+        except ModelRefError as exc:
+            problems.append(f"{at}: {str(exc).removeprefix(f'model {name!r}: ')}")
+        except RecursionError:
+            problems.append(f"{at}: nested too deeply")
+    if len(problems) == 1:
+        raise ModelRefError(f"{where}: {problems[0]}")
+    if problems:
+        raise ModelRefError(f"{where}: {len(problems)} bad entries:\n  " + "\n  ".join(problems))
+    return refs
+
+
+def _entry_errors(exc: ValidationError) -> str:
+    from ._yaml import field_path
+
+    parts = []
+    for error in exc.errors():
+        field, message = field_path(error), error["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}" if field else message)
+    return "; ".join(parts)
+
+
+def resolve_model_ref(text: str, named: Mapping[str, ModelRef] | None = None) -> ModelRef:
+    """`text` as a model: an entry of `named` (a models file's, `load_models_file`) when it is one of its names,
+    else any spelling `ModelRef.parse` reads, with its paths resolved. Raises ModelRefError."""
+    if named and isinstance(text, str) and text in named:
+        return named[text]
+    return ModelRef.parse(text).resolve()

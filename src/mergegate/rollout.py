@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._yaml import load_yaml_model
 from .errors import PlanError
-from .model_ref import ModelRef, Role
+from .model_ref import EndpointOverrides, ModelRef, Role
 
 if TYPE_CHECKING:  # annotations only: the gateway reads plans without the gate's or the suite's modules
     from .evaluate.suite import Suite
@@ -34,6 +34,8 @@ class PlanModel(BaseModel):
     adapter: str | None = None
     url: str | None = None  # an OpenAI-compatible upstream, e.g. http://127.0.0.1:8000/v1
     upstream_model: str | None = None  # the name the upstream knows it by (ModelRef.served_model)
+    # the environment variable holding the upstream's API key (the gateway sends it as a bearer token)
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
     @model_validator(mode="after")
     def _one_location(self):
@@ -43,19 +45,25 @@ class PlanModel(BaseModel):
             raise ValueError("an 'adapter' applies to a local 'path', not to a 'url'")
         if self.path is not None and self.upstream_model is not None:
             raise ValueError("'upstream_model' applies to a 'url', not to a local 'path'")
+        if self.path is not None and self.api_key_env is not None:
+            raise ValueError("'api_key_env' applies to a 'url', not to a local 'path'")
         return self
 
     @classmethod
     def from_ref(cls, ref: ModelRef, role: Role) -> PlanModel:
-        """The entry for `ref`; local paths made absolute (`RolloutPlan.save` writes them relative to the plan)."""
+        """The entry for `ref`; local paths made absolute (`RolloutPlan.save` writes them relative to the plan).
+        Of a url model's own endpoint settings only its API key variable is kept: the gateway has its own
+        timeouts and concurrency."""
         return cls(role=role, path=str(ref.path.absolute()) if ref.path is not None else None,
                    adapter=str(ref.adapter.absolute()) if ref.adapter is not None else None,
-                   url=ref.url, upstream_model=ref.served_model)
+                   url=ref.url, upstream_model=ref.served_model,
+                   api_key_env=ref.endpoint.api_key_env if ref.endpoint is not None else None)
 
     def to_ref(self, name: str) -> ModelRef:
         return ModelRef(name, Path(self.path) if self.path is not None else None,
                         adapter=Path(self.adapter) if self.adapter is not None else None,
-                        url=self.url, served_model=self.upstream_model)
+                        url=self.url, served_model=self.upstream_model,
+                        endpoint=EndpointOverrides(api_key_env=self.api_key_env) if self.api_key_env else None)
 
 
 class Route(BaseModel):

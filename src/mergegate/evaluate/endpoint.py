@@ -1,10 +1,13 @@
 """Evaluate a model behind an OpenAI-compatible server (vLLM, TGI, the mergegate gateway): `ModelRef.url`.
 
-Each suite row is one POST to `{url}/completions` with the row's prompt and the generation settings sent
-explicitly (temperature 0, n 1, max_tokens the row's own budget as the in-process runner computes it), at most
+Each suite row is one POST: a prompt row to `{url}/completions` (its `prompt`; the answer `choices[0].text`), a
+chat row to `{url}/chat/completions` (its `messages`; the answer `choices[0].message.content`), with the
+generation settings sent explicitly (temperature 0, n 1, max_tokens the row's own budget as the in-process runner computes it), at most
 `EndpointSettings.concurrency` in flight. Connection errors, timeouts, 5xx and 429 are retried with exponential
 backoff (a 429's or 503's `Retry-After` honoured); any other HTTP error stops the run (EvaluationError).
 A row's latency is its request's wall time (retries included); its token counts are the server's `usage`.
+A model's own settings (`ModelRef.endpoint`, from a models file) replace the command's for that model; settings
+change speed only, so none of them is in the cache key.
 
 The model's identity (its hash in the registry, part of the cache key) is what `GET {url}/models` reports for
 the served model — its id and the stable fields beside it (`root`, `parent`, `owned_by`, `max_model_len`, and
@@ -22,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
 import time
 import warnings
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..errors import EvaluationError
-from ..model_ref import ModelRef
+from ..model_ref import EndpointSettings, ModelRef  # EndpointSettings: importable from here too
 from ..registry import RowResult
 from ._retry import RETRIED_STATUSES, retry_wait
 from .evaluators import Observation, needs_likelihood, score_row
@@ -39,33 +41,6 @@ from .suite import SuiteRow
 ENDPOINT_FORMAT = "1"  # bump with any change to the request sent or to how an answer is read
 _IDENTITY_FIELDS = ("id", "root", "parent", "owned_by", "max_model_len")
 _FINGERPRINT = re.compile(r"fingerprint|hash|digest|revision|version|sha", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class EndpointSettings:
-    """How url models are called: requests in flight, seconds per request, retries after the first try, and the
-    environment variable holding an API key (sent as a bearer token)."""
-
-    concurrency: int = 8
-    timeout_s: float = 60.0
-    retries: int = 4
-    api_key_env: str | None = None
-    backoff_s: float = 0.5  # the first retry's wait; doubled each time, at most 30 s
-
-    def problems(self) -> list[str]:
-        found = []
-        if not isinstance(self.concurrency, int) or isinstance(self.concurrency, bool) or self.concurrency < 1:
-            found.append(f"endpoint concurrency must be an integer >= 1, got {self.concurrency!r}")
-        if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= 3600:
-            found.append(f"endpoint timeout must be in (0, 3600] seconds, got {self.timeout_s!r}")
-        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or not 0 <= self.retries <= 20:
-            found.append(f"endpoint retries must be an integer in [0, 20], got {self.retries!r}")
-        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
-            found.append(f"API key variable {self.api_key_env} is not set")
-        return found
-
-    def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
 def check_rows(ref: ModelRef, rows: Sequence[SuiteRow]) -> None:
@@ -156,7 +131,8 @@ async def _identity(client, ref: ModelRef, settings: EndpointSettings) -> dict:
 
 
 async def _budget(client, ref: ModelRef, row: SuiteRow, max_new_tokens: int, root: str) -> int | None:
-    """The row's budget from the server's tokenizer; None when the server has no /tokenize."""
+    """The row's budget from the server's tokenizer; None when the server has no /tokenize. Only `expected` is
+    counted, so a chat row's budget is found as a prompt row's."""
     httpx = _httpx()
     try:
         response = await client.post(root + "/tokenize", json={"model": served_name(ref), "prompt": row.expected,
@@ -188,6 +164,8 @@ class Prepared:
 
 def prepare(ref: ModelRef, rows: Sequence[SuiteRow], max_new_tokens: int, settings: EndpointSettings) -> Prepared:
     """The server's identity for the served model and every row's token budget (nothing is generated)."""
+    settings = ref.endpoint_settings(settings)
+
     async def go() -> Prepared:
         async with _client(ref, settings) as client:
             identity = await _identity(client, ref, settings)
@@ -211,7 +189,9 @@ def run_rows(ref: ModelRef, model_hash: str, rows: Sequence[SuiteRow], budgets: 
              settings: EndpointSettings, on_result: Callable[[RowResult], None]) -> None:
     """Send every row (at most `settings.concurrency` at once); `on_result` gets each scored row as it completes,
     in this (the calling) thread. The first row that fails for good stops the run (EvaluationError); rows
-    already handed to `on_result` stay."""
+    already handed to `on_result` stay. `settings` are the command's (the model's own override them)."""
+    settings = ref.endpoint_settings(settings)
+
     async def go() -> None:
         no_usage = False
         async with _client(ref, settings) as client:
@@ -220,20 +200,20 @@ def run_rows(ref: ModelRef, model_hash: str, rows: Sequence[SuiteRow], budgets: 
             async def one(row: SuiteRow):
                 async with gate:
                     started = time.perf_counter()
-                    body = {"model": served_name(ref), "prompt": row.prompt, "max_tokens": budgets[row.id],
-                            "temperature": 0, "n": 1, "stream": False}
-                    response = await _request(client, ref, settings, "POST", "completions", body,
-                                              what=f"row {row.id}")
+                    path, body = _row_request(ref, row, budgets[row.id])
+                    response = await _request(client, ref, settings, "POST", path, body, what=f"row {row.id}")
                     latency_ms = (time.perf_counter() - started) * 1000
                 if response.status_code >= 400:
                     raise _error_text(ref, response, f"row {row.id}")
                 try:
                     data = response.json()
-                    text = data["choices"][0]["text"] or ""
+                    choice = data["choices"][0]
+                    text = (choice["text"] if row.messages is None else choice["message"]["content"]) or ""
                     usage = data.get("usage")
                 except (ValueError, KeyError, IndexError, TypeError):
                     raise EvaluationError(f"model '{ref.name}' ({ref.url}): row {row.id}: the answer is not an "
-                                          "OpenAI completion") from None
+                                          f"OpenAI {'completion' if row.messages is None else 'chat completion'}"
+                                          ) from None
                 return row, str(text), usage if isinstance(usage, dict) else None, latency_ms
 
             tasks = [asyncio.ensure_future(one(row)) for row in rows]
@@ -258,6 +238,15 @@ def run_rows(ref: ModelRef, model_hash: str, rows: Sequence[SuiteRow], budgets: 
                           stacklevel=2)
 
     asyncio.run(go())
+
+
+def _row_request(ref: ModelRef, row: SuiteRow, budget: int) -> tuple[str, dict[str, Any]]:
+    """Where a row is POSTed and its body: a prompt to `completions`, a chat to `chat/completions`, both with
+    the same explicit generation settings."""
+    settings = {"max_tokens": budget, "temperature": 0, "n": 1, "stream": False}
+    if row.messages is None:
+        return "completions", {"model": served_name(ref), "prompt": row.prompt, **settings}
+    return "chat/completions", {"model": served_name(ref), "messages": row.chat(), **settings}
 
 
 def run_config(ref: ModelRef, evaluators: dict, *, max_new_tokens: int, budget_mode: str, runner_format: str) -> dict:

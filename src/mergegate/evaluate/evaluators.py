@@ -32,7 +32,7 @@ class Observation:
     """What the model produced for a row; `mean_nll` is filled by the runner only when `needs_likelihood(row)`."""
 
     output: str  # the completion, without the prompt
-    mean_nll: float | None = None  # mean per-token NLL of row.expected given row.prompt
+    mean_nll: float | None = None  # mean per-token NLL of row.expected given what the row asks
 
 
 @dataclass(frozen=True)
@@ -658,7 +658,7 @@ class LlmJudge:
         except ModuleNotFoundError:
             raise EvaluationError("llm_judge needs httpx: pip install 'mergegate[serve]'") from None
         base_url, model, api_key, timeout, retries = self.settings(row)
-        prompt = JUDGE_PROMPT.format(rubric=row.rubric, prompt=row.prompt, answer=answer)
+        prompt = JUDGE_PROMPT.format(rubric=row.rubric, prompt=row.asked, answer=answer)
         body: dict[str, Any] = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": prompt}],
                                 "response_format": {"type": "json_object"}}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -722,7 +722,7 @@ class Perplexity:
         if nll is None:
             raise ValueError(
                 f"row {row.id!r}: 'perplexity' needs Observation.mean_nll; the runner must compute the mean "
-                "per-token NLL of row.expected given row.prompt for rows where needs_likelihood(row) is true"
+                "per-token NLL of row.expected given what the row asks for rows where needs_likelihood(row) is true"
             )
         if not nll >= 0.0:
             raise ValueError(f"row {row.id!r}: mean_nll must be a number >= 0, got {nll!r}")

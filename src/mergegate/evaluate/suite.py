@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -53,13 +53,23 @@ def _tool_definition(item: Any, where: str) -> tuple[str, dict[str, Any] | None]
     return name, schema
 
 
+class ChatMessage(BaseModel):
+    """One message of a chat row (OpenAI's chat format, text content)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class SuiteRow(BaseModel):
-    """One evaluation case."""
+    """One evaluation case. The model is asked a `prompt` (completed as raw text) or `messages` (a chat, rendered
+    with the model's chat template, or sent to a server's /chat/completions): exactly one of them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str = Field(min_length=1)
     cohort: str = Field(min_length=1)
-    prompt: str
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = Field(default=None, min_length=1)
     expected: str
     evaluators: tuple[str, ...] = Field(min_length=1)
     context: str | None = None
@@ -105,6 +115,8 @@ class SuiteRow(BaseModel):
 
     @model_validator(mode="after")
     def _inputs_for_evaluators(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a row needs exactly one of 'prompt' (text) or 'messages' (a chat)")
         if "json_schema" in self.evaluators and self.schema_ is None:
             raise ValueError("evaluator 'json_schema' needs a 'schema'")
         if self.schema_ is not None:
@@ -133,6 +145,18 @@ class SuiteRow(BaseModel):
                     raise ValueError(f"'expected_arguments' do not fit tool {self.expected.strip()!r}'s parameters: "
                                      f"{error.message}")
         return self
+
+    @property
+    def asked(self) -> str:
+        """What the model is asked, as one text (for judges, classifiers, reports): the prompt, or the chat's
+        messages as "role: content" lines."""
+        if self.prompt is not None:
+            return self.prompt
+        return "\n".join(f"{m.role}: {m.content}" for m in self.messages or ())
+
+    def chat(self) -> list[dict[str, str]] | None:
+        """The messages as OpenAI's plain dicts (for a chat template or a request body); None for a prompt row."""
+        return None if self.messages is None else [{"role": m.role, "content": m.content} for m in self.messages]
 
     @property
     def json_schema(self) -> dict[str, Any] | None:

@@ -52,7 +52,7 @@ class CohortClassifier:
         prompts: dict[str, list[str]] = {}
         for row in suite.rows:
             if cohorts is None or row.cohort in cohorts:
-                prompts.setdefault(row.cohort, []).append(row.prompt)
+                prompts.setdefault(row.cohort, []).append(_routing_text(row))
         return cls(prompts, embed or minilm_embedder(), threshold)
 
     def classify(self, text: str) -> Classification:
@@ -62,3 +62,12 @@ class CohortClassifier:
         score = float(scores[best])
         nearest = self.cohorts[best]
         return Classification(nearest if score >= self.threshold else None, score, nearest)
+
+
+def _routing_text(row) -> str:
+    """What the gateway classifies a request by (`GenRequest.routing_text`), for a suite row: its prompt, or its
+    chat's last user message."""
+    if row.messages is None:
+        return row.prompt
+    users = [m.content for m in row.messages if m.role == "user"]
+    return users[-1] if users else row.messages[-1].content
