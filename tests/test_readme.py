@@ -115,3 +115,18 @@ def test_readme_ties_recipe_merges_as_written(family, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "mergegate.json").is_file()
+
+
+def test_readme_models_file_and_chat_row_are_valid(tmp_path):
+    from mergegate.evaluate import load_suite
+    from mergegate.model_ref import load_models_file
+
+    models = tmp_path / "models.yaml"
+    models.write_text(block_with("yaml", "api_key_env: VLLM_KEY"))
+    refs = load_models_file(models)
+    assert refs["candidate"].served_model == "merged-ties" and refs["candidate"].endpoint.retries == 3
+    assert refs["math"].adapter is not None
+    suite = tmp_path / "chat.jsonl"
+    suite.write_text(block_with("json", '"messages"'))
+    (row,) = load_suite(suite).rows
+    assert row.chat() == [{"role": "user", "content": "json: city=oslo\n"}]

@@ -70,11 +70,19 @@ def merge_command(
                f"in {result.seconds:.1f} s")
 
 
-def _model_ref(value: str):
-    """A NAME=PATH option as a ModelRef (ModelRefError, a MergegateError, names a malformed one)."""
-    from ..model_ref import ModelRef
+def _model_ref(value: str, named: dict | None = None):
+    """A model option as a ModelRef: a name from the --models file, or NAME=PATH and the other spellings
+    (ModelRefError, a MergegateError, names a malformed one)."""
+    from ..model_ref import resolve_model_ref
 
-    return ModelRef.parse(value).resolve()
+    return resolve_model_ref(value, named)
+
+
+def _named_models(models_file: Path | None) -> dict:
+    """The --models file's references by name ({} without one); ModelRefError names every bad entry."""
+    from ..model_ref import load_models_file
+
+    return load_models_file(models_file) if models_file is not None else {}
 
 
 # Options that evaluate, gate and release share: declared once, so their defaults and help cannot drift apart.
@@ -88,6 +96,9 @@ ENDPOINT_RETRIES = typer.Option(4, help="Retries after a url model's failed requ
 API_KEY_ENV = typer.Option(None, help="Environment variable holding the API key sent to url models as a bearer "
                                       "token.")
 CURRENT_PLAN = typer.Option(None, help="rollout.yaml served now: the report says what changes.")
+MODELS_FILE = typer.Option(None, "--models", help="YAML models file (models: {NAME: {path: ...} or {base_url: ..., "
+                                                  "model: ..., api_key_env: ..., concurrency: ...}}): its NAMEs "
+                                                  "can be given wherever a model is.")
 
 
 def _endpoint_settings(concurrency: int, timeout: float, retries: int, api_key_env: str | None):
@@ -102,8 +113,10 @@ def _endpoint_settings(concurrency: int, timeout: float, retries: int, api_key_e
 
 @app.command("evaluate")
 def evaluate_command(
-    models: list[str] = typer.Argument(..., help="Models as NAME=PATH (or PATH; PATH+ADAPTER for a PEFT adapter)."),
+    models: Optional[list[str]] = typer.Argument(None, help="Models as NAME=PATH (or PATH; PATH+ADAPTER for a PEFT "
+                                                            "adapter), or names from --models (default: all of them)."),
     suite: Path = typer.Option(..., help="Eval suite JSONL."),
+    models_file: Optional[Path] = MODELS_FILE,
     registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
     batch_size: int = BATCH_SIZE,
     max_new_tokens: int = MAX_NEW_TOKENS,
@@ -121,7 +134,8 @@ def evaluate_command(
 
     try:
         endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
-        refs = [_model_ref(value) for value in models]
+        named = _named_models(models_file)
+        refs = [_model_ref(value, named) for value in models] if models else list(named.values())
         check_inputs(refs, batch_size=batch_size, max_new_tokens=max_new_tokens,  # before the registry is touched
                      endpoint=endpoint)
         device = resolve_device(device)
@@ -149,6 +163,7 @@ def gate_command(
     candidate: str = typer.Option(..., help="NAME=PATH of the candidate."),
     base: str = typer.Option(..., help="NAME=PATH of the base model."),
     source: list[str] = typer.Option(..., help="NAME=PATH of a source model (repeat)."),
+    models_file: Optional[Path] = MODELS_FILE,
     suite: Path = typer.Option(..., help="Eval suite JSONL."),
     policy: Optional[Path] = typer.Option(None, help="Policy YAML (default rules when omitted)."),
     out: Path = typer.Option(Path("gate-out"), help="Folder for report.md, report.html, rollout.yaml."),
@@ -168,7 +183,9 @@ def gate_command(
 
     try:
         endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
-        result = gate_release(_model_ref(candidate), _model_ref(base), [_model_ref(value) for value in source], suite,
+        named = _named_models(models_file)
+        result = gate_release(_model_ref(candidate, named), _model_ref(base, named),
+                              [_model_ref(value, named) for value in source], suite,
                               policy, out, registry=registry, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               current=current, device=device, endpoint=endpoint)
     except MergegateError as exc:
@@ -199,6 +216,9 @@ def release_command(
                                                    "{port} --served-model-name {name}\" (log: OUT/candidate-server."
                                                    "log; stopped afterwards)."),
     serve_timeout: float = typer.Option(600.0, help="Seconds the candidate's server may take to list its model."),
+    models_file: Optional[Path] = MODELS_FILE,
+    extra_source: list[str] = typer.Option([], help="A source evaluated (not merged) beside the recipe's: NAME=PATH, "
+                                                    "NAME=URL or a name from --models (repeat)."),
 ) -> None:
     """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
     from .. import MergegateError
@@ -208,7 +228,10 @@ def release_command(
     _keep_freed_memory()
     try:
         endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
+        named = _named_models(models_file)
+        extra_sources = [_model_ref(value, named) for value in extra_source]
         result = release(recipe, suite, policy, out, merge_options=MergeOptions(seed=seed), registry=registry,
+                         extra_sources=extra_sources,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, current=current, device=device,
                          endpoint=endpoint, serve_candidate=serve_candidate, serve_timeout=serve_timeout)
     except MergegateError as exc:

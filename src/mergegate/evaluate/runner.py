@@ -41,7 +41,8 @@ from .evaluators import Observation, evaluator_identity, needs_likelihood, score
 from .suite import Suite, SuiteRow
 
 # The runner's prompt format and generation procedure: the raw prompt through the model's own tokenizer
-# (its special tokens, no chat template applied), left padding, fp32 on the CPU (bf16 on CUDA), greedy decoding with
+# (its special tokens, no chat template applied; a chat row's messages through the chat template, whose text
+# holds any BOS itself: `_prompt_ids`), left padding, fp32 on the CPU (bf16 on CUDA), greedy decoding with
 # GENERATION (merged by transformers with the model's generation_config.json, which the model hash covers),
 # each row cut at its own budget min(max_new_tokens, 2 * tokens of `expected` + 8), decoded without special
 # tokens; NLL computed row by row. Bump it with any change to `_run_batch`/`_mean_nll` that can change an answer
@@ -168,6 +169,9 @@ def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens:
         problems.append(f"model name(s) given twice: {', '.join(duplicated)}")
     for ref in models:
         path = ref.path
+        if ref.endpoint is not None:  # its own settings (a models file's block) over the command's
+            own = ref.endpoint_settings(endpoint or EndpointSettings()).problems()
+            problems += [f"model '{ref.name}': {problem}" for problem in own]
         if path is None:
             pass  # a url model: its server is reached when it is evaluated (evaluate.endpoint)
         elif not path.is_dir():
@@ -238,6 +242,8 @@ def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, regis
     for ref, _ in models:
         if ref.is_remote:
             _endpoint.check_rows(ref, suite.rows)
+        else:
+            check_chat_template(ref, suite.rows)
     device = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
@@ -325,7 +331,7 @@ def _in_suite_order(results: list[RowResult], suite: Suite, registry: Registry, 
 
 def _batches(rows: list[SuiteRow], size: int):
     """Similar prompt lengths together (less padding), in a deterministic order."""
-    ordered = sorted(rows, key=lambda r: (len(r.prompt), r.id))
+    ordered = sorted(rows, key=lambda r: (len(r.asked), r.id))
     for start in range(0, len(ordered), size):
         yield ordered[start:start + size]
 
@@ -346,8 +352,9 @@ class _StepClock:
 def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow], max_new_tokens: int):
     from transformers import StoppingCriteriaList
 
+    prompt_ids = [_prompt_ids(tokenizer, row, name) for row in rows]  # refuses a chat without a template first
     started = time.perf_counter()
-    encoded = tokenizer([row.prompt for row in rows], return_tensors="pt", padding=True).to(model.device)
+    encoded = _left_padded(prompt_ids, tokenizer.pad_token_id).to(model.device)
     # A correct answer is about as long as the expected one: twice that, plus slack, bounds a row's generation
     # without cutting an answer that could still be right. Each row is cut at its own budget, so its answer
     # does not depend on which rows share its batch.
@@ -362,7 +369,7 @@ def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow
     for row in rows:
         if needs_likelihood(row):  # timed per row: a row's own likelihood pass is part of its latency
             nll_started = time.perf_counter()
-            nlls[row.id] = _mean_nll(model, tokenizer, row)
+            nlls[row.id] = _mean_nll(model, tokenizer, row, prompt_ids[rows.index(row)])
             nll_ms[row.id] = (time.perf_counter() - nll_started) * 1000
     results = []
     for i, row in enumerate(rows):
@@ -382,9 +389,53 @@ def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow
     return results
 
 
-def _mean_nll(model, tokenizer, row: SuiteRow) -> float:
-    """Mean negative log-likelihood per token of `expected` given `prompt`."""
-    prompt = tokenizer(row.prompt, return_tensors="pt")["input_ids"]
+def _prompt_ids(tokenizer, row: SuiteRow, name: str) -> list[int]:
+    """The tokens a row asks. A prompt: the tokenizer's own encoding, special tokens included (as always). A
+    chat: the chat template's text (`add_generation_prompt`), encoded without special tokens, since a template
+    writes the BOS it wants itself (the demo's does: with them it would be doubled) — as the gateway renders
+    a chat. A chat for a model without a template is refused (EvaluationError), before anything is generated."""
+    if row.messages is None:
+        return tokenizer(row.prompt)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvaluationError(f"model '{name}': row {row.id} is a chat (messages), but the model's tokenizer has "
+                              "no chat template (give the row a 'prompt', or the model a chat_template.jinja)")
+    text = tokenizer.apply_chat_template(row.chat(), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_chat_template(ref: ModelRef, rows: Sequence[SuiteRow]) -> None:
+    """Refuse chat rows for a local model whose tokenizer has no chat template (EvaluationError naming the model
+    and the first such row), reading only the tokenizer, and only when some row is a chat."""
+    chats = [row for row in rows if row.messages is not None]
+    if not chats or ref.path is None or not (ref.path / "config.json").is_file():
+        return  # no chat rows; or a url model, or a folder check_inputs refuses
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise EvaluationError(f"model '{ref.name}' ({ref.path}): its tokenizer cannot be loaded: {exc}") from None
+    _prompt_ids(tokenizer, chats[0], ref.name)
+
+
+def _left_padded(prompt_ids: list[list[int]], pad_token_id: int):
+    """Rows of token ids as one left-padded batch with its attention mask (what the tokenizer's own padding
+    gives, for ids encoded each their own way)."""
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        if ids:
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+    from transformers import BatchEncoding
+
+    return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})  # moves `.to` a device
+
+
+def _mean_nll(model, tokenizer, row: SuiteRow, prompt_ids: list[int]) -> float:
+    """Mean negative log-likelihood per token of `expected` given what the row asks (`_prompt_ids`)."""
+    prompt = torch.tensor([prompt_ids], dtype=torch.long)
     target = tokenizer(row.expected, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([prompt, target], dim=1).to(model.device)
     labels = ids.clone()
