@@ -232,3 +232,27 @@ def test_cli_refuses_a_bad_models_file_with_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["gate", "--candidate", "a", "--base", "a", "--source", "b", "--suite",
                                       str(tmp_path / "s.jsonl"), "--models", str(models)])
     assert result.exit_code == 2 and "models.b: base_url" in result.output
+
+
+def test_release_takes_extra_sources_by_name_and_checks_them_before_merging(tmp_path, monkeypatch):
+    from mergegate.cli.main import app
+
+    monkeypatch.delenv("MG_TEST_NO_SUCH_KEY", raising=False)
+    models = _models_file(tmp_path, {"up": {"base_url": "http://127.0.0.1:9/v1",
+                                            "api_key_env": "MG_TEST_NO_SUCH_KEY"}})
+    recipe = next((DEMO / "recipes").glob("*.yaml"))
+    result = CliRunner().invoke(app, ["release", str(recipe), "--suite", str(DEMO / "suite.jsonl"), "--out",
+                                      str(tmp_path / "out"), "--models", str(models), "--extra-source", "up"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "model 'up': API key variable MG_TEST_NO_SUCH_KEY is not set" in result.output
+    assert not (tmp_path / "out" / "candidate").exists()  # refused before the merge
+
+
+def test_evaluate_without_models_or_a_models_file_is_refused(tmp_path):
+    from mergegate.cli.main import app
+
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(json.dumps({"id": "a", "cohort": "c", "prompt": "p", "expected": "e",
+                                 "evaluators": ["exact_match"]}) + "\n")
+    result = CliRunner().invoke(app, ["evaluate", "--suite", str(suite), "--registry", str(tmp_path / "r.sqlite")])
+    assert result.exit_code == 2 and "no models to evaluate" in result.output
