@@ -65,7 +65,8 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
                  registry: Registry | str | Path | None = None, batch_size: int = 32, max_new_tokens: int = 64,
                  progress: bool | None = None, title: str | None = None,
                  current: RolloutPlan | str | Path | None = None, device: str | None = None,
-                 endpoint: EndpointSettings | None = None, candidate_in_plan: ModelRef | None = None) -> ReleaseResult:
+                 endpoint: EndpointSettings | None = None, candidate_in_plan: ModelRef | None = None,
+                 workers: int | None = None, ray_address: str | None = None) -> ReleaseResult:
     """Evaluate → gate → record → report: the candidate, the base and every source on the same suite rows, a
     decision per cohort recorded in the registry, and report.md, report.html and rollout.yaml written to `out`.
 
@@ -75,7 +76,8 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     evaluated (`evaluate_models`; default: "cuda" when torch sees a GPU, else "cpu"). `endpoint` is how url
     models are called (default EndpointSettings()); given, it is checked even when no model is a url.
     `candidate_in_plan` is the candidate as the rollout plan names it when it differs from the one evaluated (a
-    local folder evaluated through a temporary server); it is the result's `candidate` too."""
+    local folder evaluated through a temporary server); it is the result's `candidate` too. `workers` and
+    `ray_address` run the evaluation as Ray shards (`evaluate_models`)."""
     out = Path(out)
     if current is not None and not isinstance(current, RolloutPlan):
         current = load_plan(current)  # before any evaluation: a wrong path should not cost one
@@ -85,14 +87,15 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     evaluated: list[tuple[ModelRef, Role]] = [(candidate, "candidate"), (base, "base"),
                                               *((source, "source") for source in sources)]
     check_inputs([ref for ref, _ in evaluated], batch_size=batch_size, max_new_tokens=max_new_tokens,
-                 endpoint=endpoint)
+                 endpoint=endpoint, workers=workers, ray_address=ray_address)
     if endpoint is not None:
         check_endpoint(endpoint)
     device = resolve_device(device)  # before the registry: a refused device leaves none behind
     if not isinstance(registry, Registry):
         registry = Registry(out / "registry.sqlite" if registry is None else Path(registry))
     runs = evaluate_models(evaluated, suite, registry, progress=progress, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, device=device, endpoint=endpoint)
+                           max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, workers=workers,
+                           ray_address=ray_address)
     gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate.name, base=base.name,
                   sources=[source.name for source in sources], policy=policy)
     registry.add_decisions(runs[candidate.name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)
@@ -111,7 +114,8 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
             extra_sources: Sequence[ModelRef] = (),
             current: RolloutPlan | str | Path | None = None, device: str | None = None,
             endpoint: EndpointSettings | None = None, serve_candidate: str | None = None,
-            serve_timeout: float = 600.0) -> ReleaseResult:
+            serve_timeout: float = 600.0, workers: int | None = None,
+            ray_address: str | None = None) -> ReleaseResult:
     """Merge → `gate_release`. `extra_sources` are evaluated and may hold cohorts without being merged (e.g. a
     LoRA specialist served as base + adapter). `endpoint` is how url models are called (checked before the merge).
 
@@ -122,7 +126,8 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
     `serve_candidate` is a command template (`vllm serve {path} --port {port} --served-model-name {name}`): the
     merged candidate is then evaluated through that server (`candidate_server.served_candidate`, log in
     OUT/candidate-server.log, ready within `serve_timeout` seconds, stopped afterwards however the evaluation
-    ends); the rollout plan names the candidate's folder."""
+    ends); the rollout plan names the candidate's folder. `workers` and `ray_address` shard the evaluation on Ray
+    (`evaluate_models`; checked before the merge)."""
     out = Path(out)
     recipe = load_recipe(recipe)
     suite = _loaded_suite(suite)
@@ -131,9 +136,11 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
     if current is not None and not isinstance(current, RolloutPlan):
         current = load_plan(current)
     if extra_sources:
-        check_inputs(list(extra_sources), batch_size=batch_size, max_new_tokens=max_new_tokens, endpoint=endpoint)
+        check_inputs(list(extra_sources), batch_size=batch_size, max_new_tokens=max_new_tokens, endpoint=endpoint,
+                     workers=workers, ray_address=ray_address)
     else:
-        check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens, workers=workers,
+                       ray_address=ray_address)
     if endpoint is not None:
         check_endpoint(endpoint)
     device = resolve_device(device)  # before the merge: a device this machine lacks should not cost one
@@ -163,7 +170,8 @@ def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
         return gate_release(evaluated, base, sources, suite, policy, out, registry=registry, batch_size=batch_size,
                             max_new_tokens=max_new_tokens, progress=progress,
                             title=f"mergegate release: {candidate_name}", current=current, device=device,
-                            endpoint=endpoint, candidate_in_plan=local_candidate)
+                            endpoint=endpoint, candidate_in_plan=local_candidate, workers=workers,
+                            ray_address=ray_address)
 
 
 def _loaded_suite(suite: Suite | str | Path) -> Suite:

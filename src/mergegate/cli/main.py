@@ -99,6 +99,10 @@ CURRENT_PLAN = typer.Option(None, help="rollout.yaml served now: the report says
 MODELS_FILE = typer.Option(None, "--models", help="YAML models file (models: {NAME: {path: ...} or {base_url: ..., "
                                                   "model: ..., api_key_env: ..., concurrency: ...}}): its NAMEs "
                                                   "can be given wherever a model is.")
+WORKERS = typer.Option(None, help="Ray workers running shards of rows x models in parallel (needs the ray extra; "
+                                  "default: this process, no Ray); mergegate starts and stops a local Ray.")
+RAY_ADDRESS = typer.Option(None, help="Ray cluster to run the shards on (e.g. ray://HEAD:10001, or auto); "
+                                      "--workers then defaults to its CPUs (GPUs on CUDA).")
 
 
 def _endpoint_settings(concurrency: int, timeout: float, retries: int, api_key_env: str | None):
@@ -125,6 +129,8 @@ def evaluate_command(
     endpoint_timeout: float = ENDPOINT_TIMEOUT,
     endpoint_retries: int = ENDPOINT_RETRIES,
     api_key_env: Optional[str] = API_KEY_ENV,
+    workers: Optional[int] = WORKERS,
+    ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
     """Evaluate models on the same suite rows; print the mean score per cohort."""
     from .. import MergegateError
@@ -137,11 +143,12 @@ def evaluate_command(
         named = _named_models(models_file)
         refs = [_model_ref(value, named) for value in models] if models else list(named.values())
         check_inputs(refs, batch_size=batch_size, max_new_tokens=max_new_tokens,  # before the registry is touched
-                     endpoint=endpoint)
+                     endpoint=endpoint, workers=workers, ray_address=ray_address)
         device = resolve_device(device)
         loaded = load_suite(suite)
         runs = evaluate_models([(ref, "source") for ref in refs], loaded, Registry(registry), batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, device=device, endpoint=endpoint)
+                               max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, workers=workers,
+                               ray_address=ray_address)
     except MergegateError as exc:
         _refuse(exc)
     from rich.console import Console
@@ -176,6 +183,8 @@ def gate_command(
     endpoint_timeout: float = ENDPOINT_TIMEOUT,
     endpoint_retries: int = ENDPOINT_RETRIES,
     api_key_env: Optional[str] = API_KEY_ENV,
+    workers: Optional[int] = WORKERS,
+    ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
@@ -187,7 +196,8 @@ def gate_command(
         result = gate_release(_model_ref(candidate, named), _model_ref(base, named),
                               [_model_ref(value, named) for value in source], suite,
                               policy, out, registry=registry, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              current=current, device=device, endpoint=endpoint)
+                              current=current, device=device, endpoint=endpoint, workers=workers,
+                              ray_address=ray_address)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)
@@ -211,6 +221,8 @@ def release_command(
     endpoint_timeout: float = ENDPOINT_TIMEOUT,
     endpoint_retries: int = ENDPOINT_RETRIES,
     api_key_env: Optional[str] = API_KEY_ENV,
+    workers: Optional[int] = WORKERS,
+    ray_address: Optional[str] = RAY_ADDRESS,
     serve_candidate: Optional[str] = typer.Option(None, help="Evaluate the merged candidate through a server "
                                                    "started with this command, e.g. \"vllm serve {path} --port "
                                                    "{port} --served-model-name {name}\" (log: OUT/candidate-server."
@@ -233,7 +245,8 @@ def release_command(
         result = release(recipe, suite, policy, out, merge_options=MergeOptions(seed=seed), registry=registry,
                          extra_sources=extra_sources,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, current=current, device=device,
-                         endpoint=endpoint, serve_candidate=serve_candidate, serve_timeout=serve_timeout)
+                         endpoint=endpoint, serve_candidate=serve_candidate, serve_timeout=serve_timeout,
+                         workers=workers, ray_address=ray_address)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)

@@ -1,4 +1,5 @@
-"""Evaluation: suites of cases per cohort, evaluators that score outputs, a runner over N models."""
+"""Evaluation: suites of cases per cohort, evaluators that score outputs, a runner over N models (in one process,
+or sharded over Ray workers with `workers=2` / `ray_address=...`, CLI `--workers 2` / `--ray-address`)."""
 
 from .evaluators import EVALUATORS, EvalResult, Observation, get_evaluator, score_row
 from .runner import ModelRun, evaluate_models

@@ -17,21 +17,28 @@ RowResult.latency_ms). It is measured, not part of the answer, so it depends on 
 `device` picks where models run: "cpu" (float32) or "cuda"/"cuda:N" (bfloat16); the default is "cuda" when
 torch sees a GPU, else "cpu". A bf16 answer can differ from an fp32 one, so the dtype (and, off the CPU, the
 device) is in the cache key (`run_config`); a CPU run keys exactly as before devices existed.
+
+`workers` > 1 (CLI `--workers 2`) or a `ray_address` (`--ray-address ray://HEAD:10001`) runs the rows still to
+run as Ray tasks, shards of rows × models (`evaluate.sharded`; the `ray` extra); cache checks, resumes and every
+registry write stay in this process, and the answers are the same as in one process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..progress import Progress
+from .._extras import install_hint
+from ..progress import Advance, Progress
 from ..errors import EvaluationError, RegistryError
 from ..model_ref import ModelRef, Role
 from ..registry import Registry, RowResult
@@ -129,7 +136,10 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _setting_problems(batch_size, max_new_tokens, threads) -> list[str]:
+NEEDS_RAY = f"sharded evaluation (workers > 1 or a Ray address) needs the ray extra: {install_hint('ray')}"
+
+
+def _setting_problems(batch_size, max_new_tokens, threads, workers=None, ray_address=None) -> list[str]:
     problems = []
     if not _whole(batch_size) or batch_size < 1:
         problems.append(f"batch size must be an integer >= 1, got {batch_size!r}")
@@ -137,12 +147,20 @@ def _setting_problems(batch_size, max_new_tokens, threads) -> list[str]:
         problems.append(f"max new tokens must be an integer >= 1, got {max_new_tokens!r}")
     if threads is not None and (not _whole(threads) or threads < 1):
         problems.append(f"threads must be an integer >= 1, got {threads!r}")
+    if workers is not None and (not _whole(workers) or workers < 1):
+        problems.append(f"workers must be an integer >= 1, got {workers!r}")
+    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+        problems.append(f"ray address must be a Ray cluster address (e.g. ray://HOST:10001 or auto), "
+                        f"got {ray_address!r}")
+    elif not problems and is_sharded(workers, ray_address) and importlib.util.find_spec("ray") is None:
+        problems.append(NEEDS_RAY)
     return problems
 
 
-def check_settings(*, batch_size: int, max_new_tokens: int, threads: int | None = None) -> None:
+def check_settings(*, batch_size: int, max_new_tokens: int, threads: int | None = None, workers: int | None = None,
+                   ray_address: str | None = None) -> None:
     """Refuse bad generation settings (EvaluationError)."""
-    problems = _setting_problems(batch_size, max_new_tokens, threads)
+    problems = _setting_problems(batch_size, max_new_tokens, threads, workers, ray_address)
     if problems:
         raise EvaluationError("evaluate: " + "; ".join(problems))
 
@@ -155,10 +173,11 @@ def check_endpoint(endpoint: EndpointSettings) -> None:
 
 
 def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens: int,
-                 threads: int | None = None, endpoint: EndpointSettings | None = None) -> None:
+                 threads: int | None = None, endpoint: EndpointSettings | None = None, workers: int | None = None,
+                 ray_address: str | None = None) -> None:
     """Refuse bad settings (`endpoint`'s too when a model is a url) and missing model folders before anything
     is loaded or recorded (EvaluationError)."""
-    problems = _setting_problems(batch_size, max_new_tokens, threads)
+    problems = _setting_problems(batch_size, max_new_tokens, threads, workers, ray_address)
     if any(ref.is_remote for ref in models):
         problems += (endpoint or EndpointSettings()).problems()
     if not models:
@@ -227,7 +246,8 @@ def config_hash(config: dict) -> str:
 def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, registry: Registry, *,
                     batch_size: int = 32, max_new_tokens: int = 64, progress: bool | None = None, force: bool = False,
                     threads: int | None = None, device: str | None = None,
-                    endpoint: EndpointSettings | None = None) -> dict[str, ModelRun]:
+                    endpoint: EndpointSettings | None = None, workers: int | None = None,
+                    ray_address: str | None = None) -> dict[str, ModelRun]:
     """Evaluate every (model, role) on every row of `suite`; results keyed by model name. The role is recorded
     in the registry beside the model. A url model is called through its server (evaluate.endpoint, with
     `endpoint`'s settings; default EndpointSettings()); perplexity rows are refused for it (EvaluationError).
@@ -236,9 +256,13 @@ def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, regis
 
     `threads` sets torch's intra-op threads for the run (default: half the cores, at least one): small
     models gain little from more, and oversubscribed OpenMP threads slow everything sharing the machine.
+
+    `workers` > 1 or a `ray_address` runs the rows as Ray shards (`sharded`: rows × models, one CPU and, on
+    CUDA, one GPU each); the default (None or 1, no address) runs them in this process. Either way the answers,
+    the cache and the registry are the same.
     """
     check_inputs([ref for ref, _ in models], batch_size=batch_size, max_new_tokens=max_new_tokens, threads=threads,
-                 endpoint=endpoint)
+                 endpoint=endpoint, workers=workers, ray_address=ray_address)
     for ref, _ in models:
         if ref.is_remote:
             _endpoint.check_rows(ref, suite.rows)
@@ -249,75 +273,116 @@ def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, regis
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
     try:
         return _evaluate(models, suite, registry, batch_size, max_new_tokens, progress, force, device,
-                         endpoint=endpoint or EndpointSettings())
+                         endpoint=endpoint or EndpointSettings(), workers=workers, ray_address=ray_address)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _evaluate(models, suite, registry, batch_size, max_new_tokens, progress, force,
-              device: str = "cpu",
-              endpoint: EndpointSettings = EndpointSettings()) -> dict[str, ModelRun]:
-    runs = {}
+              device: str = "cpu", endpoint: EndpointSettings = EndpointSettings(),
+              workers: int | None = None, ray_address: str | None = None) -> dict[str, ModelRun]:
+    """Cache checks, opened runs, resumes and finished runs here, in this process (the registry's one writer);
+    the rows still to run go through `run_model_rows` model by model, or as Ray shards (`sharded`)."""
+    runs: dict[str, ModelRun] = {}
     row_ids = [row.id for row in suite.rows]
+
+    def finish(todo: PendingRun) -> None:
+        registry.finish_run(todo.run_id, row_ids)  # refused unless every suite row has a result
+        results = _in_suite_order(registry.results(todo.run_id, todo.ref.name), suite, registry, todo.run_id)
+        runs[todo.ref.name] = ModelRun(todo.ref, todo.role, todo.model_hash, todo.run_id, False, results)
+
     with Progress(progress) as bar:
+        pending = []
         for ref, role in models:
-            if ref.is_remote:
-                runs[ref.name] = _evaluate_remote(ref, role, suite, registry, max_new_tokens, bar, force, endpoint)
-                continue
-            model_hash = registry.register_model(ref.name, _local_folder(ref), role=role, adapter=ref.adapter)
-            config = run_config(ref, suite, max_new_tokens=max_new_tokens, device=device)
-            key = config_hash(config)
-            cached = None if force else registry.cached_run(model_hash, suite.sha256, key, row_ids)
-            if cached is not None:
-                results = _in_suite_order(registry.results(cached, ref.name), suite, registry, cached)
-                runs[ref.name] = ModelRun(ref, role, model_hash, cached, True, results)
-                continue
-            run_id = registry.open_run(model_hash, suite.sha256, key, config)
-            done = registry.done_rows(run_id)
-            todo = [row for row in suite.rows if row.id not in done]
-            advance = bar.task(f"evaluating {ref.name}", len(suite.rows), completed=len(done), unit="rows")
-            if todo:
-                model, tokenizer = load_model(ref, device)
-                for batch in _batches(todo, batch_size):
-                    results = _run_batch(model, tokenizer, ref.name, model_hash, batch, max_new_tokens)
-                    registry.add_results(run_id, results)  # committed per batch: a crash loses one batch
-                    advance(len(batch))
-                del model
-            registry.finish_run(run_id, row_ids)  # refused unless every suite row has a result
-            results = _in_suite_order(registry.results(run_id, ref.name), suite, registry, run_id)
-            runs[ref.name] = ModelRun(ref, role, model_hash, run_id, False, results)
-    return runs
+            opened = (_open_remote(ref, role, suite, registry, max_new_tokens, bar, force, endpoint) if ref.is_remote
+                      else _open_local(ref, role, suite, registry, max_new_tokens, bar, force, device))
+            if isinstance(opened, ModelRun):
+                runs[ref.name] = opened
+            else:
+                pending.append(opened)
+        if is_sharded(workers, ray_address):
+            from .sharded import run_sharded
+
+            run_sharded(pending, registry, workers=workers, ray_address=ray_address, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, device=device, endpoint=endpoint)
+            for todo in pending:
+                finish(todo)
+        else:
+            for todo in pending:
+                run_model_rows(todo.ref, todo.model_hash, todo.rows, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, budgets=todo.budgets,
+                               on_results=partial(todo.record, registry))
+                finish(todo)
+    return {ref.name: runs[ref.name] for ref, _ in models}
 
 
-def _evaluate_remote(ref: ModelRef, role: Role, suite: Suite, registry: Registry, max_new_tokens: int, bar,
-                     force: bool, settings: EndpointSettings) -> ModelRun:
-    """One url model through its server (evaluate.endpoint): the same registry, cache rules and results."""
-    row_ids = [row.id for row in suite.rows]
+@dataclass(frozen=True)
+class PendingRun:
+    """A model's opened run and the suite rows it still lacks (all of them, or those an interrupted run left)."""
+
+    ref: ModelRef
+    role: Role
+    model_hash: str
+    run_id: int
+    rows: list[SuiteRow]
+    advance: Advance  # its progress bar
+    budgets: dict[str, int] | None = None  # a url model's token budget per row (endpoint.prepare)
+
+    def record(self, registry: Registry, results: list[RowResult]) -> None:
+        registry.add_results(self.run_id, results)  # committed as they come: a crash loses one batch
+        self.advance(len(results))
+
+
+def _open_local(ref: ModelRef, role: Role, suite: Suite, registry: Registry, max_new_tokens: int, bar, force: bool,
+                device: str) -> ModelRun | PendingRun:
+    """A local model's cached run, or its opened (or resumed) run with the rows still to run."""
+    model_hash = registry.register_model(ref.name, _local_folder(ref), role=role, adapter=ref.adapter)
+    config = run_config(ref, suite, max_new_tokens=max_new_tokens, device=device)
+    return _cached_or_opened(ref, role, model_hash, config, suite, registry, bar, force)
+
+
+def _open_remote(ref: ModelRef, role: Role, suite: Suite, registry: Registry, max_new_tokens: int, bar, force: bool,
+                 settings: EndpointSettings) -> ModelRun | PendingRun:
+    """The same for a url model, keyed by what its server reports (evaluate.endpoint): the same registry, cache
+    rules and results."""
     prepared = _endpoint.prepare(ref, suite.rows, max_new_tokens, settings)
     model_hash = registry.register_remote(ref.name, str(ref.url), _endpoint.identity_hash(prepared.identity),
                                           role=role, identity=prepared.identity)
     evaluators = evaluator_identity(name for row in suite.rows for name in row.evaluators)
     config = _endpoint.run_config(ref, evaluators, max_new_tokens=max_new_tokens, budget_mode=prepared.budget_mode,
                                   runner_format=RUNNER_FORMAT)
+    return _cached_or_opened(ref, role, model_hash, config, suite, registry, bar, force, budgets=prepared.budgets)
+
+
+def _cached_or_opened(ref: ModelRef, role: Role, model_hash: str, config: dict, suite: Suite, registry: Registry,
+                      bar, force: bool, budgets: dict[str, int] | None = None) -> ModelRun | PendingRun:
     key = config_hash(config)
-    cached = None if force else registry.cached_run(model_hash, suite.sha256, key, row_ids)
+    cached = None if force else registry.cached_run(model_hash, suite.sha256, key, [row.id for row in suite.rows])
     if cached is not None:
-        return ModelRun(ref, role, model_hash, cached, True,
-                        _in_suite_order(registry.results(cached, ref.name), suite, registry, cached))
+        results = _in_suite_order(registry.results(cached, ref.name), suite, registry, cached)
+        return ModelRun(ref, role, model_hash, cached, True, results)
     run_id = registry.open_run(model_hash, suite.sha256, key, config)
     done = registry.done_rows(run_id)
-    todo = [row for row in suite.rows if row.id not in done]
     advance = bar.task(f"evaluating {ref.name}", len(suite.rows), completed=len(done), unit="rows")
+    return PendingRun(ref, role, model_hash, run_id, [row for row in suite.rows if row.id not in done], advance,
+                      budgets)
 
-    def record(result: RowResult) -> None:  # called in this thread: the registry is written from one thread
-        registry.add_results(run_id, [result])
-        advance(1)
 
-    if todo:
-        _endpoint.run_rows(ref, model_hash, todo, prepared.budgets, settings, record)
-    registry.finish_run(run_id, row_ids)
-    return ModelRun(ref, role, model_hash, run_id, False,
-                    _in_suite_order(registry.results(run_id, ref.name), suite, registry, run_id))
+def run_model_rows(ref: ModelRef, model_hash: str, rows: list[SuiteRow], *, batch_size: int, max_new_tokens: int,
+                   device: str, endpoint: EndpointSettings, budgets: dict[str, int] | None,
+                   on_results: Callable[[list[RowResult]], None]) -> None:
+    """Run one model on `rows`: a local model loaded on `device` and generated in length-bucketed batches, a url
+    model through its server (`budgets` from endpoint.prepare). `on_results` gets each batch's results (a url
+    model's: each row's) as they are done, in the calling thread. Used in this process and by each Ray shard."""
+    if not rows:
+        return
+    if ref.is_remote:
+        _endpoint.run_rows(ref, model_hash, rows, budgets or {}, endpoint, lambda result: on_results([result]))
+        return
+    model, tokenizer = load_model(ref, device)
+    for batch in _batches(rows, batch_size):
+        on_results(_run_batch(model, tokenizer, ref.name, model_hash, batch, max_new_tokens))
+    del model
 
 
 def _in_suite_order(results: list[RowResult], suite: Suite, registry: Registry, run_id: int) -> list[RowResult]:
@@ -329,9 +394,19 @@ def _in_suite_order(results: list[RowResult], suite: Suite, registry: Registry, 
     return [by_id[row.id] for row in suite.rows]
 
 
+def is_sharded(workers: int | None, ray_address: str | None) -> bool:
+    """Whether rows run as Ray shards (`sharded`) rather than in this process."""
+    return ray_address is not None or (workers or 1) > 1
+
+
+def length_order(row: SuiteRow) -> tuple[int, str]:
+    """Rows sorted by this key have similar prompt lengths together (less padding), in a deterministic order."""
+    return len(row.asked), row.id
+
+
 def _batches(rows: list[SuiteRow], size: int):
     """Similar prompt lengths together (less padding), in a deterministic order."""
-    ordered = sorted(rows, key=lambda r: (len(r.asked), r.id))
+    ordered = sorted(rows, key=length_order)
     for start in range(0, len(ordered), size):
         yield ordered[start:start + size]
 

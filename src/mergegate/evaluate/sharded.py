@@ -1,0 +1,129 @@
+"""Evaluation sharded on Ray: the rows still to run, split into shards of (rows × models), each a Ray task.
+
+The runner (`runner._evaluate`) keeps everything that touches the registry in the driver: cache checks, opening
+or resuming a run, finishing it. Only the running of rows moves here. Each model's rows are sorted by prompt
+length and cut into `workers` contiguous chunks, so each shard's batches stay length-bucketed; every chunk of
+every model is one Ray task (one CPU, and one GPU when the device is CUDA; its torch threads set to its CPUs)
+that loads its model (`runner.load_model`) or, for a url model, calls its server with its own client
+(`endpoint.run_rows`), and returns its RowResults. The driver collects them with `ray.wait` as shards finish and
+writes them to the registry: the one writer, so SQLite never sees two. A failed shard stops the evaluation
+(the shards still queued are cancelled); the rows already written stay, and the next run resumes after them.
+
+A row's answer does not depend on the rows it is batched with (runner's module docstring), so a sharded run
+records the same outputs, scores and token counts as one process; latency is measured per row as always.
+
+Ray is imported only here, when a sharded run starts (`import mergegate` never imports it); without the `ray`
+extra the run is refused with the install line. Ray already initialised in this process is used as it is;
+otherwise mergegate joins `ray_address` when given, or starts a local Ray with `workers` CPUs, and shuts down
+only what it started.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from .._extras import missing_extra
+from ..errors import EvaluationError, MergegateError
+from ..model_ref import ModelRef
+from ..registry import Registry, RowResult
+from .endpoint import EndpointSettings
+from .runner import NEEDS_RAY, length_order, run_model_rows
+from .suite import SuiteRow
+
+if TYPE_CHECKING:
+    from .runner import PendingRun
+
+TASK_CPUS = 1  # each shard's CPUs, and so its torch threads: small models gain little from more
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ModuleNotFoundError as exc:
+        if missing_extra(exc) != "ray":
+            raise
+        raise EvaluationError(NEEDS_RAY) from None
+    return ray
+
+
+def split_rows(rows: list[SuiteRow], count: int) -> list[list[SuiteRow]]:
+    """`rows` sorted by prompt length and cut into at most `count` contiguous chunks of near-equal size."""
+    ordered = sorted(rows, key=length_order)
+    size = math.ceil(len(ordered) / count) if ordered else 1
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
+def _run_shard(ref: ModelRef, model_hash: str, rows: list[SuiteRow], batch_size: int, max_new_tokens: int,
+               device: str, endpoint: EndpointSettings, budgets: dict[str, int] | None) -> list[RowResult]:
+    """One shard, in a Ray worker: its rows' results (nothing is written here; the driver writes them)."""
+    import torch
+
+    torch.set_num_threads(TASK_CPUS)
+    results: list[RowResult] = []
+    run_model_rows(ref, model_hash, rows, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
+                   endpoint=endpoint, budgets=budgets, on_results=results.extend)
+    return results
+
+
+def run_sharded(pending: list[PendingRun], registry: Registry, *, workers: int | None, ray_address: str | None,
+                batch_size: int, max_new_tokens: int, device: str, endpoint: EndpointSettings) -> None:
+    """Run every pending run's rows as Ray shards and record their results in `registry` (from this process)
+    as each shard finishes. `workers`: chunks per model, and the local Ray's CPUs when mergegate starts one
+    (default with `ray_address`: the cluster's CPUs, or GPUs on CUDA)."""
+    if not any(todo.rows for todo in pending):
+        return
+    ray = _ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if ray_address is not None:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        on_gpu = device.startswith("cuda")
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("GPU" if on_gpu else "CPU", 1)))
+        _run_and_record(ray, pending, registry, workers, batch_size, max_new_tokens, device, endpoint)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run_and_record(ray: Any, pending: list[PendingRun], registry: Registry, workers: int, batch_size: int,
+                    max_new_tokens: int, device: str, endpoint: EndpointSettings) -> None:
+    # Ray gives a GPU task its GPU as the only visible one, so the task asks for "cuda", whatever cuda:N the
+    # driver was given (the cache key holds only the device kind).
+    task_device = "cuda" if device.startswith("cuda") else device
+    # A url model keeps `endpoint.concurrency` requests in flight in all: its shards share them.
+    shard_endpoint = replace(endpoint, concurrency=max(1, endpoint.concurrency // workers))
+    env = {endpoint.api_key_env: endpoint.api_key() or ""} if endpoint.api_key_env else {}
+    shard = ray.remote(_run_shard)
+    in_flight = {}
+    for todo in pending:
+        options: dict[str, Any] = {"num_cpus": TASK_CPUS, "max_retries": 0}
+        if todo.ref.is_remote and env:
+            options["runtime_env"] = {"env_vars": env}  # the API key, where the worker runs
+        elif not todo.ref.is_remote and task_device != "cpu":
+            options["num_gpus"] = 1
+        for rows in split_rows(todo.rows, workers):
+            task = shard.options(**options).remote(todo.ref, todo.model_hash, rows, batch_size, max_new_tokens,
+                                                   task_device, shard_endpoint, todo.budgets)
+            in_flight[task] = todo
+    try:
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            todo = in_flight.pop(done[0])
+            try:
+                results = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, MergegateError):  # the worker's one-line refusal, not Ray's traceback
+                    raise exc.cause from None
+                raise
+            todo.record(registry, results)
+    finally:
+        for task in in_flight:  # only after a failure: the rest would be wasted work
+            ray.cancel(task)

@@ -1,0 +1,136 @@
+"""Evaluation sharded on Ray (evaluate.sharded) records what one process records: the same outputs, scores,
+passed flags and token counts per row, one finished run per model in the one registry, for local and url
+models. One local Ray (2 CPUs) serves the module; mergegate uses it as it is and leaves it running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mergegate.errors import EvaluationError
+from mergegate.evaluate import evaluate_models, load_suite
+from mergegate.evaluate.endpoint import EndpointSettings
+from mergegate.model_ref import ModelRef
+from mergegate.registry import Registry
+
+pytestmark = [pytest.mark.slow, pytest.mark.one_torch_thread]
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
+MODELS = [(ModelRef("base", DEMO / "models" / "base"), "base"),
+          (ModelRef("json_output", DEMO / "models" / "json_output"), "candidate")]
+FAST = EndpointSettings(concurrency=4, timeout_s=30, retries=2, backoff_s=0.05)
+
+
+def _answers(run) -> list[tuple]:
+    """What must not depend on sharding (latency is measured, so it does)."""
+    return [(r.row_id, r.cohort, r.output, r.score, r.passed, r.prompt_tokens, r.completion_tokens, r.details)
+            for r in run.results]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """Three rows per cohort of the demo suite, perplexity rows included (they run in the shards too)."""
+    rows, seen = [], {}
+    for line in (DEMO / "suite.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if seen.get(row["cohort"], 0) < 3:
+            seen[row["cohort"]] = seen.get(row["cohort"], 0) + 1
+            rows.append(row)
+    path = tmp_path_factory.mktemp("suite") / "suite.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return load_suite(path)
+
+
+def test_two_workers_record_what_one_process_records(local_ray, suite, tmp_path):
+    alone = evaluate_models(MODELS, suite, Registry(tmp_path / "one.sqlite"), batch_size=4, max_new_tokens=16,
+                            progress=False, device="cpu")
+    registry = Registry(tmp_path / "sharded.sqlite")
+    sharded = evaluate_models(MODELS, suite, registry, batch_size=4, max_new_tokens=16, progress=False,
+                              device="cpu", workers=2)
+    assert list(sharded) == ["base", "json_output"]
+    for name in sharded:
+        assert not sharded[name].cached
+        assert _answers(sharded[name]) == _answers(alone[name])
+    # One finished run per model, holding every row: the driver wrote each shard's rows into the same run.
+    runs = registry._read("SELECT model_hash, status FROM eval_runs", ())
+    assert sorted((r["model_hash"], r["status"]) for r in runs) == sorted(
+        (run.model_hash, "finished") for run in sharded.values())
+    for run in sharded.values():
+        assert registry.done_rows(run.run_id) == {row.id for row in suite.rows}
+    assert local_ray.is_initialized()  # a Ray mergegate did not start is left running
+    again = evaluate_models(MODELS, suite, registry, batch_size=4, max_new_tokens=16, progress=False, device="cpu",
+                            workers=2)
+    assert all(run.cached for run in again.values())  # the cache holds whichever way the run was made
+
+
+def test_a_url_model_sharded_answers_as_unsharded(local_ray, suite, tmp_path):
+    from mergegate.gateway import create_app
+    from mergegate.gateway.testing import ServerThread
+    from mergegate.rollout import RolloutPlan
+
+    plan = RolloutPlan.model_validate({"candidate": "json_output", "models": {
+        "json_output": {"role": "candidate", "path": str(DEMO / "models" / "json_output")}},
+        "routes": {}, "default": {"model": "json_output"}})
+    servable = load_suite(_without_perplexity(suite, tmp_path))  # a completions endpoint cannot score them
+    with ServerThread(create_app(plan, registry=Registry(tmp_path / "gateway.sqlite"))) as server:
+        remote = [(ModelRef("remote", url=server.url + "/v1", served_model="json_output"), "candidate")]
+        alone = evaluate_models(remote, servable, Registry(tmp_path / "one.sqlite"), max_new_tokens=8,
+                                progress=False, endpoint=FAST)
+        sharded = evaluate_models(remote, servable, Registry(tmp_path / "sharded.sqlite"), max_new_tokens=8,
+                                  progress=False, endpoint=FAST, workers=2)
+    assert _answers(sharded["remote"]) == _answers(alone["remote"])
+    assert len(sharded["remote"].results) == len(servable.rows)
+
+
+def _without_perplexity(suite, tmp_path) -> Path:
+    path = tmp_path / "servable.jsonl"
+    path.write_text("".join(row.model_dump_json(by_alias=True, exclude_none=True) + "\n" for row in suite.rows
+                            if "perplexity" not in row.evaluators))
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_a_bad_workers_value_is_refused_before_anything_runs(workers, suite, tmp_path):
+    registry = Registry(tmp_path / "r.sqlite")
+    with pytest.raises(EvaluationError, match="workers must be an integer >= 1"):
+        evaluate_models(MODELS, suite, registry, progress=False, workers=workers)
+    assert not registry._read("SELECT id FROM eval_runs", ())
+
+
+def test_cli_refuses_bad_workers_with_the_option_named(tmp_path):
+    from mergegate.cli.main import app
+
+    result = CliRunner().invoke(app, ["evaluate", f"base={DEMO / 'models' / 'base'}", "--suite",
+                                      str(DEMO / "suite.jsonl"), "--registry", str(tmp_path / "r.sqlite"),
+                                      "--workers", "0"])
+    assert result.exit_code == 2
+    assert "workers must be an integer >= 1, got 0" in result.output
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_without_the_ray_extra_workers_exit_2_with_the_install_line(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; "
+            f"sys.argv = ['mergegate', 'evaluate', 'base={DEMO / 'models' / 'base'}', '--suite', "
+            f"'{DEMO / 'suite.jsonl'}', '--registry', '{tmp_path / 'r.sqlite'}', '--workers', '2']; "
+            "from mergegate.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "mergegate: evaluate: sharded evaluation (workers > 1 or a Ray address) needs the ray extra: "
+        "pip install 'mergegate[ray]'"]
+    assert not (tmp_path / "r.sqlite").exists()  # refused before the registry is touched
