@@ -7,7 +7,7 @@ cohort's gain with another's silent loss. `objective="mean"` (mergekit-evolve's 
 there to compare against; `objective="pareto"` searches the front of per-cohort retentions (NSGA-II).
 
 Determinism and resume: trials run in rounds of `parallel`; each draw reseeds the sampler from (seed, how many
-trials were finished before it), and a round's results are told in trial order, so the same seed draws the same
+trials were finished before it; `_seeds.derived_seed`), and a round's results are told in trial order, so the same seed draws the same
 recipes whatever the timing. The study lives in OUT/study.sqlite: a search killed at any point and started again
 with the same arguments re-runs the trials that were in flight (same recipes) and goes on; a finished one is
 read back. Trials that fail (a refused recipe, a crash, out of memory) are recorded with their reason.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from .._seeds import derived_seed
 from ..errors import SearchError
 from ..evaluate import ModelRun, Suite, evaluate_models, load_suite
 from ..evaluate.endpoint import EndpointSettings
@@ -268,7 +269,8 @@ def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Regis
             round_specs: list[TrialSpec | None] = []
             asked = []
             for slot in range(min(options.parallel, options.trials - finished)):
-                study.sampler = _sampler(options, options.seed * 1_000_003 + finished + slot)
+                # a seed per draw, derived by hash (consecutive seeds give correlated first draws)
+                study.sampler = _sampler(options, derived_seed(options.seed, f"draw-{finished + slot}") % 2**32)
                 trial = study.ask()
                 asked.append(trial)
                 try:
