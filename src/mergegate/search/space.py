@@ -179,14 +179,34 @@ def load_space(source: str | Path | dict) -> Space:
     digest = hashlib.sha256(json.dumps([template, [_describe(s) for s in searched]], sort_keys=True,
                                        default=str).encode()).hexdigest()
     space = Space(template, tuple(searched), folder, digest, frozenset(declared))
-    for name in methods:  # every method's first point must be a recipe: a typo shows now, not in trial 37
-        first = _FirstValues()
-        values = {node.path: node.draw(first) for node in searched if node.path != ("merge_method",)}
-        try:
-            space.recipe(values, name, set(get_method(name).param_names()))
-        except SearchSpaceError as exc:
-            raise SearchSpaceError(f"{where}: with merge_method {name}: {str(exc).split(': ', 2)[-1]}") from None
+    # Every value a trial can draw at the edges — each choice, each range's ends — must make a recipe with each
+    # method of the space (the rest at their first values): a typo or an out-of-range bound shows now, all at
+    # once, not in trial 37.
+    first = _FirstValues()
+    fixed = {node.path: node.draw(first) for node in searched if node.path != ("merge_method",)}
+    for name in methods:
+        known = set(get_method(name).param_names())
+        edges: list[tuple[Searched | None, Any]] = [(None, None)]
+        edges += [(n, v) for n in searched if n.path != ("merge_method",) for v in _edges(n)]
+        for node, value in edges:
+            if node is not None and _parameter_name(node.path) not in (None, *known):
+                continue
+            values = {**fixed, **({node.path: value} if node is not None else {})}
+            try:
+                space.recipe(values, name, known)
+            except SearchSpaceError as exc:
+                shown = f"{node.name} = {value!r}" if node is not None else "its first values"
+                problems.append(f"with merge_method {name} and {shown}: {str(exc).split(': ', 2)[-1]}")
+    if problems:
+        raise SearchSpaceError(f"{where}: " + "; ".join(dict.fromkeys(problems)))
     return space
+
+
+def _edges(node: Searched) -> list[Any]:
+    """The values at the edges of what `node` can draw: each choice, or the range's two ends."""
+    if node.choice is not None:
+        return list(node.choice)
+    return [[end] * node.groups if node.groups else end for end in (node.low, node.high)]
 
 
 def _describe(node: Searched) -> dict[str, Any]:
