@@ -188,14 +188,14 @@ def load_space(source: str | Path | dict) -> Space:
         known = set(get_method(name).param_names())
         edges: list[tuple[Searched | None, Any]] = [(None, None)]
         edges += [(n, v) for n in searched if n.path != ("merge_method",) for v in _edges(n)]
-        for node, value in edges:
-            if node is not None and _parameter_name(node.path) not in (None, *known):
+        for edge, value in edges:
+            if edge is not None and _parameter_name(edge.path) not in (None, *known):
                 continue
-            values = {**fixed, **({node.path: value} if node is not None else {})}
+            values = {**fixed, **({edge.path: value} if edge is not None else {})}
             try:
                 space.recipe(values, name, known)
             except SearchSpaceError as exc:
-                shown = f"{node.name} = {value!r}" if node is not None else "its first values"
+                shown = f"{edge.name} = {value!r}" if edge is not None else "its first values"
                 problems.append(f"with merge_method {name} and {shown}: {str(exc).split(': ', 2)[-1]}")
     if problems:
         raise SearchSpaceError(f"{where}: " + "; ".join(dict.fromkeys(problems)))
