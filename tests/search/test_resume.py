@@ -1,0 +1,87 @@
+"""A search killed with SIGKILL mid-trial resumes where it stopped: the trial in flight is drawn again with the
+same recipe, and the finished search holds exactly the trials an uninterrupted one with the same seed holds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mergegate.search import search
+from mergegate.search.run import STUDY_NAME
+
+from .test_run import POLICY, space, suites  # noqa: F401 — `suites` is a fixture used by name
+
+pytestmark = pytest.mark.slow
+TRIALS = 4
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _states(out: Path) -> list[str]:
+    storage = out / "study.sqlite"
+    if not storage.is_file():
+        return []
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{storage}")
+    except (KeyError, Exception):  # the study is not created yet
+        return []
+    return [t.state.name for t in study.get_trials(deepcopy=False)]
+
+
+def test_a_search_killed_mid_trial_resumes_with_the_same_trials(tmp_path, suites, local_ray):  # noqa: F811
+    dev, held = suites
+    space_file = space(tmp_path)
+    settings = dict(trials=TRIALS, parallel=1, keep=1, seed=0, batch_size=8, max_new_tokens=24, progress=False)
+    reference = search(space_file, dev, held, POLICY, tmp_path / "uninterrupted", **settings)
+
+    out = tmp_path / "killed"
+    address = local_ray.get_runtime_context().gcs_address
+    code = (f"from mergegate.search import search\n"
+            f"search({str(space_file)!r}, {str(dev)!r}, {str(held)!r}, {POLICY!r}, {str(out)!r}, "
+            f"ray_address={address!r}, **{settings!r})\n")
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:  # kill once two trials are in and the third is being evaluated
+            states = _states(out)
+            if states.count("COMPLETE") + states.count("PRUNED") >= 2 and "RUNNING" in states:
+                break
+            assert process.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the search never reached its third trial")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert "RUNNING" in _states(out)  # killed mid-trial: the study says so
+
+    resumed = search(space_file, dev, held, POLICY, out, **settings)
+    assert [t.params for t in resumed.trials] == [t.params for t in reference.trials]
+    assert [(t.status, t.promoted, t.retention) for t in resumed.trials] == [
+        (t.status, t.promoted, t.retention) for t in reference.trials]
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.sqlite'}")
+    rerun = [t for t in study.get_trials() if "rerun_of" in t.user_attrs]
+    assert len(rerun) == 1  # the killed trial, drawn again with its recipe
+    killed = study.trials[rerun[0].user_attrs["rerun_of"]]
+    assert killed.state.name == "FAIL" and killed.params == rerun[0].params
+    assert len(resumed.trials) == TRIALS
+
+    again = search(space_file, dev, held, POLICY, out, **settings)  # a finished search is read back, nothing re-run
+    assert [t.number for t in again.trials] == [t.number for t in resumed.trials]
+    assert len(optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.sqlite'}").trials) == len(
+        study.trials)
