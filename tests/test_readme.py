@@ -15,6 +15,8 @@ import httpx
 import pytest
 import yaml
 
+from mergegate.search import load_space
+
 from mergegate.candidate_server import free_port
 from mergegate.recipe import load_recipe
 from mergegate.rollout import RolloutPlan
@@ -97,10 +99,14 @@ def test_readme_client_example_answers_from_the_json_specialist(served_readme_ga
 
 def test_readme_recipes_are_valid_recipes():
     documents = [doc for block in blocks("yaml") for doc in yaml.safe_load_all(block) if doc]
-    recipes = [doc for doc in documents if "merge_method" in doc]
+    recipes = [doc for doc in documents if isinstance(doc.get("merge_method"), str)]
     assert len(recipes) >= 4
     for recipe in recipes:
         assert load_recipe(recipe).merge_method == recipe["merge_method"]
+    # a search space's merge_method may be a choice: the README's space loads as a space
+    spaces = [doc for doc in documents if isinstance(doc.get("merge_method"), dict)]
+    assert len(spaces) == 1
+    assert load_space(spaces[0]).methods == ["task_arithmetic", "ties", "dare_ties"]
 
 
 @pytest.mark.slow
