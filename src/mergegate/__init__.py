@@ -46,6 +46,9 @@ _EXPORTS = {
     "release": "pipeline",
     "gate_release": "pipeline",
     "ReleaseResult": "pipeline",
+    # search (the function is `mergegate.search.search`: the name `search` is its subpackage's)
+    "SearchOptions": "search",
+    "load_space": "search",
     # roll out
     "RolloutPlan": "rollout",
     "load_plan": "rollout",
@@ -59,6 +62,8 @@ _EXPORTS = {
     "SuiteError": "errors",
     "PolicyError": "errors",
     "PlanError": "errors",
+    "SearchSpaceError": "errors",
+    "SearchError": "errors",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -80,7 +85,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .compat import check_compatible
     from .engine import MergeOptions, MergePlan, MergeResult, merge, plan_merge, run_merge
     from .errors import (CheckpointError, IncompatibleModels, MergegateError, PlanError, PolicyError, RecipeError,
-                         SuiteError)
+                         SearchError, SearchSpaceError, SuiteError)
     from .evaluate import Suite, evaluate_models, load_suite
     from .gate import GateResult, Policy, decide, load_policy
     from .gateway import create_app, serve
@@ -92,3 +97,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .registry import Registry
     from .pipeline import ReleaseResult, gate_release, release
     from .rollout import RolloutPlan, load_plan
+    from .search import SearchOptions, load_space
