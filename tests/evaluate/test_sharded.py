@@ -1,6 +1,7 @@
 """Evaluation sharded on Ray (evaluate.sharded) records what one process records: the same outputs, scores,
 passed flags and token counts per row, one finished run per model in the one registry, for local and url
-models. One local Ray (2 CPUs) serves the module; mergegate uses it as it is and leaves it running."""
+models; a url model's own settings reach its shards (its API key variable; its concurrency, shared among them).
+One local Ray (2 CPUs) serves the module; mergegate uses it as it is and leaves it running."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from typer.testing import CliRunner
 from mergegate.errors import EvaluationError
 from mergegate.evaluate import evaluate_models, load_suite
 from mergegate.evaluate.endpoint import EndpointSettings
-from mergegate.model_ref import ModelRef
+from mergegate.evaluate.sharded import shard_endpoint
+from mergegate.model_ref import EndpointOverrides, ModelRef
 from mergegate.registry import Registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_torch_thread]
@@ -95,6 +98,45 @@ def test_a_url_model_sharded_answers_as_unsharded(local_ray, suite, tmp_path):
                                   progress=False, endpoint=FAST, workers=2)
     assert _answers(sharded["remote"]) == _answers(alone["remote"])
     assert len(sharded["remote"].results) == len(servable.rows)
+
+
+def test_a_url_models_own_api_key_variable_reaches_the_shards(local_ray, tmp_path, monkeypatch):
+    from fastapi.responses import JSONResponse
+
+    from mergegate.gateway.testing import ServerThread
+    from tests.evaluate.test_endpoint_runner import _Scripted
+
+    server, seen = _Scripted(), []
+
+    @server.app.middleware("http")
+    async def bearer_only(request, call_next):  # the server refuses any call without the model's key
+        seen.append(request.headers.get("authorization"))
+        if seen[-1] != "Bearer s3cret":
+            return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+        return await call_next(request)
+
+    # Set after the module's Ray started, so its workers see the key only if the shard's task carries it.
+    monkeypatch.setenv("MG_TEST_SHARD_KEY", "s3cret")
+    path = tmp_path / "four.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "cohort": "c", "prompt": "6*7=", "expected": "42",
+                                        "evaluators": ["exact_match"]}) + "\n" for i in range(4)))
+    with ServerThread(server.app) as running:
+        ref = ModelRef("keyed", url=running.url + "/v1", served_model="m",
+                       endpoint=EndpointOverrides(api_key_env="MG_TEST_SHARD_KEY"))
+        runs = evaluate_models([(ref, "candidate")], load_suite(path), Registry(tmp_path / "r.sqlite"),
+                               max_new_tokens=4, progress=False, endpoint=FAST, workers=2)
+    assert [r.passed for r in runs["keyed"].results] == [True] * 4
+    assert server.calls == 4 and set(seen) == {"Bearer s3cret"}
+
+
+def test_a_url_models_own_concurrency_is_shared_among_its_shards():
+    own = ModelRef("m", url="http://127.0.0.1:9/v1", endpoint=EndpointOverrides(concurrency=6, api_key_env="K"))
+    ref, settings = shard_endpoint(own, FAST, 2)
+    assert settings == EndpointSettings(concurrency=3, timeout_s=30, retries=2, api_key_env="K", backoff_s=0.05)
+    # the shard's ref has no settings of its own, so the worker's overlay keeps the shared concurrency
+    assert ref == replace(own, endpoint=None) and ref.endpoint_settings(settings) == settings
+    assert shard_endpoint(ModelRef("m", url="http://127.0.0.1:9/v1"), FAST, 2)[1].concurrency == 2  # the command's
+    assert shard_endpoint(own, FAST, 8)[1].concurrency == 1  # never below one request per shard
 
 
 def _without_perplexity(suite, tmp_path) -> Path:

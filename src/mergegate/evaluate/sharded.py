@@ -56,6 +56,15 @@ def split_rows(rows: list[SuiteRow], count: int) -> list[list[SuiteRow]]:
     return [ordered[start:start + size] for start in range(0, len(ordered), size)]
 
 
+def shard_endpoint(ref: ModelRef, endpoint: EndpointSettings, shards: int) -> tuple[ModelRef, EndpointSettings]:
+    """What each of url model `ref`'s `shards` shards is called with: the model's effective settings (its own
+    over the command's `endpoint`) with their concurrency shared among the shards, so the model keeps that many
+    requests in flight in all; and `ref` without its own settings, so the worker (`endpoint.run_rows`) does not
+    lay them over the shared ones again."""
+    own = ref.endpoint_settings(endpoint)
+    return replace(ref, endpoint=None), replace(own, concurrency=max(1, own.concurrency // max(1, shards)))
+
+
 def _run_shard(ref: ModelRef, model_hash: str, rows: list[SuiteRow], batch_size: int, max_new_tokens: int,
                device: str, endpoint: EndpointSettings, budgets: dict[str, int] | None) -> list[RowResult]:
     """One shard, in a Ray worker: its rows' results (nothing is written here; the driver writes them)."""
@@ -98,20 +107,21 @@ def _run_and_record(ray: Any, pending: list[PendingRun], registry: Registry, wor
     # Ray gives a GPU task its GPU as the only visible one, so the task asks for "cuda", whatever cuda:N the
     # driver was given (the cache key holds only the device kind).
     task_device = "cuda" if device.startswith("cuda") else device
-    # A url model keeps `endpoint.concurrency` requests in flight in all: its shards share them.
-    shard_endpoint = replace(endpoint, concurrency=max(1, endpoint.concurrency // workers))
-    env = {endpoint.api_key_env: endpoint.api_key() or ""} if endpoint.api_key_env else {}
     shard = ray.remote(_run_shard)
     in_flight = {}
     for todo in pending:
+        chunks = split_rows(todo.rows, workers)
         options: dict[str, Any] = {"num_cpus": TASK_CPUS, "max_retries": 0}
-        if todo.ref.is_remote and env:
-            options["runtime_env"] = {"env_vars": env}  # the API key, where the worker runs
-        elif not todo.ref.is_remote and task_device != "cpu":
+        ref, settings = todo.ref, endpoint
+        if todo.ref.is_remote:
+            ref, settings = shard_endpoint(todo.ref, endpoint, len(chunks))
+            if settings.api_key_env:  # the model's key (its own variable or the command's), where the worker runs
+                options["runtime_env"] = {"env_vars": {settings.api_key_env: settings.api_key() or ""}}
+        elif task_device != "cpu":
             options["num_gpus"] = 1
-        for rows in split_rows(todo.rows, workers):
-            task = shard.options(**options).remote(todo.ref, todo.model_hash, rows, batch_size, max_new_tokens,
-                                                   task_device, shard_endpoint, todo.budgets)
+        for rows in chunks:
+            task = shard.options(**options).remote(ref, todo.model_hash, rows, batch_size, max_new_tokens,
+                                                   task_device, settings, todo.budgets)
             in_flight[task] = todo
     try:
         while in_flight:
