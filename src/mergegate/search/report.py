@@ -76,6 +76,7 @@ def _pictures(trials: list, best: list, held: list, cohorts: list[str]) -> dict[
         running.append(best_so_far.worst_retention)
     ax.step(xs, running, where="post", color="tab:green", label="best so far (by cohorts promoted, then worst)")
     ax.set_xlabel("trial")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("worst cohort's retention (dev)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -132,6 +133,7 @@ def write_search_reports(out: Path, space: Space, trials: list, best: list, held
              f"rows); the best {len(held)} were then gated on the held-out rows ({held_out.path}, "
              f"{len(held_out.rows)} rows).", ""]
     summary = ""
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
     if held:
         top, release = best[0], held[0].release
         n_served, served = serving_cost(release.plan)
@@ -145,25 +147,28 @@ def write_search_reports(out: Path, space: Space, trials: list, best: list, held
                    "source).")
         never = [c for c in cohorts if not any(t.decisions.get(c) == "promote" for t in trials)]
         if never:
-            summary += (f" No trial kept {', '.join(never)}: across this space, merging it costs the other cohorts "
-                        "(see the Pareto front) — route that cohort to its source model instead of merging it.")
-        lines += [summary, "", "## Dev vs held-out, per cohort (best recipe)", ""]
-        rows = [[c, f"{top.decisions.get(c, '-')} {_fmt(top.retention.get(c))}",
-                 f"{release.gate.decision(c).decision} {_fmt(release.gate.decision(c).retention)}",
-                 _fmt(release.gate.decision(c).retention - top.retention.get(c, 0.0))] for c in cohorts]
-        lines += _md_table(["cohort", "dev: decision, retention", "held-out: decision, retention", "gap"], rows)
-        lines += ["", "## The kept trials on the held-out rows", ""]
-        lines += _md_table(["trial", "method", "dev promoted", "dev worst", "held-out promoted", "held-out worst",
-                            "report"],
-                           [[str(h.trial.number), _method(h.trial), str(h.trial.promoted), _fmt(h.trial.worst_retention),
-                             str(h.promoted), _fmt(h.worst_retention),
-                             str(h.release.reports["md"].relative_to(out))] for h in held])
-    lines += ["", "## Trials", ""]
+            them = "it" if len(never) == 1 else "them"
+            summary += (f" No trial kept {', '.join(never)} on the dev rows: across this space, merging {them} costs "
+                        f"the other cohorts (see the Pareto front) — route {them} to the source model instead of "
+                        "merging.")
+        lines += [summary]
+        tables.append(("Dev vs held-out, per cohort (best recipe)",
+                       ["cohort", "dev: decision, retention", "held-out: decision, retention", "gap"],
+                       [[c, f"{top.decisions.get(c, '-')} {_fmt(top.retention.get(c))}",
+                         f"{release.gate.decision(c).decision} {_fmt(release.gate.decision(c).retention)}",
+                         _fmt(release.gate.decision(c).retention - top.retention.get(c, 0.0))] for c in cohorts]))
+        tables.append(("The kept trials on the held-out rows",
+                       ["trial", "method", "dev promoted", "dev worst", "held-out promoted", "held-out worst", "report"],
+                       [[str(h.trial.number), _method(h.trial), str(h.trial.promoted), _fmt(h.trial.worst_retention),
+                         str(h.promoted), _fmt(h.worst_retention), str(h.release.reports["md"].relative_to(out))]
+                        for h in held]))
     trial_rows = [[str(t.number), t.status, _method(t), "-" if t.promoted is None else str(t.promoted),
                    _fmt(t.worst_retention), _fmt(t.mean_score), *(_fmt(t.retention.get(c)) for c in cohorts),
                    (t.reason or "")[:160]] for t in trials]
-    header = ["trial", "status", "method", "promoted", "worst", "mean", *cohorts, "reason"]
-    lines += _md_table(header, trial_rows)
+    tables.append(("Trials (retention per cohort on the dev rows)",
+                   ["trial", "status", "method", "promoted", "worst", "mean", *cohorts, "reason"], trial_rows))
+    for heading, header, rows in tables:
+        lines += ["", f"## {heading}", "", *_md_table(header, rows)]
     lines += ["", "Why not the mean: a recipe that gains on one cohort and silently loses another can have the best "
               "mean score; ranking by cohorts promoted (the gate's interval rule) and then by the worst cohort's "
               "retention only rewards recipes that keep every cohort."]
@@ -180,9 +185,11 @@ def write_search_reports(out: Path, space: Space, trials: list, best: list, held
                       ("trials.png", "worst cohort's retention per trial"), ("pareto.png", "Pareto front")):
         if name in pictures:
             body.append(_img(pictures[name], alt))
-    body.append("<h2>Trials</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in trial_rows)
-                + "</table>")
+    for heading, header, rows in tables:
+        body.append(f"<h2>{html.escape(heading)}</h2><table><tr>"
+                    + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+                    + "</table>")
     written["html"] = out / "search.html"
     written["html"].write_text(html_page(f"merge search: {len(trials)} trials", "\n".join(body)))
     return written
