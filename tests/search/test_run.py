@@ -62,7 +62,8 @@ def space(tmp_path: Path, dtype: str = "float32") -> Path:
 pytestmark = pytest.mark.slow
 
 
-def test_a_search_scores_trials_like_the_gate_and_releases_the_best_on_held_out_rows(tmp_path, suites, local_ray):
+def test_a_search_scores_trials_like_the_gate_and_releases_the_best_on_held_out_rows(tmp_path, suites, local_ray,
+                                                                                    monkeypatch):
     dev, held = suites
     out = tmp_path / "out"
     result = search(space(tmp_path), dev, held, POLICY, out, trials=3, parallel=2, keep=2, batch_size=8,
@@ -98,6 +99,16 @@ def test_a_search_scores_trials_like_the_gate_and_releases_the_best_on_held_out_
 
     merged = merge(out / "best.yaml", tmp_path / "from-best")
     assert merged.tensors > 0
+    # mergekit runs it too (from the search's folder: mergekit reads relative paths from the working folder)
+    # and gives the same tensors
+    from ..mergekit_peer import read_tensors, run_mergekit
+
+    monkeypatch.chdir(out)
+    run_mergekit(best, tmp_path / "mergekit-best")
+    ours, theirs = read_tensors(tmp_path / "from-best"), read_tensors(tmp_path / "mergekit-best")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert (ours[name] - theirs[name]).abs().max() <= 1e-5, name
 
 
 def _trial_rows(registry: Registry, number: int, suite_hash: str) -> list[RowResult]:
