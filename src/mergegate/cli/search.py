@@ -34,6 +34,8 @@ def search_command(
     cpus_per_trial: int = typer.Option(1, help="CPU cores Ray reserves for each trial (its merge and "
                                                "evaluation threads)."),
     gpus_per_trial: float = typer.Option(0.0, help="GPUs Ray reserves for each trial."),
+    memory_per_trial: Optional[str] = typer.Option(None, help="Memory Ray reserves for each trial's merge and "
+                                                              "evaluation, e.g. 16GB (default: none reserved)."),
     batch_size: int = BATCH_SIZE,
     max_new_tokens: int = MAX_NEW_TOKENS,
     device: Optional[str] = DEVICE,
@@ -42,13 +44,23 @@ def search_command(
 ) -> None:
     """Search a space of recipes for the merge the gate promotes most cohorts of; release the best on held-out rows."""
     from .. import MergegateError
+    from ..errors import SearchError
     from ..search import SearchOptions, search
 
     _keep_freed_memory()
     try:
+        memory = None
+        if memory_per_trial is not None:
+            from ..io.write import parse_size
+
+            try:
+                memory = parse_size(memory_per_trial)
+            except ValueError as exc:
+                raise SearchError(f"--memory-per-trial: {exc}") from None
         options = SearchOptions(trials=trials, parallel=parallel, seed=seed, objective=objective,  # type: ignore[arg-type]
                                 sampler=sampler, keep=keep, prune=prune, ray_address=ray_address,  # type: ignore[arg-type]
-                                cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, batch_size=batch_size,
+                                cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                                memory_per_trial=memory, batch_size=batch_size,
                                 max_new_tokens=max_new_tokens, device=device, serve_candidate=serve_candidate)
         result = search(space, suite, held_out, policy, out, options)
     except MergegateError as exc:
