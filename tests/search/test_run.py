@@ -214,3 +214,21 @@ def test_space_loads_the_shipped_demo_space():
     loaded = load_space(DEMO / "search" / "space.yaml")
     assert loaded.methods == ["task_arithmetic", "ties", "dare_ties"]
     assert optuna is not None
+
+
+@pytest.mark.parametrize("objective, sampler", [("pareto", None), ("gate", "cmaes"), ("mean", "tpe")])
+def test_each_objective_and_sampler_runs_trials(tmp_path, suites, local_ray, objective, sampler):
+    dev, held = suites
+    result = search(space(tmp_path), dev, held, POLICY, tmp_path / "out", trials=2, parallel=2, keep=1,
+                    objective=objective, sampler=sampler, batch_size=8, max_new_tokens=24, progress=False)
+    assert [t.status for t in result.trials] == ["complete", "complete"]
+    study = optuna.load_study(study_name="mergegate-search", storage=f"sqlite:///{tmp_path / 'out' / 'study.sqlite'}")
+    values = [t.values for t in study.trials]
+    if objective == "pareto":  # one value per cohort: its retention
+        assert [len(v) for v in values] == [len(COHORTS)] * 2
+        assert values[0] == [result.trials[0].retention[c] for c in COHORTS]
+    elif objective == "mean":
+        assert values[0] == [pytest.approx(result.trials[0].mean_score)]
+    else:
+        assert values[0][0] == pytest.approx(result.trials[0].promoted + 0.999 * min(1.0, result.trials[0].worst_retention))
+    assert len(result.held_out) == 1
