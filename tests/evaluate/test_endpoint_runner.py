@@ -64,8 +64,8 @@ def test_gateway_answers_as_in_process_and_second_run_is_cached(gateway, demo_su
     registry = Registry(tmp_path / "r.sqlite")
     local = ModelRef("local", DEMO / "models" / "json_output")
     remote = ModelRef("remote", url=gateway, served_model="json_output")
-    # max_new_tokens 8 is below every row's 2*expected+8 budget, so both runners cut at 8 tokens (the gateway has
-    # no /tokenize: its rows get max_new_tokens).
+    # max_new_tokens 8 is below every row's 2*expected+8 budget, so both runners cut at 8 tokens (budgets counted
+    # by the gateway's /tokenize: tests/gateway/test_tokenize.py).
     runs = evaluate_models([(local, "source"), (remote, "candidate")], suite, registry, max_new_tokens=8,
                            progress=False, endpoint=FAST)
     mine, theirs = runs["local"].results, runs["remote"].results

@@ -1,7 +1,8 @@
 """The OpenAI-compatible endpoints, plus /healthz and /metrics.
 
 Every answer carries `x-mergegate-route` ("cohort=…; source=…; model=…; fallback=…; attempt=…[; skipped=…]")
-and `x-request-id`. `/v1/models` lists the plan's models (owned_by "mergegate", with their role) and, as
+and `x-request-id`. `POST /tokenize` (vLLM's, at the root) tokenizes with a plan model's tokenizer (tokenize.py).
+`/v1/models` lists the plan's models (owned_by "mergegate", with their role) and, as
 virtual models, `mergegate`/`auto` (route by cohort) and `cohort/NAME` for each route (see routing.py).
 
 A caller that hangs up while its answer is being generated (a non-streamed request, or a stream on a buffered,
@@ -23,7 +24,8 @@ from .dispatch import Skip, StreamStart, close_stream
 from .errors import APIError, BackendError
 from .protocol import (ChunkWriter, Completion, GenRequest, Operation, new_id, parse_body, response_body,
                        to_gen_request)
-from .routing import VIRTUAL_PREFIX, Router, Target
+from .routing import VIRTUAL_PREFIX, Router, Target, _unknown_model
+from .tokenize import parse_tokenize, tokenize
 
 router = APIRouter()
 
@@ -56,6 +58,21 @@ async def get_model(model_id: str, request: Request) -> dict:
             return entry
     raise APIError(404, f"The model '{model_id}' does not exist on this gateway.", param="model",
                    code="model_not_found")
+
+
+@router.post("/tokenize")
+async def tokenize_prompt(request: Request):
+    """vLLM's /tokenize for one of the plan's models (see tokenize.py)."""
+    gateway = request.app.state.gateway
+    body = parse_tokenize(await read_body(request, gateway.config.max_body_bytes))
+    if body.model in Router.virtual_models(gateway.plan):
+        raise APIError(404, f"The model '{body.model}' is a route, whose models may tokenize differently; /tokenize "
+                            f"takes one of this gateway's models: {', '.join(gateway.plan.models)}.",
+                       param="model", code="model_not_found")
+    backend = gateway.backends.get(body.model) if body.model in gateway.plan.models else None
+    if backend is None:
+        raise _unknown_model(gateway.plan, body.model, only_models=True)
+    return await tokenize(backend, body)
 
 
 @router.get("/healthz")

@@ -77,7 +77,9 @@ class Router:
         return Target(cohort, source, route, chain, score=score)
 
 
-def _unknown_model(plan: RolloutPlan, model: str) -> APIError:
-    names = ", ".join([*plan.models, *Router.virtual_models(plan)])
+def _unknown_model(plan: RolloutPlan, model: str, *, only_models: bool = False) -> APIError:
+    """404 model_not_found listing what may be asked for: the plan's models, and (unless `only_models`, for
+    requests a route cannot answer, such as /tokenize) the virtual ones."""
+    names = ", ".join([*plan.models, *([] if only_models else Router.virtual_models(plan))])
     return APIError(404, f"The model '{model}' does not exist on this gateway. Available: {names}.",
                     param="model", code="model_not_found")
