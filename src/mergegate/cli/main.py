@@ -40,7 +40,7 @@ def merge_command(
     shard_size: str = typer.Option("5GB", help="Largest safetensors shard, e.g. 5GB or 500MB."),
     allow_pickle: bool = typer.Option(False, help="Load .bin/.pt weights with torch.load(weights_only=True)."),
     seed: int = typer.Option(0, "--seed", "--random-seed", help="Seed for random methods (DARE)."),
-    workers: Optional[int] = typer.Option(None, help="Tensors merged in parallel (default: cores, at most 4)."),
+    workers: Optional[int] = typer.Option(None, help="Tensor chunks merged in parallel (default: every core)."),
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists (only once the merge succeeded)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

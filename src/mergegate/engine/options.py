@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..errors import MergeOptionsError
@@ -20,7 +21,7 @@ class MergeOptions:
     worker count that is not a whole number of at least 1.
     """
 
-    workers: int | None = None  # tensors merged in parallel; None: the cores, at most 4
+    workers: int | None = None  # tensor chunks merged in parallel; None: every core this process may use
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of estimated working memory admitted at once
     shard_size: str | int = DEFAULT_SHARD_SIZE  # largest safetensors shard, e.g. "5GB", "500MB" or bytes
     seed: int = 0  # seeds random methods (DARE, …) per tensor
@@ -37,3 +38,11 @@ class MergeOptions:
         workers = self.workers
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise MergeOptionsError("workers", f" must be a whole number of at least 1, got {workers!r}")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -3,7 +3,6 @@ rename it into place only when everything (weights, config, tokenizer, provenanc
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -18,7 +17,7 @@ from ..errors import IncompatibleModels, MergegateError
 from ..methods import NonFiniteInput
 from ..progress import Advance, Progress
 from ..vocab import align
-from .options import MergeOptions
+from .options import MergeOptions, available_cores
 from ..recipe import Recipe
 from .plan import MergePlan, Source, TensorJob, plan_merge
 from .provenance import hash_inputs, write_provenance
@@ -75,12 +74,14 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     shard_size, progress, memory_budget = options.shard_size, options.progress, options.memory_budget
-    workers = options.workers or min(4, os.cpu_count() or 1)
+    workers = options.workers or available_cores()
     hasher = ThreadPoolExecutor(1, thread_name_prefix="mergegate-hash")
     input_hashes = hasher.submit(hash_inputs, plan)
     threads_before = torch.get_num_threads()
-    # One intra-op thread per worker: parallelism comes from the pool, and reductions (norms, sums) then
-    # run in a fixed order, so the bytes do not depend on the machine's core count.
+    # One intra-op thread per worker, so workers x threads = the cores without oversubscription. Parallelism
+    # comes from the pool (and from row spans of one tensor, see methods._parallel); reductions (norms, sums)
+    # then run in a fixed order, so the bytes do not depend on the machine's core count. (torch's thread count
+    # is process-wide: it cannot differ per worker anyway.)
     torch.set_num_threads(1)
     try:
         with staged(out_dir, overwrite=True) as staging:
