@@ -43,7 +43,14 @@ RANKING = ("ranked by cohorts promoted, then by worst-cohort retention (the lowe
            "never by a mean. A tie keeps the method listed first.")
 
 
-def run_demo(out: Path, models: Path | None = None, methods=METHODS) -> dict[str, ReleaseResult]:
+SEARCH_PARALLEL = 2  # the demo search's trials in flight (each trial takes one core)
+
+
+def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_trials: int = 0
+             ) -> dict[str, ReleaseResult]:
+    """Release the demo with each hand-written method; with `search_trials`, also run that many trials of the
+    merge search (examples/demo/search/space.yaml, scored on dev.jsonl) into OUT/search and release its winner on
+    the same suite, reported beside the hand-written methods."""
     from rich.console import Console
     from rich.table import Table
 
@@ -78,16 +85,44 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS) -> dict[str
         table.add_row(cohort, *row, f"{first.best_source} {first.best_source_mean:.3f}")
     console.print(table)
     best = max(methods, key=lambda m: release_rank(results[m].gate))  # max keeps the first of equals
-    _write_summary(out, results, best, load_policy(demo / "policy.yaml"))
+    searched = _run_search(demo, out, search_trials, console, (best, *release_rank(results[best].gate))) \
+        if search_trials else None
+    _write_summary(out, results, best, load_policy(demo / "policy.yaml"), searched)
     console.print(f"best release: [bold]{best}[/] ({RANKING}) Reports: {out / 'report.html'}, "
                   f"{out / 'report.md'}, rollout plan {out / 'rollout.yaml'}; per method in {out}/<method>/. "
                   f"{time.perf_counter() - started:.0f} s.")
     return results
 
 
-def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, policy: Policy) -> None:
+def _run_search(demo: Path, out: Path, trials: int, console, hand_written: tuple[str, int, float]) -> str:
+    """The bounded merge search on the demo; returns the summary's line about its winner beside the best
+    hand-written method (name, promoted, worst retention), as markdown."""
+    from .search import search
+
+    console.print(f"[bold]merge search[/]: {trials} trials on dev.jsonl, {SEARCH_PARALLEL} in flight → "
+                  f"{out / 'search'}; its best released on the suite")
+    result = search(demo / "search" / "space.yaml", demo / "dev.jsonl", demo / "suite.jsonl", demo / "policy.yaml",
+                    out / "search", trials=trials, parallel=min(SEARCH_PARALLEL, trials), keep=1)
+    if not result.held_out:
+        line = (f"Merge search ({trials} trials on dev.jsonl, [search/search.html](search/search.html)): no trial "
+                "completed, nothing released.")
+    else:
+        held = result.held_out[0]
+        cohorts = len(held.release.gate.decisions)
+        line = (f"Merge search ({trials} trials on dev.jsonl, [search/search.html](search/search.html)): its winner, "
+                f"trial {held.trial.number}, released on the same suite as the methods above "
+                f"(search/held-out/trial-{held.trial.number}/): {held.promoted} of {cohorts} cohorts promoted, "
+                f"worst-cohort retention {held.worst_retention:.2f} (best hand-written method, {hand_written[0]}: "
+                f"{hand_written[1]} promoted, worst {hand_written[2]:.2f}).")
+    console.print(line.replace("[search/search.html](search/search.html)", str(out / "search" / "search.html")))
+    return line
+
+
+def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, policy: Policy,
+                   search_line: str | None = None) -> None:
     """The top-level report: what the best release ships first, then how every method fared and why this one
-    was picked, then the best release's intervals, decisions and costs."""
+    was picked (and, after `mergegate demo --search`, how the search's winner fared on the same suite), then the
+    best release's intervals, decisions and costs."""
     methods = list(results)
     chosen = results[best]
     cohorts = [d.cohort for d in chosen.gate.decisions]
@@ -117,7 +152,8 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, poli
                   *_md_rows(rank_header, rank_rows), "",
                   "Candidate score per cohort and the gate's decision for each merge method. Per-method reports, "
                   "with intervals and reasons, are in each method's folder.", "",
-                  *_md_rows(header, rows), "", *(["![summary](summary.png)"] if png is not None else [])]
+                  *_md_rows(header, rows), "", *(["![summary](summary.png)"] if png is not None else []),
+                  *(["", search_line] if search_line else [])]
     pictures = tuple(name for name in ("forest.png", "chart.png") if (out / best / name).is_file())
     (out / "report.md").write_text(render_markdown(
         chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs, pictures=pictures,
@@ -131,11 +167,21 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, poli
     methods_html = (f'<section id="methods"><h2>Every method</h2><p>How the best release was picked:</p>'
                     f"{table(rank_header, rank_rows)}<p>Candidate score per cohort and the gate's decision for each "
                     f"merge method (per-method reports in each method's folder).</p>{table(header, rows)}{summary}"
-                    "</section>")
+                    f"{_search_html(search_line)}</section>")
     body = render_html_body(chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs,
                             pictures={name: (out / best / name).read_bytes() for name in pictures}, lead=lead_html,
                             after_ships=methods_html)
     (out / "report.html").write_text(html_page("mergegate demo", body))
+
+
+def _search_html(search_line: str | None) -> str:
+    """The summary's markdown line about the search as HTML: its one link made a link."""
+    if not search_line:
+        return ""
+    link = "[search/search.html](search/search.html)"
+    before, _, after = search_line.partition(link)
+    return (f'<p>{html.escape(before)}<a href="search/search.html">search/search.html</a>{html.escape(after)}</p>'
+            if _ else f"<p>{html.escape(search_line)}</p>")
 
 
 def _md_rows(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -283,6 +283,10 @@ def methods_command() -> None:
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), help="Folder for candidates, reports and the rollout plan."),
     models: Optional[Path] = typer.Option(None, help="Demo folder (default: examples/demo of this checkout)."),
+    search: bool = typer.Option(False, "--search", help="Also run a bounded merge search (OUT/search, needs the "
+                                                        "ray and search extras) and report its winner beside the "
+                                                        "hand-written methods."),
+    search_trials: int = typer.Option(8, help="Trials of the --search run (2 in flight)."),
 ) -> None:
     """Release the shipped demo models with several merge methods; print who wins which cohort."""
     from .. import MergegateError
@@ -290,7 +294,7 @@ def demo_command(
 
     _keep_freed_memory()
     try:
-        run_demo(out, models)
+        run_demo(out, models, search_trials=search_trials if search else 0)
     except (MergegateError, FileNotFoundError) as exc:
         _refuse(exc)
 
