@@ -232,3 +232,26 @@ def test_each_objective_and_sampler_runs_trials(tmp_path, suites, local_ray, obj
     else:
         assert values[0][0] == pytest.approx(result.trials[0].promoted + 0.999 * min(1.0, result.trials[0].worst_retention))
     assert len(result.held_out) == 1
+
+
+def test_trials_evaluate_through_a_server_started_from_the_launch_template(tmp_path, suites, local_ray):
+    import sys
+
+    dev, held = suites
+    mergegate = Path(sys.executable).with_name("mergegate")
+    template = f"{mergegate} serve-folder {{path}} --port {{port}} --served-model-name {{name}} --device cpu"
+    result = search(space(tmp_path), dev, held, POLICY, tmp_path / "out", trials=1, keep=1, serve_candidate=template,
+                    serve_timeout=180, max_new_tokens=24, progress=False)
+    assert [t.status for t in result.trials] == ["complete"], result.trials[0].reason
+    log = tmp_path / "out" / "trials" / "trial-0000-server.log"
+    assert log.is_file() and "serve-folder" in log.read_text()  # the trial's own server, its log kept
+    registry = Registry(tmp_path / "out" / "registry.sqlite")
+    served = registry._read("SELECT path FROM models WHERE name='trial-0'")
+    assert served and served[0]["path"].endswith("trial-0000")
+
+
+def test_a_bad_launch_template_is_refused_before_any_trial(tmp_path, suites):
+    dev, held = suites
+    with pytest.raises(Exception, match=r"\{path\}, \{port\} and \{name\}"):
+        search(space(tmp_path), dev, held, POLICY, tmp_path / "out", trials=1, serve_candidate="vllm serve {path} --port {prot}")
+    assert not (tmp_path / "out" / "study.sqlite").exists()

@@ -158,6 +158,12 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
     policy.check_cohorts(dev.cohorts)
     policy.check_cohorts(held_out.cohorts)
     device = resolve_device(options.device)
+    if options.serve_candidate is not None:  # before any trial: a bad template or an unservable suite fails now
+        from ..candidate_server import candidate_command
+        from ..evaluate.endpoint import check_rows
+
+        candidate_command(options.serve_candidate, out / "trials" / "trial-0000", 1, "candidate")
+        check_rows(ModelRef("candidate", url="http://127.0.0.1/v1"), dev.rows)
     models = release_models(space.fixed_point(), out / "trials" / "candidate", "candidate")
     base = next(ref for ref, role in models if role == "base")
     sources = [ref for ref, role in models if role == "source"]
