@@ -66,6 +66,22 @@ class PlanModel(BaseModel):
                         endpoint=EndpointOverrides(api_key_env=self.api_key_env) if self.api_key_env else None)
 
 
+StrategyKind = Literal["hedge", "race", "vote", "cascade"]
+
+
+class Strategy(BaseModel):
+    """How a route answers with several models at once (the gateway's `ensembles` module): `hedge` (the next model
+    also asked when no good answer came within `delay_ms`), `race` (all at once), `vote` (the plurality of `k`
+    answers), `cascade` (the next model only when the previous one's answer fails). `models` defaults to the
+    route's model then its fallback chain."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: StrategyKind
+    models: list[str] = Field(default_factory=list)
+    delay_ms: int = Field(200, ge=0, le=600_000)  # hedge: wait before asking the next model
+    k: int | None = Field(None, ge=1, le=16)  # vote: answers to collect (models cycled); None: one per model
+
+
 class Route(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -74,6 +90,13 @@ class Route(BaseModel):
     decision: Literal["promote", "hold", "reject", "manual"] | None = None
     check: OnlineCheck | None = None  # online check whose failure triggers fallback
     tools: list[str] | None = None  # for the tool_selection check
+    strategy: Strategy | None = None  # answer with several models (None: the model, then the fallback chain)
+
+    def strategy_models(self) -> list[str]:
+        """The models a strategy asks, in order (its own list, else the route's model and fallback chain)."""
+        if self.strategy is None:
+            return []
+        return list(dict.fromkeys(self.strategy.models or [self.model, *self.fallback]))
 
 
 class RolloutPlan(BaseModel):
@@ -89,7 +112,7 @@ class RolloutPlan(BaseModel):
         if self.candidate not in self.models:
             raise ValueError(f"candidate '{self.candidate}' is not among models ({', '.join(self.models)})")
         for cohort, route in [*self.routes.items(), ("default", self.default)]:
-            for name in [route.model, *route.fallback]:
+            for name in [route.model, *route.fallback, *(route.strategy.models if route.strategy else [])]:
                 if name not in self.models:
                     raise ValueError(f"route '{cohort}' names model '{name}', which is not among models "
                                      f"({', '.join(self.models)})")

@@ -250,8 +250,25 @@ def _models(gateway) -> list[dict]:
             route = plan.route(name[len(VIRTUAL_PREFIX):])
             info = {"kind": "route", "model": route.model, "fallback": route.fallback, "mirror": route.mirror,
                     "check": route.check}
-        else:
-            info = {"kind": "router", "description": "routed by cohort (X-Cohort, metadata.cohort, classifier)"}
+            if route.strategy is not None:
+                info["strategy"] = route.strategy.model_dump()
+            # what answers this route, as a fingerprint: an evaluation of `cohort/NAME` (the gate's endpoint
+            # runner keys its cache on the /models entry) is not reused once the route or its models change
+            entries.append({"id": name, "object": "model", "created": created, "owned_by": "mergegate",
+                            "mergegate": info, "route_digest": route_digest(plan, route)})
+            continue
+        info = {"kind": "router", "description": "routed by cohort (X-Cohort, metadata.cohort, classifier)"}
         entries.append({"id": name, "object": "model", "created": created, "owned_by": "mergegate",
                         "mergegate": info})
     return entries
+
+
+def route_digest(plan, route) -> str:
+    """A hash of what answers a route: its model, fallback, check, tools and strategy, and those models' entries."""
+    import hashlib
+    import json
+
+    shape = route.model_dump(include={"model", "fallback", "check", "tools", "strategy"}, exclude_none=True)
+    names = dict.fromkeys([*route.strategy_models(), route.model, *route.fallback])
+    shape["models"] = {name: plan.models[name].model_dump(exclude_none=True) for name in names}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]

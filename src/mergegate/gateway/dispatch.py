@@ -74,38 +74,53 @@ class Dispatcher:
         self.telemetry, self.metrics, self.config = telemetry, metrics, config
 
     async def complete(self, target: Target, request: GenRequest, parent=None) -> Answer:
+        if target.route.strategy is not None and not target.pinned:
+            from .ensembles import run_strategy  # routes with a strategy only: the plain path stays as it was
+
+            return await run_strategy(self, target, request, parent)
         skipped: list[Skip] = []
         for attempt, name in enumerate(target.chain):
-            if not self._admit(target, name, skipped):
-                continue
-            backend, call = self.backends[name], self._call(target, request, name, attempt, parent, stream=False)
-            slot = None
-            try:
-                slot = await backend.acquire()  # the queue: not timed
-                completion = await asyncio.wait_for(backend.generate(request, slot=slot),
-                                                    self.config.backend_timeout)
-            except (BackendError, asyncio.TimeoutError) as exc:
-                self._failed(target, name, self._as_backend_error(name, exc), call, skipped)
-                continue
-            except BaseException:
-                self.breakers[name].release()
-                call.fail("cancelled", "the request was cancelled")
-                raise
-            finally:
-                if slot is not None:
-                    slot.release()  # no-op when the call took it (it frees the model when generation ends)
-            self.breakers[name].success()
-            checks = run_checks(target.route, completion.text)
-            failed = failed_check(target.route, checks, fallback_on_refusal=self.config.fallback_on_refusal)
-            call.succeed(completion, checks, failed)
-            if failed:
-                self._skip(target, skipped, Skip(name, f"check:{failed}", checks[failed]["reason"]))
-                continue
-            return Answer(name, completion, attempt, checks, skipped)
+            answer = await self.attempt(target, request, name, attempt, parent, skipped)
+            if answer is not None:
+                return answer
         raise self._exhausted(target, skipped)
 
+    async def attempt(self, target: Target, request: GenRequest, name: str, attempt: int, parent,
+                      skipped: list[Skip], *, answered: list[Answer] | None = None) -> Answer | None:
+        """One model's try at a non-streamed answer: the Answer, or None with the reason appended to `skipped`.
+        `answered`, when given, also receives an answer that failed its check (ensembles count its tokens)."""
+        if not self._admit(target, name, skipped):
+            return None
+        backend, call = self.backends[name], self._call(target, request, name, attempt, parent, stream=False)
+        slot = None
+        try:
+            slot = await backend.acquire()  # the queue: not timed
+            completion = await asyncio.wait_for(backend.generate(request, slot=slot),
+                                                self.config.backend_timeout)
+        except (BackendError, asyncio.TimeoutError) as exc:
+            self._failed(target, name, self._as_backend_error(name, exc), call, skipped)
+            return None
+        except BaseException:
+            self.breakers[name].release()
+            call.fail("cancelled", "the request was cancelled")
+            raise
+        finally:
+            if slot is not None:
+                slot.release()  # no-op when the call took it (it frees the model when generation ends)
+        self.breakers[name].success()
+        checks = run_checks(target.route, completion.text)
+        failed = failed_check(target.route, checks, fallback_on_refusal=self.config.fallback_on_refusal)
+        call.succeed(completion, checks, failed)
+        if failed:
+            if answered is not None:
+                answered.append(Answer(name, completion, attempt, checks, []))
+            self._skip(target, skipped, Skip(name, f"check:{failed}", checks[failed]["reason"]))
+            return None
+        return Answer(name, completion, attempt, checks, skipped)
+
     async def open_stream(self, target: Target, request: GenRequest, parent=None) -> StreamStart:
-        if can_fail(target.route, fallback_on_refusal=self.config.fallback_on_refusal):
+        if can_fail(target.route, fallback_on_refusal=self.config.fallback_on_refusal) or \
+                (target.route.strategy is not None and not target.pinned):  # a strategy picks among whole answers
             answer = await self.complete(target, request, parent)
             start = StreamStart(answer.model, answer.attempt, answer.skipped, _replay(answer.completion), True,
                                 answer.checks)

@@ -144,6 +144,18 @@ class Metrics:
         self.token_usage = Summary("gen_ai_client_token_usage", "Tokens per backend call (gen_ai.client.token.usage).",
                                    ("gen_ai_operation_name", "gen_ai_request_model", "mergegate_cohort",
                                     "gen_ai_token_type"), window)
+        # routes with a strategy (ensembles.py): what answering with several models cost
+        self.strategy_requests = Counter("mergegate_strategy_requests_total", "Requests answered by a route's "
+                                         "strategy, by cohort, strategy and winning model ('-': none).",
+                                         ("cohort", "strategy", "winner"))
+        self.strategy_calls = Counter("mergegate_strategy_calls_total", "Upstream calls made by strategies, by "
+                                      "outcome (won, answered, rejected, failed, cancelled).",
+                                      ("cohort", "strategy", "model", "outcome"))
+        self.strategy_extra_calls = Counter("mergegate_strategy_extra_calls_total", "Calls strategies made beyond "
+                                            "the one a plain route makes.", ("cohort", "strategy"))
+        self.strategy_extra_tokens = Counter("mergegate_strategy_extra_tokens_total", "Tokens of strategy answers "
+                                             "that were not returned, by type (input, output).",
+                                             ("cohort", "strategy", "type"))
         self.gauges: list[Gauge] = []
 
     def gauge(self, name: str, help: str, labels: tuple[str, ...], collect: Callable[[], dict[tuple, float]]):
@@ -152,6 +164,7 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.request_duration, self.fallbacks, self.breaker_transitions, self.mirrors,
-                       self.operation_duration, self.token_usage, *self.gauges):
+                       self.operation_duration, self.token_usage, self.strategy_requests, self.strategy_calls,
+                       self.strategy_extra_calls, self.strategy_extra_tokens, *self.gauges):
             lines += metric.render()
         return "\n".join(lines) + "\n"

@@ -73,7 +73,7 @@ class Router:
     @staticmethod
     def _target(plan: RolloutPlan, cohort: str, source: str, score: float | None = None) -> Target:
         route = plan.route(cohort)
-        chain = tuple(dict.fromkeys([route.model, *route.fallback]))
+        chain = tuple(dict.fromkeys([*route.strategy_models(), route.model, *route.fallback]))
         return Target(cohort, source, route, chain, score=score)
 
 

@@ -73,6 +73,8 @@ class Behavior:
     hang: float = 30.0  # seconds a "hang" lasts before it answers anyway (bounded, so shutdown never waits long)
     status: int = 500  # for "fail"
     interval: float = 0.0  # seconds between two streamed chunks
+    # a reply per prompt (a chat's last user message, or a completion's prompt); other prompts get `reply`
+    replies: dict[str, str] | None = None
 
 
 class StubUpstream:
@@ -131,7 +133,12 @@ class StubUpstream:
                                                "code": None}}, status_code=b.status)
             if b.mode == "invalid_json":
                 return Response("{this is not json", media_type="application/json")
-            chunks = [b.reply[i:i + 4] for i in range(0, len(b.reply), 4)]
+            reply = b.reply
+            if b.replies:
+                users = [str(m.get("content", "")) for m in body.get("messages", []) if m.get("role") == "user"]
+                asked = str(body.get("prompt", "")) if operation == "text_completion" else (users or [""])[-1]
+                reply = b.replies.get(asked, b.reply)
+            chunks = [reply[i:i + 4] for i in range(0, len(reply), 4)]
             limit = int(body.get("max_tokens") or len(chunks) or 1)
             finish = "length" if len(chunks) > limit else "stop"
             chunks = chunks[:limit]

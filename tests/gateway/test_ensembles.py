@@ -1,0 +1,237 @@
+"""Ensembles at the gateway (ensembles.py): hedge, race, vote and cascade over stub upstreams on 127.0.0.1 — which
+answer wins, what the strategy cost (metrics and the request's span), a member down, and a vote that beats each
+of its members on a crafted suite when evaluated through the endpoint runner like any candidate."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from mergegate.gateway import GatewayConfig
+from mergegate.rollout import RolloutPlan, load_plan
+
+from .helpers import MESSAGES, route_of, wait_for
+
+pytestmark = [pytest.mark.one_torch_thread, pytest.mark.slow]
+
+CONFIG = GatewayConfig(backend_timeout=5.0, breaker_failures=1000, max_tokens_limit=64)
+MEMBERS = ("a", "b", "c")
+
+
+def plan(stub) -> dict:
+    return {
+        "candidate": "a",
+        "models": {name: {"url": stub.url, "upstream_model": name} for name in (*MEMBERS, "d")},
+        "routes": {
+            "hedged": {"model": "a", "fallback": ["b"], "strategy": {"kind": "hedge", "delay_ms": 300}},
+            "raced": {"model": "a", "strategy": {"kind": "race", "models": list(MEMBERS)}},
+            "voted": {"model": "a", "check": "json_valid", "strategy": {"kind": "vote", "models": list(MEMBERS)}},
+            "text_vote": {"model": "a", "strategy": {"kind": "vote", "models": ["a", "b"]}},
+            "cascaded": {"model": "a", "fallback": ["d"], "check": "json_valid",
+                         "strategy": {"kind": "cascade", "models": ["a", "b"]}},
+            "plain": {"model": "a", "fallback": ["b"]},
+        },
+        "default": {"model": "a"},
+    }
+
+
+@pytest.fixture(scope="module")
+def gw(stub, launch):
+    return launch(plan(stub), config=CONFIG)
+
+
+def ask(gw, cohort: str, content: str = MESSAGES[0]["content"]):
+    response = gw.client().chat.completions.with_raw_response.create(
+        model=f"cohort/{cohort}", messages=[{"role": "user", "content": content}], max_tokens=32)
+    return response, response.parse()
+
+
+def request_span(gw, response) -> dict:
+    request_id = response.headers["x-request-id"]
+    return wait_for(lambda: next((s for s in gw.spans() if s["kind"] == "SERVER"
+                                  and s["attributes"].get("mergegate.request_id") == request_id), None))
+
+
+def counter(gw, line_start: str) -> float:
+    lines = [line for line in gw.metrics().splitlines() if line.startswith(line_start)]
+    return sum(float(line.split()[-1]) for line in lines)
+
+
+# -- schema ---------------------------------------------------------------------------------------------------------
+
+def test_plan_with_strategies_loads_and_plans_without_keep_their_yaml(stub, tmp_path):
+    with_strategy = RolloutPlan.model_validate(plan(stub))
+    path = with_strategy.save(tmp_path / "ensembles.yaml")
+    loaded = load_plan(path)
+    assert loaded.routes["voted"].strategy.kind == "vote" and loaded.routes["voted"].strategy_models() == list(MEMBERS)
+    assert loaded.routes["hedged"].strategy_models() == ["a", "b"]  # default: the model, then its fallback
+    plain = {**plan(stub), "routes": {"plain": plan(stub)["routes"]["plain"]}}
+    text = RolloutPlan.model_validate(plain).save(tmp_path / "plain.yaml").read_text()
+    assert "strategy" not in text and yaml.safe_load(text)["routes"] == {"plain": {"model": "a", "fallback": ["b"],
+                                                                                  "mirror": 0.0}}
+    bad = {**plan(stub), "routes": {"x": {"model": "a", "strategy": {"kind": "vote", "models": ["a", "zz"]}}}}
+    with pytest.raises(ValueError, match="route 'x' names model 'zz'"):
+        RolloutPlan.model_validate(bad)
+
+
+# -- race and hedge -------------------------------------------------------------------------------------------------
+
+def test_race_the_fast_model_wins_and_the_slow_ones_are_cancelled(gw, stub):
+    stub.set("a", reply="slow a", delay=3.0)
+    stub.set("b", reply="fast b")
+    stub.set("c", reply="slow c", delay=3.0)
+    started = time.monotonic()
+    response, answer = ask(gw, "raced")
+    assert time.monotonic() - started < 2.0
+    assert (answer.model, answer.choices[0].message.content) == ("b", "fast b")
+    assert route_of(response.headers)["model"] == "b"
+    wait_for(lambda: stub.hung_up["a"] == 1 and stub.hung_up["c"] == 1)  # the cancel reached the upstream
+    attributes = request_span(gw, response)["attributes"]
+    assert attributes["mergegate.strategy"] == "race" and attributes["mergegate.strategy.winner"] == "b"
+    assert attributes["mergegate.strategy.calls"] == 3 and attributes["mergegate.strategy.extra_calls"] == 2
+    assert attributes["mergegate.strategy.cancelled"] == 2
+    assert dict(zip(attributes["mergegate.strategy.models"], attributes["mergegate.strategy.outcomes"])) == \
+        {"a": "cancelled", "b": "won", "c": "cancelled"}
+    assert counter(gw, 'mergegate_strategy_calls_total{cohort="raced",strategy="race",model="a",outcome="cancelled"}') \
+        >= 1
+
+
+def test_hedge_asks_the_next_model_only_after_the_delay(gw, stub):
+    stub.set("a", reply="primary")
+    started = time.monotonic()
+    _, answer = ask(gw, "hedged")
+    assert answer.model == "a" and stub.calls["b"] == 0  # answered within the delay: no extra call
+    assert time.monotonic() - started < 1.0
+
+    stub.set("a", reply="late primary", delay=3.0)
+    stub.set("b", reply="hedged")
+    started = time.monotonic()
+    response, answer = ask(gw, "hedged")
+    took = time.monotonic() - started
+    assert (answer.model, answer.choices[0].message.content) == ("b", "hedged")
+    assert 0.3 <= took < 2.0  # b was asked after 300 ms, and a was not waited for
+    wait_for(lambda: stub.hung_up["a"] == 1)
+    attributes = request_span(gw, response)["attributes"]
+    assert attributes["mergegate.strategy.extra_calls"] == 1 and attributes["mergegate.strategy.cancelled"] == 1
+
+
+# -- cascade --------------------------------------------------------------------------------------------------------
+
+def test_cascade_escalates_when_the_small_models_check_fails(gw, stub):
+    stub.set("a", reply='{"small": true}')
+    _, answer = ask(gw, "cascaded")
+    assert answer.model == "a" and stub.calls["b"] == 0
+
+    stub.set("a", reply="not json at all")
+    stub.set("b", reply='{"big": true}')
+    response, answer = ask(gw, "cascaded")
+    assert (answer.model, answer.choices[0].message.content) == ("b", '{"big": true}')
+    assert route_of(response.headers)["skipped"] == "a:check:json_valid"
+    attributes = request_span(gw, response)["attributes"]
+    assert attributes["mergegate.strategy.outcomes"] == ["rejected", "won"]
+    assert attributes["mergegate.strategy.extra_output_tokens"] == 4  # "not json at all": 4 stub tokens
+    assert counter(gw, 'mergegate_strategy_extra_tokens_total{cohort="cascaded",strategy="cascade",type="output"}') \
+        == 4
+
+    stub.set("b", reply="still not json")
+    stub.set("d", reply='{"fallback": true}')
+    _, answer = ask(gw, "cascaded")
+    assert answer.model == "d"  # the strategy found no good answer: the route's own fallback answers
+
+
+# -- vote -----------------------------------------------------------------------------------------------------------
+
+def test_vote_picks_the_majority_by_canonical_json_and_ties_go_to_model_order(gw, stub):
+    stub.set("a", reply='{"x": 2}')
+    stub.set("b", reply='{"x":1}')
+    stub.set("c", reply='{ "x" : 1 }')  # the same object as b's, spelt differently
+    response, answer = ask(gw, "voted")
+    assert (answer.model, answer.choices[0].message.content) == ("b", '{"x":1}')
+    attributes = request_span(gw, response)["attributes"]
+    assert attributes["mergegate.strategy.votes"] == 2 and attributes["mergegate.strategy.winner"] == "b"
+
+    stub.set("a", reply="yes")
+    stub.set("b", reply="no")
+    _, answer = ask(gw, "text_vote")
+    assert answer.choices[0].message.content == "yes"  # one vote each: the earlier model's answer
+
+
+def test_a_member_down_still_answers(gw, stub):
+    stub.set("b", mode="fail")
+    stub.set("a", reply='{"x": 1}')
+    stub.set("c", reply='{"x": 1}')
+    for cohort in ("raced", "voted", "hedged"):
+        response, answer = ask(gw, cohort)
+        assert answer.model in ("a", "c"), cohort
+    stub.set("a", mode="fail")
+    stub.set("b", mode="ok", reply="b answers")
+    response, answer = ask(gw, "hedged")
+    assert answer.model == "b" and route_of(response.headers)["skipped"] == "a:http_error"
+    assert counter(gw, 'mergegate_fallbacks_total{cohort="hedged",model="a",reason="http_error"}') == 1
+
+
+def test_a_stream_on_a_strategy_route_gets_the_chosen_answer(gw, stub):
+    stub.set("a", reply="too slow", delay=3.0)
+    stub.set("b", reply="streamed winner")
+    stub.set("c", reply="also slow", delay=3.0)
+    chunks = list(gw.client().chat.completions.create(model="cohort/raced", messages=MESSAGES, max_tokens=32,
+                                                      stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed winner"
+    assert {c.model for c in chunks} == {"b"}
+
+
+def test_a_route_without_a_strategy_makes_one_call_and_records_no_strategy_cost(gw, stub):
+    before = counter(gw, "mergegate_strategy_requests_total")
+    _, answer = ask(gw, "plain")
+    assert answer.model == "a" and sum(stub.calls.values()) == 1
+    assert counter(gw, "mergegate_strategy_requests_total") == before
+
+
+# -- the done-when: a vote that beats each member, evaluated as a candidate ---------------------------------------
+
+def test_vote_beats_each_member_through_the_endpoint_runner(gw, stub, tmp_path):
+    from mergegate.evaluate.runner import evaluate_models
+    from mergegate.evaluate.suite import load_suite
+    from mergegate.model_ref import EndpointSettings, ModelRef
+    from mergegate.registry import Registry
+
+    rows, spellings = [], {"a": '{{"answer": {}}}', "b": '{{"answer":{}}}', "c": '{{ "answer" : {} }}'}
+    replies: dict[str, dict[str, str]] = {name: {} for name in MEMBERS}
+    for i in range(24):
+        question = f"question {i}: answer in JSON"
+        rows.append({"id": f"q{i}", "cohort": "voted", "messages": [{"role": "user", "content": question}],
+                     "expected": json.dumps({"answer": i}), "evaluators": ["json_schema"],
+                     "schema": {"type": "object", "properties": {"answer": {"const": i}}, "required": ["answer"]}})
+        wrong = MEMBERS[i // 8]  # each member is wrong on its own third of the rows
+        for name in MEMBERS:
+            replies[name][question] = spellings[name].format(-1 if name == wrong else i)
+    for name in MEMBERS:
+        stub.set(name, replies=replies[name])
+    path = tmp_path / "suite.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    refs = [(ModelRef(name, url=stub.url, served_model=name), "source") for name in MEMBERS]
+    vote = ModelRef("vote", url=gw.url + "/v1", served_model="cohort/voted")
+    runs = evaluate_models([*refs, (vote, "candidate")], load_suite(path), Registry(tmp_path / "r.sqlite"),
+                           max_new_tokens=16, progress=False,
+                           endpoint=EndpointSettings(concurrency=3, timeout_s=10, retries=0))
+    score = {name: sum(r.score for r in run.results) / len(run.results) for name, run in runs.items()}
+    assert score["vote"] == 1.0
+    assert all(score[name] == pytest.approx(16 / 24) for name in MEMBERS)
+    assert counter(gw, 'mergegate_strategy_requests_total{cohort="voted",strategy="vote"') >= 24
+
+    # the gate releases the vote like any candidate: `mergegate gate --candidate NAME=URL#cohort/ROUTE`
+    from typer.testing import CliRunner
+
+    from mergegate.cli.main import app
+
+    gated = CliRunner().invoke(app, ["gate", "--candidate", str(vote), "--base", str(refs[0][0]),
+                                     "--source", str(refs[1][0]), "--source", str(refs[2][0]), "--suite", str(path),
+                                     "--out", str(tmp_path / "out"), "--registry", str(tmp_path / "r.sqlite"),
+                                     "--max-new-tokens", "16", "--endpoint-retries", "0"])
+    assert gated.exit_code == 0, gated.output
+    released = load_plan(tmp_path / "out" / "rollout.yaml")
+    assert released.candidate == "vote" and released.models["vote"].upstream_model == "cohort/voted"
+    assert (released.routes["voted"].model, released.routes["voted"].decision) == ("vote", "promote")
