@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,serve,report,ray,search]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,report,ray,search,gguf]"
 	touch $@
 
 setup: $(BIN)/.installed

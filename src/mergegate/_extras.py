@@ -9,6 +9,7 @@ EXTRA_MODULES = {
     "report": ("matplotlib",),
     "ray": ("ray",),
     "search": ("optuna",),
+    "gguf": ("gguf",),
 }
 
 

@@ -1,10 +1,12 @@
 """The command line: a thin typer shell over the Python API. Nothing in the core imports it."""
 
 from .main import app, main
+from .export import register as _register_export
 from .lora import register as _register_lora
 from .search import register as _register_search
 from .serve import register as _register_serve
 
+_register_export(app)
 _register_lora(app)
 _register_search(app)
 _register_serve(app)

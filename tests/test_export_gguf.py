@@ -1,0 +1,206 @@
+"""GGUF export of the shipped demo base: read back with the `gguf` package's reader, every tensor within its
+format's error of the source, llama.cpp's names, shapes, rope order and metadata, the tokenizer, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import assert_refused
+
+gguf = pytest.importorskip("gguf")
+
+from mergegate.cli import app  # noqa: E402
+from mergegate.export.gguf import (  # noqa: E402
+    GGUFExportError, dequantized_tensors, export_gguf, permute_rope_rows, unpermute_rope_rows,
+)
+from mergegate.io.read import Checkpoint  # noqa: E402
+
+BASE = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models" / "base"
+HEADS, KV_HEADS, LAYERS = 4, 4, 4
+BLOCK = 32  # values per Q8_0 / Q4_0 block
+F16_EPS = 2.0 ** -11  # float16's unit roundoff: half a unit in the last place, relative
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gguf")
+    return {qtype: export_gguf(BASE, out / f"base-{qtype}.gguf", qtype).path for qtype in ("f16", "q8_0", "q4_0")}
+
+
+@pytest.fixture(scope="module")
+def source() -> dict[str, np.ndarray]:
+    checkpoint = Checkpoint(BASE)
+    return {name: checkpoint.read(name).float().numpy() for name in checkpoint.tensors}
+
+
+def _source_in_gguf_order(source: dict[str, np.ndarray], gguf_name: str) -> np.ndarray:
+    """The source tensor a GGUF tensor was made from, its q/k rows permuted as the exporter does."""
+    hf = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}.get(gguf_name.rsplit(".", 1)[0])
+    if hf is None:
+        layer, part = gguf_name.split(".")[1], gguf_name.split(".")[2]
+        hf = f"model.layers.{layer}." + {
+            "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}[part]
+    array = source[hf + ".weight"]
+    if ".attn_q." in gguf_name:
+        return permute_rope_rows(array, HEADS)
+    if ".attn_k." in gguf_name:
+        return permute_rope_rows(array, KV_HEADS)
+    return array
+
+
+def _block_bound(array: np.ndarray, qtype: str) -> np.ndarray:
+    """Largest |dequantized − source| the format allows, per value, from each 32-value block's largest magnitude m.
+    Q8_0: scale d = m/127, q = round(x/d) → |error| ≤ d/2, plus |q| ≤ 127 times d's float16 rounding (≤ d·2⁻¹¹).
+    Q4_0: d = m/8 (sign of the extreme value), q = trunc(x/d + 8.5) clipped to 0..15 → |error| ≤ d (the clip
+    loses up to a whole step at the far end), plus |q − 8| ≤ 8 times d's float16 rounding."""
+    blocks = np.abs(array.reshape(-1, BLOCK)).max(axis=1, keepdims=True)
+    if qtype == "q8_0":
+        step = blocks / 127
+        bound = step / 2 + 127 * step * F16_EPS
+    else:
+        step = blocks / 8
+        bound = step + 8 * step * F16_EPS
+    return np.broadcast_to(bound * (1 + 1e-5) + 1e-12, (blocks.shape[0], BLOCK)).reshape(array.shape)
+
+
+def test_names_and_shapes_are_llama_cpps(exported, source):
+    tensors = dequantized_tensors(exported["f16"])
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                 "ffn_down"]
+    expected = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{part}.weight" for i in range(LAYERS) for part in per_layer}
+    assert set(tensors) == expected  # tied embeddings: no output.weight, llama.cpp reuses token_embd
+    reader = gguf.GGUFReader(exported["f16"])
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}  # ggml order: fastest dimension first
+    assert shapes["token_embd.weight"] == [128, 95]  # {n_embd, n_vocab}
+    assert shapes["blk.0.ffn_gate.weight"] == [128, 512] and shapes["blk.0.ffn_down.weight"] == [512, 128]
+    assert shapes["blk.3.attn_q.weight"] == [128, 128] and shapes["output_norm.weight"] == [128]
+    for name, (_, array) in tensors.items():
+        assert array.shape == _source_in_gguf_order(source, name).shape, name
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
+def test_every_tensor_dequantizes_within_the_formats_error(exported, source, qtype):
+    matrices = 0
+    for name, (ggml_type, array) in dequantized_tensors(exported[qtype]).items():
+        original = _source_in_gguf_order(source, name)
+        if original.ndim == 1:  # norms stay float32: bit-exact
+            assert ggml_type == "F32" and np.array_equal(array, original), name
+            continue
+        matrices += 1
+        error = np.abs(array - original)
+        if qtype == "f16":
+            assert ggml_type == "F16"
+            assert np.array_equal(array, original.astype(np.float16).astype(np.float32)), name
+            assert np.all(error <= np.abs(original) * F16_EPS + 2.0 ** -25), name  # 2⁻²⁵: half the smallest subnormal
+        else:
+            assert ggml_type == qtype.upper(), name
+            bound = _block_bound(original, qtype)
+            assert np.all(error <= bound), (name, float((error - bound).max()))
+            # and the bound is not vacuous: the error is a real fraction of it, not zero
+            assert 0 < error.mean() < bound.mean(), name
+    assert matrices == 1 + LAYERS * 7
+
+
+def test_quantized_files_are_smaller_in_the_formats_ratio(exported):
+    sizes = {qtype: path.stat().st_size for qtype, path in exported.items()}
+    # per 32 values: F16 64 bytes, Q8_0 34, Q4_0 18 (norms and metadata alike in all three)
+    assert sizes["q4_0"] < sizes["q8_0"] < sizes["f16"]
+    assert 0.45 < sizes["q8_0"] / sizes["f16"] < 0.6 and 0.25 < sizes["q4_0"] / sizes["f16"] < 0.35
+
+
+def test_q_and_k_rows_are_in_llama_cpps_rope_order(exported, source):
+    """Rotate-half rope on Hugging Face's rows equals interleaved-pair rope (llama.cpp's) on the exported rows."""
+    q_gguf = dequantized_tensors(exported["f16"])["blk.1.attn_q.weight"][1]
+    q_hf = source["model.layers.1.self_attn.q_proj.weight"].astype(np.float16).astype(np.float32)
+    assert np.array_equal(unpermute_rope_rows(q_gguf, HEADS), q_hf)
+    head_dim, position = 32, 7
+    x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+    angles = position * 10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)
+    cos, sin = np.cos(angles), np.sin(angles)
+
+    def rotate_half(vec):  # transformers' llama: pairs (i, i + d/2)
+        a, b = vec[: head_dim // 2], vec[head_dim // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin])
+
+    def rotate_pairs(vec):  # ggml's normal rope: pairs (2i, 2i + 1)
+        out = vec.copy()
+        out[0::2], out[1::2] = vec[0::2] * cos - vec[1::2] * sin, vec[1::2] * cos + vec[0::2] * sin
+        return out
+
+    hf_heads = (q_hf @ x).reshape(HEADS, head_dim)
+    gguf_heads = (q_gguf @ x).reshape(HEADS, head_dim)
+    for head in range(HEADS):
+        expected = permute_rope_rows(rotate_half(hf_heads[head]), 1)
+        assert np.allclose(rotate_pairs(gguf_heads[head]), expected, atol=1e-5)
+
+
+def test_metadata_holds_the_hyperparameters_tokenizer_and_chat_template(exported):
+    config = json.loads((BASE / "config.json").read_text())
+    fields = gguf.GGUFReader(exported["q8_0"]).fields
+    value = {name: field.contents() for name, field in fields.items()}
+    assert value["general.architecture"] == "llama"
+    assert value["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert value["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+    assert value["llama.context_length"] == config["max_position_embeddings"] == 256
+    assert value["llama.embedding_length"] == 128 and value["llama.block_count"] == LAYERS
+    assert value["llama.feed_forward_length"] == 512
+    assert value["llama.attention.head_count"] == HEADS and value["llama.attention.head_count_kv"] == KV_HEADS
+    assert value["llama.rope.freq_base"] == 10000.0 and value["llama.rope.dimension_count"] == 32
+    assert value["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    assert value["llama.vocab_size"] == config["vocab_size"] == 95
+    assert value["tokenizer.ggml.model"] == "llama" and value["tokenizer.ggml.add_space_prefix"] is False
+    assert (value["tokenizer.ggml.bos_token_id"], value["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert (value["tokenizer.ggml.unknown_token_id"], value["tokenizer.ggml.padding_token_id"]) == (0, 3)
+    assert value["tokenizer.ggml.add_bos_token"] is True and value["tokenizer.ggml.add_eos_token"] is False
+    assert value["tokenizer.chat_template"] == (BASE / "chat_template.jinja").read_text()
+    tokens, types = value["tokenizer.ggml.tokens"], value["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == len(value["tokenizer.ggml.scores"]) == 95
+    assert tokens[:5] == ["<unk>", "<s>", "</s>", "<pad>", "\u2581"]  # the space spelled as SentencePiece does
+    assert types[:5] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+                         gguf.TokenType.CONTROL, gguf.TokenType.NORMAL]
+
+
+def test_gguf_vocabulary_tokenizes_as_the_source_tokenizer(exported):
+    """llama.cpp's SentencePiece tokenizer on a character vocabulary: spaces → ▁, one token per character (no pair
+    of characters is a token), BOS first; the same ids the Hugging Face tokenizer gives."""
+    from tokenizers import Tokenizer
+
+    tokens = gguf.GGUFReader(exported["f16"]).fields["tokenizer.ggml.tokens"].contents()
+    ids = {token: index for index, token in enumerate(tokens)}
+    text = 'Call search("weather in Oslo") -> {"ok": 1}\nDone.'
+    spm = [1] + [ids[char] for char in text.replace(" ", "\u2581")]
+    assert spm == Tokenizer.from_file(str(BASE / "tokenizer.json")).encode(text).ids
+
+
+def test_refuses_other_architectures_and_types_without_writing(tmp_path):
+    mistral = tmp_path / "mistral"
+    shutil.copytree(BASE, mistral)
+    config = json.loads((mistral / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (mistral / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.gguf"
+    with pytest.raises(GGUFExportError, match="mistral/MistralForCausalLM is not exported to GGUF"):
+        export_gguf(mistral, out)
+    with pytest.raises(GGUFExportError, match="'q5_k' is not one of f16, q8_0, q4_0"):
+        export_gguf(BASE, out, "q5_k")
+    assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*partial")) == []
+    assert_refused(CliRunner().invoke(app, ["export-gguf", str(mistral), str(out)]), "MistralForCausalLM")
+
+
+def test_cli_replaces_the_file_atomically(tmp_path):
+    out = tmp_path / "base.gguf"
+    out.write_bytes(b"old")
+    result = CliRunner().invoke(app, ["export-gguf", str(BASE), str(out), "--type", "q4_0"])
+    assert result.exit_code == 0, result.output
+    assert "q4_0: 38 tensors as F32, Q4_0" in result.output
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+    assert [p.name for p in tmp_path.iterdir()] == ["base.gguf"]  # no partial left beside it
