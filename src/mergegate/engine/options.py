@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from ..errors import MergeOptionsError
@@ -39,10 +38,3 @@ class MergeOptions:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise MergeOptionsError("workers", f" must be a whole number of at least 1, got {workers!r}")
 
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)

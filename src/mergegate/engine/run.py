@@ -15,9 +15,10 @@ from .._staging import check_output, staged
 from ..io.write import ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels, MergegateError
 from ..methods import NonFiniteInput
+from ..methods._parallel import available_cores
 from ..progress import Advance, Progress
 from ..vocab import align
-from .options import MergeOptions, available_cores
+from .options import MergeOptions
 from ..recipe import Recipe
 from .plan import MergePlan, Source, TensorJob, plan_merge
 from .provenance import hash_inputs, write_provenance

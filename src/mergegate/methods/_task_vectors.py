@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._parallel import parallel_map
 from ._registry import CHUNK_ELEMENTS, row_spans  # noqa: F401  (CHUNK_ELEMENTS: read at call time, patchable)
 from ._sparsify import KEEP_ALL, Selection
 
@@ -46,20 +47,24 @@ def combine(
             deltas.append(delta)
         return _merge_rows(base, deltas, weights, shared, sign_consensus)
 
-    selections = []
-    for tensor, params in zip(tensors, per_model):  # pass 1: choose entries on the whole delta, in model order
+    def select(pair: tuple[torch.Tensor, Any]) -> Selection:  # pass 1: choose entries on the whole delta
+        tensor, params = pair
         if sparsify is None:
-            selections.append(KEEP_ALL)
-            continue
-        delta = torch.sub(tensor, base)
-        selections.append(sparsify(delta, params, shared.rescale, rng))
-        del delta
+            return KEEP_ALL
+        return sparsify(torch.sub(tensor, base), params, shared.rescale, rng)
+
+    pairs = list(zip(tensors, per_model))
+    # a random sparsifier draws from one generator in model order; a deterministic one can run models at once
+    selections = [select(pair) for pair in pairs] if rng is not None else parallel_map(select, pairs)
     out = torch.empty_like(base)
-    for rows in spans:  # pass 2: everything elementwise, chunk by chunk
+
+    def merge_span(rows: tuple[int, int]) -> None:  # pass 2: everything elementwise, span by span
         chunk_base = base[rows[0]:rows[1]]
         deltas = [selection.apply(torch.sub(tensor[rows[0]:rows[1]], chunk_base), rows)
                   for tensor, selection in zip(tensors, selections)]
         out[rows[0]:rows[1]] = _merge_rows(chunk_base, deltas, weights, shared, sign_consensus)
+
+    parallel_map(merge_span, spans)
     return out
 
 
