@@ -5,11 +5,12 @@ semantic-convention attributes, the OpenInference ones (llm.model_name, llm.toke
 tools that read only those, plus mergegate's routing ones; each request is a SERVER span around its calls.
 Spans go over OTLP/HTTP when an endpoint is configured (the `otlp_endpoint` option, or the standard
 OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variables) and to a JSONL file (one span a line)
-when `traces_path` is given; with neither, spans are made but not exported.
+when `traces_path` is given; with neither, no span is made (a request gets OpenTelemetry's non-recording
+INVALID_SPAN) and no span attribute is computed: tracing costs nothing when nothing would export it.
 
 The histograms `gen_ai.client.operation.duration` (s) and `gen_ai.client.token.usage` (by gen_ai.token.type)
-are recorded through an OpenTelemetry meter (exported over OTLP when configured) and, for /metrics, into
-the in-process summaries of `Metrics`.
+are recorded through an OpenTelemetry meter when OTLP is configured (nothing else reads it) and, for /metrics,
+always into the in-process summaries of `Metrics`.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Telemetry:
         self.traces_path = Path(traces_path) if traces_path else None
         if self.traces_path:
             self.provider.add_span_processor(SimpleSpanProcessor(JsonlSpanExporter(self.traces_path)))
+        self.exporting = self.otlp or self.traces_path is not None  # spans are made only when something exports
         self.tracer = self.provider.get_tracer("mergegate.gateway")
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         meter = self.meter_provider.get_meter("mergegate.gateway")
@@ -106,6 +108,8 @@ class Telemetry:
                                              explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
 
     def request_span(self, method: str, path: str, request_id: str) -> trace.Span:
+        if not self.exporting:
+            return trace.INVALID_SPAN
         return self.tracer.start_span(f"{method} {path}", kind=SpanKind.SERVER, attributes={
             "http.request.method": method, "url.path": path, "mergegate.request_id": request_id})
 
@@ -126,6 +130,13 @@ class CallRecord:
                  mirror: bool, stream: bool, parent: trace.Span | None):
         self.telemetry, self.backend, self.cohort = telemetry, backend, cohort
         self.operation = request.operation
+        self.span = self._start_span(request, backend, cohort, route, attempt, mirror, stream, parent) \
+            if telemetry.exporting else trace.INVALID_SPAN
+        self.started = time.perf_counter()
+        self.ended = False
+
+    def _start_span(self, request: GenRequest, backend, cohort: str, route: str, attempt: int, mirror: bool,
+                    stream: bool, parent: trace.Span | None) -> trace.Span:
         p = request.params
         attributes = {
             "gen_ai.operation.name": request.operation, "gen_ai.provider.name": backend.provider,
@@ -146,13 +157,14 @@ class CallRecord:
             parts = urlsplit(url)
             attributes.update({"server.address": parts.hostname or "", "server.port": parts.port or 80})
         context = trace.set_span_in_context(parent) if parent is not None else None
-        self.span = telemetry.tracer.start_span(f"{request.operation} {backend.name}", context=context,
+        return self.telemetry.tracer.start_span(f"{request.operation} {backend.name}", context=context,
                                                 kind=SpanKind.CLIENT, attributes=attributes)
-        self.started = time.perf_counter()
-        self.ended = False
 
     def succeed(self, completion: Completion, checks: dict | None = None, failed_check: str | None = None) -> None:
         span = self.span
+        if not span.is_recording():
+            self._end(completion)
+            return
         span.set_attributes({
             "gen_ai.response.model": completion.response_model or self.backend.name,
             "gen_ai.response.id": completion.response_id,
@@ -191,9 +203,11 @@ class CallRecord:
                  "gen_ai.request.model": self.backend.name, "mergegate.cohort": self.cohort}
         if error_type:
             attrs["error.type"] = error_type
-        t.duration.record(seconds, attrs)
+        if t.otlp:
+            t.duration.record(seconds, attrs)
         m.operation_duration.observe(seconds, self.operation, self.backend.name, self.cohort)
         if completion is not None:
             for kind, count in (("input", completion.prompt_tokens), ("output", completion.completion_tokens)):
-                t.tokens.record(count, {**attrs, "gen_ai.token.type": kind})
+                if t.otlp:
+                    t.tokens.record(count, {**attrs, "gen_ai.token.type": kind})
                 m.token_usage.observe(count, self.operation, self.backend.name, self.cohort, kind)
