@@ -204,3 +204,47 @@ def test_cli_replaces_the_file_atomically(tmp_path):
     assert "q4_0: 38 tensors as F32, Q4_0" in result.output
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
     assert [p.name for p in tmp_path.iterdir()] == ["base.gguf"]  # no partial left beside it
+
+
+def test_byte_level_bpe_untied_and_padded_vocabulary(tmp_path):
+    """A byte-level BPE (GPT-2 / Llama 3 style) becomes tokenizer.ggml.model "gpt2" with its merges; an untied lm_head
+    becomes output.weight; embedding rows past the tokenizer are named [PADn] and typed UNUSED."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "bpe"  # a one-layer Llama written directly (transformers' import alone takes seconds)
+    folder.mkdir()
+    config = json.loads((BASE / "config.json").read_text())
+    config.update(vocab_size=320, hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=1,
+                  tie_word_embeddings=False)
+    (folder / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": (320, 64), "lm_head.weight": (320, 64), "model.norm.weight": (64,)}
+    for part, shape in {"input_layernorm": (64,), "post_attention_layernorm": (64,), "self_attn.q_proj": (64, 64),
+                        "self_attn.k_proj": (64, 64), "self_attn.v_proj": (64, 64), "self_attn.o_proj": (64, 64),
+                        "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64), "mlp.down_proj": (64, 128)}.items():
+        shapes[f"model.layers.0.{part}.weight"] = shape
+    generator = torch.Generator().manual_seed(0)
+    save_file({name: torch.randn(shape, generator=generator) for name, shape in shapes.items()},
+              str(folder / "model.safetensors"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["the weather in Oslo is cold", "search the weather"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    exported = export_gguf(folder, tmp_path / "bpe.gguf", "q8_0")
+    assert exported.tokenizer_model == "gpt2" and exported.tensors["output.weight"] == ("lm_head.weight", "Q8_0")
+    value = {name: field.contents() for name, field in gguf.GGUFReader(exported.path).fields.items()}
+    assert value["tokenizer.ggml.model"] == "gpt2" and value["tokenizer.ggml.pre"] == "default"
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    assert value["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = value["tokenizer.ggml.tokens"]
+    assert len(tokens) == 320 and all(tokens[i] == text for text, i in vocab.items())
+    assert tokens[len(vocab):] == [f"[PAD{i}]" for i in range(len(vocab), 320)]
+    assert set(value["tokenizer.ggml.token_type"][len(vocab):]) == {gguf.TokenType.UNUSED}
+    assert value["tokenizer.ggml.token_type"][1] == gguf.TokenType.CONTROL
