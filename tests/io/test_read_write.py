@@ -84,6 +84,22 @@ def test_sharded_writer_layout_index_and_round_trip(tmp_path):
             assert torch.equal(fh.get_tensor(name), tensors[name])
 
 
+def test_sharded_writer_hashes_shards_while_writing_in_any_order(tmp_path):
+    """The sha256 the writer computes as stretches complete (rows and tensors in any order) is the file's."""
+    import hashlib
+
+    tensors = {f"t{i}": torch.arange(i * 100, i * 100 + 60, dtype=torch.float32).reshape(6, 10) for i in range(5)}
+    writer = ShardedWriter(tmp_path, [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], 500)
+    for name in reversed(list(tensors)):
+        for rows in ((4, 6), (0, 2), (2, 4)):
+            writer.write(name, tensors[name][rows[0]:rows[1]], rows, 6)
+    writer.close()
+    digests = writer.digests()
+    assert len(digests) > 1 and set(digests) == {file.name for file in writer.files}
+    for name, digest in digests.items():
+        assert digest == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+
 def test_writer_close_refuses_missing_tensors(tmp_path):
     writer = ShardedWriter(tmp_path, [OutputTensor("a", torch.float32, (2,))], shard_size=10**9)
     with pytest.raises(RuntimeError, match="never written"):

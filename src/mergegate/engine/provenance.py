@@ -52,9 +52,11 @@ def _calibration(plan: MergePlan) -> dict:
     return record
 
 
-def write_provenance(plan: MergePlan, folder: Path, input_hashes: dict, shard_size) -> dict:
+def write_provenance(plan: MergePlan, folder: Path, input_hashes: dict, shard_size,
+                     weight_digests: dict[str, str] | None = None) -> dict:
+    """`weight_digests`: the shards' sha256 by file name, when the writer hashed them as it wrote them."""
     # remembered in the hash cache under the output's final paths: evaluating the merge then reads no file twice
-    outputs = output_digests(folder, destination(folder))
+    outputs = output_digests(folder, destination(folder), weight_digests)
     record = {
         "format": "mergegate.provenance/1",
         "recipe": plan.recipe.model_dump(exclude_none=True, mode="json"),

@@ -98,7 +98,7 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
                              staging, plan.out_dtype, plan.config_updates)
             if plan.vocabulary:
                 plan.vocabulary.save(staging)
-            provenance = write_provenance(plan, staging, input_hashes.result(), shard_size)
+            provenance = write_provenance(plan, staging, input_hashes.result(), shard_size, writer.digests())
     finally:
         torch.set_num_threads(threads_before)
         hasher.shutdown(wait=True, cancel_futures=True)

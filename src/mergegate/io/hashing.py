@@ -100,14 +100,15 @@ def file_digests(files: Iterable[Path], *, threads: int = 2) -> dict[Path, str]:
     return digests
 
 
-def output_digests(folder: Path, final_folder: Path | None = None) -> dict[str, str]:
+def output_digests(folder: Path, final_folder: Path | None = None, known: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of every file of a freshly written output `folder`, by name, remembered in the cache under the
-    files' paths in `final_folder` (where `folder`, a staging folder, is about to be renamed)."""
+    files' paths in `final_folder` (where `folder`, a staging folder, is about to be renamed). `known` gives
+    digests already computed while writing (by file name): those files are not read again."""
     cache = HashCache()
     digests = {}
     for path in sorted(folder.iterdir()):
         if path.is_file():
-            digests[path.name] = digest = sha256_file(path)
+            digests[path.name] = digest = (known or {}).get(path.name) or sha256_file(path)
             cache.remember(path, digest, final_path=Path(final_folder or folder).absolute() / path.name)
     cache.save()
     return digests

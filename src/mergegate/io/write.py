@@ -2,10 +2,14 @@
 
 Writing lays out every shard's header up front (shapes and dtypes are known from the plan), then writes
 each tensor at its offset as it is finished, in any order: output bytes never depend on scheduling.
+Each shard's sha256 (for the provenance) is computed while the merge runs: whichever write completes the
+next stretch of a file hashes it from the page cache, so hashing overlaps compute instead of re-reading
+every output at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -93,6 +97,7 @@ class ShardedWriter:
         self._fds: list[int] = []
         self._weight_map: dict[str, str] = {}
         self.total_bytes = sum(t.nbytes for t in ordered)
+        header_ends: list[int] = []
         for index, (file, shard) in enumerate(zip(self.files, shards)):
             header: dict[str, dict] = {}
             offset = 0
@@ -104,8 +109,9 @@ class ShardedWriter:
             encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
             data_start = 8 + len(encoded)
+            header_ends.append(data_start)
             try:
-                fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read back for the hash
                 self._fds.append(fd)
                 os.pwrite(fd, struct.pack("<Q", len(encoded)) + encoded, 0)
                 os.ftruncate(fd, data_start + offset)
@@ -117,6 +123,14 @@ class ShardedWriter:
                 self._slots[tensor.name] = (index, data_start + begin, tensor.nbytes)
         self._written: dict[str, int] = {}
         self._lock = threading.Lock()
+        # progressive sha256 per file: bytes [0, hashed) are in the digest; `finished` holds the written stretches
+        # beyond it (start -> end), merged into the digest in file order
+        self._digests = [hashlib.sha256() for _ in self.files]
+        self._hashed = [0] * len(self.files)
+        self._finished: list[dict[int, int]] = [{} for _ in self.files]
+        self._hash_locks = [threading.Lock() for _ in self.files]
+        for index, header_end in enumerate(header_ends):
+            self._hash_ahead(index, 0, header_end)
 
     def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None,
               total_rows: int | None = None) -> None:
@@ -135,10 +149,46 @@ class ShardedWriter:
             done += os.pwrite(self._fds[index], data[done:], offset + done)
         with self._lock:
             self._written[name] = self._written.get(name, 0) + nbytes
+        self._hash_ahead(index, offset, offset + nbytes)
+
+    def _hash_ahead(self, index: int, start: int, end: int) -> None:
+        """Record [start, end) of file `index` as written; hash the file's completed prefix if no one else is."""
+        with self._lock:
+            if end > start:
+                self._finished[index][start] = end
+        lock = self._hash_locks[index]
+        while lock.acquire(blocking=False):  # another thread hashing this file will pick this stretch up
+            try:
+                while True:
+                    with self._lock:
+                        stop = self._finished[index].pop(self._hashed[index], None)
+                    if stop is None:
+                        break
+                    self._digest_range(index, self._hashed[index], stop)
+                    self._hashed[index] = stop
+            finally:
+                lock.release()
+            with self._lock:  # a stretch finished while the lock was being released: go round again
+                if self._hashed[index] not in self._finished[index]:
+                    return
+
+    def _digest_range(self, index: int, start: int, stop: int, block: int = 1 << 24) -> None:
+        for position in range(start, stop, block):
+            self._digests[index].update(os.pread(self._fds[index], min(block, stop - position), position))
+
+    def digests(self) -> dict[str, str]:
+        """sha256 of each shard by file name; call after `close`."""
+        return {file.name: digest.hexdigest() for file, digest in zip(self.files, self._digests)}
 
     def close(self) -> None:
         """Flush to disk; write the index when sharded. Raises if any tensor was never written."""
         missing = {name for name, (_, _, nbytes) in self._slots.items() if self._written.get(name, 0) != nbytes}
+        if not missing:
+            for position, fd in enumerate(self._fds):  # whatever no write got round to hashing
+                self._hash_ahead(position, 0, 0)
+                if self._hashed[position] != os.fstat(fd).st_size:
+                    raise RuntimeError(f"{self.files[position]}: hashed {self._hashed[position]} bytes of its "
+                                       f"{os.fstat(fd).st_size}")
         for fd in self._fds:
             os.fsync(fd)
             os.close(fd)
