@@ -4,9 +4,11 @@ of its members on a crafted suite when evaluated through the endpoint runner lik
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
+import httpx
 import pytest
 import yaml
 
@@ -30,6 +32,7 @@ def plan(stub) -> dict:
             "raced": {"model": "a", "strategy": {"kind": "race", "models": list(MEMBERS)}},
             "voted": {"model": "a", "check": "json_valid", "strategy": {"kind": "vote", "models": list(MEMBERS)}},
             "text_vote": {"model": "a", "strategy": {"kind": "vote", "models": ["a", "b"]}},
+            "sampled": {"model": "a", "strategy": {"kind": "vote", "k": 3}},  # three samples of a
             "cascaded": {"model": "a", "fallback": ["d"], "check": "json_valid",
                          "strategy": {"kind": "cascade", "models": ["a", "b"]}},
             "plain": {"model": "a", "fallback": ["b"]},
@@ -159,6 +162,14 @@ def test_vote_picks_the_majority_by_canonical_json_and_ties_go_to_model_order(gw
     assert answer.choices[0].message.content == "yes"  # one vote each: the earlier model's answer
 
 
+def test_a_vote_over_one_model_takes_k_samples(gw, stub):
+    stub.set("a", reply="sampled")
+    response, answer = ask(gw, "sampled")
+    assert answer.choices[0].message.content == "sampled" and stub.calls["a"] >= 2
+    attributes = request_span(gw, response)["attributes"]
+    assert attributes["mergegate.strategy.calls"] == 3 and attributes["mergegate.strategy.votes"] >= 2
+
+
 def test_a_member_down_still_answers(gw, stub):
     stub.set("b", mode="fail")
     stub.set("a", reply='{"x": 1}')
@@ -181,6 +192,35 @@ def test_a_stream_on_a_strategy_route_gets_the_chosen_answer(gw, stub):
                                                       stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed winner"
     assert {c.model for c in chunks} == {"b"}
+    wait_for(lambda: stub.hung_up["a"] == 1 and stub.hung_up["c"] == 1)  # the losers were cancelled upstream
+
+
+def test_a_burst_with_a_member_down_and_one_slow_is_answered_and_counted(stub, launch_each):
+    gw = launch_each(plan(stub), config=GatewayConfig(backend_timeout=5.0, breaker_failures=3, breaker_cooldown=60))
+    stub.set("a", reply='{"x": 1}')
+    stub.set("b", mode="fail")
+    stub.set("c", reply='{"x":1}', delay=1.0)
+    per_route = 24
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=2 * per_route)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json={
+                "model": f"cohort/{cohort}", "messages": MESSAGES, "max_tokens": 8})
+                for cohort in ("raced", "voted") for _ in range(per_route)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * (2 * per_route)
+    assert {r.json()["model"] for r in responses} == {"a"}  # race: a is first; vote: a and c agree, a is earlier
+    for cohort, kind in (("raced", "race"), ("voted", "vote")):
+        assert counter(gw, f'mergegate_strategy_requests_total{{cohort="{cohort}",strategy="{kind}",winner="a"}}') \
+            == per_route
+    assert counter(gw, 'mergegate_strategy_calls_total{cohort="raced",strategy="race",model="c",outcome="cancelled"}') \
+        == per_route
+    wait_for(lambda: stub.hung_up["c"] == per_route)  # every cancelled race call was dropped upstream too
+    assert gw.gateway.breakers["a"].snapshot()["state"] == "closed"
+    assert gw.gateway.breakers["c"].snapshot()["state"] == "closed"
+    assert gw.gateway.breakers["b"].snapshot()["state"] == "open"  # the member down is skipped, not waited for
 
 
 def test_a_route_without_a_strategy_makes_one_call_and_records_no_strategy_cost(gw, stub):

@@ -1,5 +1,6 @@
 """Answer a routed request: try the route's models in order (route.model, then route.fallback), skipping any
-whose circuit breaker is open, falling over on errors, timeouts and failed online checks.
+whose circuit breaker is open, falling over on errors, timeouts and failed online checks. A route with a
+`strategy` is answered by ensembles.py instead, through the same per-model `attempt`.
 
 What counts toward a backend's breaker: errors and timeouts. An answer that fails its online check is a
 quality problem, not a health one: it triggers fallback but counts as a success for the breaker. A full
