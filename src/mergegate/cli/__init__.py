@@ -3,11 +3,13 @@
 from .main import app, main
 from .export import register as _register_export
 from .lora import register as _register_lora
+from .moe import register as _register_moe
 from .search import register as _register_search
 from .serve import register as _register_serve
 
 _register_export(app)
 _register_lora(app)
+_register_moe(app)
 _register_search(app)
 _register_serve(app)
 
