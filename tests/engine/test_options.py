@@ -6,6 +6,7 @@ import pickle
 from dataclasses import replace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import mergegate
@@ -17,7 +18,8 @@ from ..conftest import recipe_for
 
 def test_defaults_are_the_engines():
     assert MergeOptions() == MergeOptions(workers=None, memory_budget=2 * 1024**3, shard_size="5GB", seed=0,
-                                          allow_pickle=False, overwrite=False, progress=None, check_lineage=True)
+                                          allow_pickle=False, overwrite=False, progress=None, check_lineage=True,
+                                          device="cpu")
     assert mergegate.MergeOptions is MergeOptions
 
 
@@ -27,6 +29,10 @@ def test_defaults_are_the_engines():
     ({"workers": 2.0}, "workers", "workers must be a whole number of at least 1, got 2.0"),
     ({"shard_size": "big"}, "shard_size", "shard size: not a size: 'big'"),
     ({"shard_size": 0}, "shard_size", "shard size: "),
+    ({"device": "tpu"}, "device", "device must be cpu, cuda or cuda:N, got 'tpu'"),
+    ({"device": 0}, "device", "device must be cpu, cuda or cuda:N, got 0"),
+    *([({"device": "cuda"}, "device", r"no CUDA GPU is available to torch here")]
+      if not torch.cuda.is_available() else [({"device": "cuda:99"}, "device", "torch sees")]),
 ])
 def test_bad_options_are_refused_when_made_naming_the_field(fields, option, message):
     with pytest.raises(MergeOptionsError, match=message) as refused:

@@ -450,3 +450,26 @@ def test_parameters_that_overflow_are_refused_not_written_as_inf(family, tmp_pat
     with pytest.raises(MergegateError, match=r"tensor '.*': the merge gives NaN or infinite values from finite inputs"):
         merge(recipe, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is false here)")
+@pytest.mark.parametrize("method, parameters", [
+    ("linear", {}), ("task_arithmetic", {"lambda": 0.7}), ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}),
+    ("slerp", {"t": 0.3}),
+])
+def test_a_merge_on_cuda_matches_the_cpu(family, tmp_path, method, parameters):
+    """Chunks moved to the GPU and back: elementwise methods give the CPU's bytes (DARE's draws stay on the
+    CPU generator); slerp's norms are reductions and may differ in the last bits."""
+    models = ("ft1",) if method == "slerp" else ("ft1", "ft2", "ft3")
+    recipe = recipe_for(method, family, models=models, **parameters)
+    if method == "slerp":
+        recipe["models"] = [{"model": str(family["base"])}, {"model": str(family["ft1"])}]
+    cpu = merge(recipe, tmp_path / "cpu", progress=False, seed=3)
+    cuda = merge(recipe, tmp_path / "cuda", progress=False, seed=3, device="cuda")
+    expected, found = load_file(cpu.out_dir / "model.safetensors"), load_file(cuda.out_dir / "model.safetensors")
+    assert expected.keys() == found.keys()
+    for name, tensor in expected.items():
+        if method == "slerp":
+            torch.testing.assert_close(found[name], tensor, rtol=1e-2, atol=1e-3)
+        else:
+            assert torch.equal(found[name], tensor), name

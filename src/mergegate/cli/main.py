@@ -43,6 +43,8 @@ def merge_command(
     workers: Optional[int] = typer.Option(None, help="Tensor chunks merged in parallel (default: every core)."),
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists (only once the merge succeeded)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    device: str = typer.Option("cpu", "--device", help="Where tensors are merged: cpu, cuda or cuda:N (moved "
+                                                       "there chunk by chunk, written from the CPU)."),
 ) -> None:
     """Merge the models a recipe names into OUT_DIR (exit 2 with the reason when an input is refused)."""
     from .. import MergegateError, merge
@@ -54,7 +56,7 @@ def merge_command(
 
     try:
         options = MergeOptions(shard_size=shard_size, allow_pickle=allow_pickle, seed=seed, workers=workers,
-                               overwrite=overwrite, progress=False if quiet else None)
+                               overwrite=overwrite, progress=False if quiet else None, device=device)
     except MergeOptionsError as exc:  # named by its flag, not by the field
         flag = "--" + exc.option.replace("_", "-")
         _refuse(MergegateError(" ".join(f"{flag}{exc.problem}".split())))

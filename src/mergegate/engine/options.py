@@ -17,7 +17,9 @@ class MergeOptions:
     methods; the worker count, memory budget and shard size never do.
 
     Refused on construction (MergeOptionsError naming the field): a shard size that is not a positive size, a
-    worker count that is not a whole number of at least 1.
+    worker count that is not a whole number of at least 1, a device that is not the CPU or an available CUDA GPU.
+    On a GPU the elementwise arithmetic gives the CPU's bytes; reductions (slerp's norms, rescale's L1 sums)
+    may round differently in the last bits.
     """
 
     workers: int | None = None  # tensor chunks merged in parallel; None: every core this process may use
@@ -28,13 +30,33 @@ class MergeOptions:
     overwrite: bool = False  # replace an existing output folder (only once the merge succeeded)
     progress: bool | None = None  # a progress bar; None: when stderr is a terminal
     check_lineage: bool = True  # refuse sources that do not share the base's initialisation
+    device: str = "cpu"  # where tensors are merged: "cpu", "cuda" or "cuda:N" (moved there per chunk and back)
 
     def __post_init__(self) -> None:
         try:
             parse_size(self.shard_size)
         except ValueError as exc:
             raise MergeOptionsError("shard_size", f": {exc}") from None
+        check_device(self.device)
         workers = self.workers
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise MergeOptionsError("workers", f" must be a whole number of at least 1, got {workers!r}")
 
+
+
+def check_device(device: object) -> None:
+    """Refuse a merge device other than "cpu", "cuda" or "cuda:N" naming a GPU torch can see."""
+    import torch
+
+    try:
+        parsed = torch.device(device) if isinstance(device, str) else None
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise MergeOptionsError("device", f" must be cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeOptionsError("device", f" {device!r}: no CUDA GPU is available to torch here "
+                                              "(torch.cuda.is_available() is false)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise MergeOptionsError("device", f" {device!r}: torch sees {torch.cuda.device_count()} CUDA GPUs")

@@ -88,7 +88,7 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
         with staged(out_dir, overwrite=True) as staging:
             writer = ShardedWriter(staging, plan.outputs, parse_size(shard_size))
             try:
-                _stream(plan, writer, workers, memory_budget, progress)
+                _stream(plan, writer, workers, memory_budget, progress, torch.device(options.device))
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -114,16 +114,17 @@ def _options(options: MergeOptions | None, overrides: dict) -> MergeOptions:
     return replace(options, **overrides) if overrides else options
 
 
-def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None) -> None:
+def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None,
+            device: torch.device) -> None:
     budget = _ByteBudget(budget_bytes)
     with Progress(progress) as bar:
         advance = bar.task(f"merging {len(plan.outputs)} tensors ({plan.method.name})", plan.total_bytes,
                            unit="bytes")
-        _submit_all(plan, writer, workers, budget, budget_bytes, advance)
+        _submit_all(plan, writer, workers, budget, budget_bytes, advance, device)
 
 
 def _submit_all(plan: MergePlan, writer: ShardedWriter, workers: int, budget: _ByteBudget, budget_bytes: int,
-                advance: Advance) -> None:
+                advance: Advance, device: torch.device) -> None:
     pending: dict[Future, TensorJob] = {}  # future -> the job it computes
     failure: BaseException | None = None
 
@@ -146,7 +147,7 @@ def _submit_all(plan: MergePlan, writer: ShardedWriter, workers: int, budget: _B
                 if failure is not None:
                     break
                 budget.acquire(min(job.work_bytes, budget_bytes))
-                pending[pool.submit(_compute, plan, job, writer)] = job
+                pending[pool.submit(_compute, plan, job, writer, device)] = job
             while pending:
                 finish(wait(pending, return_when=FIRST_COMPLETED).done)
         finally:
@@ -156,7 +157,7 @@ def _submit_all(plan: MergePlan, writer: ShardedWriter, workers: int, budget: _B
         raise failure
 
 
-def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter) -> None:
+def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter, device: torch.device) -> None:
     if job.passthrough:
         source = job.sources[0]
         checkpoint = plan.checkpoints[source.model]
@@ -169,8 +170,17 @@ def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter) -> None:
             aligned = align(plan.vocabulary, {source.model: tensor for source, tensor in zip(job.sources, inputs)})
             inputs = [aligned[source.model] for source in job.sources]
         base = inputs.pop(0) if job.base else None
-        rng = torch.Generator().manual_seed(job.seed) if plan.method.random else None
-        merged = plan.method(base, inputs, job.per_model, job.shared, rng, stats=_statistics(plan, job))
+        rng = torch.Generator().manual_seed(job.seed) if plan.method.random else None  # CPU draws on any device
+        stats = _statistics(plan, job)
+        if device.type != "cpu":  # this chunk's inputs to the GPU; tensors the method creates land there too
+            base = base.to(device) if base is not None else None
+            inputs = [tensor.to(device) for tensor in inputs]
+            stats = [stat.to(device) if stat is not None else None for stat in stats] if stats is not None else None
+            with torch.device(device):
+                merged = plan.method(base, inputs, job.per_model, job.shared, rng, stats=stats)
+            merged = merged.to(job.output.dtype).cpu()
+        else:
+            merged = plan.method(base, inputs, job.per_model, job.shared, rng, stats=stats)
         total_rows = job.output.shape[0] if job.rows else None
         merged = merged.to(job.output.dtype)
         if merged.dtype.is_floating_point and not bool(torch.isfinite(merged).all()):

@@ -14,6 +14,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
+import torch
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -45,4 +47,12 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     items = list(items)
     if len(items) < 2 or available_cores() < 2 or threading.current_thread().name.startswith("mergegate-span"):
         return [fn(item) for item in items]
-    return list(_shared_pool().map(fn, items))
+    device = torch.get_default_device()  # a merge on a GPU sets it per worker thread (`with torch.device`)
+    if device.type == "cpu":
+        return list(_shared_pool().map(fn, items))
+
+    def on_device(item: T) -> R:
+        with torch.device(device):
+            return fn(item)
+
+    return list(_shared_pool().map(on_device, items))

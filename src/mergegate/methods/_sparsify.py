@@ -23,7 +23,8 @@ def kth_smallest(w: torch.Tensor, k: int) -> float:
     n = w.numel()
     if n <= 4 * _SAMPLE:
         return torch.kthvalue(w, k).values.item()
-    sample = w[torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n + k))]
+    draw = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n + k), device="cpu")
+    sample = w[draw.to(w.device)]  # drawn on the CPU whatever device `w` is on: the same sample, the same passes
     q = k / n
     margin = 6 * (q * (1 - q) / _SAMPLE) ** 0.5 + 2 / _SAMPLE
     lo = torch.kthvalue(sample, int((q - margin) * _SAMPLE)).values.item() if q - margin > 1 / _SAMPLE else None
@@ -61,7 +62,7 @@ def rank_window(magnitudes: torch.Tensor, start: int, stop: int) -> torch.Tensor
         for value in {v for v in (lo, hi) if v is not None}:
             tied = (w == value).nonzero().reshape(-1)
             first_rank = int(torch.count_nonzero(w < value))
-            ranks = torch.arange(first_rank, first_rank + tied.numel())
+            ranks = torch.arange(first_rank, first_rank + tied.numel(), device=w.device)
             mask[tied] = (ranks >= start) & (ranks < stop)
     return mask.reshape(magnitudes.shape)
 
@@ -102,7 +103,14 @@ def _select(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> Selection
 
 
 def _drop_all(delta: torch.Tensor) -> Selection:
-    return Selection(torch.zeros(delta.shape, dtype=torch.bool))
+    return Selection(torch.zeros(delta.shape, dtype=torch.bool, device=delta.device))
+
+
+def _uniform(delta: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    """One uniform draw per entry of `delta`, from `rng` on its own device (the CPU's, as the engine seeds it),
+    then moved to `delta`'s: a merge on a GPU keeps exactly the entries the CPU path keeps."""
+    draw = torch.rand(delta.shape, generator=rng, dtype=torch.float32, device=rng.device if rng is not None else "cpu")
+    return draw.to(delta.device)
 
 
 def magnitude_selection(delta: torch.Tensor, density: float, rescale: bool = False) -> Selection:
@@ -122,7 +130,7 @@ def random_selection(delta: torch.Tensor, density: float, rescale: bool, rng: to
         return KEEP_ALL
     if density <= 0:
         return _drop_all(delta)
-    mask = torch.rand(delta.shape, generator=rng, dtype=torch.float32) < density
+    mask = _uniform(delta, rng) < density
     return _select(delta, mask, rescale)
 
 
@@ -204,7 +212,7 @@ def della_selection(delta: torch.Tensor, density: float, epsilon: float, rescale
         return _drop_all(delta)
     check_della_window(density, epsilon)
     probabilities = della_keep_probabilities(delta.abs(), density, epsilon)
-    mask = torch.rand(delta.shape, generator=rng, dtype=torch.float32) < probabilities
+    mask = _uniform(delta, rng) < probabilities
     return _select(delta, mask, rescale)
 
 
