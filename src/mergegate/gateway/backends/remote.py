@@ -1,4 +1,10 @@
-"""An OpenAI-compatible upstream reached over HTTP (`httpx.AsyncClient`), with a timeout per call.
+"""An OpenAI-compatible upstream reached over HTTP, with a timeout per call.
+
+Calls go through one long-lived httpcore connection pool per upstream (keep-alive, as many idle connections kept
+as may be open): httpx's client layers (URL merging, cookies, auth, redirects, event hooks) cost about as much
+CPU again as the HTTP exchange itself, for nothing a fixed upstream needs. Bodies are encoded once to bytes, the
+request line and headers are fixed at start, and an SSL context is made only for an https upstream. An
+`httpx.AsyncClient` over the same URL is made on first use for the rare calls that want one (`_http`).
 
 At most `max_connections` calls are in flight; more wait for a `Slot` (untimed by callers: queueing is load,
 not failure) and beyond `queue_limit` waiting callers the upstream reports itself overloaded.
@@ -14,6 +20,7 @@ import json
 import math
 from typing import Any, AsyncIterator
 
+import httpcore
 import httpx
 
 from ..errors import (BackendBadResponse, BackendError, BackendHTTPError, BackendOverloaded, BackendRejected,
@@ -33,16 +40,26 @@ class RemoteBackend(Backend):
         self.timeout, self.api_key = timeout, api_key
         self.max_connections, self.queue_limit = max_connections, queue_limit
         self._client: httpx.AsyncClient | None = None
+        self._pool: httpcore.AsyncConnectionPool | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._timeouts: dict[str, float] = {}
         self._gate: asyncio.Semaphore | None = None
         self._waiting = 0
 
     async def start(self) -> None:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._gate = asyncio.Semaphore(self.max_connections)
-        self._client = httpx.AsyncClient(base_url=self.url + "/", headers=headers, trust_env=False,
-                                         timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0)),
-                                         limits=httpx.Limits(max_connections=self.max_connections,
-                                                             max_keepalive_connections=16))
+        url = httpx.URL(self.url)
+        https = url.scheme == "https"
+        host = url.host if url.port is None else f"{url.host}:{url.port}"
+        self._headers = [(b"host", host.encode("ascii")), (b"content-type", b"application/json"),
+                         (b"accept", b"application/json, text/event-stream")]
+        if self.api_key:
+            self._headers.append((b"authorization", f"Bearer {self.api_key}".encode()))
+        self._timeouts = {"connect": min(self.timeout, 5.0), "read": self.timeout, "write": self.timeout,
+                          "pool": self.timeout}
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context() if https else None, max_connections=self.max_connections,
+            max_keepalive_connections=self.max_connections, keepalive_expiry=30.0)
 
     async def acquire(self) -> Slot:
         """A connection's worth of capacity: waits while `max_connections` calls are in flight."""
@@ -60,6 +77,9 @@ class RemoteBackend(Backend):
         return Slot(gate.release)
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -98,13 +118,27 @@ class RemoteBackend(Backend):
         finally:
             slot.release()
 
+    def _request(self, request: GenRequest, stream: bool) -> httpcore.Request:
+        endpoint, body = self._endpoint_and_body(request, stream)
+        if self._pool is None:
+            raise BackendUnavailable(f"upstream '{self.name}' is not started")
+        content = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return httpcore.Request(b"POST", f"{self.url}/{endpoint}",
+                                headers=[*self._headers, (b"content-length", str(len(content)).encode())],
+                                content=content, extensions={"timeout": self._timeouts})
+
     async def _generate(self, request: GenRequest) -> Completion:
-        endpoint, body = self._endpoint_and_body(request, stream=False)
+        call = self._request(request, stream=False)
+        assert self._pool is not None  # _request checked
         with _translated_errors(self.name):
-            response = await self._http().post(endpoint, json=body)
-        _raise_for_status(self.name, response)
+            response = await self._pool.handle_async_request(call)
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+        _raise_for_status(self.name, response.status, content)
         try:
-            data = response.json()
+            data = json.loads(content)
             choice = data["choices"][0]
             text = choice["message"]["content"] if request.operation == "chat" else choice["text"]
             used = data.get("usage") or {}
@@ -119,16 +153,17 @@ class RemoteBackend(Backend):
     async def stream(self, request: GenRequest, *, slot: Slot | None = None) -> AsyncIterator[str | Completion]:
         own = None if slot is not None else await self.acquire()  # a caller's slot is the caller's to release
         try:
-            endpoint, body = self._endpoint_and_body(request, stream=True)
+            call = self._request(request, stream=True)
+            assert self._pool is not None  # _request checked
             parts: list[str] = []
             used: dict[str, Any] = {}
             finish, response_id, response_model = "stop", "", None
             with _translated_errors(self.name):
-                async with self._http().stream("POST", endpoint, json=body) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        _raise_for_status(self.name, response)
-                    async for line in response.aiter_lines():
+                response = await self._pool.handle_async_request(call)
+                try:
+                    if response.status >= 400:
+                        _raise_for_status(self.name, response.status, await response.aread())
+                    async for line in _lines(response.aiter_stream()):
                         if not line.startswith("data:"):
                             continue
                         payload = line[5:].strip()
@@ -145,6 +180,8 @@ class RemoteBackend(Backend):
                                 parts.append(delta)
                                 yield delta
                             finish = choice.get("finish_reason") or finish
+                finally:
+                    await response.aclose()
             yield Completion(text="".join(parts), prompt_tokens=int(used.get("prompt_tokens", 0)),
                              completion_tokens=int(used.get("completion_tokens", len(parts))), finish_reason=finish,
                              response_id=response_id, response_model=response_model)
@@ -153,16 +190,34 @@ class RemoteBackend(Backend):
                 own.release()
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
+        """An httpx client over this upstream (made on first use; calls themselves use the pool)."""
+        if self._pool is None:
             raise BackendUnavailable(f"upstream '{self.name}' is not started")
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._client = httpx.AsyncClient(base_url=self.url + "/", headers=headers, trust_env=False,
+                                             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0)))
         return self._client
 
 
 REJECTED = (400, 413, 422)  # the request's fault: the upstream refused what it was sent
 
 
+async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """A byte stream's lines (\n or \r\n ended), decoded as UTF-8; a last unterminated line too."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
+
+
 class _translated_errors:
-    """httpx exceptions → BackendError subclasses (a context manager usable around `async with` too)."""
+    """httpcore's (and httpx's) exceptions → BackendError subclasses (a context manager usable around
+    `async with` too)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -173,22 +228,22 @@ class _translated_errors:
     def __exit__(self, kind, exc, tb):
         if exc is None or isinstance(exc, BackendError):
             return False
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, (httpx.TimeoutException, httpcore.TimeoutException)):
             raise BackendTimeout(f"upstream '{self.name}' timed out ({type(exc).__name__})") from None
-        if isinstance(exc, httpx.TransportError):
+        if isinstance(exc, (httpx.TransportError, httpcore.NetworkError, httpcore.ProtocolError,
+                            httpcore.UnsupportedProtocol)):
             raise BackendUnavailable(f"upstream '{self.name}' unreachable ({type(exc).__name__}: {exc})") from None
         return False
 
 
-def _raise_for_status(name: str, response: httpx.Response) -> None:
-    if response.status_code < 400:
+def _raise_for_status(name: str, status: int, content: bytes) -> None:
+    if status < 400:
         return
-    detail = response.text[:300]
+    detail = content[:300].decode("utf-8", "replace")
     try:
-        detail = response.json()["error"]["message"]
+        detail = json.loads(content)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         pass
-    status = response.status_code
     kind = BackendRejected if status in REJECTED else BackendOverloaded if status == 429 else BackendHTTPError
     raise kind(f"upstream '{name}' answered HTTP {status}: {detail}", status=status)
 
