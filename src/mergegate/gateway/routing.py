@@ -13,7 +13,6 @@ ignored and the next signal decides.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from ..rollout import Route, RolloutPlan
@@ -64,7 +63,7 @@ class Router:
             if routed(value):
                 return self._target(plan, value, source)
         if self.classifier is not None:
-            found = await asyncio.to_thread(self.classifier.classify, request.routing_text())
+            found = await self.classifier.classify_async(request.routing_text())
             if found.cohort is not None and routed(found.cohort):
                 return self._target(plan, found.cohort, "classifier", found.score)
             return self._target(plan, DEFAULT, "default", found.score)
