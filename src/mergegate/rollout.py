@@ -67,6 +67,7 @@ class PlanModel(BaseModel):
 
 
 StrategyKind = Literal["hedge", "race", "vote", "cascade"]
+HEDGE_DELAY_MS = 200  # a hedge's default wait before it asks the next model
 
 
 class Strategy(BaseModel):
@@ -77,9 +78,17 @@ class Strategy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: StrategyKind
-    models: list[str] = Field(default_factory=list)
-    delay_ms: int = Field(200, ge=0, le=600_000)  # hedge: wait before asking the next model
+    models: list[str] | None = None
+    delay_ms: int | None = Field(None, ge=0, le=600_000)  # hedge: wait before asking the next model (None: 200)
     k: int | None = Field(None, ge=1, le=16)  # vote: answers to collect (models cycled); None: one per model
+
+    @model_validator(mode="after")
+    def _own_settings(self):
+        if self.k is not None and self.kind != "vote":
+            raise ValueError(f"'k' applies to a vote, not to a {self.kind}")
+        if self.delay_ms is not None and self.kind != "hedge":
+            raise ValueError(f"'delay_ms' applies to a hedge, not to a {self.kind}")
+        return self
 
 
 class Route(BaseModel):
@@ -112,7 +121,7 @@ class RolloutPlan(BaseModel):
         if self.candidate not in self.models:
             raise ValueError(f"candidate '{self.candidate}' is not among models ({', '.join(self.models)})")
         for cohort, route in [*self.routes.items(), ("default", self.default)]:
-            for name in [route.model, *route.fallback, *(route.strategy.models if route.strategy else [])]:
+            for name in [route.model, *route.fallback, *route.strategy_models()]:
                 if name not in self.models:
                     raise ValueError(f"route '{cohort}' names model '{name}', which is not among models "
                                      f"({', '.join(self.models)})")

@@ -71,6 +71,8 @@ def test_plan_with_strategies_loads_and_plans_without_keep_their_yaml(stub, tmp_
     loaded = load_plan(path)
     assert loaded.routes["voted"].strategy.kind == "vote" and loaded.routes["voted"].strategy_models() == list(MEMBERS)
     assert loaded.routes["hedged"].strategy_models() == ["a", "b"]  # default: the model, then its fallback
+    assert yaml.safe_load(path.read_text())["routes"]["raced"]["strategy"] == {"kind": "race",
+                                                                              "models": list(MEMBERS)}
     plain = {**plan(stub), "routes": {"plain": plan(stub)["routes"]["plain"]}}
     text = RolloutPlan.model_validate(plain).save(tmp_path / "plain.yaml").read_text()
     assert "strategy" not in text and yaml.safe_load(text)["routes"] == {"plain": {"model": "a", "fallback": ["b"],
@@ -78,6 +80,9 @@ def test_plan_with_strategies_loads_and_plans_without_keep_their_yaml(stub, tmp_
     bad = {**plan(stub), "routes": {"x": {"model": "a", "strategy": {"kind": "vote", "models": ["a", "zz"]}}}}
     with pytest.raises(ValueError, match="route 'x' names model 'zz'"):
         RolloutPlan.model_validate(bad)
+    misplaced = {**plan(stub), "routes": {"x": {"model": "a", "strategy": {"kind": "race", "k": 3}}}}
+    with pytest.raises(ValueError, match="'k' applies to a vote, not to a race"):
+        RolloutPlan.model_validate(misplaced)
 
 
 # -- race and hedge -------------------------------------------------------------------------------------------------
@@ -90,7 +95,7 @@ def test_race_the_fast_model_wins_and_the_slow_ones_are_cancelled(gw, stub):
     response, answer = ask(gw, "raced")
     assert time.monotonic() - started < 2.0
     assert (answer.model, answer.choices[0].message.content) == ("b", "fast b")
-    assert route_of(response.headers)["model"] == "b"
+    assert (route_of(response.headers)["model"], route_of(response.headers)["strategy"]) == ("b", "race")
     wait_for(lambda: stub.hung_up["a"] == 1 and stub.hung_up["c"] == 1)  # the cancel reached the upstream
     attributes = request_span(gw, response)["attributes"]
     assert attributes["mergegate.strategy"] == "race" and attributes["mergegate.strategy.winner"] == "b"

@@ -229,6 +229,8 @@ def _check_prompt_size(gateway, target: Target, gen: GenRequest) -> None:
 
 def _route_value(target: Target, model: str | None, attempt: int | None, skipped: list[Skip]) -> str:
     parts = [f"cohort={target.cohort}", f"source={target.source}"]
+    if target.route.strategy is not None and not target.pinned:
+        parts.append(f"strategy={target.route.strategy.kind}")
     if model is not None:
         parts += [f"model={model}", f"fallback={'true' if attempt else 'false'}", f"attempt={attempt}"]
     if skipped:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..evaluate.evaluators import parse_json_object, parse_tool_calls
-from ..rollout import Route
+from ..rollout import HEDGE_DELAY_MS, Route
 from .dispatch import Answer, Dispatcher, Skip
 from .protocol import GenRequest
 from .routing import Target
@@ -77,7 +77,8 @@ async def run_strategy(dispatcher: Dispatcher, target: Target, request: GenReque
         winner = await _vote(dispatcher, target, request, parent, members, route.strategy.k or len(members),
                              ledger)
     else:
-        delay = 0.0 if kind == "race" else route.strategy.delay_ms / 1000
+        delay_ms = route.strategy.delay_ms if route.strategy.delay_ms is not None else HEDGE_DELAY_MS
+        delay = 0.0 if kind == "race" else delay_ms / 1000
         winner = await _first_good(dispatcher, target, request, parent, members, delay, ledger)
     if winner is None:  # the route's own fallback models the strategy did not ask, as on a plain route
         rest = [name for name in route.fallback if name not in members]
