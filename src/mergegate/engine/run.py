@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,23 @@ class MergeResult:
     bytes_written: int
     seconds: float
     provenance: dict
+    # where the time went: "read", "compute", "write", "hash" (output shards while written, inputs in the
+    # background) are seconds summed over the threads doing them; "finish" (fsync, side files, provenance) is wall
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class _PhaseClock:
+    """Seconds per phase, summed over the threads that spend them."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0}
+        self._lock = threading.Lock()
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        with self._lock:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
 
 
 class _ByteBudget:
@@ -62,9 +79,12 @@ def merge(recipe: Recipe | dict | str | Path, out_dir: str | Path, options: Merg
     """
     options = _options(options, overrides)
     out_dir = check_output(Path(out_dir), options.overwrite)  # refused before any model is opened
+    planning = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=options.allow_pickle, seed=options.seed,
                       check_lineage=options.check_lineage)
-    return run_merge(plan, out_dir, options)
+    planned = time.perf_counter() - planning  # opening models, compatibility and lineage checks
+    result = run_merge(plan, out_dir, options)
+    return replace(result, phases={"plan": round(planned, 3), **result.phases})
 
 
 def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = None, **overrides) -> MergeResult:
@@ -76,8 +96,17 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
     out_dir = Path(out_dir).absolute()
     shard_size, progress, memory_budget = options.shard_size, options.progress, options.memory_budget
     workers = options.workers or available_cores()
+    clock = _PhaseClock()
     hasher = ThreadPoolExecutor(1, thread_name_prefix="mergegate-hash")
-    input_hashes = hasher.submit(hash_inputs, plan)
+
+    def timed_hash_inputs() -> dict:
+        since = time.perf_counter()
+        try:
+            return hash_inputs(plan)
+        finally:
+            clock.add("hash", since)
+
+    input_hashes = hasher.submit(timed_hash_inputs)
     threads_before = torch.get_num_threads()
     # One intra-op thread per worker, so workers x threads = the cores without oversubscription. Parallelism
     # comes from the pool (and from row spans of one tensor, see methods._parallel); reductions (norms, sums)
@@ -88,7 +117,8 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
         with staged(out_dir, overwrite=True) as staging:
             writer = ShardedWriter(staging, plan.outputs, parse_size(shard_size))
             try:
-                _stream(plan, writer, workers, memory_budget, progress, torch.device(options.device))
+                _stream(plan, writer, workers, memory_budget, progress, torch.device(options.device), clock)
+                finishing = time.perf_counter()
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -98,12 +128,17 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
                              staging, plan.out_dtype, plan.config_updates)
             if plan.vocabulary:
                 plan.vocabulary.save(staging)
-            provenance = write_provenance(plan, staging, input_hashes.result(), shard_size, writer.digests())
+            hashes = input_hashes.result()
+            provenance = write_provenance(plan, staging, hashes, shard_size, writer.digests())
     finally:
         torch.set_num_threads(threads_before)
         hasher.shutdown(wait=True, cancel_futures=True)
+    clock.add("finish", finishing)
+    clock.seconds["hash"] += writer.hash_seconds
+    clock.seconds["write"] -= writer.hash_seconds  # writes hash what they complete: counted as hashing
     files = sorted(p.name for p in out_dir.iterdir())
-    return MergeResult(out_dir, files, len(plan.jobs), writer.total_bytes, time.perf_counter() - started, provenance)
+    return MergeResult(out_dir, files, len(plan.jobs), writer.total_bytes, time.perf_counter() - started, provenance,
+                       {phase: round(seconds, 3) for phase, seconds in clock.seconds.items()})
 
 
 def _options(options: MergeOptions | None, overrides: dict) -> MergeOptions:
@@ -115,16 +150,16 @@ def _options(options: MergeOptions | None, overrides: dict) -> MergeOptions:
 
 
 def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None,
-            device: torch.device) -> None:
+            device: torch.device, clock: _PhaseClock) -> None:
     budget = _ByteBudget(budget_bytes)
     with Progress(progress) as bar:
         advance = bar.task(f"merging {len(plan.outputs)} tensors ({plan.method.name})", plan.total_bytes,
                            unit="bytes")
-        _submit_all(plan, writer, workers, budget, budget_bytes, advance, device)
+        _submit_all(plan, writer, workers, budget, budget_bytes, advance, device, clock)
 
 
 def _submit_all(plan: MergePlan, writer: ShardedWriter, workers: int, budget: _ByteBudget, budget_bytes: int,
-                advance: Advance, device: torch.device) -> None:
+                advance: Advance, device: torch.device, clock: _PhaseClock) -> None:
     pending: dict[Future, TensorJob] = {}  # future -> the job it computes
     failure: BaseException | None = None
 
@@ -147,7 +182,7 @@ def _submit_all(plan: MergePlan, writer: ShardedWriter, workers: int, budget: _B
                 if failure is not None:
                     break
                 budget.acquire(min(job.work_bytes, budget_bytes))
-                pending[pool.submit(_compute, plan, job, writer, device)] = job
+                pending[pool.submit(_compute, plan, job, writer, device, clock)] = job
             while pending:
                 finish(wait(pending, return_when=FIRST_COMPLETED).done)
         finally:
@@ -157,7 +192,8 @@ def _submit_all(plan: MergePlan, writer: ShardedWriter, workers: int, budget: _B
         raise failure
 
 
-def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter, device: torch.device) -> None:
+def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter, device: torch.device, clock: _PhaseClock) -> None:
+    since = time.perf_counter()
     if job.passthrough:
         source = job.sources[0]
         checkpoint = plan.checkpoints[source.model]
@@ -166,6 +202,7 @@ def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter, device: tor
         return
     try:
         inputs = [_load(plan, source, job) for source in job.sources]
+        since = clock.add("read", since)
         if job.vocabulary and plan.vocabulary is not None:
             aligned = align(plan.vocabulary, {source.model: tensor for source, tensor in zip(job.sources, inputs)})
             inputs = [aligned[source.model] for source in job.sources]
@@ -187,7 +224,9 @@ def _compute(plan: MergePlan, job: TensorJob, writer: ShardedWriter, device: tor
             raise MergegateError(  # the inputs were checked finite: the parameters or out_dtype overflowed
                 f"tensor '{job.name}': the merge gives NaN or infinite values from finite inputs; check the "
                 f"recipe's parameters (huge weights, weights summing to about 0) and out_dtype's range")
+        since = clock.add("compute", since)
         writer.write(job.name, merged, job.rows, total_rows)
+        clock.add("write", since)
     except NonFiniteInput as exc:
         source = job.inputs[exc.index] if exc.index >= 0 or job.base is None else job.base
         tensor = plan.checkpoints[source.model].tensors[source.tensor]

@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -125,6 +126,7 @@ class ShardedWriter:
         self._lock = threading.Lock()
         # progressive sha256 per file: bytes [0, hashed) are in the digest; `finished` holds the written stretches
         # beyond it (start -> end), merged into the digest in file order
+        self.hash_seconds = 0.0  # time spent hashing, summed over the threads (for the merge's time breakdown)
         self._digests = [hashlib.sha256() for _ in self.files]
         self._hashed = [0] * len(self.files)
         self._finished: list[dict[int, int]] = [{} for _ in self.files]
@@ -173,8 +175,10 @@ class ShardedWriter:
                     return
 
     def _digest_range(self, index: int, start: int, stop: int, block: int = 1 << 24) -> None:
+        since = time.perf_counter()
         for position in range(start, stop, block):
             self._digests[index].update(os.pread(self._fds[index], min(block, stop - position), position))
+        self.hash_seconds += time.perf_counter() - since  # under this file's hash lock; one file at a time
 
     def digests(self) -> dict[str, str]:
         """sha256 of each shard by file name; call after `close`."""
