@@ -1,6 +1,6 @@
 """Benchmark: mergegate vs mergekit on the same recipes and the same generated Llama checkpoints.
 
-What it measures, per merge method (linear, task_arithmetic, ties, slerp; all `dtype: bfloat16`):
+What it measures, per merge method (linear, task_arithmetic, ties, dare_ties, della, slerp; all `dtype: bfloat16`):
 
 * wall time of the whole CLI process (`mergekit-yaml RECIPE OUT` and `mergegate merge RECIPE OUT --overwrite -q`),
   start-up and imports included;
@@ -12,7 +12,14 @@ What it measures, per merge method (linear, task_arithmetic, ties, slerp; all `d
   tie-breaking between equal magnitudes) decide differently, so their max difference is of the size of a
   delta, not of a rounding step.
 
-It also times `mergegate --help` and `mergekit-yaml --help` (CLI start-up).
+It also times `mergegate --help` and `mergekit-yaml --help` (CLI start-up), and prints where mergegate's time
+goes per method (one more in-process merge, `MergeResult.phases`): planning (opening models, lineage check),
+then read, compute, hash and write as seconds summed over the threads doing them, then finishing (fsync,
+side files, provenance). DARE and DELLA draw random masks: their outputs cannot agree with mergekit's.
+
+`--scaling` runs only mergegate, each method with its CPU affinity narrowed to 1, 2, 4, … of the cores this
+process may use (so `--workers` and the span pool both default to that many), and prints wall time per core
+count. Where torch sees a CUDA GPU, each method also runs with `--device cuda` beside the CPU.
 
 Inputs are a base and three fine-tunes (base + 0.002 · seeded noise) of a random Llama written straight to
 safetensors — no transformers model is instantiated — under `--work` (default `bench-out/`), and reused when
@@ -24,6 +31,7 @@ shows the median wall time and the largest peak RSS. Results go to stdout and to
     .venv/bin/python benchmarks/merge_vs_mergekit.py --small          # quick: hidden 256, 2 layers
     .venv/bin/python benchmarks/merge_vs_mergekit.py                  # ≈333M params, ≈667 MB per model
     .venv/bin/python benchmarks/merge_vs_mergekit.py --methods ties slerp --repeats 3
+    .venv/bin/python benchmarks/merge_vs_mergekit.py --scaling --methods linear ties
 
 mergekit runs from its own virtual environment, `<work>/mergekit-venv`, created on first use (torch==2.13.0
 first, then mergekit==0.1.5 from PyPI); `--mergekit-bin` points at another installation instead.
@@ -56,6 +64,8 @@ RECIPES = {
     "linear": {"models": WEIGHTED},
     "task_arithmetic": {"base_model": "base", "parameters": {"lambda": 0.7}, "models": WEIGHTED},
     "ties": {"base_model": "base", "parameters": {"density": 0.5}, "models": WEIGHTED},
+    "dare_ties": {"base_model": "base", "parameters": {"density": 0.5}, "models": WEIGHTED},
+    "della": {"base_model": "base", "parameters": {"density": 0.5, "epsilon": 0.1}, "models": WEIGHTED},
     "slerp": {"base_model": "base", "parameters": {"t": 0.5}, "models": [{"model": "base"}, {"model": "ft1"}]},
 }
 
@@ -169,12 +179,14 @@ class Run:
     peak_rss_kb: int
 
 
-def run_measured(command: list[str], log: Path) -> Run:
-    """Run `command` to completion; wall time and the child's own peak RSS. Raises with the log on failure."""
+def run_measured(command: list[str], log: Path, cpus: list[int] | None = None) -> Run:
+    """Run `command` to completion (on `cpus` only, when given); wall time and the child's own peak RSS.
+    Raises with the log on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    narrow = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     with open(log, "wb") as out:
         started = time.perf_counter()
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=narrow)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -201,6 +213,53 @@ def bench_method(args: argparse.Namespace, method: str, recipe: Path) -> dict[st
             runs[tool].append(run_measured(commands[tool], args.work / "logs" / f"{method}-{tool}-{repeat}.log"))
             print(f"    {runs[tool][-1].seconds:.1f} s, peak RSS {gb(runs[tool][-1].peak_rss_kb):.2f} GB", flush=True)
     return runs
+
+
+PHASES_SCRIPT = """
+import json, sys
+from mergegate import merge
+result = merge(sys.argv[1], sys.argv[2], overwrite=True, progress=False, **json.loads(sys.argv[3]))
+print(json.dumps({"seconds": result.seconds, **result.phases}))
+"""
+PHASE_COLUMNS = ("plan", "read", "compute", "hash", "write", "finish")
+
+
+def mergegate_phases(args: argparse.Namespace, recipe: Path, out: Path, **options) -> dict[str, float]:
+    """One in-process merge's time breakdown (MergeResult.phases), in a child process like the timed runs."""
+    python = args.mergegate_bin.parent / "python"
+    done = subprocess.run([str(python), "-c", PHASES_SCRIPT, str(recipe), str(out), json.dumps(options)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def core_counts(available: int) -> list[int]:
+    counts = [1]
+    while counts[-1] * 2 < available:
+        counts.append(counts[-1] * 2)
+    return counts + ([available] if available > 1 else [])
+
+
+def run_scaling(args: argparse.Namespace, recipes: dict[str, Path]) -> str:
+    """mergegate's wall time per method with its affinity narrowed to 1, 2, 4, … cores (and on CUDA if present)."""
+    cores = sorted(os.sched_getaffinity(0))
+    counts = core_counts(len(cores))
+    cuda = torch.cuda.is_available()
+    lines = ["| method | " + " | ".join(f"{n} cores s" for n in counts) + (" | CUDA s |" if cuda else " |"),
+             "|---|" + "--:|" * (len(counts) + cuda)]
+    for method, recipe in recipes.items():
+        out, row = args.work / "out" / method / "mergegate-scaling", []
+        for n in counts:
+            command = merge_commands(args, recipe, out.parent)["mergegate"]
+            command[3] = str(out)
+            print(f"  {method}: mergegate on {n} cores …", flush=True)
+            row.append(statistics.median(run_measured(command, args.work / "logs" / f"{method}-scaling-{n}.log",
+                                                      cpus=cores[:n]).seconds for _ in range(args.repeats)))
+        if cuda:
+            command = merge_commands(args, recipe, out.parent)["mergegate"] + ["--device", "cuda"]
+            command[3] = str(out)
+            row.append(run_measured(command, args.work / "logs" / f"{method}-cuda.log").seconds)
+        lines.append(f"| {method} | " + " | ".join(f"{seconds:.1f}" for seconds in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def startup_seconds(args: argparse.Namespace) -> dict[str, float]:
@@ -253,13 +312,13 @@ def gb(kilobytes: int) -> float:
     return kilobytes * 1024 / 1e9
 
 
-def summarize(method: str, runs: dict[str, list[Run]], agreement: dict) -> dict:
+def summarize(method: str, runs: dict[str, list[Run]], agreement: dict, phases: dict[str, float]) -> dict:
     seconds = {tool: statistics.median(r.seconds for r in rs) for tool, rs in runs.items()}
     rss = {tool: gb(max(r.peak_rss_kb for r in rs)) for tool, rs in runs.items()}
     return {"method": method, "mergekit_s": seconds["mergekit"], "mergegate_s": seconds["mergegate"],
             "time_ratio": seconds["mergegate"] / seconds["mergekit"],
             "mergekit_rss_gb": rss["mergekit"], "mergegate_rss_gb": rss["mergegate"],
-            "rss_ratio": rss["mergegate"] / rss["mergekit"], **agreement,
+            "rss_ratio": rss["mergegate"] / rss["mergekit"], **agreement, "phases": phases,
             "runs": {tool: [asdict(r) for r in rs] for tool, rs in runs.items()}}
 
 
@@ -273,6 +332,11 @@ def markdown(rows: list[dict], startup: dict[str, float], header: str) -> str:
               f"| {r['max_abs_diff']:.2e} | {r['max_rel_diff']:.2e} | {r['unequal_pct']:.3f}% |" for r in rows]
     lines += ["", f"CLI start-up (`--help`): mergekit-yaml {startup['mergekit']:.2f} s, "
               f"mergegate {startup['mergegate']:.2f} s, ratio {startup['mergegate'] / startup['mergekit']:.2f}"]
+    lines += ["", "Where mergegate's time goes (one in-process merge; plan and finish are wall seconds, read, compute, "
+              "hash and write seconds summed over the threads):", "",
+              "| method | merge s | " + " | ".join(PHASE_COLUMNS) + " |", "|---|--:|" + "--:|" * len(PHASE_COLUMNS)]
+    lines += [f"| {r['method']} | {r['phases']['seconds'] + r['phases'].get('plan', 0):.2f} | "
+              + " | ".join(f"{r['phases'].get(column, 0):.2f}" for column in PHASE_COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true",
                         help="Quick run: " + ", ".join(f"{key} {value}" for key, value in SMALL.items()))
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--scaling", action="store_true",
+                        help="Only mergegate, at 1, 2, 4, … cores (CPU affinity) and on CUDA where present.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mergegate-bin", type=Path, default=Path(sys.executable).parent / "mergegate")
     parser.add_argument("--mergekit-bin", type=Path, default=None,
@@ -333,18 +399,27 @@ def check_binaries(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.scaling:
+        args.mergekit_bin = args.mergekit_bin or Path("/bin/true")  # not run
     check_binaries(args)
     models = prepare_inputs(args)
     recipes = write_recipes(args, models)
     warm_page_cache(models)
     header = describe_run(args)
     print(header, flush=True)
+    if args.scaling:
+        table = f"{header}\n\nmergegate wall time by cores given (CPU affinity):\n\n" + run_scaling(args, recipes)
+        print("\n" + table)
+        (args.work / "scaling.md").write_text(table)
+        return
     startup = startup_seconds(args)
     rows = []
     for method, recipe in recipes.items():
         runs = bench_method(args, method, recipe)
         out = args.work / "out" / method
-        rows.append(summarize(method, runs, compare_outputs(out / "mergekit", out / "mergegate")))
+        agreement = compare_outputs(out / "mergekit", out / "mergegate")
+        phases = mergegate_phases(args, recipe, out / "mergegate")
+        rows.append(summarize(method, runs, agreement, phases))
     table = markdown(rows, startup, header)
     print("\n" + table)
     (args.work / "results.md").write_text(table)
