@@ -139,12 +139,15 @@ def write_search_reports(out: Path, space: Space, trials: list, best: list, held
         n_served, served = serving_cost(release.plan)
         n_sources = len({d.best_source for d in release.gate.decisions})  # without the merge: each on its best
         promoted_held = held[0].promoted
+        saving = (f"{n_served} model(s) take traffic ({', '.join(served)}) instead of {n_sources}: each promoted "
+                  "cohort is a source model the team no longer has to serve (without the merge each cohort runs on its "
+                  "best source)" if n_served < n_sources else
+                  f"{n_served} model(s) take traffic ({', '.join(served)}), as many as without the merge (each cohort "
+                  "on its best source): the candidate saves no model here")
         summary = (f"Best recipe: trial {top.number} ({_method(top)}): dev {top.promoted}/{len(cohorts)} cohorts "
                    f"promoted, worst retention {_fmt(top.worst_retention)}; held-out {promoted_held}/{len(cohorts)} "
                    f"promoted, worst retention {_fmt(held[0].worst_retention)}. Serving cost of its rollout plan: "
-                   f"{n_served} model(s) take traffic ({', '.join(served)}) instead of {n_sources} (each promoted "
-                   "cohort is a source model the team no longer has to serve; without the merge each cohort runs on its best "
-                   "source).")
+                   f"{saving}.")
         never = [c for c in cohorts if not any(t.decisions.get(c) == "promote" for t in trials)]
         if never:
             them = "it" if len(never) == 1 else "them"
