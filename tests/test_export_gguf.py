@@ -17,13 +17,12 @@ gguf = pytest.importorskip("gguf")
 
 from mergegate.cli import app  # noqa: E402
 from mergegate.export.gguf import (  # noqa: E402
-    GGUFExportError, dequantized_tensors, export_gguf, permute_rope_rows, unpermute_rope_rows,
+    GGUFExportError, block_error_bound, dequantized_tensors, export_gguf, permute_rope_rows, unpermute_rope_rows,
 )
 from mergegate.io.read import Checkpoint  # noqa: E402
 
 BASE = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models" / "base"
 HEADS, KV_HEADS, LAYERS = 4, 4, 4
-BLOCK = 32  # values per Q8_0 / Q4_0 block
 F16_EPS = 2.0 ** -11  # float16's unit roundoff: half a unit in the last place, relative
 
 
@@ -54,21 +53,6 @@ def _source_in_gguf_order(source: dict[str, np.ndarray], gguf_name: str) -> np.n
     if ".attn_k." in gguf_name:
         return permute_rope_rows(array, KV_HEADS)
     return array
-
-
-def _block_bound(array: np.ndarray, qtype: str) -> np.ndarray:
-    """Largest |dequantized − source| the format allows, per value, from each 32-value block's largest magnitude m.
-    Q8_0: scale d = m/127, q = round(x/d) → |error| ≤ d/2, plus |q| ≤ 127 times d's float16 rounding (≤ d·2⁻¹¹).
-    Q4_0: d = m/8 (sign of the extreme value), q = trunc(x/d + 8.5) clipped to 0..15 → |error| ≤ d (the clip
-    loses up to a whole step at the far end), plus |q − 8| ≤ 8 times d's float16 rounding."""
-    blocks = np.abs(array.reshape(-1, BLOCK)).max(axis=1, keepdims=True)
-    if qtype == "q8_0":
-        step = blocks / 127
-        bound = step / 2 + 127 * step * F16_EPS
-    else:
-        step = blocks / 8
-        bound = step + 8 * step * F16_EPS
-    return np.broadcast_to(bound * (1 + 1e-5) + 1e-12, (blocks.shape[0], BLOCK)).reshape(array.shape)
 
 
 def test_names_and_shapes_are_llama_cpps(exported, source):
@@ -103,7 +87,7 @@ def test_every_tensor_dequantizes_within_the_formats_error(exported, source, qty
             assert np.all(error <= np.abs(original) * F16_EPS + 2.0 ** -25), name  # 2⁻²⁵: half the smallest subnormal
         else:
             assert ggml_type == qtype.upper(), name
-            bound = _block_bound(original, qtype)
+            bound = block_error_bound(original, qtype)
             assert np.all(error <= bound), (name, float((error - bound).max()))
             # and the bound is not vacuous: the error is a real fraction of it, not zero
             assert 0 < error.mean() < bound.mean(), name

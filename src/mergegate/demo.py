@@ -14,9 +14,11 @@ import html
 import io
 import time
 from pathlib import Path
+from typing import Sequence
 
 from ._extras import missing_extra
 from .costs import cohort_costs
+from .demo_beyond import Section, section_html, section_markdown
 from .gate import Policy, load_policy
 from .model_ref import ModelRef
 from .registry import Registry
@@ -46,11 +48,12 @@ RANKING = ("ranked by cohorts promoted, then by worst-cohort retention (the lowe
 SEARCH_PARALLEL = 2  # the demo search's trials in flight (each trial takes one core)
 
 
-def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_trials: int = 0
+def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_trials: int = 0, beyond: bool = False
              ) -> dict[str, ReleaseResult]:
     """Release the demo with each hand-written method; with `search_trials`, also run that many trials of the
     merge search (examples/demo/search/space.yaml, scored on dev.jsonl) into OUT/search and release its winner on
-    the same suite, reported beside the hand-written methods."""
+    the same suite, reported beside the hand-written methods. With `beyond`, also gate a mixture of the experts
+    and a cascade served by the gateway beside the merges, and export the best merge to GGUF (`demo_beyond`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -87,11 +90,29 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_tria
     best = max(methods, key=lambda m: release_rank(results[m].gate))  # max keeps the first of equals
     searched = _run_search(demo, out, search_trials, console, (best, *release_rank(results[best].gate))) \
         if search_trials else None
-    _write_summary(out, results, best, load_policy(demo / "policy.yaml"), searched)
+    extra = _run_beyond(demo, out, results, best, registry, adapters, console) if beyond else []
+    _write_summary(out, results, best, load_policy(demo / "policy.yaml"), searched, extra)
     console.print(f"best release: [bold]{best}[/] ({RANKING}) Reports: {out / 'report.html'}, "
                   f"{out / 'report.md'}, rollout plan {out / 'rollout.yaml'}; per method in {out}/<method>/. "
                   f"{time.perf_counter() - started:.0f} s.")
     return results
+
+
+def _run_beyond(demo: Path, out: Path, results: dict[str, ReleaseResult], best: str, registry: Registry,
+                adapters: list[ModelRef], console) -> list:
+    """`demo_beyond.run_beyond` against the same base and sources as the merges (the first recipe's, plus the
+    adapters); its sections also go to OUT/beyond.json."""
+    from .demo_beyond import dumps, run_beyond
+    from .pipeline import release_models
+    from .recipe import load_recipe
+
+    first = next(iter(results))
+    models = release_models(load_recipe(demo / "recipes" / f"{first}.yaml"), out / first / "candidate", "-")
+    base = next(ref for ref, role in models if role == "base")
+    sources = [ref for ref, role in models if role == "source"] + list(adapters)
+    sections = run_beyond(demo, out, results, best, registry, base, sources, console)
+    (out / "beyond.json").write_text(dumps(sections))
+    return sections
 
 
 def _run_search(demo: Path, out: Path, trials: int, console, hand_written: tuple[str, int, float]) -> str:
@@ -119,7 +140,7 @@ def _run_search(demo: Path, out: Path, trials: int, console, hand_written: tuple
 
 
 def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, policy: Policy,
-                   search_line: str | None = None) -> None:
+                   search_line: str | None = None, beyond: Sequence[Section] = ()) -> None:
     """The top-level report: what the best release ships first, then how every method fared and why this one
     was picked (and, after `mergegate demo --search`, how the search's winner fared on the same suite), then the
     best release's intervals, decisions and costs."""
@@ -153,7 +174,8 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, poli
                   "Candidate score per cohort and the gate's decision for each merge method. Per-method reports, "
                   "with intervals and reasons, are in each method's folder.", "",
                   *_md_rows(header, rows), "", *(["![summary](summary.png)"] if png is not None else []),
-                  *(["", search_line] if search_line else [])]
+                  *(["", search_line] if search_line else []),
+                  *(line for section in beyond for line in ["", *section_markdown(section, _md_rows)])]
     pictures = tuple(name for name in ("forest.png", "chart.png") if (out / best / name).is_file())
     (out / "report.md").write_text(render_markdown(
         chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs, pictures=pictures,
@@ -167,7 +189,8 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, poli
     methods_html = (f'<section id="methods"><h2>Every method</h2><p>How the best release was picked:</p>'
                     f"{table(rank_header, rank_rows)}<p>Candidate score per cohort and the gate's decision for each "
                     f"merge method (per-method reports in each method's folder).</p>{table(header, rows)}{summary}"
-                    f"{_search_html(search_line)}</section>")
+                    f"{_search_html(search_line)}</section>"
+                    + "".join(section_html(section, table) for section in beyond))
     body = render_html_body(chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs,
                             pictures={name: (out / best / name).read_bytes() for name in pictures}, lead=lead_html,
                             after_ships=methods_html)

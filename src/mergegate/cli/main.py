@@ -289,6 +289,9 @@ def demo_command(
                                                         "ray and search extras) and report its winner beside the "
                                                         "hand-written methods."),
     search_trials: int = typer.Option(8, help="Trials of the --search run (2 in flight)."),
+    beyond: bool = typer.Option(False, "--beyond", help="Also gate a mixture of the experts and a cascade served "
+                                                        "by the gateway beside the merges, and export the best "
+                                                        "merge to GGUF (needs the serve and gguf extras)."),
 ) -> None:
     """Release the shipped demo models with several merge methods; print who wins which cohort."""
     from .. import MergegateError
@@ -296,7 +299,7 @@ def demo_command(
 
     _keep_freed_memory()
     try:
-        run_demo(out, models, search_trials=search_trials if search else 0)
+        run_demo(out, models, search_trials=search_trials if search else 0, beyond=beyond)
     except (MergegateError, FileNotFoundError) as exc:
         _refuse(exc)
 

@@ -346,3 +346,68 @@ def dequantized_tensors(path: str | Path) -> dict[str, tuple[str, Any]]:
     reader = GGUFReader(path)
     return {tensor.name: (tensor.tensor_type.name, dequantize(tensor.data, tensor.tensor_type).reshape(
         tuple(int(n) for n in reversed(tensor.shape)))) for tensor in reader.tensors}
+
+
+BLOCK_VALUES = 32  # values per Q8_0 / Q4_0 block
+F16_EPS = 2.0 ** -11  # float16's unit roundoff: a block scale d is stored in float16
+
+
+def block_error_bound(array: Any, qtype: str) -> Any:
+    """Largest |dequantized − source| the format allows, per value, from each 32-value block's largest magnitude m.
+    Q8_0: scale d = m/127, q = round(x/d) → |error| ≤ d/2, plus |q| ≤ 127 times d's float16 rounding (≤ d·2⁻¹¹).
+    Q4_0: d = m/8 (sign of the extreme value), q = trunc(x/d + 8.5) clipped to 0..15 → |error| ≤ d (the clip
+    loses up to a whole step at the far end), plus |q − 8| ≤ 8 times d's float16 rounding."""
+    import numpy as np
+
+    blocks = np.abs(array.reshape(-1, BLOCK_VALUES)).max(axis=1, keepdims=True)
+    if qtype == "q8_0":
+        step = blocks / 127
+        bound = step / 2 + 127 * step * F16_EPS
+    elif qtype == "q4_0":
+        step = blocks / 8
+        bound = step + 8 * step * F16_EPS
+    else:
+        raise GGUFExportError(f"no block error bound for GGUF type '{qtype}' (q8_0 and q4_0 have one)")
+    return np.broadcast_to(bound * (1 + 1e-5) + 1e-12, (blocks.shape[0], BLOCK_VALUES)).reshape(array.shape)
+
+
+@dataclass(frozen=True)
+class QuantizationError:
+    """The worst quantized matrix of an export: the largest |error| / bound over its values (≤ 1 when the file
+    holds what the format promises), and the largest |error| relative to the matrix's largest magnitude."""
+
+    ratio: float
+    tensor: str
+    relative: float
+
+
+def quantization_error(export: GGUFExport, folder: str | Path) -> QuantizationError:
+    """How far the quantized matrices of a q8_0 / q4_0 export, read back, are from the source in `folder`:
+    the tensors the format stores unquantized (norms, rows that do not split into blocks) are left out."""
+    import numpy as np
+
+    from ..io.read import Checkpoint
+
+    checkpoint = Checkpoint(Path(folder))
+    config = checkpoint.config
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    worst = QuantizationError(0.0, "", 0.0)
+    for name, (ggml_type, array) in dequantized_tensors(export.path).items():
+        if ggml_type.lower() != export.qtype:
+            continue
+        source = checkpoint.read(export.tensors[name][0]).float().numpy()
+        if ".attn_q." in name:
+            source = permute_rope_rows(source, heads)
+        elif ".attn_k." in name:
+            source = permute_rope_rows(source, kv_heads)
+        error = np.abs(array - source)
+        ratio = float((error / block_error_bound(source, export.qtype)).max())
+        relative = float(error.max() / max(float(np.abs(source).max()), 1e-30))
+        if ratio > worst.ratio:
+            worst = QuantizationError(ratio, name, max(relative, worst.relative))
+        else:
+            worst = QuantizationError(worst.ratio, worst.tensor, max(relative, worst.relative))
+    if not worst.tensor:
+        raise GGUFExportError(f"{export.path}: no tensor is stored as {export.qtype}")
+    return worst
