@@ -184,3 +184,37 @@ def test_gate_cli_with_a_url_candidate(gateway, demo_suite, tmp_path):
     assert (out / "report.md").is_file()
     plan = yaml.safe_load((out / "rollout.yaml").read_text())
     assert plan["models"]["x"]["url"] == gateway and plan["models"]["x"]["upstream_model"] == "json_output"
+
+
+@pytest.mark.slow
+def test_a_folder_re_merged_in_place_is_not_served_from_the_cache(demo_suite, tmp_path):
+    """The gateway reports each local model's content fingerprint, and the router model a digest of the plan: a
+    folder whose files change under the same served name is a new model to the cache, never stale scores."""
+    import shutil
+
+    from mergegate.gateway import create_app
+    from mergegate.gateway.testing import ServerThread
+    from mergegate.rollout import RolloutPlan
+
+    folder = tmp_path / "candidate"
+    shutil.copytree(DEMO / "models" / "json_output", folder)
+    plan = RolloutPlan.model_validate({"candidate": "candidate", "models": {
+        "candidate": {"role": "candidate", "path": str(folder)}}, "routes": {}, "default": {"model": "candidate"}})
+    suite = load_suite(demo_suite)
+    registry = Registry(tmp_path / "r.sqlite")
+
+    def evaluate(served: str):
+        app = create_app(plan, registry=Registry(tmp_path / "gateway.sqlite"))
+        with ServerThread(app) as server:
+            ref = ModelRef("candidate", url=server.url + "/v1", served_model=served)
+            return evaluate_models([(ref, "candidate")], suite, registry, max_new_tokens=8, progress=False,
+                                   endpoint=FAST)["candidate"]
+
+    first, router_first = evaluate("candidate"), evaluate("mergegate")
+    assert evaluate("candidate").cached and evaluate("mergegate").cached  # unchanged: served from the cache
+    shutil.rmtree(folder)
+    shutil.copytree(DEMO / "models" / "tool_required", folder)  # re-merged in place: other weights, same name
+    second, router_second = evaluate("candidate"), evaluate("mergegate")
+    assert not second.cached and second.model_hash != first.model_hash
+    assert not router_second.cached and router_second.model_hash != router_first.model_hash
+    assert [r.output for r in second.results] != [r.output for r in first.results]

@@ -48,12 +48,14 @@ async def completions(request: Request):
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": _models(request.app.state.gateway)}
+    gateway = request.app.state.gateway
+    return {"object": "list", "data": _models(gateway, await asyncio.to_thread(fingerprints, gateway.plan))}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
-    for entry in _models(request.app.state.gateway):
+    gateway = request.app.state.gateway
+    for entry in _models(gateway, await asyncio.to_thread(fingerprints, gateway.plan)):
         if entry["id"] == model_id:
             return entry
     raise APIError(404, f"The model '{model_id}' does not exist on this gateway.", param="model",
@@ -242,10 +244,31 @@ def _route_headers(target: Target, model: str, attempt: int, skipped: list[Skip]
     return {"x-mergegate-route": _route_value(target, model, attempt, skipped), "x-request-id": request_id}
 
 
-def _models(gateway) -> list[dict]:
+def fingerprints(plan) -> dict[str, str]:
+    """The content hash of each local model's files (`io.hashing.folder_hash`, its file digests cached by path,
+    size, mtime and inode, so an unchanged folder is not re-read). /v1/models reports it: the endpoint runner keys
+    its cache on that entry, so a folder re-merged in place under the same name is a new model to it, never a
+    stale cached one. Url models have none here (their upstream reports its own identity)."""
+    from pathlib import Path
+
+    from ..io.hashing import folder_hash
+
+    found = {}
+    for name, spec in plan.models.items():
+        if spec.path is None:
+            continue
+        try:
+            found[name] = folder_hash(Path(spec.path), Path(spec.adapter) if spec.adapter else None)
+        except Exception as exc:  # noqa: BLE001 — a folder that cannot be read: a fingerprint that matches nothing
+            found[name] = f"unreadable: {type(exc).__name__}"
+    return found
+
+
+def _models(gateway, fingerprints: dict[str, str]) -> list[dict]:
     plan, created = gateway.plan, gateway.started_at
     entries = [{"id": name, "object": "model", "created": created, "owned_by": "mergegate",
-                "mergegate": {"kind": "model", "role": spec.role, "backend": gateway.backends[name].kind}}
+                "mergegate": {"kind": "model", "role": spec.role, "backend": gateway.backends[name].kind},
+                **({"fingerprint": fingerprints[name]} if name in fingerprints else {})}
                for name, spec in plan.models.items()]
     for name in Router.virtual_models(plan):
         if name.startswith(VIRTUAL_PREFIX):
@@ -257,20 +280,38 @@ def _models(gateway) -> list[dict]:
             # what answers this route, as a fingerprint: an evaluation of `cohort/NAME` (the gate's endpoint
             # runner keys its cache on the /models entry) is not reused once the route or its models change
             entries.append({"id": name, "object": "model", "created": created, "owned_by": "mergegate",
-                            "mergegate": info, "route_digest": route_digest(plan, route)})
+                            "mergegate": info, "route_digest": route_digest(plan, route, fingerprints)})
             continue
         info = {"kind": "router", "description": "routed by cohort (X-Cohort, metadata.cohort, classifier)"}
+        # the router answers with every route: its digest covers the whole plan (and how requests are classified)
         entries.append({"id": name, "object": "model", "created": created, "owned_by": "mergegate",
-                        "mergegate": info})
+                        "mergegate": info, "route_digest": plan_digest(gateway, fingerprints)})
     return entries
 
 
-def route_digest(plan, route) -> str:
-    """A hash of what answers a route: its model, fallback, check, tools and strategy, and those models' entries."""
+def _digest(shape: Any) -> str:
     import hashlib
     import json
 
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def route_digest(plan, route, fingerprints: dict[str, str]) -> str:
+    """A hash of what answers a route: its model, fallback, check, tools and strategy, and those models' entries
+    with their content fingerprints."""
     shape = route.model_dump(include={"model", "fallback", "check", "tools", "strategy"}, exclude_none=True)
     names = dict.fromkeys([*route.strategy_models(), route.model, *route.fallback])
-    shape["models"] = {name: plan.models[name].model_dump(exclude_none=True) for name in names}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+    shape["models"] = {name: [plan.models[name].model_dump(exclude_none=True), fingerprints.get(name)]
+                       for name in names}
+    return _digest(shape)
+
+
+def plan_digest(gateway, fingerprints: dict[str, str]) -> str:
+    """A hash of what answers the router model (`mergegate`/`auto`): every route's digest, the default route's, and
+    what decides a request's cohort (the classifier's identity, if the gateway has one)."""
+    plan = gateway.plan
+    routes = {cohort: route_digest(plan, route, fingerprints) for cohort, route in plan.routes.items()}
+    classifier = getattr(gateway.router, "classifier", None)
+    identity = getattr(classifier, "identity", None)
+    return _digest({"routes": routes, "default": route_digest(plan, plan.default, fingerprints),
+                    "classifier": identity() if callable(identity) else repr(type(classifier).__name__)})

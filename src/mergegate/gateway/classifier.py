@@ -62,6 +62,15 @@ class CohortClassifier:
             centroids.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
         self.centroids = np.stack(centroids)
 
+    def identity(self) -> str:
+        """What decides a request's cohort — the cohorts, their centroids and the threshold — as a hash: part of
+        the router model's digest in /v1/models, so an evaluation through the router is keyed on it."""
+        import hashlib
+
+        digest = hashlib.sha256(repr((self.cohorts, float(self.threshold))).encode())
+        digest.update(self.centroids.astype("float32").tobytes())
+        return digest.hexdigest()[:16]
+
     @classmethod
     def from_suite(cls, suite, threshold: float, embed: Embed | None = None,
                    cohorts: Sequence[str] | None = None) -> "CohortClassifier":
