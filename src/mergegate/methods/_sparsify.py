@@ -121,7 +121,22 @@ def magnitude_selection(delta: torch.Tensor, density: float, rescale: bool = Fal
     if density <= 0 or n == 0:
         return _drop_all(delta)
     k = max(1, int(density * n))
-    return _select(delta, rank_window(delta.abs(), n - k, n), rescale)
+    return _select(delta, top_k_mask(delta.abs(), k), rescale)
+
+
+def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """`rank_window(magnitudes, n - k, n)` in fewer passes: everything above the threshold, then of the entries
+    equal to it the later ones (ascending rank in index order), so exactly k."""
+    w = magnitudes.reshape(-1)
+    if k >= w.numel():
+        return torch.ones_like(magnitudes, dtype=torch.bool)
+    threshold = kth_smallest(w, w.numel() - k + 1)
+    mask = w > threshold
+    missing = k - int(torch.count_nonzero(mask))
+    if missing:
+        tied = (w == threshold).nonzero().reshape(-1)
+        mask[tied[tied.numel() - missing:]] = True
+    return mask.reshape(magnitudes.shape)
 
 
 def random_selection(delta: torch.Tensor, density: float, rescale: bool, rng: torch.Generator | None) -> Selection:

@@ -47,15 +47,15 @@ def combine(
             deltas.append(delta)
         return _merge_rows(base, deltas, weights, shared, sign_consensus)
 
-    def select(pair: tuple[torch.Tensor, Any]) -> Selection:  # pass 1: choose entries on the whole delta
-        tensor, params = pair
+    selections = []
+    for tensor, params in zip(tensors, per_model):  # pass 1: choose entries on the whole delta, in model order
+        # one model at a time, not in parallel: each holds a float32 delta of the whole tensor (peak memory)
         if sparsify is None:
-            return KEEP_ALL
-        return sparsify(torch.sub(tensor, base), params, shared.rescale, rng)
-
-    pairs = list(zip(tensors, per_model))
-    # a random sparsifier draws from one generator in model order; a deterministic one can run models at once
-    selections = [select(pair) for pair in pairs] if rng is not None else parallel_map(select, pairs)
+            selections.append(KEEP_ALL)
+            continue
+        delta = torch.sub(tensor, base)
+        selections.append(sparsify(delta, params, shared.rescale, rng))
+        del delta
     out = torch.empty_like(base)
 
     def merge_span(rows: tuple[int, int]) -> None:  # pass 2: everything elementwise, span by span
@@ -74,12 +74,13 @@ def _merge_rows(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[fl
     weighted = [delta.mul_(weight) for delta, weight in zip(deltas, weights)]  # each delta is ours: in place
     divisor: torch.Tensor | float
     if sign_consensus:
-        elected_positive = _sum(weighted) >= 0
+        elected = torch.where(_sum(weighted) >= 0, 1.0, -1.0)  # `>= 0` counts as +
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for delta, weight in zip(weighted, weights):
-            # sign(0) matches neither side, so zeroed entries count in neither sum nor divisor
-            agrees = torch.where(elected_positive, delta > 0, delta < 0)
+            # sign(0) matches neither side, so zeroed entries count in neither sum nor divisor; the product
+            # with ±1 is exact, one pass fewer than comparing with both signs
+            agrees = delta.mul(elected) > 0
             divisor.add_(agrees, alpha=weight)
             mixed.add_(delta.masked_fill_(~agrees, 0))  # the delta is ours and used up: mask it in place
         divisor[divisor == 0] = 1
