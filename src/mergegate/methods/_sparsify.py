@@ -95,8 +95,9 @@ def _select(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> Selection
     """Keep `mask`; with `rescale`, scale the kept entries to restore the delta's L1 norm."""
     if not rescale:
         return Selection(mask)
-    before = delta.abs().sum()
-    after = delta.masked_fill(~mask, 0).abs().sum()
+    magnitudes = delta.abs()
+    before = magnitudes.sum()
+    after = magnitudes.mul_(mask).sum()  # the kept magnitudes, +0 elsewhere: the same sum in the same order
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return Selection(mask)
     return Selection(mask, before / after)
