@@ -52,7 +52,7 @@ def demo_plan(path: Path) -> Path:
 @pytest.fixture
 def served_readme_gateway(tmp_path):
     """The README's `mergegate serve` line, with this test's plan, a free port and the suite path made absolute."""
-    command = " ".join(block_with("bash", "mergegate serve").replace("\\\n", " ").split())
+    command = " ".join(block_with("bash", "mergegate serve demo-out/rollout.yaml").replace("\\\n", " ").split())
     port = free_port()
     argv = shlex.split(command.replace('"$TOKEN"', "readme-token"))
     argv[argv.index("--port") + 1] = str(port)
