@@ -32,6 +32,16 @@ def _one_torch_thread_when_marked(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 2 CPUs for one test module (sharded evaluation, search trials), stopped after it."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A base LlamaForCausalLM (hidden 64, 2 layers) and three fine-tunes = base + small seeded deltas."""

@@ -6,7 +6,6 @@ One local Ray (2 CPUs) serves the module; mergegate uses it as it is and leaves 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -35,14 +34,6 @@ def _answers(run) -> list[tuple]:
     return [(r.row_id, r.cohort, r.output, r.score, r.passed, r.prompt_tokens, r.completion_tokens, r.details)
             for r in run.results]
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,6 @@ pytestmark = pytest.mark.slow
 TRIALS = 4
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
 
 def _states(out: Path) -> list[str]:
     storage = out / "study.sqlite"

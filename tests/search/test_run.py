@@ -5,7 +5,6 @@ a best.yaml that `mergegate merge` runs; and the objective's order (cohorts prom
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 
@@ -24,14 +23,6 @@ DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 COHORTS = ("tool_required", "json_output")
 POLICY = {"default": {"min_rows": 3, "min_score": 0.0, "max_drop": 0.5, "min_retention": 0.5}}
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
