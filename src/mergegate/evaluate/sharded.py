@@ -21,11 +21,10 @@ only what it started.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .._extras import missing_extra
+from .._ray import import_ray, ray_session
 from ..errors import EvaluationError, MergegateError
 from ..model_ref import ModelRef
 from ..registry import Registry, RowResult
@@ -37,16 +36,6 @@ if TYPE_CHECKING:
     from .runner import PendingRun
 
 TASK_CPUS = 1  # each shard's CPUs, and so its torch threads: small models gain little from more
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ModuleNotFoundError as exc:
-        if missing_extra(exc) != "ray":
-            raise
-        raise EvaluationError(NEEDS_RAY) from None
-    return ray
 
 
 def split_rows(rows: list[SuiteRow], count: int) -> list[list[SuiteRow]]:
@@ -84,22 +73,12 @@ def run_sharded(pending: list[PendingRun], registry: Registry, *, workers: int |
     (default with `ray_address`: the cluster's CPUs, or GPUs on CUDA)."""
     if not any(todo.rows for todo in pending):
         return
-    ray = _ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if ray_address is not None:
-            ray.init(address=ray_address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    try:
+    ray = import_ray(EvaluationError(NEEDS_RAY))
+    with ray_session(ray, ray_address, num_cpus=workers):
         on_gpu = device.startswith("cuda")
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("GPU" if on_gpu else "CPU", 1)))
         _run_and_record(ray, pending, registry, workers, batch_size, max_new_tokens, device, endpoint)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _run_and_record(ray: Any, pending: list[PendingRun], registry: Registry, workers: int, batch_size: int,

@@ -8,20 +8,16 @@ merged folders there), and every node needs mergegate installed.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from .._extras import install_hint
+from .._ray import import_ray, ray_session
 from ..errors import SearchError
 from .trial import TrialOutcome, TrialSpec, run_trial
 
 
 def _ray():
-    try:
-        import ray
-    except ModuleNotFoundError:
-        raise SearchError(f"search: trials run on Ray, which is not installed ({install_hint('search')})") from None
-    return ray
+    return import_ray(SearchError(f"search: trials run on Ray, which is not installed ({install_hint('search')})"))
 
 
 class TrialRunner:
@@ -30,24 +26,15 @@ class TrialRunner:
 
     def __init__(self, options: Any):
         self.options = options
-        self._started = False
+        self._session = ray_session(_ray(), options.ray_address, num_cpus=options.parallel * options.cpus_per_trial,
+                                    num_gpus=int(options.parallel * options.gpus_per_trial + 0.999))
 
     def __enter__(self) -> TrialRunner:
-        ray = _ray()
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report sent from a search
-            if self.options.ray_address:
-                ray.init(address=self.options.ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=self.options.parallel * self.options.cpus_per_trial,
-                         num_gpus=int(self.options.parallel * self.options.gpus_per_trial + 0.999),
-                         include_dashboard=False, log_to_driver=False)
-            self._started = True
+        self._session.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._started:
-            _ray().shutdown()
+        self._session.__exit__(*exc)
 
     def run(self, specs: list[TrialSpec]) -> dict[int, TrialOutcome]:
         """Every spec's outcome, by trial number; a task Ray could not finish is a failed outcome."""
