@@ -98,6 +98,10 @@ ENDPOINT_RETRIES = typer.Option(4, help="Retries after a url model's failed requ
 API_KEY_ENV = typer.Option(None, help="Environment variable holding the API key sent to url models as a bearer "
                                       "token.")
 CURRENT_PLAN = typer.Option(None, help="rollout.yaml served now: the report says what changes.")
+SERVE_CANDIDATE = typer.Option(None, help="Evaluate each merged candidate through a server started with this "
+                                          "command, e.g. \"vllm serve {path} --port {port} --served-model-name "
+                                          "{name}\" (its log beside the candidate; stopped afterwards).")
+SERVE_TIMEOUT = typer.Option(600.0, help="Seconds a candidate's server may take to list its model.")
 MODELS_FILE = typer.Option(None, "--models", help="YAML models file (models: {NAME: {path: ...} or {base_url: ..., "
                                                   "model: ..., api_key_env: ..., concurrency: ...}}): its NAMEs "
                                                   "can be given wherever a model is.")
@@ -225,11 +229,8 @@ def release_command(
     api_key_env: Optional[str] = API_KEY_ENV,
     workers: Optional[int] = WORKERS,
     ray_address: Optional[str] = RAY_ADDRESS,
-    serve_candidate: Optional[str] = typer.Option(None, help="Evaluate the merged candidate through a server "
-                                                   "started with this command, e.g. \"vllm serve {path} --port "
-                                                   "{port} --served-model-name {name}\" (log: OUT/candidate-server."
-                                                   "log; stopped afterwards)."),
-    serve_timeout: float = typer.Option(600.0, help="Seconds the candidate's server may take to list its model."),
+    serve_candidate: Optional[str] = SERVE_CANDIDATE,
+    serve_timeout: float = SERVE_TIMEOUT,
     models_file: Optional[Path] = MODELS_FILE,
     extra_source: list[str] = typer.Option([], help="A source evaluated (not merged) beside the recipe's: NAME=PATH, "
                                                     "NAME=URL or a name from --models (repeat)."),

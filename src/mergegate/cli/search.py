@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .main import BATCH_SIZE, DEVICE, MAX_NEW_TOKENS, _keep_freed_memory, _refuse
+from .main import BATCH_SIZE, DEVICE, MAX_NEW_TOKENS, SERVE_CANDIDATE, SERVE_TIMEOUT, _keep_freed_memory, _refuse
 
 
 def search_command(
@@ -39,8 +39,8 @@ def search_command(
     batch_size: int = BATCH_SIZE,
     max_new_tokens: int = MAX_NEW_TOKENS,
     device: Optional[str] = DEVICE,
-    serve_candidate: Optional[str] = typer.Option(None, help="Evaluate each trial's candidate through a server "
-                                                             "started with this template (see release)."),
+    serve_candidate: Optional[str] = SERVE_CANDIDATE,
+    serve_timeout: float = SERVE_TIMEOUT,
 ) -> None:
     """Search a space of recipes for the merge the gate promotes most cohorts of; release the best on held-out rows."""
     from .. import MergegateError
@@ -61,7 +61,8 @@ def search_command(
                                 sampler=sampler, keep=keep, prune=prune, ray_address=ray_address,  # type: ignore[arg-type]
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                                 memory_per_trial=memory, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, device=device, serve_candidate=serve_candidate)
+                                max_new_tokens=max_new_tokens, device=device, serve_candidate=serve_candidate,
+                                serve_timeout=serve_timeout)
         result = search(space, suite, held_out, policy, out, options)
     except MergegateError as exc:
         _refuse(exc)

@@ -19,7 +19,6 @@ the report shows dev and held-out side by side, and the gap is the search's over
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -418,7 +417,3 @@ def _prune_folders(trials: list[TrialRecord], best: list[TrialRecord]) -> None:
     for record in trials:
         if record.folder is not None and record.number not in keep:
             shutil.rmtree(record.folder, ignore_errors=True)
-
-
-def default_parallel() -> int:
-    return max(1, (os.cpu_count() or 1))
