@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -60,6 +61,12 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Rows as a JSONL suite file (one JSON object a line); returns the path."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def recipe_for(method: str, family: dict[str, Path], models=("ft1", "ft2", "ft3"), base=True, **parameters) -> dict:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mergegate.cli.main import app
 
-from ..conftest import assert_refused, recipe_for
+from ..conftest import assert_refused, recipe_for, write_jsonl
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
@@ -32,9 +32,7 @@ def _invoke(*args):
 
 @pytest.fixture
 def suite_file(tmp_path):
-    path = tmp_path / "suite.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    return path
+    return write_jsonl(tmp_path / "suite.jsonl", ROWS)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..conftest import assert_refused
+from ..conftest import assert_refused, write_jsonl
 from .test_terminal import DEMO, MERGEGATE, run_in_terminal
 
 pytestmark = pytest.mark.slow
@@ -20,8 +20,8 @@ def _inputs(folder: Path) -> tuple[Path, Path, Path, Path]:
     rows = [json.loads(line) for line in (DEMO / "suite.jsonl").read_text().splitlines() if line.strip()]
     tool = [r for r in rows if r["cohort"] == "tool_required"]
     dev, held, policy, space = (folder / n for n in ("dev.jsonl", "held.jsonl", "policy.yaml", "space.yaml"))
-    dev.write_text("".join(json.dumps(r) + "\n" for r in tool[:3]))
-    held.write_text("".join(json.dumps(r) + "\n" for r in tool[3:6]))
+    write_jsonl(dev, tool[:3])
+    write_jsonl(held, tool[3:6])
     policy.write_text(yaml.safe_dump({"default": {"min_rows": 3}}))
     models = DEMO / "models"
     space.write_text(yaml.safe_dump({

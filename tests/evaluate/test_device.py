@@ -19,7 +19,7 @@ from mergegate.evaluate.runner import config_hash, device_dtype, load_model, res
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
 
-from ..conftest import assert_refused
+from ..conftest import assert_refused, write_jsonl
 
 pytestmark = pytest.mark.one_torch_thread
 
@@ -31,9 +31,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 
 @pytest.fixture
 def suite_file(tmp_path):
-    path = tmp_path / "suite.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    return path
+    return write_jsonl(tmp_path / "suite.jsonl", ROWS)
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from mergegate.registry import Registry, RowResult
 from mergegate.search import SearchOptions, load_space, objective_values, search
 from mergegate.search.trial import TrialSpec, run_trial
 
+from ..conftest import write_jsonl
+
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 COHORTS = ("tool_required", "json_output")
 POLICY = {"default": {"min_rows": 3, "min_score": 0.0, "max_drop": 0.5, "min_retention": 0.5}}
@@ -32,8 +34,8 @@ def suites(tmp_path_factory) -> tuple[Path, Path]:
     rows = [json.loads(line) for line in (DEMO / "suite.jsonl").read_text().splitlines() if line.strip()]
     dev, held = folder / "dev.jsonl", folder / "held.jsonl"
     picked = {c: [r for r in rows if r["cohort"] == c] for c in COHORTS}
-    dev.write_text("".join(json.dumps(r) + "\n" for c in COHORTS for r in picked[c][:4]))
-    held.write_text("".join(json.dumps(r) + "\n" for c in COHORTS for r in picked[c][4:8]))
+    write_jsonl(dev, [r for c in COHORTS for r in picked[c][:4]])
+    write_jsonl(held, [r for c in COHORTS for r in picked[c][4:8]])
     return dev, held
 
 
