@@ -48,6 +48,14 @@ def portable_recipe(recipe_yaml: str, recipe_folder: Path | None, out: Path) -> 
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def _names_adapters(recipe_yaml: str) -> bool:
+    """Whether a model of the recipe is `model+adapter` (mergekit then needs --lora-merge-cache)."""
+    data = yaml.safe_load(recipe_yaml)
+    names = [data.get("base_model") or "", *(entry["model"] for entry in data.get("models") or [])]
+    names += [source["model"] for piece in data.get("slices") or [] for source in piece.get("sources") or []]
+    return any("+" in name for name in names)
+
+
 def serving_cost(plan: RolloutPlan) -> tuple[int, list[str]]:
     """How many models the plan's routes send traffic to first (what must be served), and their names."""
     served = sorted({route.model for route in [*plan.routes.values(), plan.default]})
@@ -118,12 +126,14 @@ def write_search_reports(out: Path, space: Space, trials: list, best: list, held
     cohorts = dev.cohorts
     written: dict[str, Path] = {}
     if best:
+        recipe_text = portable_recipe(best[0].recipe_yaml, space.folder, out)
         written["best"] = out / "best.yaml"
         written["best"].write_text(
             f"# mergegate search: trial {best[0].number}, the best of {len(trials)} on the dev rows "
             f"({best[0].promoted} of {len(cohorts)} cohorts promoted, worst retention {_fmt(best[0].worst_retention)})."
-            "\n# Plain mergekit YAML: `mergegate merge best.yaml OUT` or `mergekit-yaml best.yaml OUT`.\n"
-            + portable_recipe(best[0].recipe_yaml, space.folder, out))
+            "\n# Plain mergekit YAML, paths relative to this folder: `mergegate merge best.yaml OUT`, or from this "
+            "folder `mergekit-yaml best.yaml OUT`" + (" --lora-merge-cache DIR (mergekit folds the adapters there)"
+                                                       if _names_adapters(recipe_text) else "") + ".\n" + recipe_text)
     if held:
         written["rollout"] = held[0].release.plan.save(out / "rollout.yaml")
     counts = {s: sum(t.status == s for t in trials) for s in ("complete", "pruned", "failed")}
