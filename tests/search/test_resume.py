@@ -75,7 +75,10 @@ def test_a_search_killed_mid_trial_resumes_with_the_same_trials(tmp_path, suites
     rerun = [t for t in study.get_trials() if "rerun_of" in t.user_attrs]
     assert len(rerun) == 1  # the killed trial, drawn again with its recipe
     killed = study.trials[rerun[0].user_attrs["rerun_of"]]
-    assert killed.state.name == "FAIL" and killed.params == rerun[0].params
+    assert killed.state.name == "FAIL"
+    # killed after its draw: re-run with those values; killed between asking and drawing: drawn again, and the
+    # per-draw seed gives the same values (the trials' params above equal the uninterrupted run's either way)
+    assert killed.params in (rerun[0].params, {})
     assert len(resumed.trials) == TRIALS
 
     again = search(space_file, dev, held, POLICY, out, **settings)  # a finished search is read back, nothing re-run
