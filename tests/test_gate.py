@@ -182,6 +182,25 @@ def test_sources_tied_on_score_keep_the_order_given_in_the_chain():
     assert d.model == "z" and d.fallback == ("a", "b", "base")
 
 
+def test_a_base_that_beats_sources_on_the_cohort_comes_before_them_in_the_chain():
+    n = 60
+    # on this cohort the specialist is best, the base (0.6) beats two sources that score nothing there
+    spec = {"base": {"c": binary(0.6, n, 1)}, "json": {"c": binary(0.9, n, 2)}, "add": {"c": np.zeros(n)},
+            "tool": {"c": np.zeros(n)}, "merged": {"c": np.zeros(n)}}
+    sources = ["add", "tool", "json"]
+    d = decide(results(spec), candidate="merged", base="base", sources=sources).decision("c")
+    assert d.decision == "reject" and d.model == "json"
+    assert d.fallback == ("base", "add", "tool")
+    # a named fallback serves first; the rest still by score, the base among them
+    policy = load_policy({"cohorts": {"c": {"fallback": "tool"}}})
+    d = decide(results(spec), candidate="merged", base="base", sources=sources, policy=policy).decision("c")
+    assert d.model == "tool" and d.fallback == ("json", "base", "add")
+    # the base tied with a source: sources in the order given first, then the base
+    spec["add"] = spec["base"]
+    d = decide(results(spec), candidate="merged", base="base", sources=sources).decision("c")
+    assert d.fallback == ("add", "base", "tool")
+
+
 def cost_rows(model: str, scores, latencies, tokens) -> list[RowResult]:
     return [RowResult(f"c-{i}", "c", model, "h", "", 1, int(t), float(ms), float(s), s >= 0.5, {})
             for i, (s, ms, t) in enumerate(zip(scores, latencies, tokens))]

@@ -109,6 +109,29 @@ def test_a_routes_fallback_is_the_gates_chain_ranked_by_score(tmp_path):
     route = plan.routes["json_output"]
     assert (route.decision, route.model, route.fallback) == ("hold", "spec", ["generalist", "base"])
 
+
+def test_a_routes_chain_puts_a_base_that_scores_before_sources_that_score_nothing(tmp_path):
+    """Sources that fail the cohort come after a base that passes it: the plan falls over to the base first."""
+    import json
+
+    from mergegate.evaluate import load_suite
+    from mergegate.gate import decide, load_policy
+    from mergegate.registry import RowResult
+
+    n = 40
+    rows = [{"id": f"j{i}", "cohort": "json_output", "prompt": "p", "expected": "{}", "evaluators": ["json_valid"]}
+            for i in range(n)]
+    (tmp_path / "suite.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    means = {"base": 0.6, "add": 0.0, "tool": 0.0, "json": 0.9, "cand": 0.0}
+    results = {name: [RowResult(f"j{i}", "json_output", name, "h", "", 1, 1, 1.0, float(i < mean * n), i < mean * n, {})
+                      for i in range(n)] for name, mean in means.items()}
+    gate = decide(results, candidate="cand", base="base", sources=["add", "tool", "json"])
+    models = {name: PlanModel(role={"cand": "candidate", "base": "base"}.get(name, "source"), path=f"/m/{name}")
+              for name in means}
+    plan = RolloutPlan.from_decisions(gate, models, load_suite(tmp_path / "suite.jsonl"), load_policy(None))
+    route = plan.routes["json_output"]
+    assert (route.decision, route.model, route.fallback) == ("reject", "json", ["base", "add", "tool"])
+
 def test_missing_local_folder_is_refused_by_name(family, tmp_path):
     plan = _plan(family)
     plan.models["merged"].path = str(tmp_path / "gone")

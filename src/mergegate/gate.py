@@ -18,7 +18,7 @@ minimum-evidence and rounding clauses, is in `decide`'s docstring):
   traffic is mirrored to the candidate to gather evidence.
 
 A held or rejected cohort is served by its fallback and falls over along a chain ranked by score: the
-policy's `fallback` if set, then every other source by descending mean on the cohort, then the base.
+policy's `fallback` if set, then every other model, sources and base alike, by descending mean on the cohort.
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ def decide(results: dict[str, list[RowResult]], *, candidate: str, base: str, so
 
     A held or rejected cohort is served by `fallback` if the rule sets one, else by `best`. Every decision
     carries the chain its route falls over along, after the model it is served by: the rule's `fallback` if
-    set, then every other source by descending mean on the cohort (ties: the order given), then the base — the
-    candidate never in it.
+    set, then every other source and the base by descending mean on the cohort (ties: sources in the order
+    given, then the base) — the candidate never in it.
 
     Comparisons are made without float noise: every mean, interval bound, ratio, cost and threshold is rounded
     to 9 decimals before it is compared (scores are means of per-row scores in [0, 1], so a bound computed as
@@ -230,10 +230,10 @@ def _decide_cohort(cohort, ids, results, scores, candidate, base, holders, polic
         raise PolicyError(f"policy: cohort '{cohort}' falls back to '{rule.fallback}', which is not a source here "
                           f"(sources: {', '.join(holders)})")
     holder = rule.fallback or best
-    # Ranked by score so a strong generalist source is tried before a weak base; sorted() is stable, so ties
-    # keep the order the sources were given.
-    others = sorted((s for s in holders if s != base), key=lambda name: -means[name])
-    chain = [name for name in dict.fromkeys([*([rule.fallback] if rule.fallback else []), *others, base])
+    # Every model ranked by its score here, the base included: a strong generalist is tried before a weak base,
+    # a strong base before sources that fail the cohort. sorted() is stable: ties keep the holders' order.
+    ranked = sorted(holders, key=lambda name: -means[name])
+    chain = [name for name in dict.fromkeys([*([rule.fallback] if rule.fallback else []), *ranked])
              if name != candidate]
     enough = len(ids) >= rule.min_rows
 
