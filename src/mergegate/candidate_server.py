@@ -1,9 +1,10 @@
 """A freshly merged candidate behind its own server for the release's evaluation (`release(..., serve_candidate=)`).
 
-The template (e.g. `vllm serve {path} --port {port} --served-model-name {name}`) is formatted with the candidate's
-folder, a free loopback port and the candidate's name, split with shlex (no shell) and started with its stdout and
-stderr in a log file. The server is ready when `GET http://127.0.0.1:{port}/v1/models` answers 200 and lists the
-name; it is stopped (terminate, then kill after a grace period) when the `with` block ends, however it ends."""
+The template (e.g. `vllm serve {path} --port {port} --served-model-name {name}`) is split with shlex (no shell),
+then each argument is filled in with the candidate's folder, a free loopback port and the candidate's name; the
+command starts in its own session with its stdout and stderr in a log file. The server is ready when
+`GET http://127.0.0.1:{port}/v1/models` answers 200 and lists the name; it is stopped (terminate, then kill after a
+grace period) when the `with` block ends, however it ends."""
 
 from __future__ import annotations
 
@@ -22,19 +23,21 @@ STOP_GRACE_S = 10.0
 
 
 def candidate_command(template: str, path: Path, port: int, name: str) -> list[str]:
-    """The template's argv for this candidate (CandidateServerError for an unknown placeholder or no command)."""
+    """The template's argv for this candidate (CandidateServerError for an unknown placeholder or no command).
+
+    The template is split first and each argument filled in on its own: a folder named `x --trust-remote-code`
+    or `d;touch f` stays one argument, and no shell ever reads it."""
     try:
-        text = template.format(path=str(path), port=port, name=name)
+        words = shlex.split(template)
+    except ValueError as exc:
+        raise CandidateServerError(f"--serve-candidate {template!r}: {exc}") from None
+    if not words:
+        raise CandidateServerError("--serve-candidate is empty: give the command that serves {path}")
+    try:
+        return [word.format(path=str(path), port=port, name=name) for word in words]
     except (KeyError, IndexError, ValueError) as exc:
         raise CandidateServerError(f"--serve-candidate {template!r}: {type(exc).__name__}: {exc} (the placeholders "
                                    "are {path}, {port} and {name})") from None
-    try:
-        argv = shlex.split(text)
-    except ValueError as exc:
-        raise CandidateServerError(f"--serve-candidate {template!r}: {exc}") from None
-    if not argv:
-        raise CandidateServerError("--serve-candidate is empty: give the command that serves {path}")
-    return argv
 
 
 def free_port() -> int:
