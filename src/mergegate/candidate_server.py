@@ -3,12 +3,14 @@
 The template (e.g. `vllm serve {path} --port {port} --served-model-name {name}`) is split with shlex (no shell),
 then each argument is filled in with the candidate's folder, a free loopback port and the candidate's name; the
 command starts in its own session with its stdout and stderr in a log file. The server is ready when
-`GET http://127.0.0.1:{port}/v1/models` answers 200 and lists the name; it is stopped (terminate, then kill after a
-grace period) when the `with` block ends, however it ends."""
+`GET http://127.0.0.1:{port}/v1/models` answers 200 and lists the name; its process group is stopped (terminate, then
+kill after a grace period) when the `with` block ends, however it ends."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import time
@@ -96,11 +98,20 @@ def _await_ready(process: subprocess.Popen, url: str, name: str, log_path: Path,
 
 
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
+    """End the server's whole process group (started as its own session): SIGTERM, a grace period for the server to
+    stop its workers, then SIGKILL for whatever is left. A server's children (vLLM's workers, holding GPU memory)
+    outlive it otherwise, also when the server itself has already exited."""
+    _signal_group(process.pid, signal.SIGTERM)
     try:
         process.wait(STOP_GRACE_S)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        pass
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:  # nothing of the group is left
+        pass
