@@ -27,6 +27,31 @@ def test_merge_command_succeeds(family, tmp_path, write_recipe):
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
+def test_merge_says_how_many_tensors_it_wrote_when_large_tensors_merge_in_row_chunks(tmp_path, monkeypatch):
+    """A large tensor is merged as several row chunks (one plan job each): the summary counts the tensors the
+    model has, not the jobs. The shipped demo's chunks are forced small so its MLP weights are split as a real
+    model's embedding is."""
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from mergegate.cli import app
+    from mergegate.engine import plan as plan_module
+    from mergegate.engine.plan import plan_merge
+
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "demo" / "recipes" / "task_arithmetic.yaml"
+    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 1 << 15)
+    plan = plan_merge(recipe)
+    assert len(plan.jobs) > len(plan.outputs)  # the case in question: more jobs than tensors
+    done = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--quiet"])
+    assert done.exit_code == 0, done.output
+    written = 0
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(shard, "pt") as weights:
+            written += len(list(weights.keys()))
+    assert written == len(plan.outputs)
+    assert f"merged {written} tensors " in done.output
+
+
 def test_refused_input_exits_2_with_reason_and_writes_nothing(family, tmp_path, write_recipe):
     recipe = recipe_for("ties", family)
     recipe["models"][0]["model"] = str(tmp_path / "nowhere")

@@ -28,7 +28,7 @@ from .provenance import hash_inputs, write_provenance
 class MergeResult:
     out_dir: Path
     files: list[str]
-    tensors: int
+    tensors: int  # tensors written (a large tensor merged in several row chunks counts once)
     bytes_written: int
     seconds: float
     provenance: dict
@@ -137,7 +137,7 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
     clock.seconds["hash"] += writer.hash_seconds
     clock.seconds["write"] -= writer.hash_seconds  # writes hash what they complete: counted as hashing
     files = sorted(p.name for p in out_dir.iterdir())
-    return MergeResult(out_dir, files, len(plan.jobs), writer.total_bytes, time.perf_counter() - started, provenance,
+    return MergeResult(out_dir, files, len(plan.outputs), writer.total_bytes, time.perf_counter() - started, provenance,
                        {phase: round(seconds, 3) for phase, seconds in clock.seconds.items()})
 
 
