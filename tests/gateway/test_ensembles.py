@@ -29,6 +29,8 @@ def plan(stub) -> dict:
         "models": {name: {"url": stub.url, "upstream_model": name} for name in (*MEMBERS, "d")},
         "routes": {
             "hedged": {"model": "a", "fallback": ["b"], "strategy": {"kind": "hedge", "delay_ms": 300}},
+            # a delay no answer on a busy machine outlasts: the next model is asked only when none came in time
+            "patient": {"model": "a", "fallback": ["b"], "strategy": {"kind": "hedge", "delay_ms": 60_000}},
             "raced": {"model": "a", "strategy": {"kind": "race", "models": list(MEMBERS)}},
             "voted": {"model": "a", "check": "json_valid", "strategy": {"kind": "vote", "models": list(MEMBERS)}},
             "text_vote": {"model": "a", "strategy": {"kind": "vote", "models": ["a", "b"]}},
@@ -88,12 +90,12 @@ def test_plan_with_strategies_loads_and_plans_without_keep_their_yaml(stub, tmp_
 # -- race and hedge -------------------------------------------------------------------------------------------------
 
 def test_race_the_fast_model_wins_and_the_slow_ones_are_cancelled(gw, stub):
-    stub.set("a", reply="slow a", delay=3.0)
+    stub.set("a", mode="hang")  # 30 s: the race must not wait for it
     stub.set("b", reply="fast b")
-    stub.set("c", reply="slow c", delay=3.0)
+    stub.set("c", mode="hang")
     started = time.monotonic()
     response, answer = ask(gw, "raced")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 20
     assert (answer.model, answer.choices[0].message.content) == ("b", "fast b")
     assert (route_of(response.headers)["model"], route_of(response.headers)["strategy"]) == ("b", "race")
     wait_for(lambda: stub.hung_up["a"] == 1 and stub.hung_up["c"] == 1)  # the cancel reached the upstream
@@ -109,18 +111,16 @@ def test_race_the_fast_model_wins_and_the_slow_ones_are_cancelled(gw, stub):
 
 def test_hedge_asks_the_next_model_only_after_the_delay(gw, stub):
     stub.set("a", reply="primary")
-    started = time.monotonic()
-    _, answer = ask(gw, "hedged")
+    _, answer = ask(gw, "patient")
     assert answer.model == "a" and stub.calls["b"] == 0  # answered within the delay: no extra call
-    assert time.monotonic() - started < 1.0
 
-    stub.set("a", reply="late primary", delay=3.0)
+    stub.set("a", mode="hang")  # 30 s
     stub.set("b", reply="hedged")
     started = time.monotonic()
     response, answer = ask(gw, "hedged")
     took = time.monotonic() - started
     assert (answer.model, answer.choices[0].message.content) == ("b", "hedged")
-    assert 0.3 <= took < 2.0  # b was asked after 300 ms, and a was not waited for
+    assert 0.3 <= took < 20  # b was asked after 300 ms, and a was not waited for
     wait_for(lambda: stub.hung_up["a"] == 1)
     attributes = request_span(gw, response)["attributes"]
     assert attributes["mergegate.strategy.extra_calls"] == 1 and attributes["mergegate.strategy.cancelled"] == 1
@@ -190,9 +190,9 @@ def test_a_member_down_still_answers(gw, stub):
 
 
 def test_a_stream_on_a_strategy_route_gets_the_chosen_answer(gw, stub):
-    stub.set("a", reply="too slow", delay=3.0)
+    stub.set("a", mode="hang")
     stub.set("b", reply="streamed winner")
-    stub.set("c", reply="also slow", delay=3.0)
+    stub.set("c", mode="hang")
     chunks = list(gw.client().chat.completions.create(model="cohort/raced", messages=MESSAGES, max_tokens=32,
                                                       stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed winner"
@@ -201,6 +201,9 @@ def test_a_stream_on_a_strategy_route_gets_the_chosen_answer(gw, stub):
 
 
 def test_a_burst_with_a_member_down_and_one_slow_is_answered_and_counted(stub, launch_each):
+    """Every call a strategy makes is counted exactly once, under the one outcome it had: which outcome a losing
+    call gets (cancelled, or answered when its answer came before it could be cancelled) is the machine's timing,
+    not the product's promise."""
     gw = launch_each(plan(stub), config=GatewayConfig(backend_timeout=5.0, breaker_failures=3, breaker_cooldown=60))
     stub.set("a", reply='{"x": 1}')
     stub.set("b", mode="fail")
@@ -216,16 +219,39 @@ def test_a_burst_with_a_member_down_and_one_slow_is_answered_and_counted(stub, l
 
     responses = asyncio.run(burst())
     assert [r.status_code for r in responses] == [200] * (2 * per_route)
-    assert {r.json()["model"] for r in responses} == {"a"}  # race: a is first; vote: a and c agree, a is earlier
+    assert {r.json()["model"] for r in responses[per_route:]} == {"a"}  # the vote: a and c agree, a is earlier
+    assert {r.json()["model"] for r in responses[:per_route]} <= {"a", "c"}  # the race: the first good answer
     for cohort, kind in (("raced", "race"), ("voted", "vote")):
-        assert counter(gw, f'mergegate_strategy_requests_total{{cohort="{cohort}",strategy="{kind}",winner="a"}}') \
-            == per_route
-    assert counter(gw, 'mergegate_strategy_calls_total{cohort="raced",strategy="race",model="c",outcome="cancelled"}') \
-        == per_route
-    wait_for(lambda: stub.hung_up["c"] == per_route)  # every cancelled race call was dropped upstream too
+        calls = outcomes(gw, cohort, kind)
+        assert counter(gw, f'mergegate_strategy_requests_total{{cohort="{cohort}",strategy="{kind}",') == per_route
+        assert calls.get(("a", "won"), 0) + calls.get(("c", "won"), 0) == per_route  # one winner a request
+        for model in ("a", "c"):  # asked by every request, once each
+            assert sum(n for (m, _), n in calls.items() if m == model) == per_route, (cohort, model, calls)
+        # b is down: each request either called it (failed) or skipped it with its breaker open (no call made)
+        skipped_b = counter(gw, f'mergegate_fallbacks_total{{cohort="{cohort}",model="b",reason="circuit_open"}}')
+        assert {o for (m, o) in calls if m == "b"} == {"failed"}
+        assert calls[("b", "failed")] + skipped_b == per_route, (cohort, calls, skipped_b)
+    raced, voted = outcomes(gw, "raced", "race"), outcomes(gw, "voted", "vote")
+    assert {o for (m, o) in raced} <= {"won", "answered", "cancelled", "failed"}
+    assert voted[("a", "won")] == per_route and voted[("c", "answered")] == per_route
+    cancelled = raced.get(("a", "cancelled"), 0) + raced.get(("c", "cancelled"), 0)
+    if cancelled:  # a cancelled call's upstream request is dropped too (never more than were cancelled)
+        wait_for(lambda: stub.hung_up["a"] + stub.hung_up["c"] >= 1)
+    assert stub.hung_up["a"] + stub.hung_up["c"] <= cancelled
     assert gw.gateway.breakers["a"].snapshot()["state"] == "closed"
     assert gw.gateway.breakers["c"].snapshot()["state"] == "closed"
     assert gw.gateway.breakers["b"].snapshot()["state"] == "open"  # the member down is skipped, not waited for
+
+
+def outcomes(gw, cohort: str, kind: str) -> dict[tuple[str, str], float]:
+    """mergegate_strategy_calls_total for one route: (model, outcome) → calls."""
+    found = {}
+    prefix = f'mergegate_strategy_calls_total{{cohort="{cohort}",strategy="{kind}",'
+    for line in gw.metrics().splitlines():
+        if line.startswith(prefix):
+            labels = dict(part.split("=", 1) for part in line[len(prefix):line.index("}")].split(","))
+            found[(labels["model"].strip('"'), labels["outcome"].strip('"'))] = float(line.split()[-1])
+    return found
 
 
 def test_a_route_without_a_strategy_makes_one_call_and_records_no_strategy_cost(gw, stub):

@@ -17,7 +17,9 @@ tried in order, as on a plain route. Every call goes through `Dispatcher.attempt
 as "cancelled").
 
 What the strategy cost is recorded per request: `mergegate_strategy_requests_total{cohort,strategy,winner}`,
-`mergegate_strategy_calls_total{cohort,strategy,model,outcome}` (won, answered, rejected, failed, cancelled),
+`mergegate_strategy_calls_total{cohort,strategy,model,outcome}` (won, answered, rejected, failed, cancelled: each
+call counted once, under how it ended — a losing call whose answer came before it could be cancelled is `answered`,
+its tokens among the extra tokens),
 `mergegate_strategy_extra_calls_total{cohort,strategy}` (calls beyond the one a plain route makes) and
 `mergegate_strategy_extra_tokens_total{cohort,strategy,type}` (tokens of answers not returned), and the same on
 the request's span as `mergegate.strategy.*` attributes. A route without a strategy never reaches this module.
