@@ -34,6 +34,8 @@ def plan(stub) -> dict:
             "raced": {"model": "a", "strategy": {"kind": "race", "models": list(MEMBERS)}},
             "voted": {"model": "a", "check": "json_valid", "strategy": {"kind": "vote", "models": list(MEMBERS)}},
             "text_vote": {"model": "a", "strategy": {"kind": "vote", "models": ["a", "b"]}},
+            "voted_fallback": {"model": "a", "fallback": ["b", "c"], "check": "json_valid",
+                               "strategy": {"kind": "vote"}},
             "sampled": {"model": "a", "strategy": {"kind": "vote", "k": 3}},  # three samples of a
             "cascaded": {"model": "a", "fallback": ["d"], "check": "json_valid",
                          "strategy": {"kind": "cascade", "models": ["a", "b"]}},
@@ -58,6 +60,12 @@ def request_span(gw, response) -> dict:
     request_id = response.headers["x-request-id"]
     return wait_for(lambda: next((s for s in gw.spans() if s["kind"] == "SERVER"
                                   and s["attributes"].get("mergegate.request_id") == request_id), None))
+
+
+def client_spans(gw, response) -> list[dict]:
+    """The backend calls made for one request (the CLIENT spans under its SERVER span)."""
+    parent = request_span(gw, response)["span_id"]
+    return [s for s in gw.spans() if s["kind"] == "CLIENT" and s["parent_span_id"] == parent]
 
 
 def counter(gw, line_start: str) -> float:
@@ -146,8 +154,11 @@ def test_cascade_escalates_when_the_small_models_check_fails(gw, stub):
 
     stub.set("b", reply="still not json")
     stub.set("d", reply='{"fallback": true}')
-    _, answer = ask(gw, "cascaded")
+    response, answer = ask(gw, "cascaded")
     assert answer.model == "d"  # the strategy found no good answer: the route's own fallback answers
+    assert route_of(response.headers)["fallback"] == "true"
+    assert {call["attributes"]["gen_ai.request.model"]: call["attributes"]["mergegate.fallback"]
+            for call in client_spans(gw, response)} == {"a": False, "b": False, "d": True}
 
 
 # -- vote -----------------------------------------------------------------------------------------------------------
@@ -158,8 +169,13 @@ def test_vote_picks_the_majority_by_canonical_json_and_ties_go_to_model_order(gw
     stub.set("c", reply='{ "x" : 1 }')  # the same object as b's, spelt differently
     response, answer = ask(gw, "voted")
     assert (answer.model, answer.choices[0].message.content) == ("b", '{"x":1}')
+    assert route_of(response.headers)["fallback"] == "false"  # the vote's winner, not a fallback
     attributes = request_span(gw, response)["attributes"]
     assert attributes["mergegate.strategy.votes"] == 2 and attributes["mergegate.strategy.winner"] == "b"
+    assert {call["attributes"]["mergegate.fallback"] for call in client_spans(gw, response)} == {False}
+
+    response, answer = ask(gw, "voted_fallback")  # the same vote over the route's model and its fallback list
+    assert answer.model == "b" and route_of(response.headers)["fallback"] == "false"
 
     stub.set("a", reply="yes")
     stub.set("b", reply="no")

@@ -234,7 +234,8 @@ def _route_value(target: Target, model: str | None, attempt: int | None, skipped
     if target.route.strategy is not None and not target.pinned:
         parts.append(f"strategy={target.route.strategy.kind}")
     if model is not None:
-        parts += [f"model={model}", f"fallback={'true' if attempt else 'false'}", f"attempt={attempt}"]
+        fallback = target.is_fallback(attempt or 0)
+        parts += [f"model={model}", f"fallback={'true' if fallback else 'false'}", f"attempt={attempt}"]
     if skipped:
         parts.append("skipped=" + ",".join(f"{s.model}:{s.reason}" for s in skipped))
     return "; ".join(parts)

@@ -201,7 +201,7 @@ class Dispatcher:
     def _call(self, target: Target, request: GenRequest, name: str, attempt: int, parent, stream: bool):
         route = "pinned" if target.pinned else target.cohort
         return self.telemetry.call(request, self.backends[name], cohort=target.cohort, route=route, attempt=attempt,
-                                   stream=stream, parent=parent)
+                                   fallback=target.is_fallback(attempt), stream=stream, parent=parent)
 
     def _as_backend_error(self, name: str, exc: BaseException, what: str = "answer") -> BackendError:
         if isinstance(exc, BackendError):

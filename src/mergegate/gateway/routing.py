@@ -34,6 +34,13 @@ class Target:
     pinned: bool = False
     score: float | None = None  # the classifier's cosine, when it decided
 
+    def is_fallback(self, attempt: int) -> bool:
+        """Whether the chain's `attempt`-th model answers as a fallback: on a route with a strategy, only a model of
+        the route's own fallback list that the strategy did not ask (its members are the strategy's choice)."""
+        if self.route.strategy is not None and not self.pinned:
+            return attempt >= len(self.route.strategy_models())
+        return attempt > 0
+
 
 class Router:
     def __init__(self, classifier: CohortClassifier | None = None):

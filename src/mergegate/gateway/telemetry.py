@@ -113,10 +113,10 @@ class Telemetry:
         return self.tracer.start_span(f"{method} {path}", kind=SpanKind.SERVER, attributes={
             "http.request.method": method, "url.path": path, "mergegate.request_id": request_id})
 
-    def call(self, request: GenRequest, backend, *, cohort: str, route: str, attempt: int = 0, mirror: bool = False,
-             stream: bool = False, parent: trace.Span | None = None) -> "CallRecord":
-        return CallRecord(self, request, backend, cohort=cohort, route=route, attempt=attempt, mirror=mirror,
-                          stream=stream, parent=parent)
+    def call(self, request: GenRequest, backend, *, cohort: str, route: str, attempt: int = 0, fallback: bool = False,
+             mirror: bool = False, stream: bool = False, parent: trace.Span | None = None) -> "CallRecord":
+        return CallRecord(self, request, backend, cohort=cohort, route=route, attempt=attempt, fallback=fallback,
+                          mirror=mirror, stream=stream, parent=parent)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
@@ -127,21 +127,21 @@ class CallRecord:
     """One backend call: its CLIENT span, and the duration and token metrics recorded when it ends."""
 
     def __init__(self, telemetry: Telemetry, request: GenRequest, backend, *, cohort: str, route: str, attempt: int,
-                 mirror: bool, stream: bool, parent: trace.Span | None):
+                 fallback: bool, mirror: bool, stream: bool, parent: trace.Span | None):
         self.telemetry, self.backend, self.cohort = telemetry, backend, cohort
         self.operation = request.operation
-        self.span = self._start_span(request, backend, cohort, route, attempt, mirror, stream, parent) \
+        self.span = self._start_span(request, backend, cohort, route, attempt, fallback, mirror, stream, parent) \
             if telemetry.exporting else trace.INVALID_SPAN
         self.started = time.perf_counter()
         self.ended = False
 
-    def _start_span(self, request: GenRequest, backend, cohort: str, route: str, attempt: int, mirror: bool,
-                    stream: bool, parent: trace.Span | None) -> trace.Span:
+    def _start_span(self, request: GenRequest, backend, cohort: str, route: str, attempt: int, fallback: bool,
+                    mirror: bool, stream: bool, parent: trace.Span | None) -> trace.Span:
         p = request.params
         attributes = {
             "gen_ai.operation.name": request.operation, "gen_ai.provider.name": backend.provider,
             "gen_ai.request.model": backend.name, "gen_ai.request.max_tokens": p.max_tokens,
-            "mergegate.cohort": cohort, "mergegate.route": route, "mergegate.fallback": attempt > 0,
+            "mergegate.cohort": cohort, "mergegate.route": route, "mergegate.fallback": fallback,
             "mergegate.attempt": attempt, "mergegate.mirror": mirror, "mergegate.stream": stream,
             "mergegate.backend.kind": backend.kind,
             "llm.model_name": backend.name,  # OpenInference's name for the model, beside GenAI's
