@@ -6,6 +6,12 @@ generation settings sent explicitly (temperature 0, n 1, max_tokens the row's ow
 `EndpointSettings.concurrency` in flight. Connection errors, timeouts, 5xx and 429 are retried with exponential
 backoff (a 429's or 503's `Retry-After` honoured); any other HTTP error stops the run (EvaluationError).
 A row's latency is its request's wall time (retries included); its token counts are the server's `usage`.
+
+What a server sends back is taken within bounds (`mergegate._upstream`): each try of a request, from connecting
+to its answer's last byte, within `timeout_s` (a server trickling bytes is a timeout, not a wait without end);
+an answer no larger than what was asked for allows (a row's budget in tokens; GET /models and /tokenize a
+fixed size), read as a stream and refused past it; token counts that are whole numbers >= 0. Text a server sends
+back in an error is shown with the model's API key blanked.
 A model's own settings (`ModelRef.endpoint`, from a models file) replace the command's for that model; settings
 change speed only, so none of them is in the cache key.
 
@@ -31,6 +37,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from .._upstream import AnswerTooLarge, answer_limit, read_limited, redacted, usage_counts
 from ..errors import EvaluationError
 from ..model_ref import EndpointSettings, ModelRef  # EndpointSettings: importable from here too
 from ..registry import RowResult
@@ -41,6 +48,8 @@ from .suite import SuiteRow
 ENDPOINT_FORMAT = "1"  # bump with any change to the request sent or to how an answer is read
 _IDENTITY_FIELDS = ("id", "root", "parent", "owned_by", "max_model_len")
 _FINGERPRINT = re.compile(r"fingerprint|hash|digest|revision|version|sha", re.IGNORECASE)
+MODELS_BYTES = 4 * 1024 * 1024  # a GET /models answer: thousands of models' entries
+ERROR_BYTES = 16 * 1024  # the start of an error's body kept (only its first few hundred characters are shown)
 
 
 def check_rows(ref: ModelRef, rows: Sequence[SuiteRow]) -> None:
@@ -66,8 +75,9 @@ def _client(ref: ModelRef, settings: EndpointSettings):
     httpx = _httpx()
     key = settings.api_key()
     assert ref.url is not None
-    return httpx.AsyncClient(base_url=ref.url.rstrip("/") + "/", trust_env=False,
-                             headers={"Authorization": f"Bearer {key}"} if key else {},
+    # identity encoding: an answer's bound is on the bytes that reach memory, which compression would multiply
+    headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {key}"} if key else {})}
+    return httpx.AsyncClient(base_url=ref.url.rstrip("/") + "/", trust_env=False, headers=headers,
                              timeout=httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0)),
                              limits=httpx.Limits(max_connections=settings.concurrency,
                                                  max_keepalive_connections=settings.concurrency))
@@ -81,21 +91,59 @@ def identity_hash(identity: dict) -> str:
     return "endpoint:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """A server's answer, read whole within its bound."""
+
+    status_code: int
+    headers: Any
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.content)
+        except RecursionError:  # nested deeper than the parser goes: not an answer either
+            raise ValueError("nested too deeply") from None
+
+
+async def _exchange(client, method: str, path: str, body: dict | None, limit: tuple[int, str],
+                    timeout_s: float) -> _Reply:
+    """One try: the request and its answer, all within `timeout_s` (TimeoutError), the answer refused past
+    `limit` (its bytes, and what they are allowed for) with AnswerTooLarge; an error's answer is cut to its first
+    ERROR_BYTES instead."""
+    async with asyncio.timeout(timeout_s):
+        async with client.stream(method, path, json=body) as response:
+            if response.status_code >= 400:
+                content = await read_limited(response.aiter_bytes(), ERROR_BYTES, cut=True)
+            else:
+                content = await read_limited(response.aiter_bytes(), limit[0], allowed_for=limit[1])
+            return _Reply(response.status_code, response.headers, content)
+
+
 async def _request(client, ref: ModelRef, settings: EndpointSettings, method: str, path: str,
-                   body: dict | None = None, *, what: str):
-    """One call with retries; the response (any status but the retried ones), or EvaluationError."""
+                   body: dict | None = None, *, what: str, limit: tuple[int, str]):
+    """One call with retries; the answer (any status but the retried ones), or EvaluationError. An answer past
+    `limit` (`_exchange`) is refused at once: a server that sends too much would send it again."""
     httpx = _httpx()
     last = ""
     for attempt in range(settings.retries + 1):
         asked = None
         try:
-            response = await client.request(method, path, json=body)
+            response = await _exchange(client, method, path, body, limit, settings.timeout_s)
+        except TimeoutError:
+            last = f"no complete answer within {settings.timeout_s:g} s"
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             last = f"{type(exc).__name__}: {exc}"
+        except AnswerTooLarge as exc:
+            raise EvaluationError(f"model '{ref.name}' ({ref.url}): {what}: {exc}") from None
         else:
             if response.status_code not in RETRIED_STATUSES:
                 return response
-            last = f"HTTP {response.status_code}: {response.text[:200]}"
+            last = f"HTTP {response.status_code}: {_shown(response.text, settings)[:200]}"
             asked = response.headers.get("retry-after")
         if attempt < settings.retries:
             await asyncio.sleep(retry_wait(attempt, settings.backoff_s, asked))
@@ -103,19 +151,26 @@ async def _request(client, ref: ModelRef, settings: EndpointSettings, method: st
                           f"tr{'y' if settings.retries == 0 else 'ies'}: {last}")
 
 
-def _error_text(ref: ModelRef, response, what: str) -> EvaluationError:
-    detail = response.text[:300]
+def _shown(text: str, settings: EndpointSettings) -> str:
+    """Text from a server as shown to a person: the model's API key blanked, should the server quote it."""
+    return redacted(text, [settings.api_key()])
+
+
+def _error_text(ref: ModelRef, settings: EndpointSettings, response: _Reply, what: str) -> EvaluationError:
+    detail = response.text
     try:
-        detail = response.json()["error"]["message"]
+        detail = str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         pass
-    return EvaluationError(f"model '{ref.name}' ({ref.url}): {what} answered HTTP {response.status_code}: {detail}")
+    return EvaluationError(f"model '{ref.name}' ({ref.url}): {what} answered HTTP {response.status_code}: "
+                           f"{_shown(detail, settings)[:300]}")
 
 
 async def _identity(client, ref: ModelRef, settings: EndpointSettings) -> dict:
-    response = await _request(client, ref, settings, "GET", "models", what="GET /models")
+    response = await _request(client, ref, settings, "GET", "models", what="GET /models",
+                              limit=(MODELS_BYTES, "a model list"))
     if response.status_code >= 400:
-        raise _error_text(ref, response, "GET /models")
+        raise _error_text(ref, settings, response, "GET /models")
     try:
         entries = response.json()["data"]
         entry = next((e for e in entries if isinstance(e, dict) and e.get("id") == served_name(ref)), None)
@@ -130,14 +185,18 @@ async def _identity(client, ref: ModelRef, settings: EndpointSettings) -> dict:
     return {"served_model": served_name(ref), "reported": reported}
 
 
-async def _budget(client, ref: ModelRef, row: SuiteRow, max_new_tokens: int, root: str) -> int | None:
-    """The row's budget from the server's tokenizer; None when the server has no /tokenize. Only `expected` is
-    counted, so a chat row's budget is found as a prompt row's."""
+async def _budget(client, ref: ModelRef, row: SuiteRow, max_new_tokens: int, root: str,
+                  settings: EndpointSettings) -> int | None:
+    """The row's budget from the server's tokenizer; None when the server has no /tokenize (or it does not
+    answer in time, or answers more than `expected`'s tokens can take). Only `expected` is counted, so a chat
+    row's budget is found as a prompt row's."""
     httpx = _httpx()
+    body = {"model": served_name(ref), "prompt": row.expected, "add_special_tokens": False}
+    # at most a token per byte of `expected`, each a number of a few digits (or a token's text)
+    limit = (answer_limit(len(row.expected.encode()) + 8), "a count of tokens")
     try:
-        response = await client.post(root + "/tokenize", json={"model": served_name(ref), "prompt": row.expected,
-                                                               "add_special_tokens": False})
-    except httpx.HTTPError:
+        response = await _exchange(client, "POST", root + "/tokenize", body, limit, settings.timeout_s)
+    except (httpx.HTTPError, TimeoutError, AnswerTooLarge):
         return None
     if response.status_code >= 400:
         return None
@@ -175,7 +234,7 @@ def prepare(ref: ModelRef, rows: Sequence[SuiteRow], max_new_tokens: int, settin
 
             async def one(row):
                 async with gate:
-                    return await _budget(client, ref, row, max_new_tokens, root)
+                    return await _budget(client, ref, row, max_new_tokens, root, settings)
 
             found = await asyncio.gather(*(one(row) for row in rows)) if rows else []
             if rows and all(b is not None for b in found):
@@ -201,33 +260,26 @@ def run_rows(ref: ModelRef, model_hash: str, rows: Sequence[SuiteRow], budgets: 
                 async with gate:
                     started = time.perf_counter()
                     path, body = _row_request(ref, row, budgets[row.id])
-                    response = await _request(client, ref, settings, "POST", path, body, what=f"row {row.id}")
+                    limit = (answer_limit(budgets[row.id]), f"{budgets[row.id]} tokens")
+                    response = await _request(client, ref, settings, "POST", path, body, what=f"row {row.id}",
+                                              limit=limit)
                     latency_ms = (time.perf_counter() - started) * 1000
                 if response.status_code >= 400:
-                    raise _error_text(ref, response, f"row {row.id}")
-                try:
-                    data = response.json()
-                    choice = data["choices"][0]
-                    text = (choice["text"] if row.messages is None else choice["message"]["content"]) or ""
-                    usage = data.get("usage")
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise EvaluationError(f"model '{ref.name}' ({ref.url}): row {row.id}: the answer is not an "
-                                          f"OpenAI {'completion' if row.messages is None else 'chat completion'}"
-                                          ) from None
-                return row, str(text), usage if isinstance(usage, dict) else None, latency_ms
+                    raise _error_text(ref, settings, response, f"row {row.id}")
+                text, usage = _read_answer(ref, row, response)
+                return row, text, usage, latency_ms
 
             tasks = [asyncio.ensure_future(one(row)) for row in rows]
             try:
                 for finished in asyncio.as_completed(tasks):
                     row, text, usage, latency_ms = await finished
                     no_usage = no_usage or usage is None
-                    used = usage or {}
+                    prompt_tokens, completion_tokens = usage or (0, 0)
                     scores = score_row(row, Observation(output=text))
                     details: dict[str, Any] = {k: {"score": v.score, "passed": v.passed, "reason": v.reason}
                                                for k, v in scores.items()}
-                    on_result(RowResult(row.id, row.cohort, ref.name, model_hash, text,
-                                        int(used.get("prompt_tokens") or 0), int(used.get("completion_tokens") or 0),
-                                        latency_ms, min(v.score for v in scores.values()),
+                    on_result(RowResult(row.id, row.cohort, ref.name, model_hash, text, prompt_tokens,
+                                        completion_tokens, latency_ms, min(v.score for v in scores.values()),
                                         all(v.passed for v in scores.values()), details))
             finally:
                 for task in tasks:
@@ -238,6 +290,24 @@ def run_rows(ref: ModelRef, model_hash: str, rows: Sequence[SuiteRow], budgets: 
                           stacklevel=2)
 
     asyncio.run(go())
+
+
+def _read_answer(ref: ModelRef, row: SuiteRow, response: _Reply) -> tuple[str, tuple[int, int] | None]:
+    """A row's answer: its text and its token counts (None when the server sent no usage); EvaluationError when it
+    is not an OpenAI completion or its counts are not whole numbers >= 0."""
+    where = f"model '{ref.name}' ({ref.url}): row {row.id}"
+    try:
+        data = response.json()
+        choice = data["choices"][0]
+        text = (choice["text"] if row.messages is None else choice["message"]["content"]) or ""
+        usage = data.get("usage")
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise EvaluationError(f"{where}: the answer is not an OpenAI "
+                              f"{'completion' if row.messages is None else 'chat completion'}") from None
+    try:
+        return str(text), usage_counts(usage)
+    except ValueError as exc:
+        raise EvaluationError(f"{where}: {exc}") from None
 
 
 def _row_request(ref: ModelRef, row: SuiteRow, budget: int) -> tuple[str, dict[str, Any]]:
