@@ -65,7 +65,9 @@ class ServerThread:
 
 @dataclass(frozen=True)
 class Behavior:
-    """How the stub answers one model: mode ok | fail | hang | invalid_json."""
+    """How the stub answers one model: mode ok | fail | hang | invalid_json | unauthorized (a 401 whose message
+    quotes the bearer token it received, as some upstreams do) | stream_error (a stream that sends its first chunk,
+    then an error event quoting the token)."""
 
     mode: str = "ok"
     reply: str = "stub reply"
@@ -133,6 +135,8 @@ class StubUpstream:
                                                "code": None}}, status_code=b.status)
             if b.mode == "invalid_json":
                 return Response("{this is not json", media_type="application/json")
+            if b.mode == "unauthorized":
+                return stub._unauthorized(request)
             reply = b.reply
             if b.replies:
                 users = [str(m.get("content", "")) for m in body.get("messages", []) if m.get("role") == "user"]
@@ -148,8 +152,10 @@ class StubUpstream:
                      "total_tokens": len(str(prompt or "")) // 4 + 1 + len(chunks)}
             rid = f"stub-{uuid.uuid4().hex[:12]}"
             if body.get("stream"):
-                return StreamingResponse(stub._stream(operation, rid, model, chunks, finish, usage, b.interval),
-                                         media_type="text/event-stream")
+                failure = {"message": f"token {_quoted_token(request)} expired mid-stream"} \
+                    if b.mode == "stream_error" else None
+                return StreamingResponse(stub._stream(operation, rid, model, chunks, finish, usage, b.interval,
+                                                      failure), media_type="text/event-stream")
             text = "".join(chunks)
             choice = {"index": 0, "finish_reason": finish}
             if operation == "chat":
@@ -167,6 +173,13 @@ class StubUpstream:
         async def completions(request: Request):
             return await answer(request, "text_completion")
 
+        @app.post("/tokenize")
+        async def tokenize(request: Request):  # only to refuse: the stub has no tokenizer
+            body = await request.json()
+            if stub.behavior(body.get("model", "")).mode == "unauthorized":
+                return stub._unauthorized(request)
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+
         return app
 
     @staticmethod
@@ -180,7 +193,15 @@ class StubUpstream:
         return True
 
     @staticmethod
-    async def _stream(operation, rid, model, chunks, finish, usage, interval=0.0):
+    def _unauthorized(request: Request) -> JSONResponse:
+        token = _quoted_token(request)
+        return JSONResponse({"error": {"message": f"Incorrect API key provided: {token} (sent as "
+                                                  f"{request.headers.get('authorization')!r}; it starts {token[:12]})",
+                                       "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+                            status_code=401)
+
+    @staticmethod
+    async def _stream(operation, rid, model, chunks, finish, usage, interval=0.0, failure=None):
         obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
 
         def event(choices, **extra):
@@ -194,6 +215,14 @@ class StubUpstream:
             else:
                 choice = {"index": 0, "text": chunk, "finish_reason": finish if last else None}
             yield event([choice])
+            if failure is not None:
+                yield "data: " + json.dumps({"error": failure}) + "\n\n"
+                return
             await asyncio.sleep(interval if not last else 0)
         yield event([], usage=usage)
         yield "data: [DONE]\n\n"
+
+
+def _quoted_token(request: Request) -> str:
+    """The bearer token a request carried (what a careless upstream quotes back)."""
+    return request.headers.get("authorization", "").removeprefix("Bearer ")

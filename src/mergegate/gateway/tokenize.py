@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..redact import upstream_text
 from .backends import Backend, LocalBackend, RemoteBackend
 from .bodies import load_json
 from .errors import APIError
@@ -95,7 +96,9 @@ def _root(url: str) -> str:
 
 
 async def _forward(backend: RemoteBackend, body: TokenizeRequest) -> dict[str, Any]:
-    """The upstream's answer to the same request (its model name swapped in); its 4xx is passed on."""
+    """The upstream's answer to the same request (its model name swapped in). Its 4xx is passed on, but for a
+    refusal of the gateway's own credentials (401, 403: this gateway's configuration, not the caller's request)
+    and 5xx, which are 502s; its message redacted of the key the upstream is sent."""
     payload = {**body.model_dump(exclude_none=True), "model": backend.upstream_model}
     client = backend._http()
     try:
@@ -112,9 +115,10 @@ async def _forward(backend: RemoteBackend, body: TokenizeRequest) -> dict[str, A
     if response.status_code >= 400:
         message = data.get("error", {}).get("message") if isinstance(data, dict) and \
             isinstance(data.get("error"), dict) else None
-        status = response.status_code if response.status_code < 500 else 502
+        status = 502 if response.status_code >= 500 or response.status_code in (401, 403) else response.status_code
+        detail = upstream_text(str(message) if message else response.content, [backend.api_key])
         raise APIError(status, f"The upstream of model '{backend.name}' refused /tokenize (HTTP "
-                               f"{response.status_code}): {message or response.text[:300]}",
+                               f"{response.status_code}): {detail}",
                        type="invalid_request_error" if status < 500 else "server_error", code="upstream_error")
     if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
         raise APIError(502, f"The upstream of model '{backend.name}' answered /tokenize without a token list.",

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator
 import httpcore
 import httpx
 
+from ...redact import upstream_text
 from ..errors import (BackendBadResponse, BackendError, BackendHTTPError, BackendOverloaded, BackendRejected,
                       BackendTimeout, BackendUnavailable)
 from ..protocol import Completion, GenRequest
@@ -136,7 +137,7 @@ class RemoteBackend(Backend):
                 content = await response.aread()
             finally:
                 await response.aclose()
-        _raise_for_status(self.name, response.status, content)
+        _raise_for_status(self.name, response.status, content, self.api_key)
         try:
             data = json.loads(content)
             choice = data["choices"][0]
@@ -162,14 +163,14 @@ class RemoteBackend(Backend):
                 response = await self._pool.handle_async_request(call)
                 try:
                     if response.status >= 400:
-                        _raise_for_status(self.name, response.status, await response.aread())
+                        _raise_for_status(self.name, response.status, await response.aread(), self.api_key)
                     async for line in _lines(response.aiter_stream()):
                         if not line.startswith("data:"):
                             continue
                         payload = line[5:].strip()
                         if payload == "[DONE]":
                             break
-                        chunk = _parse_chunk(self.name, payload)
+                        chunk = _parse_chunk(self.name, payload, self.api_key)
                         response_id = chunk.get("id") or response_id
                         response_model = chunk.get("model") or response_model
                         used = chunk.get("usage") or used
@@ -236,25 +237,30 @@ class _translated_errors:
         return False
 
 
-def _raise_for_status(name: str, status: int, content: bytes) -> None:
+def _raise_for_status(name: str, status: int, content: bytes, api_key: str | None) -> None:
+    """An upstream's HTTP error as a BackendError whose message carries the upstream's own (its error.message, else
+    its body), redacted of the key this upstream is sent and bounded: the message reaches callers and traces."""
     if status < 400:
         return
-    detail = content[:300].decode("utf-8", "replace")
+    detail: object = content
     try:
-        detail = json.loads(content)["error"]["message"]
+        detail = str(json.loads(content)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         pass
+    detail = upstream_text(detail if isinstance(detail, (str, bytes)) else str(detail), [api_key])
     kind = BackendRejected if status in REJECTED else BackendOverloaded if status == 429 else BackendHTTPError
     raise kind(f"upstream '{name}' answered HTTP {status}: {detail}", status=status)
 
 
-def _parse_chunk(name: str, payload: str) -> dict:
+def _parse_chunk(name: str, payload: str, api_key: str | None) -> dict:
     try:
         chunk = json.loads(payload)
     except json.JSONDecodeError:
-        raise BackendBadResponse(f"upstream '{name}' sent a stream chunk that is not JSON: {payload[:100]!r}") from None
+        raise BackendBadResponse(f"upstream '{name}' sent a stream chunk that is not JSON: "
+                                 f"{upstream_text(payload, [api_key], limit=100)!r}") from None
     if not isinstance(chunk, dict):
         raise BackendBadResponse(f"upstream '{name}' sent a stream chunk that is not an object")
     if "error" in chunk:
-        raise BackendHTTPError(f"upstream '{name}' reported an error mid-stream: {chunk['error']}")
+        raise BackendHTTPError(f"upstream '{name}' reported an error mid-stream: "
+                               f"{upstream_text(json.dumps(chunk['error']), [api_key])}")
     return chunk
