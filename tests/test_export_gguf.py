@@ -4,6 +4,7 @@ format's error of the source, llama.cpp's names, shapes, rope order and metadata
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -176,18 +177,102 @@ def test_refuses_other_architectures_and_types_without_writing(tmp_path):
         export_gguf(mistral, out)
     with pytest.raises(GGUFExportError, match="'q5_k' is not one of f16, q8_0, q4_0"):
         export_gguf(BASE, out, "q5_k")
-    assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*partial")) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["mistral"]
     assert_refused(CliRunner().invoke(app, ["export-gguf", str(mistral), str(out)]), "MistralForCausalLM")
 
 
-def test_cli_replaces_the_file_atomically(tmp_path):
+def test_cli_replaces_an_existing_file_only_with_overwrite_and_atomically(tmp_path):
     out = tmp_path / "base.gguf"
     out.write_bytes(b"old")
-    result = CliRunner().invoke(app, ["export-gguf", str(BASE), str(out), "--type", "q4_0"])
+    assert_refused(CliRunner().invoke(app, ["export-gguf", str(BASE), str(out)]), str(out), "exists", "--overwrite")
+    assert out.read_bytes() == b"old"
+    result = CliRunner().invoke(app, ["export-gguf", str(BASE), str(out), "--type", "q4_0", "--overwrite"])
     assert result.exit_code == 0, result.output
     assert "q4_0: 38 tensors as F32, Q4_0" in result.output
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
     assert [p.name for p in tmp_path.iterdir()] == ["base.gguf"]  # no partial left beside it
+
+
+def _variant(tmp_path: Path, config: dict | None = None, nan_in: str | None = None) -> Path:
+    """A copy of the demo base with config.json fields replaced and/or a NaN in one tensor."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(BASE, folder)
+    if config:
+        (folder / "config.json").write_text(json.dumps({**json.loads((BASE / "config.json").read_text()), **config}))
+    if nan_in:
+        tensors = load_file(folder / "model.safetensors")
+        tensors[nan_in][0] = float("nan")
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+LAST_TENSOR = "model.norm.weight"  # converted last: a refusal naming OUT instead came before any conversion
+
+
+def _unwritable_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder
+
+
+@pytest.mark.parametrize("where, fragment", [
+    ("folder", "is a folder"),
+    ("under a file", "is not a folder"),
+    ("read-only folder", "not writable"),
+    ("/sys", "cannot be written"),
+])
+def test_cli_refuses_an_unusable_out_before_converting_anything(tmp_path, where, fragment):
+    model = _variant(tmp_path, nan_in=LAST_TENSOR)
+    if where == "folder":
+        out = tmp_path / "out.gguf"
+        out.mkdir()
+    elif where == "under a file":
+        (tmp_path / "notes.txt").write_text("x")
+        out = tmp_path / "notes.txt" / "sub" / "out.gguf"
+    elif where == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a 0500 folder; the /sys case covers root")
+        out = _unwritable_folder(tmp_path) / "out.gguf"
+    else:
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("no sysfs")
+        out = Path("/sys/kernel/mergegate-test.gguf")  # nobody, root included, creates files there
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert_refused(CliRunner().invoke(app, ["export-gguf", str(model), str(out)]), str(out), fragment)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_cli_refuses_nan_weights_naming_the_tensor_and_leaves_nothing(tmp_path):
+    model = _variant(tmp_path, nan_in="model.layers.2.mlp.up_proj.weight")
+    out = tmp_path / "new" / "out.gguf"
+    assert_refused(CliRunner().invoke(app, ["export-gguf", str(model), str(out)]),
+                   "'model.layers.2.mlp.up_proj.weight'", "NaN")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("config, fragments", [
+    ({"num_attention_heads": 3}, ["'num_key_value_heads' is 4", "'num_attention_heads' 3"]),
+    ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None},
+     ["'num_attention_heads' is 3", "'hidden_size' 128"]),
+    ({"num_key_value_heads": 3}, ["'num_key_value_heads' is 3", "'num_attention_heads' 4"]),
+    ({"head_dim": 31, "num_attention_heads": 4}, ["'head_dim' is 31"]),
+    ({"head_dim": 16}, ["model.layers.0.self_attn.k_proj.weight", "128 rows", "num_key_value_heads × head dim is 4 × 16 = 64"]),
+])
+def test_cli_refuses_attention_shapes_that_do_not_fit_naming_the_field(tmp_path, config, fragments):
+    model = _variant(tmp_path, config=config)
+    out = tmp_path / "out.gguf"
+    assert_refused(CliRunner().invoke(app, ["export-gguf", str(model), str(out)]), *fragments)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_partial_file_of_a_killed_export_is_removed_by_the_next(tmp_path):
+    stale = tmp_path / ".base.gguf.mergegate-partial-999999999"  # no such pid: its writer is gone
+    stale.write_bytes(b"half")
+    export_gguf(BASE, tmp_path / "base.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == ["base.gguf"]
 
 
 def test_byte_level_bpe_untied_and_padded_vocabulary(tmp_path):

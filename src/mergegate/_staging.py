@@ -1,4 +1,5 @@
-"""Output folders that appear whole or not at all: written in a hidden staging folder, renamed at the end.
+"""Output folders (and files) that appear whole or not at all: written in a hidden staging folder (file), renamed
+at the end.
 
 The staging folder, `.<out name>.mergegate-partial-<pid>` beside the output, is locked (flock) by the process
 writing it for as long as it lives. A process killed with SIGKILL cannot remove its folder, but the kernel
@@ -38,19 +39,45 @@ def check_output(out_dir: Path, overwrite: bool) -> Path:
             raise MergegateError(f"{out_dir} exists and is not empty; choose another folder or pass --overwrite")
     except OSError as exc:
         raise MergegateError(f"{out_dir}: cannot be read ({exc.strerror or exc})") from None
-    existing = out_dir.parent
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise MergegateError(f"{out_dir}: cannot be created: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise MergegateError(f"{out_dir}: cannot be created: {existing} is not writable")
+    _check_creatable(out_dir)
     return out_dir
 
 
-def _lock(folder: Path) -> int | None:
-    """An open descriptor holding an exclusive lock on `folder`, or None when another process holds it."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def check_output_file(out: Path, overwrite: bool) -> Path:
+    """Refuse an `out` file that exists unless `overwrite`, a folder, and one that cannot be created; return it
+    absolute."""
+    out = Path(out).absolute()
+    if out.is_dir():
+        raise MergegateError(f"{out} is a folder; give the path of the file to write")
+    if os.path.lexists(out) and not overwrite:
+        raise MergegateError(f"{out} exists; choose another name or pass --overwrite")
+    _check_creatable(out)
+    return out
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet, nearest first."""
+    missing = []
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _check_creatable(path: Path) -> None:
+    missing = _missing_folders(path)
+    existing = missing[-1].parent if missing else path.parent
+    if not existing.is_dir():
+        raise MergegateError(f"{path}: cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MergegateError(f"{path}: cannot be created: {existing} is not writable")
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on `path` (a folder or a file), or None when another process
+    holds it."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -74,8 +101,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_partials(parent: Path) -> list[Path]:
-    """Remove the partial staging folders in `parent` left by processes that died mid-write (SIGKILL, power
-    loss): those whose lock nobody holds and whose pid is not alive. Returns what was removed."""
+    """Remove the partial staging folders and files in `parent` left by processes that died mid-write (SIGKILL,
+    power loss): those whose lock nobody holds and whose pid is not alive. Returns what was removed."""
     removed: list[Path] = []
     try:
         entries = list(parent.iterdir())
@@ -83,7 +110,7 @@ def remove_stale_partials(parent: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _PARTIAL.match(entry.name)
-        if not match or entry.is_symlink() or not entry.is_dir():
+        if not match or entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
             continue
         digits = match.group(1) or match.group(2)
         pid = int(digits) if digits else None
@@ -96,7 +123,10 @@ def remove_stale_partials(parent: Path) -> list[Path]:
         if fd is None:
             continue  # locked: a live writer (perhaps in another pid namespace)
         try:
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             removed.append(entry)
         finally:
             os.close(fd)
@@ -144,3 +174,47 @@ def staged(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         _DESTINATIONS.pop(staging, None)
         if lock is not None:
             os.close(lock)
+
+
+@contextmanager
+def staged_file(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a partial file beside the file `out`, created now so that a place that cannot be written is refused
+    before any work; on success it replaces `out`, on failure it is removed with the folders made for it."""
+    out = check_output_file(out, overwrite)
+    made = _missing_folders(out)
+    partial = out.parent / f".{out.name}.mergegate-partial-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out.parent)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies, as to any file
+    except OSError as exc:
+        _remove_empty(made)
+        raise MergegateError(f"{out}: cannot be written ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the end: a cleanup never takes it for stale
+        except OSError:
+            pass  # a file system without locks: the pid in the name alone keeps it
+        try:
+            yield partial
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            _remove_empty(made)
+            raise
+        try:
+            os.replace(partial, out)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            _remove_empty(made)
+            raise MergegateError(f"{out}: cannot be put in place ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (nearest first) as long as they are empty: the ones a failed write made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -266,7 +266,7 @@ def _gguf_section(demo, out, results, best, registry, base, sources, console) ->
     source_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     rows = []
     for qtype in GGUF_TYPES:
-        written = export_gguf(folder, out / "gguf" / f"merged-{best}-{qtype}.gguf", qtype)
+        written = export_gguf(folder, out / "gguf" / f"merged-{best}-{qtype}.gguf", qtype, overwrite=True)
         worst = quantization_error(written, folder)
         rows.append([qtype, f"{written.path.stat().st_size / 1e6:.2f} MB",
                      f"{worst.ratio:.3f} ({worst.tensor})", f"{worst.relative:.2%}"])

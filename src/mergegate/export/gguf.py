@@ -23,20 +23,23 @@ Special tokens become CONTROL (the unknown token UNKNOWN), other added tokens US
 come from tokenizer_config.json / config.json, and whether a BOS (EOS) is added from what the tokenizer itself
 does to a sample text.
 
-The file is written beside OUT under a temporary name and renamed onto OUT when complete, so OUT is never a
-partial file; tensors are streamed to a spooled temporary file as they are converted.
+OUT is checked before anything is converted (an existing file is replaced only with `overwrite`); the file is
+written beside OUT under a temporary name and renamed onto OUT when complete, so OUT is never a partial file;
+tensors are streamed to a spooled temporary file as they are converted, and one holding NaN or infinity is refused.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MergegateError
+
+if TYPE_CHECKING:
+    from ..io.read import Checkpoint
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -100,6 +103,42 @@ def _config_int(config: dict, key: str, folder: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise GGUFExportError(f"{folder / 'config.json'}: '{key}' is {value!r}; a positive integer is needed")
     return value
+
+
+def _attention_shape(config: dict, folder: Path) -> tuple[int, int, int]:
+    """(heads, kv heads, head dim), checked to fit together: the q/k rows are permuted per head in pairs."""
+    path = folder / "config.json"
+    heads = _config_int(config, "num_attention_heads", folder)
+    if config.get("head_dim") is not None:
+        head_dim = _config_int(config, "head_dim", folder)
+    else:
+        hidden = _config_int(config, "hidden_size", folder)
+        if hidden % heads:
+            raise GGUFExportError(f"{path}: 'num_attention_heads' is {heads}, which does not divide "
+                                  f"'hidden_size' {hidden}")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise GGUFExportError(f"{path}: 'head_dim' is {head_dim}; rope rotates pairs, so it must be even")
+    kv_heads = _config_int(config, "num_key_value_heads", folder) if config.get("num_key_value_heads") else heads
+    if heads % kv_heads:
+        raise GGUFExportError(f"{path}: 'num_key_value_heads' is {kv_heads}, which does not divide "
+                              f"'num_attention_heads' {heads}")
+    return heads, kv_heads, head_dim
+
+
+def _check_rope_rows(checkpoint: Checkpoint, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Every q/k projection has the rows its heads say (what `permute_rope_rows` reshapes by), before any work."""
+    for source, ref in sorted(checkpoint.tensors.items()):
+        target = gguf_tensor_name(source) or ""
+        field_heads = ("num_attention_heads", heads) if ".attn_q." in target else \
+            ("num_key_value_heads", kv_heads) if ".attn_k." in target else None
+        if field_heads is None:
+            continue
+        field, count = field_heads
+        rows = ref.shape[0] if ref.shape else 0
+        if rows != count * head_dim:
+            raise GGUFExportError(f"model '{checkpoint.path}': tensor '{source}' has {rows} rows; config.json's "
+                                  f"{field} × head dim is {count} × {head_dim} = {count * head_dim}")
 
 
 def _rope(config: dict, folder: Path) -> tuple[float, str, float | None]:
@@ -217,12 +256,15 @@ def _file_type(qtype: str) -> int:
                 "q4_0": LlamaFileType.MOSTLY_Q4_0}[qtype])
 
 
-def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", *, name: str | None = None) -> GGUFExport:
-    """Write the Llama checkpoint in `folder` as one GGUF file at `out` (replaced atomically) with weights of
-    type `qtype` (`f16`, `q8_0`, `q4_0`), its tokenizer and chat template. GGUFExportError for a model this
-    cannot export (the reason in one line); CheckpointError for an unreadable folder."""
+def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", *, name: str | None = None,
+                overwrite: bool = False) -> GGUFExport:
+    """Write the Llama checkpoint in `folder` as one GGUF file at `out` with weights of type `qtype` (`f16`,
+    `q8_0`, `q4_0`), its tokenizer and chat template. `out` is checked first (an existing file is replaced only
+    with `overwrite`, and only once the new one is complete). GGUFExportError for a model this cannot export (the
+    reason in one line), CheckpointError for an unreadable folder, MergegateError for an unusable `out`."""
     from .._extras import install_hint
-    from ..io.read import Checkpoint, read_json_object
+    from .._staging import staged_file
+    from ..io.read import Checkpoint
 
     try:
         import gguf
@@ -232,7 +274,19 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", *, name
     if qtype not in GGUF_TYPES:
         raise GGUFExportError(f"GGUF type '{qtype}' is not one of {', '.join(GGUF_TYPES)}")
     folder, out = Path(folder), Path(out)
-    checkpoint = Checkpoint(folder)
+    with staged_file(out, overwrite) as partial:
+        result = _write_gguf(gguf, Checkpoint(folder), partial, qtype, name)
+    result.path = out
+    return result
+
+
+def _write_gguf(gguf: Any, checkpoint: Checkpoint, partial: Path, qtype: str, name: str | None) -> GGUFExport:
+    """The export itself, into `partial`: the model checked, its metadata and tensors converted and written."""
+    import numpy as np
+
+    from ..io.read import read_json_object
+
+    folder = checkpoint.path
     config = checkpoint.config
     archs = config.get("architectures") or []
     if config.get("model_type") != "llama" or not set(archs) <= set(SUPPORTED_ARCHITECTURES) or not archs:
@@ -240,9 +294,8 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", *, name
                               f"(only llama/{','.join(SUPPORTED_ARCHITECTURES)} is)")
     hidden = _config_int(config, "hidden_size", folder)
     layers = _config_int(config, "num_hidden_layers", folder)
-    heads = _config_int(config, "num_attention_heads", folder)
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
+    heads, kv_heads, head_dim = _attention_shape(config, folder)
+    _check_rope_rows(checkpoint, heads, kv_heads, head_dim)
     vocab_size = _config_int(config, "vocab_size", folder)
     theta, rope_kind, rope_factor = _rope(config, folder)
     tokenizer_config_path = folder / "tokenizer_config.json"
@@ -292,7 +345,7 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", *, name
     if template:
         writer.add_chat_template(template)
 
-    result = GGUFExport(path=out, qtype=qtype, tokenizer_model=vocabulary.model)
+    result = GGUFExport(path=partial, qtype=qtype, tokenizer_model=vocabulary.model)
     tied = bool(config.get("tie_word_embeddings", False))
     for source in sorted(checkpoint.tensors, key=_tensor_order):
         target = gguf_tensor_name(source)
@@ -303,6 +356,9 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", *, name
         if target == "output.weight" and tied:
             continue  # llama.cpp reads token_embd as the output matrix when output is absent
         array = checkpoint.read(source).float().numpy()
+        if not np.isfinite(array).all():
+            raise GGUFExportError(f"model '{folder}': tensor '{source}' ({checkpoint.tensors[source].file.name}) "
+                                  "holds NaN or infinite values")
         if ".attn_q." in target:
             array = permute_rope_rows(array, heads)
         elif ".attn_k." in target:
@@ -315,17 +371,12 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", *, name
     if "token_embd.weight" not in result.tensors:
         raise GGUFExportError(f"model '{folder}': no model.embed_tokens.weight")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         writer.write_header_to_file(path=partial)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, out)
     finally:
         writer.close()
-        partial.unlink(missing_ok=True)
     return result
 
 
