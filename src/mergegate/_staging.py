@@ -4,7 +4,8 @@ at the end.
 The staging folder, `.<out name>.mergegate-partial-<pid>` beside the output, is locked (flock) by the process
 writing it for as long as it lives. A process killed with SIGKILL cannot remove its folder, but the kernel
 drops its lock: the next staging into the same parent folder removes every partial folder whose lock nobody
-holds and whose pid is gone (one whose pid was reused stays until that process ends).
+holds and whose pid is gone (one whose pid was reused stays until that process ends). What is put in place has
+the modes the umask gives any new folder and file, not a temporary folder's private ones.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ def staged(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
             raise
         old = None
         try:
+            _set_modes_from_umask(staging)
             if out_dir.exists():
                 old = out_dir.parent / f".{out_dir.name}.mergegate-old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -174,6 +176,37 @@ def staged(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         _DESTINATIONS.pop(staging, None)
         if lock is not None:
             os.close(lock)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where the kernel says it (setting it, even back, races other
+    threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_modes_from_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes the umask gives new folders and files: tempfile made it
+    0700 (and makes its own files 0600), and others on the machine must be able to read a model when the umask
+    lets them."""
+    umask = _umask()
+    for root, folders, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+        for name in folders:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
 
 
 @contextmanager
