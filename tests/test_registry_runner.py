@@ -17,7 +17,7 @@ from mergegate.evaluate import evaluators as evaluators_module
 from mergegate.evaluate import runner as runner_module
 from mergegate.model_ref import ModelRef
 from mergegate.io.hashing import folder_hash
-from mergegate.registry import Registry
+from mergegate.registry import SCHEMA_VERSION, Registry
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
 
@@ -355,7 +355,10 @@ def test_an_old_registry_opens_and_its_unkeyed_runs_are_not_served(family, suite
     run = evaluate_models([(ModelRef("base", family["base"]), "base")], suite, registry, batch_size=5, max_new_tokens=3,
                           progress=False)["base"]
     assert not run.cached and run.run_id == 2 and "stale" not in {r.output for r in run.results}
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    # rows stored before measurement times were kept have none; the new run's rows have this session's
+    assert all(m.undated == m.rows and m.first is None for m in registry.measurements(1).values())
+    assert {m.sessions for m in registry.measurements(2).values()} == {frozenset({registry.session})}
 
 
 @pytest.mark.parametrize("kind", ["folder", "not sqlite"])

@@ -124,6 +124,74 @@ def test_report_without_policy_or_costs_still_renders(tmp_path):
     assert "What ships" in page and "latency" not in page and page.count("data:image/png") == 2
 
 
+def _cost_lines(md: str, cohort: str) -> dict[str, str]:
+    """model → its row of the report's cost table on `cohort`."""
+    table = md[md.index("## Scores, latency and tokens per model"):]
+    lines = [line for line in table.splitlines() if line.startswith(f"| {cohort} | ")]
+    return {line.split(" | ")[1].removesuffix(" (serves)"): line for line in lines}
+
+
+def test_a_report_says_when_each_latency_was_measured_and_never_compares_runs_apart(family, tmp_path):
+    """Two gates on one registry, one command each: the second reads the base and the source from the cache
+    (measured days earlier, as the backdated rows say) and measures only its candidate. Its report shows each
+    model's measurement time, says which were cached, and marks the latencies as not comparable."""
+    import datetime
+    import sqlite3
+
+    from mergegate.model_ref import ModelRef
+    from mergegate.pipeline import gate_release
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("\n".join(json.dumps({"id": f"{c}{i}", "cohort": c, "prompt": f"{c} {i}:", "expected": "{}",
+                                            "evaluators": ["json_valid"]}) for c in ("a", "b") for i in range(3)))
+    registry = tmp_path / "registry.sqlite"
+    base, source = ModelRef("base", family["base"]), ModelRef("ft2", family["ft2"])
+    first = gate_release(ModelRef("ft1", family["ft1"]), base, [source], suite, None, tmp_path / "first",
+                         registry=registry, progress=False, max_new_tokens=4)
+    md = first.reports["md"].read_text()
+    assert "latency measured" in md and "(cached)" not in md and "†" not in md  # measured together: comparable
+    with sqlite3.connect(registry) as db:  # the earlier command ran three days ago
+        db.execute("UPDATE row_results SET measured = measured - 3 * 86400")
+        earlier = dict(db.execute("SELECT model_name, MIN(measured) FROM row_results GROUP BY model_name"))
+    db.close()
+
+    second = gate_release(ModelRef("ft3", family["ft3"]), base, [source], suite, None, tmp_path / "second",
+                          registry=registry, progress=False, max_new_tokens=4)
+    assert second.runs["base"].cached and not second.runs["ft3"].cached
+    md = second.reports["md"].read_text()
+    day = {name: datetime.datetime.fromtimestamp(earlier[name], tz=datetime.timezone.utc).strftime("%Y-%m-%d")
+           for name in ("base", "ft2")}
+    for cohort in ("a", "b"):
+        rows = _cost_lines(md, cohort)
+        assert set(rows) == {"ft3", "base", "ft2"}
+        for name in ("base", "ft2"):
+            assert f"{day[name]} " in rows[name] and "UTC (cached)" in rows[name]
+            assert day[name] not in rows["ft3"]
+        assert "(cached)" not in rows["ft3"]
+        assert all(line.count("†") == 2 for line in rows.values())  # p50 and p99 marked on every model
+    assert "Latencies on a, b were not all measured in one run" in md and "not comparable" in md
+    page = second.reports["html"].read_text()
+    assert "latency measured" in page and "not all measured in one run" in page
+
+
+def test_latencies_measured_by_one_session_are_comparable_and_unknown_times_are_not(tmp_path):
+    from mergegate.registry import Measurement
+
+    gate = _gate()
+    when = 1_700_000_000.0  # 2023-11-14 22:13 UTC
+    together = {name: {d.cohort: Measurement(4, frozenset({"s1"}), when, when + 30, cached=name != CANDIDATE)
+                       for d in gate.decisions} for name in gate.aggregate}
+    md = write_reports(tmp_path, gate, _plan(gate), title="gate", costs=_costs(gate), measured=together)["md"].read_text()
+    assert "2023-11-14 22:13 UTC (cached)" in md and "†" not in md and "not all measured" not in md
+    # a model whose rows on one cohort have no measurement time (stored by an older mergegate) is not comparable
+    together["base"]["tool_required"] = Measurement(4, frozenset(), None, None, undated=4, cached=True)
+    md = write_reports(tmp_path, gate, _plan(gate), title="gate", costs=_costs(gate), measured=together)["md"].read_text()
+    assert "unknown (stored before measurement times were kept)" in _cost_lines(md, "tool_required")["base"]
+    assert "Latencies on tool_required were not all measured in one run" in md
+    assert all("†" in line for line in _cost_lines(md, "tool_required").values())
+    assert not any("†" in line for line in _cost_lines(md, "json_output").values())
+
+
 def test_report_refuses_a_policy_the_gate_did_not_apply(tmp_path):
     gate = _gate()
     with pytest.raises(MergegateError, match="not the one the gate applied"):

@@ -179,7 +179,7 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, poli
     pictures = tuple(name for name in ("forest.png", "chart.png") if (out / best / name).is_file())
     (out / "report.md").write_text(render_markdown(
         chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs, pictures=pictures,
-        picture_dir=f"{best}/", lead=lead, after_ships="\n".join(methods_md)))
+        picture_dir=f"{best}/", lead=lead, after_ships="\n".join(methods_md), measured=chosen.measured))
 
     table = lambda head, body: (f'<div class="scroll"><table><tr>{_html_cells(head, "th")}</tr>'  # noqa: E731
                                 + "".join(f"<tr>{_html_cells(r, 'td')}</tr>" for r in body) + "</table></div>")
@@ -193,7 +193,7 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, poli
                     + "".join(section_html(section, table) for section in beyond))
     body = render_html_body(chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs,
                             pictures={name: (out / best / name).read_bytes() for name in pictures}, lead=lead_html,
-                            after_ships=methods_html)
+                            after_ships=methods_html, measured=chosen.measured)
     (out / "report.html").write_text(html_page("mergegate demo", body))
 
 

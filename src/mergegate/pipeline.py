@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +21,7 @@ from .evaluate.runner import check_endpoint, check_inputs, check_settings, resol
 from .gate import GateResult, Policy, decide, load_policy
 from .model_ref import ModelRef, Role
 from .recipe import Recipe, load_recipe
-from .registry import Registry
+from .registry import Measurement, Registry
 from .report import write_reports
 from .rollout import PlanModel, RolloutPlan, load_plan
 
@@ -29,7 +29,7 @@ from .rollout import PlanModel, RolloutPlan, load_plan
 @dataclass(frozen=True)
 class ReleaseResult:
     """What a gated release wrote and decided: its folder, the candidate, the decisions, the plan, every model's
-    run, and the report files (md, html, rollout)."""
+    run, the report files (md, html, rollout), and when each model's rows were measured (model → cohort)."""
 
     out: Path
     candidate: ModelRef
@@ -37,6 +37,7 @@ class ReleaseResult:
     plan: RolloutPlan
     runs: dict[str, ModelRun]
     reports: dict[str, Path]
+    measured: dict[str, dict[str, Measurement]] = field(default_factory=dict)
 
 
 def release_models(recipe: Recipe, candidate_dir: Path, candidate_name: str) -> list[tuple[ModelRef, Role]]:
@@ -102,9 +103,11 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     in_plan = [(candidate_in_plan or candidate, "candidate"), *evaluated[1:]]
     plan = RolloutPlan.from_decisions(gate, {ref.name: PlanModel.from_ref(ref, role) for ref, role in in_plan},
                                       suite, policy)
+    measured = {name: registry.measurements(run.run_id) for name, run in runs.items()}
     reports = write_reports(out, gate, plan, title=title or f"gate: {candidate.name}", policy=policy,
-                            costs=cohort_costs({name: run.results for name, run in runs.items()}), current=current)
-    return ReleaseResult(out, candidate_in_plan or candidate, gate, plan, runs, reports)
+                            costs=cohort_costs({name: run.results for name, run in runs.items()}), current=current,
+                            measured=measured)
+    return ReleaseResult(out, candidate_in_plan or candidate, gate, plan, runs, reports, measured)
 
 
 def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,

@@ -7,8 +7,12 @@ hash everything else that does (generation settings, evaluator versions, the run
 versions; see `evaluate.runner.run_config`). A finished run is served only when it holds a result for every row
 of the suite; an interrupted run resumes from the rows it has.
 
+Each row result records when it was stored and by which session (one opening of the registry: one command), so a
+report can say when each model's latencies were measured and which were measured together (`measurements`).
+
 Schema versions (`PRAGMA user_version`): 1 had no config hash; opening such a file adds the `config_hash` and
-`config` columns, and its old runs (config hash NULL) are kept but never served or resumed.
+`config` columns, and its old runs (config hash NULL) are kept but never served or resumed. 2 had no measurement
+times; opening such a file adds the `session` and `measured` columns, NULL (unknown) for the rows it holds.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,7 +29,7 @@ from typing import Any, Iterable
 from .errors import RegistryError
 from .io.hashing import folder_hash
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -38,7 +43,7 @@ CREATE TABLE IF NOT EXISTS row_results (
     run_id INTEGER NOT NULL REFERENCES eval_runs(id), row_id TEXT NOT NULL, cohort TEXT NOT NULL,
     model_name TEXT NOT NULL, model_hash TEXT NOT NULL, output TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, latency_ms REAL NOT NULL, score REAL NOT NULL, passed INTEGER NOT NULL,
-    details TEXT NOT NULL, PRIMARY KEY (run_id, row_id));
+    details TEXT NOT NULL, session TEXT, measured REAL, PRIMARY KEY (run_id, row_id));
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, candidate_hash TEXT NOT NULL, suite_hash TEXT NOT NULL,
     policy_hash TEXT NOT NULL, cohort TEXT NOT NULL, decision TEXT NOT NULL, model TEXT NOT NULL,
@@ -78,11 +83,34 @@ class RowResult:
     details: dict[str, Any]  # evaluator → {score, passed, reason}
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """When one run's rows on one cohort were measured: the sessions that stored them (a session is one opening
+    of the registry, i.e. one command), the first and last time one was stored, and how many have no record of
+    either (stored before the registry kept them). Latencies stored by one session were measured on one machine,
+    close in time; rows of another session were measured under another load, perhaps another batch size."""
+
+    rows: int
+    sessions: frozenset[str]
+    first: float | None  # seconds since the epoch
+    last: float | None
+    undated: int = 0
+    cached: bool = False  # stored before this opening of the registry: read from the cache, not measured now
+
+
+def measured_together(measurements) -> bool:
+    """Whether these measurements (of the models compared on a cohort) were all stored by one session."""
+    measurements = list(measurements)
+    sessions = frozenset().union(*(m.sessions for m in measurements))
+    return len(sessions) == 1 and not any(m.undated for m in measurements)
+
+
 class Registry:
     """A thin, thread-safe layer over one SQLite file."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.session = uuid.uuid4().hex  # stamps the rows this opening stores (see `measurements`)
         self._lock = threading.Lock()
         if self.path.is_dir():
             raise RegistryError(f"registry {self.path}: is a folder, not an SQLite file")
@@ -111,10 +139,12 @@ class Registry:
         if version > SCHEMA_VERSION:
             raise RegistryError(f"registry {self.path}: schema version {version} is newer than this mergegate "
                                 f"understands ({SCHEMA_VERSION})")
-        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(eval_runs)")}
-        for column in ("config_hash", "config"):
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE eval_runs ADD COLUMN {column} TEXT")
+        for table, added in (("eval_runs", {"config_hash": "TEXT", "config": "TEXT"}),
+                             ("row_results", {"session": "TEXT", "measured": "REAL"})):
+            columns = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, kind in added.items():
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if version != SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -206,11 +236,30 @@ class Registry:
         return {r["row_id"] for r in self._read("SELECT row_id FROM row_results WHERE run_id=?", (run_id,))}
 
     def add_results(self, run_id: int, results: Iterable[RowResult]) -> None:
+        """Store results as they are measured, stamped with this session and the time."""
+        now = time.time()
         rows = [(run_id, r.row_id, r.cohort, r.model_name, r.model_hash, r.output, r.prompt_tokens,
-                 r.completion_tokens, r.latency_ms, r.score, int(r.passed), json.dumps(r.details))
+                 r.completion_tokens, r.latency_ms, r.score, int(r.passed), json.dumps(r.details), self.session, now)
                 for r in results]
         with self._lock, self._db:
-            self._db.executemany("INSERT OR REPLACE INTO row_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO row_results (run_id, row_id, cohort, model_name, model_hash, output, "
+                "prompt_tokens, completion_tokens, latency_ms, score, passed, details, session, measured) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def measurements(self, run_id: int) -> dict[str, Measurement]:
+        """cohort → when the run's rows there were measured, and by which session(s)."""
+        found: dict[str, Measurement] = {}
+        for r in self._read("SELECT cohort, session, COUNT(*) AS n, MIN(measured) AS first, MAX(measured) AS last, "
+                            "SUM(measured IS NULL OR session IS NULL) AS undated FROM row_results WHERE run_id=? "
+                            "GROUP BY cohort, session ORDER BY cohort", (run_id,)):
+            before = found.get(r["cohort"], Measurement(0, frozenset(), None, None, cached=True))
+            times = [t for t in (before.first, before.last, r["first"], r["last"]) if t is not None]
+            found[r["cohort"]] = Measurement(
+                before.rows + r["n"], before.sessions | ({r["session"]} if r["session"] is not None else set()),
+                min(times) if times else None, max(times) if times else None, before.undated + r["undated"],
+                before.cached and r["session"] != self.session)
+        return found
 
     def results(self, run_id: int, model_name: str | None = None) -> list[RowResult]:
         out = []

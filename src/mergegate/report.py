@@ -5,7 +5,8 @@ The page is written for a release manager. Its first screen says what ships: per
 decision, the fallback chain and the share mirrored to the candidate, the default route, and what changed
 against the currently served plan when one is given. Then a forest plot of the paired differences with their
 intervals against each cohort's −max_drop, the decisions with their reasons (folded), and per model and cohort
-the mean score, latency and token cost.
+the mean score, latency and token cost. Latency depends on the machine, its load and the batch size, so each model's
+latency says when it was measured, and a cohort whose models were not all measured in one run says so.
 
 The pictures need matplotlib (the `report` extra). Without it the reports and the rollout plan are still
 written, pictures left out, and one line says which extra draws them: the decisions never depend on a picture."""
@@ -16,6 +17,7 @@ import base64
 import html
 import io
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from ._extras import install_hint, missing_extra
 from .costs import CohortCost
 from .errors import MergegateError
 from .gate import CohortDecision, GateResult, Policy
+from .registry import Measurement, measured_together
 from .rollout import RolloutPlan, Route, load_plan
 
 DECISION_COLOURS = {"promote": "#2e7d32", "hold": "#e0a800", "reject": "#c62828"}
@@ -237,24 +240,75 @@ def _decision_rows(gate: GateResult,
     return header, rows
 
 
-def _cost_rows(gate: GateResult, costs: dict[str, dict[str, CohortCost]] | None) -> tuple[list[str], list[list[str]]]:
-    """Per cohort and model: mean score, and with costs latency p50/p99 and mean prompt/completion tokens."""
+Measured = dict[str, dict[str, Measurement]]  # model → cohort → when its rows there were measured
+APART = " †"  # marks a latency not measured in the same run as the others on its cohort
+
+
+def _cohort_models(gate: GateResult, d: CohortDecision) -> dict[str, float]:
+    """model → mean score on the cohort: the candidate, then the sources and the base."""
+    return {gate.candidate: d.candidate_mean, **d.source_means}
+
+
+def measured_apart(gate: GateResult, measured: Measured | None) -> list[str]:
+    """The cohorts whose models' latencies were not all measured in one run (their latencies are not comparable)."""
+    if measured is None:
+        return []
+    return [d.cohort for d in gate.decisions
+            if not measured_together(measured[name][d.cohort] for name in _cohort_models(gate, d)
+                                     if d.cohort in measured.get(name, {}))]
+
+
+def _minute(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _when(m: Measurement | None) -> str:
+    """When a model's rows on a cohort were measured, as shown: UTC to the minute, runs counted, cached said."""
+    if m is None:
+        return "—"
+    if m.first is None or m.last is None:
+        return "unknown (stored before measurement times were kept)"
+    first, last = _minute(m.first), _minute(m.last)
+    if last != first:
+        first += " – " + (last[len("YYYY-MM-DD "):] if last[:10] == first[:10] else last)
+    runs = len(m.sessions) + (1 if m.undated else 0)
+    return (f"{runs} runs, " if runs > 1 else "") + f"{first} UTC" + (" (cached)" if m.cached else "")
+
+
+def _cost_rows(gate: GateResult, costs: dict[str, dict[str, CohortCost]] | None,
+               measured: Measured | None = None) -> tuple[list[str], list[list[str]]]:
+    """Per cohort and model: mean score, and with costs latency p50/p99 (with `measured`, when they were measured,
+    marked where the cohort's models were not all measured in one run) and mean prompt/completion tokens."""
     header = ["cohort", "model", "mean score"]
     if costs:
-        header += ["rows", "latency p50 ms", "latency p99 ms", "prompt tokens", "completion tokens"]
+        header += ["rows", "latency p50 ms", "latency p99 ms", *(["latency measured"] if measured is not None else []),
+                   "prompt tokens", "completion tokens"]
+    apart = set(measured_apart(gate, measured))
     rows = []
     for d in gate.decisions:
-        scores = {gate.candidate: d.candidate_mean, **d.source_means}
-        for name, score in scores.items():
+        mark = APART if d.cohort in apart else ""
+        for name, score in _cohort_models(gate, d).items():
             shown = name + (" (serves)" if name == d.model else "")
             row = [d.cohort, shown, f"{score:.3f}"]
             if costs:
                 cost = costs.get(name, {}).get(d.cohort)
-                row += ([str(cost.rows), f"{cost.latency_p50_ms:.1f}", f"{cost.latency_p99_ms:.1f}",
+                when = [_when((measured.get(name) or {}).get(d.cohort))] if measured is not None else []
+                row += ([str(cost.rows), f"{cost.latency_p50_ms:.1f}{mark}", f"{cost.latency_p99_ms:.1f}{mark}", *when,
                          f"{cost.prompt_tokens_mean:.1f}", f"{cost.completion_tokens_mean:.1f}"]
-                        if cost is not None else ["—"] * 5)
+                        if cost is not None else ["—"] * (5 + len(when)))
             rows.append(row)
     return header, rows
+
+
+def _latency_note(gate: GateResult, measured: Measured | None) -> str:
+    """Why some latencies are marked, or nothing when all were measured together."""
+    apart = measured_apart(gate, measured)
+    if not apart:
+        return ""
+    return (f"{APART.strip()} Latencies on {', '.join(apart)} were not all measured in one run (rows read from the "
+            "cache were measured at another time, under another load, perhaps in batches of another size): they "
+            "are not comparable across models. Compare only models measured in the same run, or evaluate them "
+            "again together.")
 
 
 def _models_heading(costs: dict[str, dict[str, CohortCost]] | None) -> str:
@@ -272,9 +326,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
                     costs: dict[str, dict[str, CohortCost]] | None = None, current: RolloutPlan | None = None,
                     pictures: tuple[str, ...] = (), picture_dir: str = "", lead: str = "",
-                    after_ships: str = "") -> str:
+                    after_ships: str = "", measured: Measured | None = None) -> str:
     """report.md. `pictures`: the picture files written (linked from `picture_dir`); `lead` and `after_ships`
-    are Markdown put before and after the "what ships" section (the demo's summary uses them)."""
+    are Markdown put before and after the "what ships" section (the demo's summary uses them); `measured` says
+    when each model's latencies were measured (`write_reports`)."""
     changes = plan_changes(current, plan) if current is not None else None
     ships_header, ships = _ships_rows(gate, plan, policy, changes)
     md = [f"# {title}", ""] + ([lead, ""] if lead else [])
@@ -293,7 +348,9 @@ def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: 
     md += _md_table([*header, "why"], [[*cells, why] for _, cells, why in rows])
     aggregate = ", ".join(f"{name} {value:.3f}" for name, value in gate.aggregate.items())
     md += ["", f"## {_models_heading(costs)}", ""]
-    md += _md_table(*_cost_rows(gate, costs))
+    md += _md_table(*_cost_rows(gate, costs, measured))
+    note = _latency_note(gate, measured) if costs else ""
+    md += ["", note] if note else []
     md += ["", f"Aggregate mean over all rows (reported, not decisive): {aggregate}", ""]
     if "chart.png" in pictures:
         md += [f"![chart]({picture_dir}chart.png)", ""]
@@ -357,8 +414,10 @@ def _img(png: bytes, alt: str) -> str:
 
 def render_html_body(gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
                      costs: dict[str, dict[str, CohortCost]] | None = None, current: RolloutPlan | None = None,
-                     pictures: dict[str, bytes] | None = None, lead: str = "", after_ships: str = "") -> str:
-    """The page's body; `lead` and `after_ships` are HTML put before and after the "what ships" section."""
+                     pictures: dict[str, bytes] | None = None, lead: str = "", after_ships: str = "",
+                     measured: Measured | None = None) -> str:
+    """The page's body; `lead` and `after_ships` are HTML put before and after the "what ships" section;
+    `measured` as for `render_markdown`."""
     pictures = pictures or {}
     changes = plan_changes(current, plan) if current is not None else None
     ships_header, ships = _ships_rows(gate, plan, policy, changes)
@@ -392,12 +451,14 @@ def render_html_body(gate: GateResult, plan: RolloutPlan, *, title: str, policy:
               "decision never comes from the aggregate mean.</p>",
               f'<div class="scroll"><table><tr>{_cells(header, "th")}</tr>{"".join(body)}</table></div></section>']
 
-    cost_header, cost_rows = _cost_rows(gate, costs)
+    cost_header, cost_rows = _cost_rows(gate, costs, measured)
+    note = _latency_note(gate, measured) if costs else ""
     aggregate = ", ".join(f"{name} {value:.3f}" for name, value in gate.aggregate.items())
     parts += [f'<section id="models"><h2>{_models_heading(costs)}</h2>',
               f'<div class="scroll"><table><tr>{_cells(cost_header, "th")}</tr>'
               + "".join(f"<tr>{_cells(row, 'td', {i: 'num' for i in range(2, len(row))})}</tr>" for row in cost_rows)
               + "</table></div>",
+              f'<p class="latency-note">{html.escape(note)}</p>' if note else "",
               f"<p>Aggregate mean over all rows (reported, not decisive): {html.escape(aggregate)}</p>",
               _img(pictures["chart.png"], "per-cohort scores") if "chart.png" in pictures else "",
               f"<p>Policy sha256: <code>{gate.policy_sha256[:16]}</code>.</p></section>"]
@@ -410,10 +471,11 @@ def _loaded_current(current: RolloutPlan | str | Path | None) -> RolloutPlan | N
 
 def write_reports(out: Path, gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
                   costs: dict[str, dict[str, CohortCost]] | None = None,
-                  current: RolloutPlan | str | Path | None = None) -> dict[str, Path]:
+                  current: RolloutPlan | str | Path | None = None, measured: Measured | None = None) -> dict[str, Path]:
     """report.md, report.html, their pictures and rollout.yaml in `out`. `policy` (the one the gate applied) draws
-    each cohort's −max_drop; `costs` (`costs.cohort_costs`) adds latency and token columns; `current` (the plan
-    served now, or its file) adds what changed."""
+    each cohort's −max_drop; `costs` (`costs.cohort_costs`) adds latency and token columns; `measured` (model →
+    `Registry.measurements` of its run) says beside them when each was measured and marks the cohorts whose
+    latencies were not measured in one run; `current` (the plan served now, or its file) adds what changed."""
     if policy is not None and policy.sha256 != gate.policy_sha256:
         raise MergegateError("report: the policy given is not the one the gate applied (sha256 differs)")
     current = _loaded_current(current)
@@ -425,8 +487,9 @@ def write_reports(out: Path, gate: GateResult, plan: RolloutPlan, *, title: str,
         else:
             (out / name).unlink(missing_ok=True)  # a picture from an earlier run would not match these decisions
     (out / "report.md").write_text(render_markdown(gate, plan, title=title, policy=policy, costs=costs,
-                                                   current=current, pictures=tuple(pictures)))
-    body = render_html_body(gate, plan, title=title, policy=policy, costs=costs, current=current, pictures=pictures)
+                                                   current=current, pictures=tuple(pictures), measured=measured))
+    body = render_html_body(gate, plan, title=title, policy=policy, costs=costs, current=current, pictures=pictures,
+                            measured=measured)
     (out / "report.html").write_text(html_page(title, body))
     plan.save(out / "rollout.yaml")
     return {"md": out / "report.md", "html": out / "report.html", "rollout": out / "rollout.yaml"}
