@@ -132,3 +132,23 @@ def test_any_near_valid_space_loads_or_is_refused_with_a_search_space_error(low,
             continue
         for seed in range(3):  # whatever loads draws valid recipes
             assert space.point(RandomDraws(seed)).merge_method == "task_arithmetic"
+
+
+@pytest.mark.parametrize("weight, key", [
+    ("{rnage: [0.3, 1.5]}", "rnage"),  # a misspelt range: no range or choice left, so it looked like a value
+    ("{rnage: [0.3, 1.5], log: true}", "rnage"),
+    ("[{rnage: [0.3, 1.5]}, 1.0]", "rnage"),  # inside a gradient list
+])
+def test_a_misspelt_key_of_a_searched_value_is_named_once_with_where_it_is(weight, key):
+    text = space_text(merge_method="{choice: [ties, della, dare_ties]}", weight=weight,
+                      extra=", density: {range: [0.3, 0.8]}", parameters="lambda: {range: [0.5, 1.0]}")
+    with pytest.raises(SearchSpaceError) as caught:
+        load_space(text)
+    message = str(caught.value)
+    assert "models[0].parameters.weight" in message and f"unknown key(s) {key}" in message
+    assert message.count(key) == 1 and "\n" not in message and len(message) < 400, message
+
+
+def test_a_searched_value_without_range_or_choice_is_refused_naming_it():
+    with pytest.raises(SearchSpaceError, match=r"models\[0\]\.parameters\.weight: a searched value needs range or "):
+        load_space(space_text(weight="{log: true, step: 0.1}"))

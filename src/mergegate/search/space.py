@@ -32,6 +32,7 @@ from ..methods import available_methods, get_method
 from ..recipe import Recipe, load_recipe
 
 _NODE_KEYS = {"range", "choice", "log", "step", "int", "groups"}
+_CONDITIONAL_KEYS = {"filter", "value"}  # mergekit's conditional parameter value: {filter: ..., value: ...}
 MAX_GROUPS = 16  # more depth groups than this is a typo, not a gradient
 
 
@@ -179,27 +180,40 @@ def load_space(source: str | Path | dict) -> Space:
     digest = hashlib.sha256(json.dumps([template, [_describe(s) for s in searched]], sort_keys=True,
                                        default=str).encode()).hexdigest()
     space = Space(template, tuple(searched), folder, digest, frozenset(declared))
-    # Every value a trial can draw at the edges — each choice, each range's ends — must make a recipe with each
-    # method of the space (the rest at their first values): a typo or an out-of-range bound shows now, all at
-    # once, not in trial 37.
+    _check_points(space, methods, where)
+    return space
+
+
+def _check_points(space: Space, methods: list[str], where: str) -> None:
+    """Every value a trial can draw at the edges — each choice, each range's ends — must make a recipe with each
+    method of the space (the rest at their first values): a typo or an out-of-range bound shows now, once, not in
+    trial 37."""
     first = _FirstValues()
-    fixed = {node.path: node.draw(first) for node in searched if node.path != ("merge_method",)}
+    fixed = {node.path: node.draw(first) for node in space.searched if node.path != ("merge_method",)}
+    for name in methods:  # the template itself: one message, not one per edge that repeats it
+        try:
+            space.recipe(fixed, name, set(get_method(name).param_names()))
+        except SearchSpaceError as exc:
+            raise SearchSpaceError(f"{where}: with merge_method {name} and its first values: "
+                                   f"{_reason(exc)}") from None
+    problems: dict[str, str] = {}  # each reason once, with the first point that showed it
     for name in methods:
         known = set(get_method(name).param_names())
-        edges: list[tuple[Searched | None, Any]] = [(None, None)]
-        edges += [(n, v) for n in searched if n.path != ("merge_method",) for v in _edges(n)]
-        for edge, value in edges:
-            if edge is not None and _parameter_name(edge.path) not in (None, *known):
+        for edge in space.searched:
+            if edge.path == ("merge_method",) or _parameter_name(edge.path) not in (None, *known):
                 continue
-            values = {**fixed, **({edge.path: value} if edge is not None else {})}
-            try:
-                space.recipe(values, name, known)
-            except SearchSpaceError as exc:
-                shown = f"{edge.name} = {value!r}" if edge is not None else "its first values"
-                problems.append(f"with merge_method {name} and {shown}: {str(exc).split(': ', 2)[-1]}")
+            for value in _edges(edge):
+                try:
+                    space.recipe({**fixed, edge.path: value}, name, known)
+                except SearchSpaceError as exc:
+                    problems.setdefault(_reason(exc), f"with merge_method {name} and {edge.name} = {value!r}")
     if problems:
-        raise SearchSpaceError(f"{where}: " + "; ".join(dict.fromkeys(problems)))
-    return space
+        raise SearchSpaceError(f"{where}: " + "; ".join(f"{shown}: {reason}" for reason, shown in problems.items()))
+
+
+def _reason(exc: SearchSpaceError) -> str:
+    """A drawn point's refusal without its "search space: a drawn point is not a valid recipe" lead."""
+    return str(exc).split(": ", 2)[-1]
 
 
 def _edges(node: Searched) -> list[Any]:
@@ -229,13 +243,18 @@ def _parameter_name(path: tuple[str | int, ...]) -> str | None:
     return None
 
 
-def _is_node(value: Any) -> bool:
-    return isinstance(value, dict) and bool(set(value) & {"range", "choice"})
+def _is_node(value: Any, path: tuple[str | int, ...]) -> bool:
+    """A searched value: a mapping with one of the node keys, or any mapping where a method parameter's value
+    sits other than mergekit's conditional `{filter, value}` (a misspelt `rnage` is named, not read as a value)."""
+    if not isinstance(value, dict):
+        return False
+    keys = set(map(str, value))
+    return bool(keys & _NODE_KEYS) or (_parameter_name(path) is not None and not keys <= _CONDITIONAL_KEYS)
 
 
 def _collect(value: Any, path: tuple[str | int, ...], searched: list[Searched], problems: list[str]) -> Any:
     """The template (each searched value replaced by None) and the searched values found on the way."""
-    if _is_node(value):
+    if _is_node(value, path):
         node = _node(value, path, problems)
         if node is not None:
             searched.append(node)
@@ -260,6 +279,9 @@ def _node(spec: dict, path: tuple[str | int, ...], problems: list[str]) -> Searc
         return None
     if "range" in spec and "choice" in spec:
         problems.append(f"{name}: give range or choice, not both")
+        return None
+    if "range" not in spec and "choice" not in spec:
+        problems.append(f"{name}: a searched value needs range or choice (optionally with log, step, int, groups)")
         return None
     if "choice" in spec:
         choice = spec["choice"]
