@@ -5,6 +5,7 @@ the in-process budgets through it. Fixtures: tests/gateway/conftest.py."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import httpx
@@ -123,3 +124,61 @@ def test_evaluation_through_the_gateway_gets_the_in_process_budgets_and_answers(
     bound = [r for r in theirs if r.row_id.startswith("budget-bound-")]
     assert bound and all(r.completion_tokens == budgets[r.row_id] < 64 for r in bound)
     assert all(r.completion_tokens <= budgets[r.row_id] for r in theirs)
+
+
+# -- a long prompt is refused before it is tokenized, and tokenizing never holds the event loop ----------------------
+
+def test_a_prompt_longer_than_the_limit_is_refused_naming_it_before_tokenizing(gw):
+    huge = "word " * 200_000  # 1,000,000 characters: under the body limit, far over the prompt's
+    error = _error(tokenize(gw, model="base", prompt=huge), 400)
+    assert error["param"] == "prompt" and "1000000 characters" in error["message"]
+    assert "65536" in error["message"] and "max_prompt_chars" in error["message"]
+    error = _error(tokenize(gw, model="json_output", messages=[{"role": "user", "content": huge}]), 400)
+    assert error["param"] == "messages" and "max_prompt_chars" in error["message"]
+    for path, body in (("/v1/completions", {"prompt": huge}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]})):
+        answer = httpx.post(gw.url + path, json={"model": "base", "max_tokens": 2, **body}, timeout=30)
+        error = _error(answer, 400)
+        assert error["code"] == "context_length_exceeded" and "max_prompt_chars" in error["message"]
+
+
+class GatedTokenizer:
+    """The model's own tokenizer, that tokenizes only once `gate` is set (`entered` is set once a call waits there):
+    a tokenization as long as a test needs."""
+
+    def __init__(self, tokenizer, gate: threading.Event):
+        self._tokenizer, self._gate, self.entered = tokenizer, gate, threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        self.entered.set()
+        assert self._gate.wait(60), "the gate was never opened"
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/tokenize", {"prompt": TEXT}),
+    ("/tokenize", {"messages": [{"role": "user", "content": TEXT}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": TEXT}], "max_tokens": 2}),
+], ids=["tokenize-prompt", "tokenize-messages", "chat-prompt-count"])
+def test_tokenizing_runs_off_the_event_loop(launch_each, path, body):
+    gw = launch_each({"candidate": "json_output", "models": {"json_output": {"path": str(JSON_OUTPUT)}},
+                      "routes": {}, "default": {"model": "json_output"}})
+    backend = gw.gateway.backends["json_output"]
+    real, gate = backend.tokenizer, threading.Event()
+    backend.tokenizer = gated = GatedTokenizer(real, gate)
+    answers: list[httpx.Response] = []
+    caller = threading.Thread(target=lambda: answers.append(
+        httpx.post(gw.url + path, json={"model": "json_output", **body}, timeout=90)))
+    try:
+        caller.start()
+        assert gated.entered.wait(60), "the request never reached the tokenizer"
+        # while that request's tokenization waits, the gateway still answers: it is not tokenizing on its loop
+        assert httpx.get(gw.url + "/healthz", timeout=30).status_code == 200
+    finally:
+        gate.set()
+        caller.join(90)
+        backend.tokenizer = real
+    assert answers and answers[0].status_code == 200, answers

@@ -90,6 +90,8 @@ def register(app: typer.Typer) -> None:
         queue_limit: int = typer.Option(64, help="Requests waiting for one local model; more are shed (the next "
                                                  "model answers, else 429 with Retry-After)."),
         max_prompt_tokens: int = typer.Option(4096, help="Longest prompt accepted, in tokens."),
+        max_prompt_chars: int = typer.Option(65536, help="Longest prompt accepted, in characters (checked before "
+                                                         "it is tokenized; /tokenize too)."),
         max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted, in bytes (413 above)."),
         max_admin_body_bytes: int = typer.Option(64 << 10, help="Largest /admin request body accepted, in bytes."),
         mirror_concurrency: int = typer.Option(4, help="Mirrored calls in flight; more are dropped."),
@@ -113,6 +115,7 @@ def register(app: typer.Typer) -> None:
 
         config = GatewayConfig(backend_timeout=timeout, stream_max_duration=stream_max_duration,
                                local_queue_limit=queue_limit, max_prompt_tokens=max_prompt_tokens,
+                               max_prompt_chars=max_prompt_chars,
                                max_body_bytes=max_body_bytes, max_admin_body_bytes=max_admin_body_bytes,
                                mirror_concurrency=mirror_concurrency,
                                mirror_timeout=timeout, breaker_failures=breaker_failures,

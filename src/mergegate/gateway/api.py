@@ -66,7 +66,7 @@ async def get_model(model_id: str, request: Request) -> dict:
 async def tokenize_prompt(request: Request):
     """vLLM's /tokenize for one of the plan's models (see tokenize.py)."""
     gateway = request.app.state.gateway
-    body = parse_tokenize(await read_body(request, gateway.config.max_body_bytes))
+    body = parse_tokenize(await read_body(request, gateway.config.max_body_bytes), gateway.config)
     if body.model in Router.virtual_models(gateway.plan):
         raise APIError(404, f"The model '{body.model}' is a route, whose models may tokenize differently; /tokenize "
                             f"takes one of this gateway's models: {', '.join(gateway.plan.models)}.",
@@ -117,7 +117,7 @@ async def _handle(request: Request, operation: Operation):
         target = await gateway.router.resolve(gateway.plan, body.model, gen, header=request.headers.get("x-cohort"),
                                               metadata=body.metadata)
         outcome["cohort"] = target.cohort
-        _check_prompt_size(gateway, target, gen)
+        await _check_prompt_size(gateway, target, gen)
         if body.stream:
             start = await _unless_disconnected(request, gateway.dispatcher.open_stream(target, gen, parent=span))
             outcome["model"] = start.model
@@ -213,13 +213,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _check_prompt_size(gateway, target: Target, gen: GenRequest) -> None:
+async def _check_prompt_size(gateway, target: Target, gen: GenRequest) -> None:
     limit = gateway.config.max_prompt_tokens
     param = "messages" if gen.operation == "chat" else "prompt"
     tokens = 0
     for name in target.chain:
         try:
-            tokens = max(tokens, gateway.backends[name].count_prompt_tokens(gen))
+            tokens = max(tokens, await gateway.backends[name].count_prompt_tokens(gen))
         except Exception as exc:  # the prompt does not render or tokenize for this model: the request's fault
             raise APIError(400, f"The {param} cannot be prepared for model '{name}': {type(exc).__name__}: {exc}",
                            param=param, code="invalid_value") from None

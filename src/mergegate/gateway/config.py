@@ -11,6 +11,9 @@ class GatewayConfig:
     max_body_bytes: int = 1 << 20  # 413 above this (JSON depth and number literals are bounded too: bodies.py)
     max_admin_body_bytes: int = 64 << 10  # the same for /admin bodies
     max_prompt_tokens: int = 4096  # 400 context_length_exceeded above this (counted by the route's backends)
+    # 400 context_length_exceeded above this many characters of prompt (all messages' text together), checked
+    # before anything tokenizes it: tokenizing costs time in proportion to the text (16 characters a token here)
+    max_prompt_chars: int = 65536
     max_tokens_limit: int = 1024  # largest max_tokens a caller may ask for
     default_max_tokens: int = 128  # when the request names none
     # backends

@@ -172,8 +172,18 @@ def _validation_error(exc: ValidationError) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {message}{more}.", param=param, code="invalid_value")
 
 
+def check_prompt_chars(characters: int, config, param: str) -> None:
+    """Refuse a prompt longer than `config.max_prompt_chars` (400 naming the limit), before anything tokenizes it."""
+    limit = config.max_prompt_chars
+    if characters > limit:
+        raise APIError(400, f"This request's {param} is {characters} characters, above this gateway's limit of "
+                            f"{limit} characters (max_prompt_chars). Shorten the {param}.", param=param,
+                       code="context_length_exceeded")
+
+
 def to_gen_request(body: ChatRequest | CompletionRequest, config) -> GenRequest:
-    """The validated request as a backend request, with max_tokens defaulted and bounded."""
+    """The validated request as a backend request, with max_tokens defaulted and bounded and the prompt's length
+    bounded (`check_prompt_chars`)."""
     default = min(config.default_max_tokens, config.max_tokens_limit)
     asked = getattr(body, "max_completion_tokens", None)
     param = "max_completion_tokens" if asked else "max_tokens"
@@ -185,9 +195,11 @@ def to_gen_request(body: ChatRequest | CompletionRequest, config) -> GenRequest:
                        stop=tuple(body.stop or ()), seed=body.seed)
     if isinstance(body, ChatRequest):
         messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
+        check_prompt_chars(sum(len(m["content"]) for m in messages), config, "messages")
         return GenRequest("chat", params, messages=messages)
     prompt = body.prompt  # the validator reduced a one-element list to its string
     assert isinstance(prompt, str)
+    check_prompt_chars(len(prompt), config, "prompt")
     return GenRequest("text_completion", params, prompt=prompt)
 
 

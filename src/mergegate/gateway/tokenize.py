@@ -5,6 +5,8 @@ Request `{"model", "prompt", "add_special_tokens" (default true)}` or `{"model",
 model's chat template, as vLLM does. Answer `{"count", "max_model_len", "tokens"}`; `max_model_len` is the model
 config's `max_position_embeddings` (null when it has none). The evaluation runner counts each row's budget with
 it (evaluate.endpoint), so a model evaluated through the gateway gets the budgets it gets in process.
+A prompt (or the messages' text) longer than the gateway's `max_prompt_chars` is refused before it is tokenized,
+and a local model tokenizes in a worker thread, as it generates: the event loop keeps answering meanwhile.
 
 A local model is tokenized here with its own tokenizer. A url model's request is forwarded to its upstream's
 `{root}/tokenize` (root: the url without `/v1`), renamed to the upstream's model; an upstream without one is a
@@ -14,6 +16,7 @@ or `mergegate` may be answered by several models with different tokenizers.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -23,7 +26,7 @@ from ..redact import upstream_text
 from .backends import Backend, LocalBackend, RemoteBackend
 from .bodies import load_json
 from .errors import APIError
-from .protocol import Bool, ChatMessage, Str, _validation_error
+from .protocol import Bool, ChatMessage, Str, _validation_error, check_prompt_chars
 
 
 class TokenizeRequest(BaseModel):
@@ -41,15 +44,21 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-def parse_tokenize(raw: bytes) -> TokenizeRequest:
-    """Raw bytes → a validated request, or a 400 APIError naming the parameter."""
+def parse_tokenize(raw: bytes, config) -> TokenizeRequest:
+    """Raw bytes → a validated request, or a 400 APIError naming the parameter (a prompt longer than the gateway's
+    `max_prompt_chars` too: tokenizing takes time in proportion to it)."""
     data = load_json(raw)
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
-        return TokenizeRequest.model_validate(data)
+        body = TokenizeRequest.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    if body.messages is not None:
+        check_prompt_chars(sum(len(m.text()) for m in body.messages), config, "messages")
+    else:
+        check_prompt_chars(len(body.prompt or ""), config, "prompt")
+    return body
 
 
 def not_available(model: str, why: str) -> APIError:
@@ -58,8 +67,8 @@ def not_available(model: str, why: str) -> APIError:
 
 
 async def tokenize(backend: Backend, body: TokenizeRequest) -> dict[str, Any]:
-    if isinstance(backend, LocalBackend):
-        return _local(backend, body)
+    if isinstance(backend, LocalBackend):  # in a thread, as generation is: the event loop keeps serving
+        return await asyncio.to_thread(_local, backend, body)
     if isinstance(backend, RemoteBackend):
         return await _forward(backend, body)
     raise not_available(backend.name, f"its backend ({backend.kind}) has no tokenizer")

@@ -63,8 +63,9 @@ class Backend(ABC):
     def stream(self, request: GenRequest, *, slot: Slot | None = None) -> AsyncIterator[str | Completion]: ...
 
     @abstractmethod
-    def count_prompt_tokens(self, request: GenRequest) -> int:
-        """Tokens the prompt will take (exact for local models, an estimate for remote ones)."""
+    async def count_prompt_tokens(self, request: GenRequest) -> int:
+        """Tokens the prompt will take (exact for local models, an estimate for remote ones). Never on the event
+        loop's time: tokenizing a long prompt takes a while."""
 
     def describe(self) -> dict:
         return {"kind": self.kind, "provider": self.provider}

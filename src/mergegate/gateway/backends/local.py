@@ -66,7 +66,10 @@ class LocalBackend(Backend):
         lines = [f"{m['role']}: {m['content']}" for m in request.messages]
         return "\n".join([*lines, "assistant:"]), True
 
-    def count_prompt_tokens(self, request: GenRequest) -> int:
+    async def count_prompt_tokens(self, request: GenRequest) -> int:
+        return await asyncio.to_thread(self._count_prompt_tokens, request)
+
+    def _count_prompt_tokens(self, request: GenRequest) -> int:
         text, special = self.render(request)
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 

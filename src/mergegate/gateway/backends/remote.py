@@ -88,7 +88,7 @@ class RemoteBackend(Backend):
     def describe(self) -> dict:
         return {**super().describe(), "url": self.url, "upstream_model": self.upstream_model}
 
-    def count_prompt_tokens(self, request: GenRequest) -> int:
+    async def count_prompt_tokens(self, request: GenRequest) -> int:
         """An estimate (4 characters a token): the upstream enforces its own context limit."""
         text = request.prompt if request.operation == "text_completion" else \
             "\n".join(m["content"] for m in request.messages)
