@@ -19,7 +19,7 @@ else any spelling above.
 from __future__ import annotations
 
 import os
-from dataclasses import KW_ONLY, dataclass, fields, replace
+from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, Mapping
 from urllib.parse import urlsplit
@@ -33,17 +33,42 @@ Role = Literal["candidate", "base", "source"]  # a model's part in a release; ke
 _REMOTE_SCHEMES = ("http", "https")
 
 
+class Secret:
+    """A value that is never shown: its repr and str are *** (so no message, log line or traceback that shows
+    the object holding it shows it). It pickles as it is, so it travels inside a Ray task's arguments."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return Secret, (self._value,)
+
+
 @dataclass(frozen=True)
 class EndpointSettings:
     """How url models are called: requests in flight, seconds per request, retries after the first try, and the
     environment variable holding an API key (sent as a bearer token). They change how fast answers come, never
-    what they are: no field is part of a cache key."""
+    what they are: no field is part of a cache key.
+
+    `api_key` reads the variable when asked, unless `with_key` has read it already (the settings then carry the
+    key, unseen, to a process that lacks the variable: a Ray worker)."""
 
     concurrency: int = 8
     timeout_s: float = 60.0
     retries: int = 4
     api_key_env: str | None = None
     backoff_s: float = 0.5  # the first retry's wait; doubled each time, at most 30 s
+    key: Secret | None = field(default=None, repr=False, compare=False)
 
     def problems(self) -> list[str]:
         found = []
@@ -53,12 +78,20 @@ class EndpointSettings:
             found.append(f"endpoint timeout must be in (0, 3600] seconds, got {self.timeout_s!r}")
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or not 0 <= self.retries <= 20:
             found.append(f"endpoint retries must be an integer in [0, 20], got {self.retries!r}")
-        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
+        if self.api_key_env is not None and not self.api_key():
             found.append(f"API key variable {self.api_key_env} is not set")
         return found
 
     def api_key(self) -> str | None:
+        if self.key is not None:
+            return self.key.reveal()
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def with_key(self) -> EndpointSettings:
+        """These settings carrying their API key, read from its variable now (as they are without a variable or
+        with one that is not set)."""
+        key = self.api_key()
+        return replace(self, key=Secret(key)) if key else self
 
 
 @dataclass(frozen=True)
@@ -71,7 +104,9 @@ class EndpointOverrides:
     api_key_env: str | None = None
 
     def apply(self, settings: EndpointSettings) -> EndpointSettings:
-        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        given: dict = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if self.api_key_env is not None:
+            given["key"] = None  # a key the command's settings carry is not this variable's
         return replace(settings, **given)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,23 +92,26 @@ def test_a_url_model_sharded_answers_as_unsharded(local_ray, suite, tmp_path):
     assert len(sharded["remote"].results) == len(servable.rows)
 
 
-def test_a_url_models_own_api_key_variable_reaches_the_shards(local_ray, tmp_path, monkeypatch):
+def test_a_url_models_own_api_key_reaches_the_shards_and_no_ray_log(local_ray, tmp_path, monkeypatch):
     from fastapi.responses import JSONResponse
 
     from mergegate.gateway.testing import ServerThread
     from tests.evaluate.test_endpoint_runner import _Scripted
 
-    server, seen = _Scripted(), []
+    key = f"mg-test-secret-{uuid.uuid4().hex}"
+    server, seen, refusing = _Scripted(), [], []
 
     @server.app.middleware("http")
     async def bearer_only(request, call_next):  # the server refuses any call without the model's key
         seen.append(request.headers.get("authorization"))
-        if seen[-1] != "Bearer s3cret":
+        if seen[-1] != f"Bearer {key}":
             return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+        if request.url.path.endswith("/completions") and refusing:  # a server that quotes the key it refuses
+            return JSONResponse({"error": {"message": f"key {key} is revoked"}}, status_code=401)
         return await call_next(request)
 
     # Set after the module's Ray started, so its workers see the key only if the shard's task carries it.
-    monkeypatch.setenv("MG_TEST_SHARD_KEY", "s3cret")
+    monkeypatch.setenv("MG_TEST_SHARD_KEY", key)
     path = tmp_path / "four.jsonl"
     path.write_text("".join(json.dumps({"id": f"r{i}", "cohort": "c", "prompt": "6*7=", "expected": "42",
                                         "evaluators": ["exact_match"]}) + "\n" for i in range(4)))
@@ -116,8 +120,47 @@ def test_a_url_models_own_api_key_variable_reaches_the_shards(local_ray, tmp_pat
                        endpoint=EndpointOverrides(api_key_env="MG_TEST_SHARD_KEY"))
         runs = evaluate_models([(ref, "candidate")], load_suite(path), Registry(tmp_path / "r.sqlite"),
                                max_new_tokens=4, progress=False, endpoint=FAST, workers=2)
+        refusing.append(True)
+        with pytest.raises(EvaluationError, match="HTTP 401: key \\*\\*\\* is revoked") as refused:
+            evaluate_models([(ref, "candidate")], load_suite(path), Registry(tmp_path / "other.sqlite"),
+                            max_new_tokens=4, progress=False, endpoint=FAST, workers=2)
+    assert key not in str(refused.value) and key not in repr(refused.value)
     assert [r.passed for r in runs["keyed"].results] == [True] * 4
-    assert server.calls == 4 and set(seen) == {"Bearer s3cret"}
+    assert server.calls == 4 and set(seen) == {f"Bearer {key}"}
+    # Ray's session folder (its logs, its runtime environments' records) never holds the key.
+    session = Path(local_ray._private.worker._global_node.get_session_dir_path())
+    holding = [str(file) for file in session.rglob("*") if file.is_file() and _holds(file, key.encode())]
+    assert not holding
+
+
+def test_settings_carrying_a_key_never_show_it(monkeypatch):
+    """What a sharded evaluation's and a search's Ray tasks are given: the key inside their arguments, unseen."""
+    import pickle
+
+    from mergegate.search.ray_tasks import _carrying_key
+    from mergegate.search.trial import TrialSpec
+
+    monkeypatch.setenv("MG_TEST_SHARD_KEY", "mg-test-shown-key")
+    carrying = EndpointSettings(api_key_env="MG_TEST_SHARD_KEY").with_key()
+    trial = _carrying_key(TrialSpec(0, "", None, "f", None, "c", "b", (), {}, None,
+                                    endpoint=EndpointSettings(api_key_env="MG_TEST_SHARD_KEY")))
+    monkeypatch.delenv("MG_TEST_SHARD_KEY")
+    assert trial.endpoint.api_key() == "mg-test-shown-key" and "mg-test-shown-key" not in repr(trial)
+    assert carrying.api_key() == "mg-test-shown-key" and not carrying.problems()  # as in a worker without it
+    assert pickle.loads(pickle.dumps(carrying)).api_key() == "mg-test-shown-key"
+    assert "mg-test-shown-key" not in repr(carrying) + str(carrying) + repr(carrying.key) + str(carrying.key)
+    assert carrying == EndpointSettings(api_key_env="MG_TEST_SHARD_KEY")
+    # a model's own variable replaces the key the command's settings carry
+    own = EndpointOverrides(api_key_env="MG_TEST_OTHER_KEY").apply(carrying)
+    monkeypatch.setenv("MG_TEST_OTHER_KEY", "other")
+    assert own.api_key() == "other"
+
+
+def _holds(file: Path, text: bytes) -> bool:
+    try:
+        return text in file.read_bytes()
+    except OSError:  # a socket, or a file gone meanwhile
+        return False
 
 
 def test_a_url_models_own_concurrency_is_shared_among_its_shards():

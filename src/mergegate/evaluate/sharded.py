@@ -94,8 +94,9 @@ def _run_and_record(ray: Any, pending: list[PendingRun], registry: Registry, wor
         ref, settings = todo.ref, endpoint
         if todo.ref.is_remote:
             ref, settings = shard_endpoint(todo.ref, endpoint, len(chunks))
-            if settings.api_key_env:  # the model's key (its own variable or the command's), where the worker runs
-                options["runtime_env"] = {"env_vars": {settings.api_key_env: settings.api_key() or ""}}
+            # The model's key (its own variable's or the command's) travels inside the task's arguments, which Ray
+            # keeps in memory; never as a runtime environment variable, which Ray writes into its logs.
+            settings = settings.with_key()
         elif task_device != "cpu":
             options["num_gpus"] = 1
         for rows in chunks:

@@ -8,12 +8,19 @@ merged folders there), and every node needs mergegate installed.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from .._extras import install_hint
 from .._ray import import_ray, ray_session
 from ..errors import SearchError
 from .trial import TrialOutcome, TrialSpec, run_trial
+
+
+def _carrying_key(spec: TrialSpec) -> TrialSpec:
+    """The spec with its endpoint's API key read here and carried inside the task's arguments (kept in Ray's
+    memory, never in its logs, as a runtime environment variable would be), for a node that lacks the variable."""
+    return replace(spec, endpoint=spec.endpoint.with_key()) if spec.endpoint is not None else spec
 
 
 def _ray():
@@ -42,7 +49,7 @@ class TrialRunner:
         task = ray.remote(run_trial).options(
             num_cpus=self.options.cpus_per_trial, num_gpus=self.options.gpus_per_trial,
             memory=self.options.memory_per_trial, max_retries=0)
-        pending = {task.remote(spec): spec.number for spec in specs}
+        pending = {task.remote(_carrying_key(spec)): spec.number for spec in specs}
         outcomes: dict[int, TrialOutcome] = {}
         for ref, number in pending.items():
             try:
