@@ -29,7 +29,7 @@ from .rollout import Strategy, load_plan
 MOE_EXPERTS = (("base", None, "out_of_domain"), ("base", "arithmetic_lora", "arithmetic"),
                ("tool_required", None, "tool_required"), ("json_output", None, "json_output"),
                ("policy_refusal", None, "policy_refusal"))
-ROUTER_PROMPTS = 10  # dev.jsonl prompts per expert (the README's measured routing uses 10)
+ROUTER_PROMPTS = 10  # dev.jsonl prompts per expert (docs/moe.md's measured routing uses 10)
 GGUF_TYPES = ("q8_0", "q4_0")
 ENSEMBLE_ENDPOINT = EndpointSettings(concurrency=4, timeout_s=120, retries=0)
 

@@ -13,7 +13,7 @@ from .main import BATCH_SIZE, DEVICE, MAX_NEW_TOKENS, SERVE_CANDIDATE, SERVE_TIM
 
 def search_command(
     space: Path = typer.Argument(..., help="Search space: a mergekit recipe in which a value may be a range or "
-                                            "choice mapping (README, 'Merge search')."),
+                                            "choice mapping (docs/search.md)."),
     suite: Path = typer.Option(..., help="Dev suite JSONL: the only rows trials are scored on."),
     held_out: Path = typer.Option(..., help="Held-out suite JSONL (disjoint from the dev rows): the best trials "
                                             "are released through the gate on it."),

@@ -546,7 +546,7 @@ class Hallucination:
     affirms, or the reverse (an odd count of "not", "never", "n't", ... on one side only); or when its MiniLM
     similarity to the best context sentence, or pair of adjacent sentences, is below `threshold`. The score is the
     weakest claim's similarity, 0 when a lexical rule fired. The default threshold is calibrated on the
-    calibration split of tests/evaluate/data/hallucination_labelled.jsonl (README: accuracy on the held-out split).
+    calibration split of tests/evaluate/data/hallucination_labelled.jsonl (docs/evaluation.md: accuracy on the held-out split).
     """
 
     name: ClassVar[str] = "hallucination"
