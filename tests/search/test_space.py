@@ -53,8 +53,9 @@ def test_ranges_choices_and_groups_are_drawn_within_their_bounds():
 
 
 def test_method_parameters_are_conditional_on_the_drawn_method():
+    # (epsilon below 0.1: della refuses density 0.9 with epsilon 0.1, and a space is refused if it can draw that)
     space = load_space(space_text(merge_method="{choice: [ties, della]}", extra=", density: {range: [0.3, 0.9]}",
-                                  parameters="lambda: 0.5, epsilon: {range: [0.01, 0.1]}"))
+                                  parameters="lambda: 0.5, epsilon: {range: [0.01, 0.09]}"))
     methods = set()
     for recipe, params in draw(space, n=12):
         methods.add(recipe.merge_method)
@@ -152,3 +153,31 @@ def test_a_misspelt_key_of_a_searched_value_is_named_once_with_where_it_is(weigh
 def test_a_searched_value_without_range_or_choice_is_refused_naming_it():
     with pytest.raises(SearchSpaceError, match=r"models\[0\]\.parameters\.weight: a searched value needs range or "):
         load_space(space_text(weight="{log: true, step: 0.1}"))
+
+
+@pytest.mark.parametrize("density, epsilon", [
+    ("{range: [0.3, 1.0]}", "{range: [0.05, 0.1]}"),  # a density just below 1 leaves no room for any epsilon
+    ("{range: [0.3, 0.95]}", "{range: [0.01, 0.086]}"),  # both at their highest: 0.95 + 0.086 >= 1
+    ("{range: [0.05, 0.5]}", "0.15"),  # epsilon fixed (or by default 0.15) against a density below it
+    ("{range: [0.3, 0.9]}", None),  # epsilon's default, 0.15, against the highest density
+])
+def test_a_space_whose_points_break_a_methods_joint_rule_is_refused_when_it_loads(density, epsilon):
+    parameters = "lambda: 0.5" + (f", epsilon: {epsilon}" if epsilon else "")
+    text = space_text(merge_method="{choice: [ties, della]}", extra=f", density: {density}", parameters=parameters)
+    with pytest.raises(SearchSpaceError) as caught:
+        load_space(text)
+    message = str(caught.value)
+    assert "merge_method della" in message and "density" in message and "epsilon" in message, message
+    assert "\n" not in message
+
+
+def test_a_space_whose_every_point_keeps_a_methods_joint_rule_loads_and_draws_only_valid_points():
+    from mergegate.methods import get_method
+
+    space = load_space(space_text(merge_method="della", extra=", density: {range: [0.3, 0.8]}",
+                                  parameters="lambda: 0.5, epsilon: {range: [0.01, 0.15]}"))
+    method = get_method("della")
+    for seed in range(50):
+        recipe = space.point(RandomDraws(seed))
+        for model in recipe.models:
+            method.per_model(weight=1.0, density=model.parameters["density"], epsilon=recipe.parameters["epsilon"])

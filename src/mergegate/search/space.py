@@ -10,7 +10,8 @@ Anywhere a recipe holds a value, a mapping with `range` or `choice` makes it a s
 
 A recipe without any such mapping is a valid space of one point. Searched method parameters are conditional on
 the method: a point keeps only the parameters its merge method declares (so `density` is drawn only when the
-drawn method has one), and a parameter no method in the space declares is refused when the space is loaded.
+drawn method has one), and a parameter no method in the space declares is refused when the space is loaded, as is
+a space that can draw a combination its method refuses (della's density with epsilon: checked at the ranges' edges).
 
 Each searched value has a name, its path in the recipe (`merge_method`, `parameters.lambda`,
 `models[1].parameters.weight`, with `[g]` per gradient group): Optuna's parameter names, the report's columns.
@@ -20,15 +21,17 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from .._yaml import parse_yaml, read_yaml_file, require_mapping
 from ..errors import RecipeError, SearchSpaceError
-from ..methods import available_methods, get_method
+from ..methods import MergeMethod, ParamSpec, available_methods, get_method
 from ..recipe import Recipe, load_recipe
 
 _NODE_KEYS = {"range", "choice", "log", "step", "int", "groups"}
@@ -186,8 +189,9 @@ def load_space(source: str | Path | dict) -> Space:
 
 def _check_points(space: Space, methods: list[str], where: str) -> None:
     """Every value a trial can draw at the edges — each choice, each range's ends — must make a recipe with each
-    method of the space (the rest at their first values): a typo or an out-of-range bound shows now, once, not in
-    trial 37."""
+    method of the space (the rest at their first values), and every combination of the edges must pass the
+    method's own rules over several parameters together: a typo, an out-of-range bound or a window no merge
+    accepts shows now, once, not in trial 37."""
     first = _FirstValues()
     fixed = {node.path: node.draw(first) for node in space.searched if node.path != ("merge_method",)}
     for name in methods:  # the template itself: one message, not one per edge that repeats it
@@ -207,6 +211,8 @@ def _check_points(space: Space, methods: list[str], where: str) -> None:
                     space.recipe({**fixed, edge.path: value}, name, known)
                 except SearchSpaceError as exc:
                     problems.setdefault(_reason(exc), f"with merge_method {name} and {edge.name} = {value!r}")
+        for scope, reason in _joint_problems(space, get_method(name)):
+            problems.setdefault(reason, f"with merge_method {name}, {scope} can draw a point the method refuses")
     if problems:
         raise SearchSpaceError(f"{where}: " + "; ".join(f"{shown}: {reason}" for reason, shown in problems.items()))
 
@@ -214,6 +220,128 @@ def _check_points(space: Space, methods: list[str], where: str) -> None:
 def _reason(exc: SearchSpaceError) -> str:
     """A drawn point's refusal without its "search space: a drawn point is not a valid recipe" lead."""
     return str(exc).split(": ", 2)[-1]
+
+
+MAX_COMBINATIONS = 4096  # combinations tried per parameter set (beyond it, only the ranges' ends, or none)
+
+
+def _joint_problems(space: Space, method: MergeMethod) -> list[tuple[str, str]]:
+    """Where the method's own check over several parameters together (della's density with epsilon: its
+    parameter classes' `__post_init__`, run when a merge resolves a tensor's parameters) refuses a combination a
+    trial can draw. Tried on the values at each parameter's edges — each range's ends and the values just inside
+    them (a rule may spare an end itself: della's density 1), each choice, each fixed value, else the default —
+    combined, for each model's parameters and for the shared ones."""
+    nodes = {node.path: node for node in space.searched}
+    found = []
+    for cls, specs, where, scopes in _parameter_sets(space.template, method):
+        if not hasattr(cls, "__post_init__"):
+            continue  # no rule over several parameters: each one was checked on its own
+        candidates = []
+        for spec in specs:
+            values = _setting_values(space.template, scopes, spec, nodes)
+            if values is None:
+                break  # a required parameter with no value: the recipe check names it
+            candidates.append(values)
+        else:
+            reason = _first_refusal(cls, specs, candidates, where)
+            if reason is not None:
+                found.append((where, reason))
+    return found
+
+
+def _first_refusal(cls: type, specs: tuple[ParamSpec, ...], candidates: list[tuple[list, list]],
+                   where: str) -> str | None:
+    """The method's refusal of the first combination it refuses: the ends alone first, then with the values just
+    inside them."""
+    for pick in (0, 1):
+        pools = [ends if pick == 0 else ends + inside for ends, inside in candidates]
+        if math.prod(len(pool) for pool in pools) > MAX_COMBINATIONS:
+            return None
+        for combination in itertools.product(*pools):
+            try:
+                values = {spec.field: spec.coerce(value, where) for spec, value in zip(specs, combination)}
+            except RecipeError:
+                continue  # a value out of its own range: the edge check names it
+            try:
+                cls(**values)
+            except (RecipeError, ValueError) as exc:
+                return str(exc)
+    return None
+
+
+def _parameter_sets(template: dict, method: MergeMethod) -> Iterator[tuple[type, tuple[ParamSpec, ...], str,
+                                                                           list[tuple[str | int, ...]]]]:
+    """Each set of parameters a merge resolves together, as (class, specs, where, the `parameters` mappings it
+    reads, first match wins): the shared ones, and each model's (its own over its slice's over the recipe's)."""
+    top: tuple[str | int, ...] = ("parameters",)
+    slices = template.get("slices")
+    if isinstance(slices, list):
+        for i, piece in enumerate(slices):
+            here: tuple[str | int, ...] = ("slices", i, "parameters")
+            yield method.shared, method.shared_params, f"slices[{i}]", [here, top]
+            sources = piece.get("sources") if isinstance(piece, dict) else None
+            for j, _ in enumerate(sources if isinstance(sources, list) else []):
+                yield (method.per_model, method.per_model_params, f"slices[{i}].sources[{j}]",
+                       [("slices", i, "sources", j, "parameters"), here, top])
+        return
+    yield method.shared, method.shared_params, "parameters", [top]
+    models = template.get("models")
+    for i, _ in enumerate(models if isinstance(models, list) else []):
+        yield method.per_model, method.per_model_params, f"models[{i}]", [("models", i, "parameters"), top]
+
+
+def _setting_values(template: dict, scopes: list[tuple[str | int, ...]], spec: ParamSpec,
+                    nodes: dict[tuple[str | int, ...], Searched]) -> tuple[list, list] | None:
+    """The values a parameter can take, as (ends, just inside the ends), from the first scope that sets it; its
+    default where none does; None when it is required and unset."""
+    for scope in scopes:
+        mapping = _get(template, scope)
+        if isinstance(mapping, dict) and spec.name in mapping:
+            ends: list = []
+            inside: list = []
+            _collect_values(mapping[spec.name], (*scope, spec.name), nodes, ends, inside)
+            return ends, inside
+    return None if spec.required else ([spec.default], [])
+
+
+def _collect_values(value: Any, path: tuple[str | int, ...], nodes: dict[tuple[str | int, ...], Searched],
+                    ends: list, inside: list) -> None:
+    """The searched values' probes and the fixed leaves in a parameter's setting (a gradient, a conditional)."""
+    if path in nodes:
+        node_ends, node_inside = _probes(nodes[path])
+        ends += node_ends
+        inside += node_inside
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _collect_values(item, (*path, i), nodes, ends, inside)
+    elif isinstance(value, dict):
+        _collect_values(value.get("value"), (*path, "value"), nodes, ends, inside)
+    elif value is not None:
+        ends.append(value)
+
+
+def _probes(node: Searched) -> tuple[list, list]:
+    """A searched value's ends and the values a draw can take just inside them."""
+    if node.choice is not None:
+        return list(node.choice), []
+    assert node.low is not None and node.high is not None
+    low, high = node.low, node.high
+    if node.integer or node.step is not None:  # a grid: its first and last points, and their neighbours
+        step = node.step or 1
+        top = low + math.floor((high - low) / step) * step
+        return [low, top], [value for value in (low + step, top - step) if low < value < top]
+    return [low, high], [math.nextafter(low, high), math.nextafter(high, low)]
+
+
+def _get(data: Any, path: tuple[str | int, ...]) -> Any:
+    for part in path:
+        if isinstance(part, int):
+            if not isinstance(data, list) or part >= len(data):
+                return None
+        elif not isinstance(data, dict):
+            return None
+        data = data[part] if isinstance(part, int) else data.get(part)
+    return data
 
 
 def _edges(node: Searched) -> list[Any]:
