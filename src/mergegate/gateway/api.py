@@ -12,6 +12,7 @@ checked route, before anything was sent) cancels the generation: the model stops
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any, Awaitable, TypeVar
 
@@ -22,6 +23,7 @@ from opentelemetry.trace import Status, StatusCode
 from .bodies import read_body
 from .dispatch import Skip, StreamStart, close_stream
 from .errors import APIError, BackendError
+from .hops import HOP_HEADER, hops_after
 from .protocol import (ChunkWriter, Completion, GenRequest, Operation, new_id, parse_body, response_body,
                        to_gen_request)
 from .routing import VIRTUAL_PREFIX, Router, Target, _unknown_model
@@ -66,6 +68,7 @@ async def get_model(model_id: str, request: Request) -> dict:
 async def tokenize_prompt(request: Request):
     """vLLM's /tokenize for one of the plan's models (see tokenize.py)."""
     gateway = request.app.state.gateway
+    hops = hops_after(request.headers.get(HOP_HEADER), gateway.hop_id)  # a loop is refused before anything else
     body = parse_tokenize(await read_body(request, gateway.config.max_body_bytes), gateway.config)
     if body.model in Router.virtual_models(gateway.plan):
         raise APIError(404, f"The model '{body.model}' is a route, whose models may tokenize differently; /tokenize "
@@ -74,7 +77,7 @@ async def tokenize_prompt(request: Request):
     backend = gateway.backends.get(body.model) if body.model in gateway.plan.models else None
     if backend is None:
         raise _unknown_model(gateway.plan, body.model, only_models=True)
-    return await tokenize(backend, body)
+    return await tokenize(backend, body, hops)
 
 
 @router.get("/healthz")
@@ -111,9 +114,10 @@ async def _handle(request: Request, operation: Operation):
 
     streaming = False
     try:
+        hops = hops_after(request.headers.get(HOP_HEADER), gateway.hop_id)  # a loop is refused before anything else
         raw = await read_body(request, gateway.config.max_body_bytes)
         body = parse_body(raw, operation)
-        gen = to_gen_request(body, gateway.config)
+        gen = dataclasses.replace(to_gen_request(body, gateway.config), hops=hops)
         target = await gateway.router.resolve(gateway.plan, body.model, gen, header=request.headers.get("x-cohort"),
                                               metadata=body.metadata)
         outcome["cohort"] = target.cohort

@@ -23,6 +23,7 @@ from .classifier import CohortClassifier, Embed
 from .config import GatewayConfig
 from .dispatch import Dispatcher
 from .errors import APIError
+from .hops import new_hop_id
 from .metrics import Metrics
 from .mirror import Mirror
 from .routing import Router
@@ -46,6 +47,7 @@ class Gateway:
         self.config = config or GatewayConfig()
         self.registry, self.admin_token = registry, admin_token
         self.started_at = int(time.time())
+        self.hop_id = new_hop_id()  # marks the requests this gateway sends upstream (hops.py)
         self.store = PlanStore(plan, registry=registry, path=plan_path, persist=self.config.persist_plan)
         self.metrics = Metrics(self.config.quantile_window)
         self.telemetry = Telemetry(self.metrics, traces_path=traces_path, otlp_endpoint=otlp_endpoint)

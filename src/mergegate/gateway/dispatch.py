@@ -6,7 +6,8 @@ What counts toward a backend's breaker: errors and timeouts. An answer that fail
 quality problem, not a health one: it triggers fallback but counts as a success for the breaker. A full
 local queue (`overloaded`) and a request the backend refuses as invalid (`rejected`) trigger fallback and
 count as neither. When no model could take the request: 400 if a model rejected it (and none failed), 429
-with Retry-After if one was overloaded (shedding load), 503 if every breaker was open, else 502.
+with Retry-After if one was overloaded (shedding load), 503 if every breaker was open, 508 if a url model led back
+to a gateway the request already passed through (hops.py), else 502.
 
 Timeouts (`backend_timeout`) count from when a backend starts on the call: a call first waits for the
 backend's capacity (`Backend.acquire`, a busy local model's queue), untimed, since queueing is load, not
@@ -43,7 +44,7 @@ class Skip:
 
     model: str
     reason: str  # circuit_open | timeout | unavailable | http_error | bad_response | overloaded | rejected |
-    #              internal | check:NAME
+    #              loop | internal | check:NAME
     detail: str
 
 
@@ -250,6 +251,9 @@ class Dispatcher:
                             code="overloaded", headers={"Retry-After": str(RETRY_AFTER)})
         if reasons <= {"circuit_open"}:
             return APIError(503, message, type="server_error", code="no_backend_available")
+        if "loop" in reasons and reasons <= {"loop", "circuit_open", "overloaded"}:
+            return APIError(508, f"{message}. A url model of this route leads back to a gateway the request already "
+                                 "passed through.", type="server_error", code="loop_detected")
         return APIError(502, message, type="server_error", code="all_backends_failed")
 
 

@@ -18,7 +18,7 @@ class APIError(Exception):
 
 class BackendError(Exception):
     """A backend call failed. `kind` is the low-cardinality reason used in metrics and fallback decisions:
-    timeout | unavailable | http_error | bad_response | overloaded | rejected | internal.
+    timeout | unavailable | http_error | bad_response | overloaded | rejected | loop | internal.
 
     `counts_as_failure` says whether it speaks about the backend's health (the circuit breaker counts it):
     load (`overloaded`) and requests the backend refuses as invalid (`rejected`) do not."""
@@ -55,6 +55,14 @@ class BackendBadResponse(BackendError):
 class BackendOverloaded(BackendError):
     kind = "overloaded"
     counts_as_failure = False  # a full queue (or an upstream's 429) says nothing about the backend's health
+
+
+class BackendLoop(BackendError):
+    """The upstream is this gateway again (it answered 508, loop detected: hops.py): a plan's url leads back here.
+    A configuration error answered at once, not ill health: the breaker does not count it."""
+
+    kind = "loop"
+    counts_as_failure = False
 
 
 class BackendRejected(BackendError):

@@ -122,6 +122,7 @@ class GenRequest:
     params: GenParams
     messages: tuple[dict[str, str], ...] = ()  # {"role", "content"} with text content
     prompt: str = ""
+    hops: tuple[str, ...] = ()  # the gateways this request passed through, this one last (hops.py)
 
     def routing_text(self) -> str:
         """The text the cohort classifier reads: the last user message, or the prompt."""

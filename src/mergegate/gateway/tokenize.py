@@ -26,6 +26,7 @@ from ..redact import upstream_text
 from .backends import Backend, LocalBackend, RemoteBackend
 from .bodies import load_json
 from .errors import APIError
+from .hops import HOP_HEADER, hop_header
 from .protocol import Bool, ChatMessage, Str, _validation_error, check_prompt_chars
 
 
@@ -66,11 +67,12 @@ def not_available(model: str, why: str) -> APIError:
                     code="tokenizer_not_available")
 
 
-async def tokenize(backend: Backend, body: TokenizeRequest) -> dict[str, Any]:
+async def tokenize(backend: Backend, body: TokenizeRequest, hops: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`hops`: the gateways the request passed through, this one last (sent upstream: hops.py)."""
     if isinstance(backend, LocalBackend):  # in a thread, as generation is: the event loop keeps serving
         return await asyncio.to_thread(_local, backend, body)
     if isinstance(backend, RemoteBackend):
-        return await _forward(backend, body)
+        return await _forward(backend, body, hops)
     raise not_available(backend.name, f"its backend ({backend.kind}) has no tokenizer")
 
 
@@ -104,14 +106,15 @@ def _root(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-async def _forward(backend: RemoteBackend, body: TokenizeRequest) -> dict[str, Any]:
+async def _forward(backend: RemoteBackend, body: TokenizeRequest, hops: tuple[str, ...]) -> dict[str, Any]:
     """The upstream's answer to the same request (its model name swapped in). Its 4xx is passed on, but for a
     refusal of the gateway's own credentials (401, 403: this gateway's configuration, not the caller's request)
     and 5xx, which are 502s; its message redacted of the key the upstream is sent."""
     payload = {**body.model_dump(exclude_none=True), "model": backend.upstream_model}
     client = backend._http()
     try:
-        response = await client.post(_root(backend.url) + "/tokenize", json=payload)
+        response = await client.post(_root(backend.url) + "/tokenize", json=payload,
+                                     headers={HOP_HEADER: hop_header(hops)} if hops else None)
     except httpx.HTTPError as exc:
         raise APIError(502, f"The upstream of model '{backend.name}' could not be reached for /tokenize "
                             f"({type(exc).__name__}).", type="server_error", code="upstream_error") from None
@@ -125,10 +128,13 @@ async def _forward(backend: RemoteBackend, body: TokenizeRequest) -> dict[str, A
         message = data.get("error", {}).get("message") if isinstance(data, dict) and \
             isinstance(data.get("error"), dict) else None
         status = 502 if response.status_code >= 500 or response.status_code in (401, 403) else response.status_code
+        if response.status_code == 508:  # the loop hops.py refuses, passed back along it
+            status = 508
         detail = upstream_text(str(message) if message else response.content, [backend.api_key])
         raise APIError(status, f"The upstream of model '{backend.name}' refused /tokenize (HTTP "
                                f"{response.status_code}): {detail}",
-                       type="invalid_request_error" if status < 500 else "server_error", code="upstream_error")
+                       type="invalid_request_error" if status < 500 else "server_error",
+                       code="loop_detected" if status == 508 else "upstream_error")
     if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
         raise APIError(502, f"The upstream of model '{backend.name}' answered /tokenize without a token list.",
                        type="server_error", code="upstream_error")

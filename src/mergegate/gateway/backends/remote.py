@@ -11,7 +11,9 @@ not failure) and beyond `queue_limit` waiting callers the upstream reports itsel
 
 The upstream's HTTP errors are classified: 400, 413 and 422 say the request is wrong (`BackendRejected`, not
 held against the upstream's health), 429 says it is busy (`BackendOverloaded`, load), anything else — 401,
-404, 5xx — says the upstream or its configuration is (`BackendHTTPError`, counted by the breaker)."""
+404, 5xx — says the upstream or its configuration is (`BackendHTTPError`, counted by the breaker); 508 is a
+gateway on the way refusing a loop back to one it already passed (`BackendLoop`: hops.py). Each request carries
+the hop header naming the gateways it passed through."""
 
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ import httpcore
 import httpx
 
 from ...redact import upstream_text
-from ..errors import (BackendBadResponse, BackendError, BackendHTTPError, BackendOverloaded, BackendRejected,
-                      BackendTimeout, BackendUnavailable)
+from ..errors import (BackendBadResponse, BackendError, BackendHTTPError, BackendLoop, BackendOverloaded,
+                      BackendRejected, BackendTimeout, BackendUnavailable)
+from ..hops import HOP_HEADER, hop_header
 from ..protocol import Completion, GenRequest
 from .base import Backend, Slot
 
@@ -124,8 +127,10 @@ class RemoteBackend(Backend):
         if self._pool is None:
             raise BackendUnavailable(f"upstream '{self.name}' is not started")
         content = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        return httpcore.Request(b"POST", f"{self.url}/{endpoint}",
-                                headers=[*self._headers, (b"content-length", str(len(content)).encode())],
+        headers = [*self._headers, (b"content-length", str(len(content)).encode())]
+        if request.hops:
+            headers.append((HOP_HEADER.encode(), hop_header(request.hops).encode()))
+        return httpcore.Request(b"POST", f"{self.url}/{endpoint}", headers=headers,
                                 content=content, extensions={"timeout": self._timeouts})
 
     async def _generate(self, request: GenRequest) -> Completion:
@@ -248,7 +253,8 @@ def _raise_for_status(name: str, status: int, content: bytes, api_key: str | Non
     except (ValueError, KeyError, TypeError):
         pass
     detail = upstream_text(detail if isinstance(detail, (str, bytes)) else str(detail), [api_key])
-    kind = BackendRejected if status in REJECTED else BackendOverloaded if status == 429 else BackendHTTPError
+    kind = BackendRejected if status in REJECTED else BackendOverloaded if status == 429 else \
+        BackendLoop if status == 508 else BackendHTTPError
     raise kind(f"upstream '{name}' answered HTTP {status}: {detail}", status=status)
 
 
