@@ -1,5 +1,6 @@
 """A search killed with SIGKILL mid-trial resumes where it stopped: the trial in flight is drawn again with the
-same recipe, and the finished search holds exactly the trials an uninterrupted one with the same seed holds."""
+same recipe, and the finished search holds exactly the trials an uninterrupted one with the same seed holds —
+whatever the moment of the kill, including while a trial's values were being drawn (some stored, some not)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,38 @@ def test_a_search_killed_mid_trial_resumes_with_the_same_trials(tmp_path, suites
     assert len(rerun) == 1  # the killed trial, drawn again with its recipe
     killed = study.trials[rerun[0].user_attrs["rerun_of"]]
     assert killed.state.name == "FAIL"
-    # killed after its draw: re-run with those values; killed between asking and drawing: drawn again, and the
+    # killed after its draw: re-run with those values; killed before or while drawing: drawn again whole, and the
     # per-draw seed gives the same values (the trials' params above equal the uninterrupted run's either way)
-    assert killed.params in (rerun[0].params, {})
+    assert killed.params.items() <= rerun[0].params.items()
     assert len(resumed.trials) == TRIALS
 
     again = search(space_file, dev, held, POLICY, out, **settings)  # a finished search is read back, nothing re-run
     assert [t.number for t in again.trials] == [t.number for t in resumed.trials]
     assert len(optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.sqlite'}").trials) == len(
         study.trials)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PartialFixedSampler, used here only
+def test_a_search_killed_while_drawing_a_trial_resumes_with_the_values_it_would_have_drawn(tmp_path, suites,  # noqa: F811
+                                                                                          local_ray):
+    """The moment of the kill that once gave other values: a trial asked, its first value stored, the rest not.
+    Re-running it with that one value fixed shifted the seeded sampler's draws onto the others (the second
+    weight came back equal to the first). The state is made as the kill leaves it, with no timing."""
+    dev, held = suites
+    space_file = space(tmp_path)
+    settings = dict(parallel=1, keep=1, seed=0, batch_size=8, max_new_tokens=24, progress=False)
+    reference = search(space_file, dev, held, POLICY, tmp_path / "uninterrupted", trials=3, **settings)
+    third = reference.trials[2].params
+    out = tmp_path / "killed"
+    search(space_file, dev, held, POLICY, out, trials=2, **settings)
+    storage = f"sqlite:///{out / 'study.sqlite'}"
+    # the killed search's third trial: asked, the first of its values drawn and stored, then SIGKILL
+    first = "models[0].parameters.weight"
+    sampler = optuna.samplers.PartialFixedSampler({first: third[first]}, optuna.samplers.RandomSampler())
+    killed = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler).ask()
+    killed.suggest_float(first, 0.3, 1.2)
+
+    resumed = search(space_file, dev, held, POLICY, out, trials=3, **settings)
+    assert [t.params for t in resumed.trials] == [t.params for t in reference.trials]
+    assert [(t.status, t.promoted, t.retention) for t in resumed.trials] == [
+        (t.status, t.promoted, t.retention) for t in reference.trials]

@@ -7,10 +7,11 @@ cohort's gain with another's silent loss. `objective="mean"` (mergekit-evolve's 
 there to compare against; `objective="pareto"` searches the front of per-cohort retentions (NSGA-II).
 
 Determinism and resume: trials run in rounds of `parallel`; each draw reseeds the sampler from (seed, how many
-trials were finished before it; `_seeds.derived_seed`), and a round's results are told in trial order, so the same seed draws the same
-recipes whatever the timing. The study lives in OUT/study.sqlite: a search killed at any point and started again
-with the same arguments re-runs the trials that were in flight (same recipes) and goes on; a finished one is
-read back. Trials that fail (a refused recipe, a crash, out of memory) are recorded with their reason.
+trials were finished before it; `_seeds.derived_seed`), and a round's results are told in trial order, so the same
+seed draws the same recipes whatever the timing. The study lives in OUT/study.sqlite: a search killed at any point
+(mid-draw, mid-round) and started again with the same arguments re-runs the trials that were in flight (same
+recipes: a draw cut short is drawn again whole) in the rest of their round, and goes on; a finished one is read
+back. Trials that fail (a refused recipe, a crash, out of memory) are recorded with their reason.
 
 After the trials, the best `keep` (by the dev rank) are released through the normal gate on the held-out suite:
 the report shows dev and held-out side by side, and the gap is the search's overfitting to its dev rows.
@@ -257,11 +258,7 @@ def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Regis
                 options: SearchOptions, device: str) -> None:
     optuna = _optuna()
     states = optuna.trial.TrialState
-    # Trials left running by a killed search: marked failed (interrupted) and drawn again, same recipe.
-    for stale in study.get_trials(deepcopy=False, states=(states.RUNNING, states.WAITING)):
-        if stale.state == states.RUNNING:
-            study.enqueue_trial(stale.params, user_attrs={"rerun_of": stale.number}, skip_if_exists=False)
-            study.tell(stale.number, state=states.FAIL)
+    _requeue_interrupted(study)
     finished = _finished(study)
     if finished >= options.trials:
         return
@@ -273,10 +270,15 @@ def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Regis
         while finished < options.trials:
             round_specs: list[TrialSpec | None] = []
             asked = []
-            for slot in range(min(options.parallel, options.trials - finished)):
+            # Rounds start at multiples of `parallel`, as an uninterrupted search's: a search killed while telling
+            # a round resumes with the rest of that round, which sees (and prunes against) what that round saw.
+            started = finished - finished % options.parallel
+            stop_below = _stop_below(study, options, started)
+            for slot in range(min(options.parallel - finished % options.parallel, options.trials - finished)):
                 # a seed per draw, derived by hash (consecutive seeds give correlated first draws)
                 study.sampler = _sampler(options, derived_seed(options.seed, f"draw-{finished + slot}") % 2**32)
                 trial = study.ask()
+                _take_over_sampler_state(study, trial)
                 asked.append(trial)
                 try:
                     recipe = space.point(trial)
@@ -293,7 +295,7 @@ def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Regis
                     sources=tuple(s.name for s in sources), source_results=source_results, policy=policy,
                     seed=options.seed, threads=options.cpus_per_trial, batch_size=options.batch_size,
                     max_new_tokens=options.max_new_tokens, device=device,
-                    stop_below=_stop_below(study, options), serve_candidate=options.serve_candidate,
+                    stop_below=stop_below, serve_candidate=options.serve_candidate,
                     serve_timeout=options.serve_timeout, endpoint=options.endpoint))
             outcomes = runner.run([spec for spec in round_specs if spec is not None])
             for trial, spec in zip(asked, round_specs):  # told in trial order: the next draw sees the same history
@@ -306,22 +308,66 @@ def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Regis
                 advance(1)
 
 
+def _requeue_interrupted(study) -> None:
+    """Queue each trial a killed search left running to be drawn again (`rerun_of`), then mark it failed. A search
+    killed while doing this does it again without queuing a trial twice."""
+    states = _optuna().trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    queued = {t.user_attrs.get("rerun_of") for t in trials if t.state == states.WAITING}
+    for stale in trials:
+        if stale.state != states.RUNNING:
+            continue
+        if stale.number not in queued:
+            study.enqueue_trial(_drawn(stale, trials), user_attrs={"rerun_of": stale.number}, skip_if_exists=False)
+        study.tell(stale.number, state=states.FAIL)
+
+
+def _drawn(trial, trials: list) -> dict[str, Any]:
+    """The values an interrupted trial is drawn again with: all of its own once its draw finished (its recipe or
+    why it is none is recorded), else the ones it was queued with as a re-run, else none. Never some of a draw:
+    fixing those would shift the seeded sampler's stream onto the rest, while drawing afresh with the same seed
+    and history gives the same values."""
+    if "recipe" in trial.user_attrs or "failure" in trial.user_attrs:
+        return dict(trial.params)
+    if "rerun_of" in trial.user_attrs:
+        return _drawn(trials[trial.user_attrs["rerun_of"]], trials)  # a study's trials are listed by number
+    return {}
+
+
+def _take_over_sampler_state(study, trial) -> None:
+    """A re-run takes over what the sampler recorded on the trial it re-runs (NSGA-II's generation, CMA-ES's
+    solution), so the sampler counts it where it counted the interrupted one; its queued values stay its own."""
+    original = trial.user_attrs.get("rerun_of")
+    if original is None:
+        return
+    recorded = study.get_trials(deepcopy=False)[original].system_attrs
+    for key, value in recorded.items():
+        if key != "fixed_params":  # Optuna has no public setter for a trial's system attributes
+            study._storage.set_trial_system_attr(trial._trial_id, key, value)
+
+
 def _interrupted(study) -> set[int]:
     """Trials a killed search left running: each was drawn again (`rerun_of`) and counts only as its re-run."""
     return {t.user_attrs["rerun_of"] for t in study.get_trials(deepcopy=False) if "rerun_of" in t.user_attrs}
 
 
-def _finished(study) -> int:
-    """Trials that count towards the budget: every finished one except those interrupted (drawn again)."""
+def _counted(study) -> list:
+    """Trials that count towards the budget, in the order they were drawn: every finished one except those
+    interrupted (drawn again; a re-run is numbered after every trial drawn before it)."""
     interrupted = _interrupted(study)
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in interrupted)
+    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in interrupted]
 
 
-def _stop_below(study, options: SearchOptions) -> int | None:
-    """The best complete trial's promoted count: a trial that cannot reach it is pruned (gate objective only)."""
+def _finished(study) -> int:
+    return len(_counted(study))
+
+
+def _stop_below(study, options: SearchOptions, drawn_before: int) -> int | None:
+    """The best promoted count among the complete trials of the first `drawn_before` (those before the round): a
+    trial that cannot reach it is pruned (gate objective only)."""
     if not options.prune or options.objective != "gate":
         return None
-    counts = [t.user_attrs.get("promoted") for t in study.get_trials(deepcopy=False)
+    counts = [t.user_attrs.get("promoted") for t in _counted(study)[:drawn_before]
               if t.state.name == "COMPLETE" and t.user_attrs.get("promoted") is not None]
     return max(counts) if counts else None
 
