@@ -64,7 +64,7 @@ def test_names_resolve_from_the_file_and_other_references_as_before(tmp_path):
 
 def test_every_bad_entry_is_reported_at_once(tmp_path):
     path = _models_file(tmp_path, {
-        "good": {"path": "."},
+        "good": {"path": str(DEMO / "models" / "base")},
         "scheme": {"base_url": "ftp://host/v1"},
         "both": {"path": ".", "base_url": "http://h/v1"},
         "neither": {"model": "m"},
@@ -94,6 +94,25 @@ def test_every_bad_entry_is_reported_at_once(tmp_path):
                      "models.scalar: Input should be a valid dictionary"]:
         assert expected in text
     assert "good" not in text
+
+
+def test_a_refused_file_names_its_missing_folders_too(tmp_path):
+    """A file refused for its schema names every other problem it has at once: no fixing one error to see the next."""
+    path = _models_file(tmp_path, {
+        "gone": {"path": "./gone"},
+        "late": {"base_url": "http://h/v1", "timeout_s": float("nan")},
+        "unadapted": {"path": str(DEMO / "models" / "base"), "adapter": "./no_adapter"},
+        "fine": {"path": str(DEMO / "models" / "base")},
+        "not_a_model": {"path": str(tmp_path)},
+    })
+    with pytest.raises(ModelRefError) as caught:
+        load_models_file(path)
+    assert str(caught.value).splitlines() == [
+        f"models file {path}: 4 bad entries:",
+        "  models.gone: gone: no such folder",
+        "  models.late: timeout_s: NaN is not a number",
+        "  models.unadapted: adapter no_adapter: no such folder",
+        f"  models.not_a_model: {tmp_path} has no config.json (not a model folder)"]
 
 
 @pytest.mark.parametrize("text, message", [

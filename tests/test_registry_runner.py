@@ -45,10 +45,10 @@ def test_malformed_rows_are_reported_by_line_number(tmp_path):
         load_suite(path)
     message = str(info.value)
     assert "5 malformed row(s)" in message
-    assert "line 6: row: Value error, evaluator 'json_schema' needs a 'schema'" in message
+    assert "line 6: row: evaluator 'json_schema' needs a 'schema'" in message
     assert "line 2: not valid JSON" in message
     assert "line 3: expected: Field required" in message and "line 3: " in message
-    assert "line 4: evaluators: Value error, unknown evaluator(s) ['vibes']" in message
+    assert "line 4: evaluators: unknown evaluator(s) ['vibes']" in message
     assert "line 5: duplicate id 'r0' (first used on line 1)" in message
 
 

@@ -14,6 +14,7 @@ than MAX_DEPTH or their aliases expand to more than MAX_NODES values (counted wi
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -116,9 +117,18 @@ def explain(exc: ValidationError, message: Callable[[ErrorDetails], str | None] 
     parts = []
     for error in exc.errors()[:MAX_ERRORS]:
         field = field_path(error)
-        text = (message(error) if message else None) or error["msg"]
+        text = (message(error) if message else None) or error_message(error)
         parts.append(f"{field}: {text}" if field else text)
     return "; ".join(parts)
+
+
+def error_message(error: ErrorDetails) -> str:
+    """One validation error's message as a sentence for a person: without the "Value error, " pydantic puts before
+    a validator's own words, and a NaN called not a number (pydantic says it is out of the field's range)."""
+    value = error.get("input")
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN is not a number"
+    return error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
 def field_path(error: ErrorDetails) -> str:

@@ -18,6 +18,7 @@ else any spelling above.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from pathlib import Path
@@ -74,7 +75,9 @@ class EndpointSettings:
         found = []
         if not isinstance(self.concurrency, int) or isinstance(self.concurrency, bool) or self.concurrency < 1:
             found.append(f"endpoint concurrency must be an integer >= 1, got {self.concurrency!r}")
-        if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= 3600:
+        if isinstance(self.timeout_s, float) and math.isnan(self.timeout_s):
+            found.append("endpoint timeout is NaN, not a number of seconds")
+        elif not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= 3600:
             found.append(f"endpoint timeout must be in (0, 3600] seconds, got {self.timeout_s!r}")
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or not 0 <= self.retries <= 20:
             found.append(f"endpoint retries must be an integer in [0, 20], got {self.retries!r}")
@@ -185,6 +188,20 @@ class ModelRef:
                 raise
             raise ModelRefError(f"model reference {text!r}: {exc}") from None
 
+    def folder_problems(self) -> list[str]:
+        """What is wrong with a local model's folders (none, or a url model): a missing folder, a folder that is
+        not a model (no config.json) or not an adapter (no adapter_config.json)."""
+        found = []
+        if self.path is not None and not _is_dir(self.path):
+            found.append(f"{self.path}: no such folder")
+        elif self.path is not None and not (self.path / "config.json").is_file():
+            found.append(f"{self.path} has no config.json (not a model folder)")
+        if self.adapter is not None and not _is_dir(self.adapter):
+            found.append(f"adapter {self.adapter}: no such folder")
+        elif self.adapter is not None and not (self.adapter / "adapter_config.json").is_file():
+            found.append(f"adapter {self.adapter} has no adapter_config.json")
+        return found
+
     def resolve(self, folder: Path | None = None) -> ModelRef:
         """Relative paths found as mergekit finds them: in the working directory first, then in `folder` (a
         recipe's folder); `~` expanded. A path found in neither stays as written (its reader names it)."""
@@ -285,7 +302,9 @@ class ModelBlock(BaseModel):
 
 def load_models_file(path: str | Path) -> dict[str, ModelRef]:
     """A models file (`models: {NAME: block}`, `ModelBlock`) as references by name, in the file's order.
-    Every bad entry is reported at once, each naming the entry and its field (ModelRefError, one line per entry)."""
+    Every bad entry is reported at once, each naming the entry and its field (ModelRefError, one line per entry);
+    a file refused so names its entries' missing folders too (a file that is not refused leaves those to the
+    command that uses the entry: `evaluate.runner.check_inputs`)."""
     from ._yaml import read_yaml_file, require_mapping
 
     path = Path(path)
@@ -298,22 +317,28 @@ def load_models_file(path: str | Path) -> dict[str, ModelRef]:
     entries = require_mapping(data["models"], f"{where}: models", ModelRefError, "names to model blocks")
     if not entries:
         raise ModelRefError(f"{where}: models: no models")
-    refs, problems = {}, []
+    refs: dict[str, ModelRef] = {}
+    found: list[tuple[str, bool]] = []  # (a problem, whether the schema refuses it), in the file's order
     for name, block in entries.items():
         # a name that is not plain printable text is shown quoted, so it cannot break the one-line-per-entry form
         at = f"models.{name}" if isinstance(name, str) and name.isprintable() and name.strip() == name \
             else f"models[{name!r}]"
         if not isinstance(name, str):
-            problems.append(f"{at}: a name must be text, got {type(name).__name__}")
+            found.append((f"{at}: a name must be text, got {type(name).__name__}", True))
             continue
         try:
             refs[name] = ModelBlock.model_validate(block).to_ref(name, path.parent)
         except ValidationError as exc:
-            problems.append(f"{at}: {_entry_errors(exc)}")
+            found.append((f"{at}: {_entry_errors(exc)}", True))
         except ModelRefError as exc:
-            problems.append(f"{at}: {str(exc).removeprefix(f'model {name!r}: ')}")
+            found.append((f"{at}: {str(exc).removeprefix(f'model {name!r}: ')}", True))
         except RecursionError:
-            problems.append(f"{at}: nested too deeply")
+            found.append((f"{at}: nested too deeply", True))
+        else:
+            missing = refs[name].folder_problems()
+            if missing:
+                found.append((f"{at}: {'; '.join(missing)}", False))
+    problems = [problem for problem, _ in found] if any(schema for _, schema in found) else []
     if len(problems) == 1:
         raise ModelRefError(f"{where}: {problems[0]}")
     if problems:
@@ -322,11 +347,11 @@ def load_models_file(path: str | Path) -> dict[str, ModelRef]:
 
 
 def _entry_errors(exc: ValidationError) -> str:
-    from ._yaml import field_path
+    from ._yaml import error_message, field_path
 
     parts = []
     for error in exc.errors():
-        field, message = field_path(error), error["msg"].removeprefix("Value error, ")
+        field, message = field_path(error), error_message(error)
         parts.append(f"{field}: {message}" if field else message)
     return "; ".join(parts)
 

@@ -7,7 +7,7 @@ Everything after the merge is `gate_release`, the one pipeline behind `release`,
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -92,11 +92,13 @@ def gate_release(candidate: ModelRef, base: ModelRef, sources: Sequence[ModelRef
     if endpoint is not None:
         check_endpoint(endpoint)
     device = resolve_device(device)  # before the registry: a refused device leaves none behind
+    opened_here = not isinstance(registry, Registry)
     if not isinstance(registry, Registry):
         registry = Registry(out / "registry.sqlite" if registry is None else Path(registry))
-    runs = evaluate_models(evaluated, suite, registry, progress=progress, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, workers=workers,
-                           ray_address=ray_address)
+    with registry.removed_if_nothing_recorded() if opened_here else nullcontext():  # a failed run leaves none
+        runs = evaluate_models(evaluated, suite, registry, progress=progress, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, workers=workers,
+                               ray_address=ray_address)
     gate = decide({name: run.results for name, run in runs.items()}, candidate=candidate.name, base=base.name,
                   sources=[source.name for source in sources], policy=policy)
     registry.add_decisions(runs[candidate.name].model_hash, suite.sha256, gate.policy_sha256, gate.decisions)

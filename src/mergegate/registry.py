@@ -22,9 +22,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import RegistryError
 from .io.hashing import folder_hash
@@ -114,6 +115,8 @@ class Registry:
         self._lock = threading.Lock()
         if self.path.is_dir():
             raise RegistryError(f"registry {self.path}: is a folder, not an SQLite file")
+        # what this opening makes: the file, and the folders made for it (`removed_if_nothing_recorded`)
+        self._made = [] if self.path.exists() else [self.path, *(p for p in self.path.parents if not p.exists())]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
@@ -150,6 +153,36 @@ class Registry:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def removed_if_nothing_recorded(self) -> Iterator[Registry]:
+        """This registry for a block that fills it: when the block fails and the file was made by this opening
+        and holds nothing, the file (and any folder made for it) is removed, so a failed command leaves no empty
+        registry behind. A file that was there before is kept whatever happens."""
+        try:
+            yield self
+        except BaseException:
+            if self._made and self._holds_nothing():
+                self._remove_made()
+            raise
+
+    def _holds_nothing(self) -> bool:
+        try:
+            tables = [row[0] for row in self._read("SELECT name FROM sqlite_master WHERE type = 'table'", ())]
+            return not any(self._read(f'SELECT 1 FROM "{table}" LIMIT 1', ()) for table in tables)
+        except sqlite3.Error:  # unreadable now: not known to be empty, so kept
+            return False
+
+    def _remove_made(self) -> None:
+        self.close()
+        file, *folders = self._made
+        try:
+            for end in ("", "-wal", "-shm", "-journal"):
+                file.with_name(file.name + end).unlink(missing_ok=True)
+            for folder in folders:  # the deepest first
+                folder.rmdir()
+        except OSError:  # a folder something else has written into meanwhile: kept
+            pass
 
     def _write(self, sql: str, params: Iterable = ()) -> int | None:
         with self._lock, self._db:

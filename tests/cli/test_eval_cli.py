@@ -187,7 +187,7 @@ def test_the_same_gate_twice_gives_byte_identical_decisions_and_reports(tmp_path
 @pytest.mark.parametrize("options, fragments", [
     (["--endpoint-concurrency", "0"], ["endpoint concurrency must be an integer >= 1, got 0"]),
     (["--endpoint-timeout", "0"], ["endpoint timeout must be in (0, 3600] seconds, got 0.0"]),
-    (["--endpoint-timeout", "nan"], ["endpoint timeout must be in (0, 3600] seconds, got nan"]),
+    (["--endpoint-timeout", "nan"], ["endpoint timeout is NaN, not a number of seconds"]),
     (["--endpoint-timeout", "inf"], ["endpoint timeout must be in (0, 3600] seconds, got inf"]),
     (["--endpoint-retries", "-1"], ["endpoint retries must be an integer in [0, 20], got -1"]),
     (["--api-key-env", "MERGEGATE_TEST_UNSET_KEY"], ["API key variable MERGEGATE_TEST_UNSET_KEY is not set"]),
@@ -300,3 +300,63 @@ def test_release_refuses_a_bad_template_before_merging(tmp_path):
     assert_refused(_invoke("release", DEMO / "recipes" / "ties.yaml", "--suite", _served_demo_suite(tmp_path), "--out",
                      out, "--serve-candidate", "vllm serve {path} --port {prot}"), "{path}, {port} and {name}")
     assert not out.exists()
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["down", "wrong name", "no /v1"])
+def test_a_failed_evaluation_against_an_endpoint_leaves_no_registry(family, suite_file, tmp_path, where):
+    from mergegate.gateway.testing import ServerThread
+    from tests.evaluate.test_endpoint_runner import _Scripted
+
+    with ServerThread(_Scripted().app) as running:
+        url = {"down": f"http://127.0.0.1:{_closed_port()}/v1", "wrong name": running.url + "/v1#other",
+               "no /v1": running.url}[where]
+        evaluated = _invoke("evaluate", f"m={url}", "--suite", suite_file, "--registry",
+                            tmp_path / "new" / "registry.sqlite", "--endpoint-retries", "0")
+        gated = _invoke("gate", "--candidate", f"m={url}", "--base", f"base={family['base']}", "--source",
+                        f"src={family['ft1']}", "--suite", suite_file, "--out", tmp_path / "out", "--registry",
+                        tmp_path / "gate" / "registry.sqlite", "--endpoint-retries", "0")
+    assert_refused(evaluated, "model 'm'")
+    assert_refused(gated, "model 'm'")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "gate").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_failed_evaluation_keeps_a_registry_that_was_there(suite_file, tmp_path):
+    from mergegate.registry import Registry
+
+    Registry(tmp_path / "registry.sqlite").close()
+    result = _invoke("evaluate", f"m=http://127.0.0.1:{_closed_port()}/v1", "--suite", suite_file, "--registry",
+                     tmp_path / "registry.sqlite", "--endpoint-retries", "0")
+    assert_refused(result, "model 'm'")
+    assert (tmp_path / "registry.sqlite").is_file()
+
+
+def test_refusals_read_as_sentences_without_pydantics_prefixes(tmp_path):
+    suite = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "cohort": "c", "prompt": "p", "expected": "e",
+                                                "messages": [{"role": "user", "content": "x"}],
+                                                "evaluators": ["exact_match"]}])
+    row = _invoke("evaluate", "m=http://127.0.0.1:9/v1", "--suite", suite, "--registry", tmp_path / "r.sqlite")
+    assert_refused(row, "line 1: row: a row needs exactly one of 'prompt' (text) or 'messages' (a chat)")
+    (tmp_path / "plan.yaml").write_text("candidate: a\nmodels: {a: {role: candidate, path: ., api_key_env: K}}\n"
+                                        "routes: {}\ndefault: {model: a}\n")
+    plan = _invoke("serve", tmp_path / "plan.yaml")
+    assert_refused(plan, "models.a: 'api_key_env' applies to a 'url', not to a local 'path'")
+    for result in (row, plan):
+        assert "Value error" not in result.output
+
+
+def test_a_nan_timeout_is_refused_as_not_a_number(suite_file, tmp_path):
+    (tmp_path / "models.yaml").write_text("models:\n  up: {base_url: 'http://127.0.0.1:9/v1', timeout_s: .nan}\n")
+    from_file = _invoke("evaluate", "--models", tmp_path / "models.yaml", "--suite", suite_file, "--registry",
+                        tmp_path / "r.sqlite")
+    assert_refused(from_file, "models.up: timeout_s: NaN is not a number")  # the option: bad endpoint settings
+    assert not (tmp_path / "r.sqlite").exists()

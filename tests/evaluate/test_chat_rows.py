@@ -70,8 +70,8 @@ def test_bad_chat_rows_are_reported_together_by_line(tmp_path):
         load_suite(path)
     message = str(caught.value)
     assert "6 malformed row(s)" in message
-    assert "line 2: row: Value error, a row needs exactly one of 'prompt' (text) or 'messages'" in message
-    assert "line 3: row: Value error, a row needs exactly one of 'prompt'" in message
+    assert "line 2: row: a row needs exactly one of 'prompt' (text) or 'messages'" in message
+    assert "line 3: row: a row needs exactly one of 'prompt'" in message
     assert "line 4: messages.0.role: Input should be 'system', 'user' or 'assistant'" in message
     assert "line 5: messages.0.content: Input should be a valid string" in message
     assert "line 6: messages: " in message and "at least 1 item" in message

@@ -152,9 +152,10 @@ def evaluate_command(
                      endpoint=endpoint, workers=workers, ray_address=ray_address)
         device = resolve_device(device)
         loaded = load_suite(suite)
-        runs = evaluate_models([(ref, "source") for ref in refs], loaded, Registry(registry), batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, workers=workers,
-                               ray_address=ray_address)
+        with Registry(registry).removed_if_nothing_recorded() as opened:
+            runs = evaluate_models([(ref, "source") for ref in refs], loaded, opened, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, workers=workers,
+                                   ray_address=ray_address)
     except MergegateError as exc:
         _refuse(exc)
     from rich.console import Console

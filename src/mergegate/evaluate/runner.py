@@ -187,22 +187,11 @@ def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens:
     if duplicated:
         problems.append(f"model name(s) given twice: {', '.join(duplicated)}")
     for ref in models:
-        path = ref.path
         if ref.endpoint is not None:  # its own settings (a models file's block) over the command's
             own = ref.endpoint_settings(endpoint or EndpointSettings()).problems()
             problems += [f"model '{ref.name}': {problem}" for problem in own]
-        if path is None:
-            pass  # a url model: its server is reached when it is evaluated (evaluate.endpoint)
-        elif not path.is_dir():
-            problems.append(f"model '{ref.name}': {path}: no such folder")
-        elif not (path / "config.json").is_file():
-            problems.append(f"model '{ref.name}': {path} has no config.json (not a model folder)")
-        if ref.adapter is not None:
-            adapter = ref.adapter
-            if not adapter.is_dir():
-                problems.append(f"model '{ref.name}': adapter {adapter}: no such folder")
-            elif not (adapter / "adapter_config.json").is_file():
-                problems.append(f"model '{ref.name}': adapter {adapter} has no adapter_config.json")
+        # a url model has no folders: its server is reached when it is evaluated (evaluate.endpoint)
+        problems += [f"model '{ref.name}': {problem}" for problem in ref.folder_problems()]
     if problems:
         raise EvaluationError("evaluate: " + "; ".join(problems))
 

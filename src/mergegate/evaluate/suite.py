@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .._yaml import error_message
 from ..errors import SuiteError
 
 
@@ -214,7 +215,8 @@ def load_suite(path: str | Path, *, max_errors: int = 10) -> Suite:
         try:
             row = SuiteRow.model_validate(data)
         except ValidationError as exc:
-            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors()[:3])
+            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {error_message(e)}"
+                               for e in exc.errors()[:3])
             errors.append(f"line {number}: {detail}")
             continue
         except RecursionError:

@@ -21,6 +21,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .._yaml import error_message
 from ..rollout import RolloutPlan
 from .bodies import load_json, read_body
 from .errors import APIError
@@ -113,6 +114,6 @@ async def set_route(cohort: str, request: Request) -> dict:
         if first["type"] == "missing":
             raise APIError(400, f"Missing required parameter: '{param}'.", param=param,
                            code="missing_required_parameter") from None
-        raise APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
+        raise APIError(400, f"Invalid value for '{param}': {error_message(first)}.", param=param,
                        code="invalid_value") from None
     return await request.app.state.gateway.store.set_route(cohort, change)

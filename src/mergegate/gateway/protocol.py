@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .._yaml import error_message
 from .bodies import load_json
 from .errors import APIError
 
@@ -166,7 +167,7 @@ def _validation_error(exc: ValidationError) -> APIError:
     param = ".".join(str(p) for p in first["loc"]) or None
     if first["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    message = first["msg"].removeprefix("Value error, ")
+    message = error_message(first)
     if param == "n":
         message = "Only n=1 is supported."
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
