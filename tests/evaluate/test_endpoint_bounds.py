@@ -24,7 +24,8 @@ from ..conftest import write_jsonl
 
 pytestmark = pytest.mark.slow  # each test starts a server
 
-QUICK = EndpointSettings(concurrency=2, timeout_s=2, retries=0, backoff_s=0.05)
+QUICK = EndpointSettings(concurrency=2, timeout_s=2, retries=0, backoff_s=0.05)  # for the trickling servers
+PATIENT = EndpointSettings(concurrency=2, timeout_s=30, retries=0, backoff_s=0.05)  # ample on a busy machine
 
 
 def _completion(text: str = "42", usage: object = None) -> bytes:
@@ -122,7 +123,7 @@ def _suite(tmp_path: Path):
                                                           "evaluators": ["exact_match"]}]))
 
 
-def _evaluate_within(seconds: float, ref: ModelRef, tmp_path: Path, settings: EndpointSettings = QUICK):
+def _evaluate_within(seconds: float, ref: ModelRef, tmp_path: Path, settings: EndpointSettings = PATIENT):
     """evaluate_models on a thread, its result or exception; fails the test if it has not returned in time."""
     registry = Registry(tmp_path / "r.sqlite")
     outcome: dict = {}
@@ -145,7 +146,7 @@ def _evaluate_within(seconds: float, ref: ModelRef, tmp_path: Path, settings: En
 def test_a_server_sending_one_byte_at_a_time_is_stopped_at_the_timeout(tmp_path, path):
     with _Raw() as server:
         server.answers[path] = _trickle
-        outcome, _ = _evaluate_within(60, ModelRef("m", url=server.url), tmp_path)
+        outcome, _ = _evaluate_within(60, ModelRef("m", url=server.url), tmp_path, QUICK)
     error = outcome.get("error")
     assert isinstance(error, EvaluationError), repr(outcome)[:500]
     assert "model 'm'" in str(error) and "no complete answer within 2 s" in str(error)
