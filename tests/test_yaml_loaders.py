@@ -27,6 +27,8 @@ BOMB = ("a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: 
     (b"a: [" + b"[" * 150 + b"]" * 151 + b"\n", r"nested too deeply \(more than 100 levels\)"),
     (BOMB.encode(), r"the document expands to more than 100000 values \(YAML aliases\?\)"),
     (b"- a\n- b\n", r"expected a mapping of .*, got list"),
+    # past the size bound: refused unparsed (parsed, it would be refused for its 500,000 values, after seconds)
+    (b"a: [" + b"1," * (1 << 19) + b"1]\n", r"larger than 1 MiB, the most a YAML input may hold \(refused unparsed\)"),
 ])
 def test_every_loader_refuses_a_bad_file_the_same_way(tmp_path, load, error, where, content, message):
     path = tmp_path / "file.yaml"

@@ -8,7 +8,8 @@ label such as "recipe" — then says what is wrong, in one format:
     WHERE: expected a mapping of policy fields (confidence, ...), got list
     WHERE: field.path: message; other.field: message
 
-Documents are parsed with `yaml.safe_load` (no python/ or unknown tags), and refused when they nest deeper
+Documents are refused above MAX_BYTES before they are parsed (parsing takes seconds and hundreds of bytes of
+memory per byte), parsed with `yaml.safe_load` (no python/ or unknown tags), and refused when they nest deeper
 than MAX_DEPTH or their aliases expand to more than MAX_NODES values (counted without expanding them).
 """
 
@@ -24,6 +25,7 @@ from pydantic_core import ErrorDetails
 
 from .errors import MergegateError
 
+MAX_BYTES = 1 << 20  # far beyond any recipe, policy, plan or space; MAX_NODES values fit in it
 MAX_NODES = 100_000  # YAML aliases can make a small file a huge tree (billion laughs): refuse, don't expand
 MAX_DEPTH = 100  # far beyond any real file; deeper trees only exhaust the stack of whatever walks them
 MAX_ERRORS = 5  # validation errors named in one message
@@ -38,9 +40,11 @@ def read_yaml_file(path: Path, where: str, error_cls: type[MergegateError]) -> A
     try:
         if not path.is_file():
             raise error_cls(f"{where}: no such file")
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(MAX_BYTES + 1)
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
         raise error_cls(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    _check_bytes(len(raw), where, error_cls)
     raw = raw.removeprefix(_BOM)
     try:
         text = raw.decode("utf-8")
@@ -54,6 +58,7 @@ def read_yaml_file(path: Path, where: str, error_cls: type[MergegateError]) -> A
 
 def parse_yaml(text: str, where: str, error_cls: type[MergegateError]) -> Any:
     """The document in YAML text, safely parsed and checked for size and depth."""
+    _check_bytes(len(text.encode("utf-8", "surrogatepass")), where, error_cls)
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:  # syntax errors, and tags such as !!python/object that safe_load refuses
@@ -74,6 +79,12 @@ def parse_yaml(text: str, where: str, error_cls: type[MergegateError]) -> Any:
         raise error_cls(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
     check_size(data, where, error_cls)
     return data
+
+
+def _check_bytes(size: int, where: str, error_cls: type[MergegateError]) -> None:
+    if size > MAX_BYTES:
+        raise error_cls(f"{where}: larger than {MAX_BYTES >> 20} MiB, the most a YAML input may hold (refused "
+                        "unparsed)")
 
 
 def check_size(data: Any, where: str, error_cls: type[MergegateError]) -> None:

@@ -181,3 +181,12 @@ def test_a_space_whose_every_point_keeps_a_methods_joint_rule_loads_and_draws_on
         recipe = space.point(RandomDraws(seed))
         for model in recipe.models:
             method.per_model(weight=1.0, density=model.parameters["density"], epsilon=recipe.parameters["epsilon"])
+
+
+def test_a_space_past_the_yaml_size_bound_is_refused_unparsed(tmp_path):
+    huge = "merge_method: linear\nmodels:\n" + "  - {model: /m/a, parameters: {weight: 1.0}}\n" * 30_000
+    path = tmp_path / "space.yaml"
+    path.write_text(huge)
+    for source in (path, huge):  # a file, or YAML text
+        with pytest.raises(SearchSpaceError, match="larger than 1 MiB, the most a YAML input may hold"):
+            load_space(source)
