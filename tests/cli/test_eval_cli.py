@@ -348,10 +348,13 @@ def test_refusals_read_as_sentences_without_pydantics_prefixes(tmp_path):
     assert_refused(row, "line 1: row: a row needs exactly one of 'prompt' (text) or 'messages' (a chat)")
     (tmp_path / "plan.yaml").write_text("candidate: a\nmodels: {a: {role: candidate, path: ., api_key_env: K}}\n"
                                         "routes: {}\ndefault: {model: a}\n")
-    plan = _invoke("serve", tmp_path / "plan.yaml")
-    assert_refused(plan, "models.a: 'api_key_env' applies to a 'url', not to a local 'path'")
-    for result in (row, plan):
-        assert "Value error" not in result.output
+    from mergegate.errors import PlanError
+    from mergegate.rollout import load_plan
+
+    with pytest.raises(PlanError) as plan:
+        load_plan(tmp_path / "plan.yaml")
+    assert str(plan.value).endswith("models.a: 'api_key_env' applies to a 'url', not to a local 'path'")
+    assert "Value error" not in row.output
 
 
 def test_a_nan_timeout_is_refused_as_not_a_number(suite_file, tmp_path):
