@@ -263,7 +263,8 @@ def _minute(seconds: float) -> str:
 
 
 def _when(m: Measurement | None) -> str:
-    """When a model's rows on a cohort were measured, as shown: UTC to the minute, runs counted, cached said."""
+    """When a model's rows on a cohort were measured, as shown: UTC to the minute, runs counted. Whether this command
+    read them from the cache is left out: the same gate run twice renders the same report, and the time says it."""
     if m is None:
         return "—"
     if m.first is None or m.last is None:
@@ -272,7 +273,7 @@ def _when(m: Measurement | None) -> str:
     if last != first:
         first += " – " + (last[len("YYYY-MM-DD "):] if last[:10] == first[:10] else last)
     runs = len(m.sessions) + (1 if m.undated else 0)
-    return (f"{runs} runs, " if runs > 1 else "") + f"{first} UTC" + (" (cached)" if m.cached else "")
+    return (f"{runs} runs, " if runs > 1 else "") + f"{first} UTC"
 
 
 def _cost_rows(gate: GateResult, costs: dict[str, dict[str, CohortCost]] | None,
