@@ -4,7 +4,11 @@ with one line."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,64 @@ def test_search_refuses_a_bad_space_naming_the_field(tmp_path):
     done = subprocess.run([MERGEGATE, "search", str(space), "--suite", str(dev), "--held-out", str(held),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert_refused(done, "parameters.lambda.range: LOW must be below HIGH")
+
+
+def _search(space: Path, dev: Path, held: Path, policy: Path, out: Path, *extra: str) -> list[str]:
+    return [MERGEGATE, "search", str(space), "--suite", str(dev), "--held-out", str(held), "--policy", str(policy),
+            "--out", str(out), "--trials", "3", "--keep", "1", "--batch-size", "4", "--max-new-tokens", "8", *extra]
+
+
+@pytest.mark.parametrize("case", ["out is a file", "parallel beyond any cluster", "a model folder is missing"])
+def test_search_refuses_bad_arguments_with_one_line_and_leaves_nothing(tmp_path, case):
+    dev, held, policy, space = _inputs(tmp_path)
+    out, extra, expected = tmp_path / "out", [], ""
+    if case == "out is a file":
+        out.write_text("mine")
+        expected = "exists and is not a folder"
+    elif case == "parallel beyond any cluster":
+        extra, expected = ["--parallel", str(10**15)], "parallel must be a whole number from 1 to"
+    else:
+        data = yaml.safe_load(space.read_text())
+        data["models"][0]["model"] = str(tmp_path / "nowhere")
+        space.write_text(yaml.safe_dump(data))
+        expected = "no such folder"
+    done = subprocess.run(_search(space, dev, held, policy, out, *extra), capture_output=True, text=True,
+                          timeout=240)
+    assert_refused(done, expected)
+    assert out.read_text() == "mine" if case == "out is a file" else not out.exists()
+
+
+def _study_states(out: Path) -> list[str]:
+    storage = out / "study.sqlite"
+    try:
+        with sqlite3.connect(f"file:{storage}?mode=ro", uri=True, timeout=1) as db:
+            return [state for (state,) in db.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.Error:  # not created yet
+        return []
+
+
+def test_ctrl_c_says_how_to_resume_and_the_resumed_search_leaves_only_the_kept_folders(tmp_path):
+    dev, held, policy, space = _inputs(tmp_path)
+    out = tmp_path / "out"
+    command = _search(space, dev, held, policy, out)
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:  # Ctrl-C once a trial is being merged
+            if "RUNNING" in _study_states(out) and any((out / "trials").glob("trial-*")):
+                break
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "run the same command again" in lines[0], stderr
+    assert "Traceback" not in stderr
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    kept = sorted(p.name for p in (out / "trials").iterdir())
+    assert len(kept) == 1 and kept[0].startswith("trial-"), kept  # --keep 1: its folder, and no scratch registry

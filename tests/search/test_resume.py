@@ -107,8 +107,15 @@ def test_a_search_killed_while_drawing_a_trial_resumes_with_the_values_it_would_
     sampler = optuna.samplers.PartialFixedSampler({first: third[first]}, optuna.samplers.RandomSampler())
     killed = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler).ask()
     killed.suggest_float(first, 0.3, 1.2)
+    # ... and what a killed trial leaves: its merged folder (of an earlier kill) and its scratch registry
+    (out / "trials" / "trial-0002").mkdir()
+    (out / "trials" / "trial-0002" / "model.safetensors").write_bytes(b"partial")
+    for end in ("", "-wal", "-shm"):
+        (out / "trials" / f".trial-0002-eval.sqlite{end}").write_bytes(b"")
 
     resumed = search(space_file, dev, held, POLICY, out, trials=3, **settings)
     assert [t.params for t in resumed.trials] == [t.params for t in reference.trials]
     assert [(t.status, t.promoted, t.retention) for t in resumed.trials] == [
         (t.status, t.promoted, t.retention) for t in reference.trials]
+    # only the kept trial's folder stays (and each trial's server log, when it had one)
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"trial-{resumed.best[0].number:04d}"]

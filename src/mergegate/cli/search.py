@@ -66,6 +66,10 @@ def search_command(
         result = search(space, suite, held_out, policy, out, options)
     except MergegateError as exc:
         _refuse(exc)
+    except KeyboardInterrupt:
+        typer.echo(f"mergegate: search interrupted; its study is kept in {out}: run the same command again to "
+                   "resume", err=True)
+        raise typer.Exit(130) from None
     counts = {s: sum(t.status == s for t in result.trials) for s in ("complete", "pruned", "failed")}
     typer.echo(f"{len(result.trials)} trials: {counts['complete']} complete, {counts['pruned']} pruned, "
                f"{counts['failed']} failed")

@@ -20,16 +20,18 @@ the report shows dev and held-out side by side, and the gap is the search's over
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from .._seeds import derived_seed
-from ..errors import SearchError
+from .._staging import check_output
+from ..errors import MergegateError, SearchError
 from ..evaluate import ModelRun, Suite, evaluate_models, load_suite
 from ..evaluate.endpoint import EndpointSettings
-from ..evaluate.runner import check_endpoint, check_settings, config_hash, resolve_device
+from ..evaluate.runner import check_endpoint, check_inputs, check_settings, config_hash, resolve_device
 from ..gate import GateResult, Policy, decide, load_policy
 from ..model_ref import ModelRef
 from ..pipeline import ReleaseResult, gate_release, release_models, release_rank
@@ -41,6 +43,10 @@ Objective = Literal["gate", "mean", "pareto"]
 SamplerKind = Literal["tpe", "cmaes", "random", "nsga2"]
 STUDY_NAME = "mergegate-search"
 STARTUP_TRIALS = 6  # TPE draws at random until this many trials are in (fixed: a resumed study draws alike)
+# Trials in flight and cores or GPUs per trial beyond any cluster, and memory per trial beyond any machine: Ray
+# refuses resource counts past 1e14 with a traceback, so a typo is refused here with its name.
+MAX_RESOURCES = 4096
+MAX_MEMORY = 64 << 40
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,12 @@ class SearchOptions:
 
     def problems(self) -> list[str]:
         found = []
-        for name, low in (("trials", 1), ("parallel", 1), ("keep", 1), ("cpus_per_trial", 1)):
+        for name, low, high in (("trials", 1, None), ("parallel", 1, MAX_RESOURCES), ("keep", 1, None),
+                                ("cpus_per_trial", 1, MAX_RESOURCES)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                found.append(f"{name} must be a whole number >= {low}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+                bounds = f"from {low} to {high}" if high else f">= {low}"
+                found.append(f"{name} must be a whole number {bounds}, got {value!r}")
         if self.objective not in ("gate", "mean", "pareto"):
             found.append(f"objective must be gate, mean or pareto, got {self.objective!r}")
         if self.sampler not in (None, "tpe", "cmaes", "random", "nsga2"):
@@ -81,8 +89,12 @@ class SearchOptions:
             found.append("the nsga2 sampler searches the pareto objective (several values), not a single one")
         if self.sampler == "cmaes" and self.objective == "pareto":
             found.append("the cmaes sampler optimises one value; use nsga2 (the default) for the pareto objective")
-        if not (isinstance(self.gpus_per_trial, (int, float)) and self.gpus_per_trial >= 0):
-            found.append(f"gpus_per_trial must be >= 0, got {self.gpus_per_trial!r}")
+        if not (isinstance(self.gpus_per_trial, (int, float)) and 0 <= self.gpus_per_trial <= MAX_RESOURCES):
+            found.append(f"gpus_per_trial must be from 0 to {MAX_RESOURCES}, got {self.gpus_per_trial!r}")
+        memory = self.memory_per_trial
+        if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool)
+                                   or not 0 < memory <= MAX_MEMORY):
+            found.append(f"memory_per_trial must be from 1 byte to {MAX_MEMORY >> 40} TiB, got {memory!r}")
         return found
 
 
@@ -150,6 +162,10 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
     if options.endpoint is not None:
         check_endpoint(options.endpoint)
     out = Path(out)
+    try:
+        check_output(out, overwrite=True)  # a file, or under one, or unwritable: refused before any work
+    except MergegateError as exc:
+        raise SearchError(f"search: {exc}") from None
     space = space if isinstance(space, Space) else load_space(space)
     dev = dev if isinstance(dev, Suite) else load_suite(dev)
     held_out = held_out if isinstance(held_out, Suite) else load_suite(held_out)
@@ -171,28 +187,43 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
     for taken in ("candidate",):
         if taken in names:
             raise SearchError(f"search: a source model is named '{taken}', the name trials are evaluated under")
+    check_inputs([base, *sources], batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+                 endpoint=options.endpoint)  # a missing model is named before OUT is made
 
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SearchError(f"search: {out}: cannot be created ({exc.strerror or exc})") from None
     registry = Registry(out / "registry.sqlite")
-    dev_runs = evaluate_models([(base, "base"), *((s, "source") for s in sources)], dev, registry,
-                               batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
-                               progress=options.progress, device=device, endpoint=options.endpoint)
-    source_results = {name: run.results for name, run in dev_runs.items()}
-    study = _open_study(out, space, dev, policy, options)
-    _run_trials(study, space, dev, policy, registry, base, sources, source_results, out, options, device)
-    trials = _records(study, out)
-    best = _best(trials, options)
-    _prune_folders(trials, best)
-    held = [HeldOut(record, gate_release(ModelRef(f"trial-{record.number}", record.folder), base, sources, held_out,
-                                         policy, out / "held-out" / f"trial-{record.number}", registry=registry,
-                                         batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
-                                         progress=options.progress, device=device, endpoint=options.endpoint,
-                                         title=f"held-out gate: trial {record.number}"))
+    try:
+        try:
+            dev_runs = evaluate_models([(base, "base"), *((s, "source") for s in sources)], dev, registry,
+                                       batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+                                       progress=options.progress, device=device, endpoint=options.endpoint)
+            study = _open_study(out, space, dev, policy, options)
+        except MergegateError:
+            if created:  # refused before any trial: the folder this search made goes with it
+                registry.close()
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        source_results = {name: run.results for name, run in dev_runs.items()}
+        _run_trials(study, space, dev, policy, registry, base, sources, source_results, out, options, device)
+        trials = _records(study, out)
+        best = _best(trials, options)
+        _prune_folders(trials, best)
+        _remove_leftovers(out, best)
+        held = [HeldOut(record, gate_release(
+            ModelRef(f"trial-{record.number}", record.folder), base, sources, held_out, policy,
+            out / "held-out" / f"trial-{record.number}", registry=registry, batch_size=options.batch_size,
+            max_new_tokens=options.max_new_tokens, progress=options.progress, device=device,
+            endpoint=options.endpoint, title=f"held-out gate: trial {record.number}"))
             for record in best if record.folder is not None]
-    from .report import write_search_reports
+        from .report import write_search_reports
 
-    reports = write_search_reports(out, space, trials, best, held, dev, held_out, policy, options)
-    registry.close()
+        reports = write_search_reports(out, space, trials, best, held, dev, held_out, policy, options)
+    finally:
+        registry.close()
     return SearchResult(out, space, trials, best, held, dev_runs, reports)
 
 
@@ -259,6 +290,7 @@ def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Regis
     optuna = _optuna()
     states = optuna.trial.TrialState
     _requeue_interrupted(study)
+    _remove_leftovers(out, _records(study, out))
     finished = _finished(study)
     if finished >= options.trials:
         return
@@ -454,6 +486,26 @@ def _best(trials: list[TrialRecord], options: SearchOptions) -> list[TrialRecord
         return (-t.rank[0], -t.rank[1], t.number)
 
     return sorted(complete, key=key)[:options.keep]
+
+
+_TRIAL_LEFTOVER = re.compile(r"trial-\d{4,}|\.trial-\d{4,}-eval\.sqlite(?:-wal|-shm|-journal)?")
+
+
+def _remove_leftovers(out: Path, records: list[TrialRecord]) -> None:
+    """Remove what trials left in OUT/trials when their search or worker was killed — merged folders and scratch
+    registries — keeping the folders `records` hold (the kept trials'). Only while no trial runs."""
+    keep = {record.folder.name for record in records if record.folder is not None}
+    try:
+        entries = list((out / "trials").iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not _TRIAL_LEFTOVER.fullmatch(entry.name) or entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _prune_folders(trials: list[TrialRecord], best: list[TrialRecord]) -> None:
