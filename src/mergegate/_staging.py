@@ -5,7 +5,8 @@ The staging folder, `.<out name>.mergegate-partial-<pid>` beside the output, is 
 writing it for as long as it lives. A process killed with SIGKILL cannot remove its folder, but the kernel
 drops its lock: the next staging into the same parent folder removes every partial folder whose lock nobody
 holds and whose pid is gone (one whose pid was reused stays until that process ends). What is put in place has
-the modes the umask gives any new folder and file, not a temporary folder's private ones.
+the modes the umask gives any new folder and file, not a temporary folder's private ones. `locked` holds any
+folder the same way, for a writer that works in place (a search's output folder).
 """
 
 from __future__ import annotations
@@ -87,6 +88,22 @@ def _lock(path: Path) -> int | None:
     except OSError:  # a file system without locks: fall back to the pid in the name alone
         return fd
     return fd
+
+
+@contextmanager
+def locked(folder: Path, busy: MergegateError) -> Iterator[None]:
+    """Hold an existing `folder` for the block as a staging folder is held (an exclusive lock the kernel drops
+    when the process dies, however it dies); raise `busy` when another process, or another open, holds it."""
+    try:
+        fd = _lock(folder)
+    except OSError as exc:
+        raise MergegateError(f"{folder}: cannot be opened ({exc.strerror or exc})") from None
+    if fd is None:
+        raise busy
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -69,6 +69,21 @@ def _search(space: Path, dev: Path, held: Path, policy: Path, out: Path, *extra:
             "--out", str(out), "--trials", "3", "--keep", "1", "--batch-size", "4", "--max-new-tokens", "8", *extra]
 
 
+def test_search_refuses_an_out_folder_another_search_holds_and_leaves_it_alone(tmp_path):
+    from mergegate._staging import locked
+    from mergegate.errors import SearchError
+
+    dev, held, policy, space = _inputs(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.sqlite").write_bytes(b"the running search's study")
+    with locked(out, SearchError("held")):  # what a running search holds for as long as it runs
+        done = subprocess.run(_search(space, dev, held, policy, out), capture_output=True, text=True, timeout=240)
+    assert_refused(done, str(out), "another search")
+    assert sorted(p.name for p in out.iterdir()) == ["study.sqlite"]
+    assert (out / "study.sqlite").read_bytes() == b"the running search's study"
+
+
 @pytest.mark.parametrize("case", ["out is a file", "parallel beyond any cluster", "a model folder is missing"])
 def test_search_refuses_bad_arguments_with_one_line_and_leaves_nothing(tmp_path, case):
     dev, held, policy, space = _inputs(tmp_path)

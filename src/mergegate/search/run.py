@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .._seeds import derived_seed
-from .._staging import check_output
+from .._staging import check_output, locked
 from ..errors import MergegateError, SearchError
 from ..evaluate import ModelRun, Suite, evaluate_models, load_suite
 from ..evaluate.endpoint import EndpointSettings
@@ -195,35 +195,39 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SearchError(f"search: {out}: cannot be created ({exc.strerror or exc})") from None
-    registry = Registry(out / "registry.sqlite")
-    try:
+    # one search per OUT: a second would take the first's running trials for a killed search's and re-run them
+    busy = SearchError(f"search: {out} is being written by another search; wait for it to end, or give another "
+                       "--out")
+    with locked(out, busy):
+        registry = Registry(out / "registry.sqlite")
         try:
-            dev_runs = evaluate_models([(base, "base"), *((s, "source") for s in sources)], dev, registry,
-                                       batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
-                                       progress=options.progress, device=device, endpoint=options.endpoint)
-            study = _open_study(out, space, dev, policy, options)
-        except MergegateError:
-            if created:  # refused before any trial: the folder this search made goes with it
-                registry.close()
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-        source_results = {name: run.results for name, run in dev_runs.items()}
-        _run_trials(study, space, dev, policy, registry, base, sources, source_results, out, options, device)
-        trials = _records(study, out)
-        best = _best(trials, options)
-        _prune_folders(trials, best)
-        _remove_leftovers(out, best)
-        held = [HeldOut(record, gate_release(
-            ModelRef(f"trial-{record.number}", record.folder), base, sources, held_out, policy,
-            out / "held-out" / f"trial-{record.number}", registry=registry, batch_size=options.batch_size,
-            max_new_tokens=options.max_new_tokens, progress=options.progress, device=device,
-            endpoint=options.endpoint, title=f"held-out gate: trial {record.number}"))
-            for record in best if record.folder is not None]
-        from .report import write_search_reports
+            try:
+                dev_runs = evaluate_models([(base, "base"), *((s, "source") for s in sources)], dev, registry,
+                                           batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+                                           progress=options.progress, device=device, endpoint=options.endpoint)
+                study = _open_study(out, space, dev, policy, options)
+            except MergegateError:
+                if created:  # refused before any trial: the folder this search made goes with it
+                    registry.close()
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+            source_results = {name: run.results for name, run in dev_runs.items()}
+            _run_trials(study, space, dev, policy, registry, base, sources, source_results, out, options, device)
+            trials = _records(study, out)
+            best = _best(trials, options)
+            _prune_folders(trials, best)
+            _remove_leftovers(out, best)
+            held = [HeldOut(record, gate_release(
+                ModelRef(f"trial-{record.number}", record.folder), base, sources, held_out, policy,
+                out / "held-out" / f"trial-{record.number}", registry=registry, batch_size=options.batch_size,
+                max_new_tokens=options.max_new_tokens, progress=options.progress, device=device,
+                endpoint=options.endpoint, title=f"held-out gate: trial {record.number}"))
+                for record in best if record.folder is not None]
+            from .report import write_search_reports
 
-        reports = write_search_reports(out, space, trials, best, held, dev, held_out, policy, options)
-    finally:
-        registry.close()
+            reports = write_search_reports(out, space, trials, best, held, dev, held_out, policy, options)
+        finally:
+            registry.close()
     return SearchResult(out, space, trials, best, held, dev_runs, reports)
 
 
