@@ -81,7 +81,7 @@ def test_every_bad_entry_is_reported_at_once(tmp_path):
     lines = str(caught.value).splitlines()
     assert lines[0] == f"models file {path}: 10 bad entries:"
     text = "\n".join(lines)
-    for expected in ["models.scheme: base_url: String should match pattern",
+    for expected in ["models.scheme: base_url: url 'ftp://host/v1': the scheme must be http or https, not 'ftp'",
                      "models.both: needs exactly one of 'path' or 'base_url'",
                      "models.neither: needs exactly one of 'path' or 'base_url'",
                      "models.local_settings: api_key_env, retries apply to a 'base_url', not to a local 'path'",

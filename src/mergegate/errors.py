@@ -69,3 +69,7 @@ class SearchSpaceError(MergegateError, ValueError):
 
 class SearchError(MergegateError):
     """A search cannot run: overlapping dev and held-out suites, an output folder holding another search."""
+
+
+class AddressError(MergegateError, ValueError):
+    """A url or a port is refused: not http(s), no host, a port out of range, a port already in use."""

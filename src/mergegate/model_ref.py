@@ -23,11 +23,10 @@ import os
 from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, Mapping
-from urllib.parse import urlsplit
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from .errors import ModelRefError
+from .addresses import check_url, without_credentials
+from .errors import AddressError, ModelRefError
 
 Role = Literal["candidate", "base", "source"]  # a model's part in a release; kept beside its ModelRef
 
@@ -141,6 +140,11 @@ class ModelRef:
             raise ModelRefError(f"model '{self.name}': a served model name applies to a url, not to a local folder")
         if self.endpoint is not None and self.url is None:
             raise ModelRefError(f"model '{self.name}': endpoint settings apply to a url, not to a local folder")
+        if self.url is not None:
+            try:
+                check_url(self.url)
+            except AddressError as exc:
+                raise ModelRefError(f"model '{self.name}': {exc}") from None
 
     @property
     def is_remote(self) -> bool:
@@ -169,8 +173,9 @@ class ModelRef:
         try:
             if _is_url(location):
                 if name is None:
-                    raise ModelRefError(f"model reference {text!r}: a remote model needs a name (NAME=URL)")
-                url, served_model = _split_url(location, text)
+                    raise ModelRefError(f"model reference {without_credentials(text)!r}: a remote model needs a name "
+                                        "(NAME=URL)")
+                url, served_model = _split_url(location)
                 return cls(name, url=url, served_model=served_model)
             path, adapter = location, None
             if "+" in location and not _exists(location):
@@ -184,9 +189,10 @@ class ModelRef:
                                         "(write NAME=PATH)")
             return cls(name, Path(path), adapter=Path(adapter) if adapter else None)
         except ModelRefError as exc:
-            if repr(text) in str(exc):
+            shown = without_credentials(text)  # a url's password is never repeated
+            if repr(shown) in str(exc):
                 raise
-            raise ModelRefError(f"model reference {text!r}: {exc}") from None
+            raise ModelRefError(f"model reference {shown!r}: {exc}") from None
 
     def folder_problems(self) -> list[str]:
         """What is wrong with a local model's folders (none, or a url model): a missing folder, a folder that is
@@ -222,18 +228,13 @@ def _is_url(text: str) -> bool:
     return bool(sep) and scheme.lower() in _REMOTE_SCHEMES
 
 
-def _split_url(location: str, text: str) -> tuple[str, str | None]:
-    """The base URL and the served model's name (the fragment), refused unless it has a scheme and a host."""
-    if any(c.isspace() or not c.isprintable() for c in location):
-        raise ModelRefError(f"model reference {text!r}: a url cannot contain spaces or control characters")
+def _split_url(location: str) -> tuple[str, str | None]:
+    """The base URL, checked (`addresses.check_url`), and the served model's name (the fragment)."""
     url, _, served_model = location.partition("#")
     try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises ValueError on a port that is not a number in range
-    except ValueError as exc:
-        raise ModelRefError(f"model reference {text!r}: not a valid url ({exc})") from None
-    if not parts.hostname:
-        raise ModelRefError(f"model reference {text!r}: the url has no host")
+        check_url(url)
+    except AddressError as exc:
+        raise ModelRefError(str(exc)) from None
     return url, served_model or None
 
 
@@ -268,12 +269,19 @@ class ModelBlock(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str | None = Field(default=None, min_length=1)
     adapter: str | None = Field(default=None, min_length=1)
-    base_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    base_url: str | None = None  # checked by addresses.check_url; a '#NAME' after it names the served model
     model: str | None = Field(default=None, min_length=1)  # the name the server knows it by (default: the entry's)
     api_key_env: str | None = Field(default=None, pattern=_ENV_NAME)  # the variable's name, never the key
     concurrency: int | None = Field(default=None, ge=1)
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
     retries: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("base_url")
+    @classmethod
+    def _checked_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_url(value.partition("#")[0])  # AddressError is a ValueError: the field is named with it
+        return value
 
     @model_validator(mode="after")
     def _one_location(self):
@@ -292,7 +300,7 @@ class ModelBlock(BaseModel):
     def to_ref(self, name: str, folder: Path | None = None) -> ModelRef:
         """The entry as a ModelRef; relative paths found as `ModelRef.resolve` finds them (`folder`: the file's)."""
         if self.base_url is not None:
-            url, served_model = _split_url(self.base_url, self.base_url)
+            url, served_model = _split_url(self.base_url)
             overrides = EndpointOverrides(self.concurrency, self.timeout_s, self.retries, self.api_key_env)
             return ModelRef(name, url=url, served_model=self.model or served_model,
                             endpoint=None if overrides == EndpointOverrides() else overrides)

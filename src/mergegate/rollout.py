@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._yaml import load_yaml_model
+from .addresses import check_url
 from .errors import PlanError
 from .model_ref import EndpointOverrides, ModelRef, Role
 
@@ -47,6 +48,8 @@ class PlanModel(BaseModel):
             raise ValueError("'upstream_model' applies to a 'url', not to a local 'path'")
         if self.path is not None and self.api_key_env is not None:
             raise ValueError("'api_key_env' applies to a 'url', not to a local 'path'")
+        if self.url is not None:
+            check_url(self.url)  # AddressError is a ValueError: the entry is named with it
         return self
 
     @classmethod
