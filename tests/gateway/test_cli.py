@@ -3,8 +3,13 @@ gateway from a plan file."""
 
 from __future__ import annotations
 
+import os
+import queue
+import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -68,18 +73,146 @@ def test_serve_refuses_a_bad_plan_with_exit_code_2(tmp_path):
 
 @pytest.mark.slow
 def test_serve_builds_a_working_gateway_from_the_plan_file(monkeypatch, family, tmp_path):
-    import uvicorn
+    import mergegate.gateway.server
 
     plan_path = RolloutPlan.model_validate({"candidate": "base", "models": {"base": {"path": str(family["base"])}},
                                             "routes": {}, "default": {"model": "base"}}).save(tmp_path / "plan.yaml")
     captured = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
+    monkeypatch.setattr(mergegate.gateway.server, "run_app",
+                        lambda app, listener, **kw: captured.update(app=app, address=listener.getsockname(), **kw))
     monkeypatch.setenv("MERGEGATE_ADMIN_TOKEN", "t0k")
-    mergegate.gateway.serve(plan_path, port=8123, registry=tmp_path / "r.db")
-    assert (captured["host"], captured["port"]) == ("127.0.0.1", 8123)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mergegate.gateway.serve(plan_path, port=port, registry=tmp_path / "r.db")
+    assert captured["address"] == ("127.0.0.1", port)  # the port was taken before the models load
     with ServerThread(captured["app"]) as server:
         answer = httpx.post(server.url + "/v1/chat/completions", timeout=30,
                             json={"model": "mergegate", "messages": MESSAGES, "max_tokens": 2}).json()
         assert answer["model"] == "base"
         plan = httpx.get(server.url + "/admin/plan", headers={"Authorization": "Bearer t0k"}, timeout=10)
         assert plan.status_code == 200 and plan.json()["path"] == str(plan_path)
+
+
+# -- ports, urls and what serving says ------------------------------------------------------------------------------
+
+MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
+
+
+def _never_serve(monkeypatch) -> None:
+    """A test that expects a refusal fails (rather than serving forever) if anything starts serving."""
+    import uvicorn
+
+    def served(*args, **kwargs):
+        raise AssertionError("the command started serving")
+
+    monkeypatch.setattr(uvicorn, "run", served)
+    monkeypatch.setattr(uvicorn.Server, "run", served)
+
+
+def _plan_file(tmp_path, family) -> Path:
+    return RolloutPlan.model_validate({"candidate": "base", "models": {"base": {"path": str(family["base"])}},
+                                       "routes": {}, "default": {"model": "base"}}).save(tmp_path / "plan.yaml")
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "65536", str(65536 + 8080)])
+def test_serve_and_serve_folder_refuse_a_port_outside_1_to_65535_in_one_line(monkeypatch, family, tmp_path, port):
+    _never_serve(monkeypatch)
+    called = []
+    monkeypatch.setattr(mergegate.gateway, "serve", lambda *args, **kwargs: called.append(args))
+    for args in (["serve", str(_plan_file(tmp_path, family)), "--registry", str(tmp_path / "r.db")],
+                 ["serve-folder", str(family["base"]), "--served-model-name", "m"]):
+        result = CliRunner().invoke(cli(), [*args, "--port", port])
+        assert result.exit_code == 2, result.output
+        assert called == [] and f"--port {port}" in result.output.replace("'", ""), result.output
+
+
+def test_serve_refuses_a_plan_model_whose_url_is_not_http(monkeypatch, tmp_path):
+    _never_serve(monkeypatch)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("candidate: m\nmodels: {m: {url: 'file:///etc/passwd'}}\nroutes: {}\ndefault: {model: m}\n")
+    result = CliRunner().invoke(cli(), ["serve", str(plan), "--registry", str(tmp_path / "r.db")])
+    assert result.exit_code == 2
+    assert "models.m: url 'file:///etc/passwd': the scheme must be http or https" in result.output
+
+
+def test_serve_refuses_an_otlp_endpoint_that_is_not_http(monkeypatch, family, tmp_path):
+    _never_serve(monkeypatch)
+    result = CliRunner().invoke(cli(), ["serve", str(_plan_file(tmp_path, family)), "--registry",
+                                        str(tmp_path / "r.db"), "--otlp-endpoint", "file:///tmp/spans"])
+    assert result.exit_code == 2 and "--otlp-endpoint" in result.output and "http or https" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _said(command: list[str], until: str, env: dict | None = None, then=lambda: None) -> list[str]:
+    """The lines a serving command prints, up to the first that holds `until` (within 120 s); then `then()` runs
+    and the command is stopped."""
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.strip()) for line in server.stdout], daemon=True).start()
+    said: list[str] = []
+    try:
+        while not said or until not in said[-1]:
+            said.append(lines.get(timeout=120))
+        then()
+        return said
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given, said", [("", "--admin-token is empty"), ("   ", "--admin-token is empty"),
+                                         (None, "no --admin-token (nor MERGEGATE_ADMIN_TOKEN)")])
+def test_serve_says_at_start_when_the_admin_api_is_off(family, tmp_path, given, said):
+    token = [] if given is None else ["--admin-token", given]
+    env = {k: v for k, v in os.environ.items() if k != "MERGEGATE_ADMIN_TOKEN"}
+    lines = _said([MERGEGATE, "serve", str(_plan_file(tmp_path, family)), "--registry", str(tmp_path / "r.db"),
+                   "--port", str(_free_port()), *token], until="admin API", env=env)
+    assert lines[-1] == f"mergegate: {said}: the admin API (/admin) is off", lines
+
+
+@pytest.mark.slow
+def test_serve_on_a_busy_port_is_refused_before_any_model_loads(family, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args in (["serve", _plan_file(tmp_path, family), "--registry", tmp_path / "r.db"],
+                     ["serve-folder", family["base"], "--served-model-name", "m", "--device", "cpu"]):
+            done = subprocess.run([MERGEGATE, *map(str, args), "--port", str(port)], capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.strip() == f"mergegate: --port {port}: cannot listen on 127.0.0.1:{port}: " \
+                                          "Address already in use", done.stderr
+            assert done.stdout == ""
+
+
+@pytest.mark.slow
+def test_serve_folder_says_where_it_listens_and_when_it_is_ready(family):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    answered: list[dict] = []
+    said = _said([MERGEGATE, "serve-folder", str(family["base"]), "--port", str(port), "--served-model-name",
+                  "tiny", "--device", "cpu"], until="ready", then=lambda: answered.append(
+                      httpx.get(url + "/models", timeout=30).json()))
+    assert said[0] == f"mergegate: serve-folder: loading {family['base']} as 'tiny'; it answers at {url} once " \
+                      "loaded", said  # at once: where it will answer
+    assert said[-1] == f"mergegate: serve-folder: ready: 'tiny' at {url}", said  # once the model has loaded
+    assert [entry["id"] for entry in answered[0]["data"]][0] == "tiny"  # and it answers there
+
+
+@pytest.mark.slow
+def test_serve_says_where_it_listens_and_when_it_is_ready(family, tmp_path):
+    port = _free_port()
+    plan = _plan_file(tmp_path, family)
+    said = _said([MERGEGATE, "serve", str(plan), "--registry", str(tmp_path / "r.db"), "--port", str(port),
+                  "--admin-token", "t0k"], until="ready")
+    assert said[0] == f"mergegate: serve: loading {plan}'s models; it answers at http://127.0.0.1:{port}/v1 " \
+                      "once loaded", said
+    assert said[-1] == f"mergegate: serve: ready: {plan} at http://127.0.0.1:{port}/v1", said

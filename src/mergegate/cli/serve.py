@@ -32,15 +32,16 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("warning", help="uvicorn log level."),
     ) -> None:
         """Serve one model folder the way `vllm serve PATH --served-model-name NAME` does (OpenAI-compatible
-        /v1/models, /v1/completions, /v1/chat/completions), through the gateway with a one-model plan."""
+        /v1/models, /v1/completions, /v1/chat/completions), through the gateway with a one-model plan. Says where it
+        will answer at once, and again when the model has loaded and it answers."""
         import tempfile
 
+        from ..addresses import bind_port
         from ..errors import MergegateError
 
         try:
-            import uvicorn
-
             from ..gateway import GatewayConfig, create_app
+            from ..gateway.server import base_url, run_app
         except ModuleNotFoundError as exc:
             _refuse_without_serve_extra(exc)
         from ..registry import Registry
@@ -58,13 +59,23 @@ def register(app: typer.Typer) -> None:
                 "candidate": served_model_name,
                 "models": {served_model_name: {"role": "candidate", "path": str(path.absolute())}},
                 "routes": {}, "default": {"model": served_model_name}})
-            with tempfile.TemporaryDirectory(prefix="mergegate-serve-folder-") as scratch:
-                app_ = create_app(plan, registry=Registry(Path(scratch) / "registry.sqlite"),
-                                  config=GatewayConfig(device=device))
-                uvicorn.run(app_, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+            listener = bind_port(host, port)  # before the model loads: a busy port is refused at once
         except MergegateError as exc:
             typer.echo(f"mergegate: {exc}", err=True)
             raise typer.Exit(2)
+        url = f"{base_url(listener)}/v1"
+        typer.echo(f"mergegate: serve-folder: loading {path} as '{served_model_name}'; it answers at {url} once "
+                   "loaded", err=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="mergegate-serve-folder-") as scratch:
+                app_ = create_app(plan, registry=Registry(Path(scratch) / "registry.sqlite"),
+                                  config=GatewayConfig(device=device))
+                run_app(app_, listener, log_level=log_level, graceful_s=5, on_ready=lambda _: typer.echo(
+                    f"mergegate: serve-folder: ready: '{served_model_name}' at {url}", err=True))
+        except ModuleNotFoundError as exc:  # uvicorn is imported only when serving starts
+            _refuse_without_serve_extra(exc)
+        finally:
+            listener.close()
 
     @app.command("serve")
     def serve_command(
@@ -106,6 +117,7 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info", help="uvicorn log level."),
     ) -> None:
         """Serve PLAN as an OpenAI-compatible gateway: per-cohort routing, fallback, mirroring, tracing."""
+        from ..addresses import check_port
         from ..errors import MergegateError
 
         try:
@@ -122,13 +134,25 @@ def register(app: typer.Typer) -> None:
                                breaker_cooldown=breaker_cooldown, classifier_threshold=classifier_threshold,
                                persist_plan=persist_plan, device=device)
         try:
+            check_port(port)
             if device is not None:  # refused before the plan is loaded or a port is taken
                 from ..evaluate.runner import resolve_device
 
                 resolve_device(device)
-            serve(plan, host=host, port=port, registry=registry, suite=suite, admin_token=admin_token,
+            token = (admin_token or "").strip()  # "" says no token: the environment is not read again
+
+            def bound(url: str) -> None:
+                typer.echo(f"mergegate: serve: loading {plan}'s models; it answers at {url}/v1 once loaded",
+                           err=True)
+                if not token:
+                    why = "--admin-token is empty" if admin_token is not None else \
+                        "no --admin-token (nor MERGEGATE_ADMIN_TOKEN)"
+                    typer.echo(f"mergegate: {why}: the admin API (/admin) is off", err=True)
+
+            serve(plan, host=host, port=port, registry=registry, suite=suite, admin_token=token,
                   traces_path=traces, otlp_endpoint=otlp_endpoint, config=config, log_level=log_level,
-                  torch_threads=torch_threads)
+                  torch_threads=torch_threads, on_bound=bound,
+                  on_ready=lambda url: typer.echo(f"mergegate: serve: ready: {plan} at {url}/v1", err=True))
         except MergegateError as exc:
             typer.echo(f"mergegate: {exc}", err=True)
             raise typer.Exit(2)
