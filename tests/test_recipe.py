@@ -124,3 +124,20 @@ def test_dtype_aliases_and_yaml_round_trip():
     recipe = load_recipe(MERGEKIT_TIES.replace("dtype: float16", "dtype: bf16"))
     assert recipe.dtype == "bfloat16"
     assert load_recipe(recipe.to_yaml()).model_dump() == recipe.model_dump()
+
+
+def test_the_folder_relative_models_resolve_from_is_given_to_the_loader_not_set_afterwards(tmp_path):
+    from mergegate.recipe import Recipe
+
+    data = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}]}
+    assert load_recipe(data).folder is None
+    assert load_recipe(data, folder=tmp_path).folder == tmp_path
+    assert load_recipe(yaml_text := "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n",
+                       folder=tmp_path).folder == tmp_path
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml_text)
+    assert load_recipe(recipe_file).folder == tmp_path.resolve()
+    assert Recipe.model_validate(data, context={"folder": tmp_path}).folder == tmp_path
+    assert Recipe.model_validate(data).folder is None
+    # a copy keeps it (the search changes a drawn recipe by copying it)
+    assert load_recipe(data, folder=tmp_path).model_copy().folder == tmp_path

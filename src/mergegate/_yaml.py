@@ -112,12 +112,13 @@ def require_mapping(data: Any, where: str, error_cls: type[MergegateError], what
 
 
 def validate(model_cls: type[Model], data: Any, where: str, error_cls: type[MergegateError], *,
-             message: Callable[[ErrorDetails], str | None] | None = None) -> Model:
+             message: Callable[[ErrorDetails], str | None] | None = None, context: dict | None = None) -> Model:
     """`model_cls` validated from `data`; the first MAX_ERRORS errors as "field.path: message; ...".
 
-    `message` may word an error its own way (return None to keep pydantic's message)."""
+    `message` may word an error its own way (return None to keep pydantic's message); `context` is pydantic's
+    validation context (what a model needs besides the document, e.g. the folder it was read from)."""
     try:
-        return model_cls.model_validate(data)
+        return model_cls.model_validate(data, context=context)
     except ValidationError as exc:
         raise error_cls(f"{where}: {explain(exc, message)}") from None
     except RecursionError:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 from pydantic_core import ErrorDetails
 
 from ._yaml import check_size, field_path, parse_yaml, read_yaml_file, require_mapping, validate
@@ -119,7 +119,15 @@ class Recipe(BaseModel):
     modules: dict[str, Any] | None = None
     calibration: Calibration | None = None
 
+    # not a recipe key: where the recipe was read from, given by the loader as the validation context
+    # (`Recipe.model_validate(data, context={"folder": path})`)
     _folder: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_from(self, info: ValidationInfo) -> Recipe:
+        folder = (info.context or {}).get("folder")
+        self._folder = Path(folder) if folder is not None else None
+        return self
 
     @property
     def method(self) -> MergeMethod:
@@ -145,15 +153,17 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
 
 
-def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
+def load_recipe(source: str | Path | dict | Recipe, *, folder: str | Path | None = None) -> Recipe:
     """Parse and validate a recipe from a YAML file, a YAML string, or a dict.
+
+    `folder`: where relative model and calibration paths are also looked for (after the working directory) —
+    for a file, its own folder unless given; a Recipe is returned as it is, with the folder it was made with.
 
     Anything wrong — a file that is not UTF-8, YAML that does not parse or uses python/unsafe tags, a
     document that is not a mapping, a bad key or value — raises RecipeError naming the file and field.
     """
     if isinstance(source, Recipe):
         return source
-    folder = None
     where = "recipe"
     if isinstance(source, dict):
         data = source
@@ -163,7 +173,8 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
             data = parse_yaml(str(source), where, RecipeError)
         else:
             _check_recipe_file(path)
-            data, folder, where = read_yaml_file(path, str(path), RecipeError), path.resolve().parent, str(path)
+            data, where = read_yaml_file(path, str(path), RecipeError), str(path)
+            folder = path.resolve().parent if folder is None else folder
     else:
         raise RecipeError(f"recipe: expected a YAML file, YAML text or a mapping, got {type(source).__name__}")
     data = dict(require_mapping(data, where, RecipeError, "recipe keys"))
@@ -171,8 +182,7 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
     for key in ("dtype", "out_dtype"):
         if isinstance(data.get(key), str):
             data[key] = _DTYPE_ALIASES.get(data[key], data[key])
-    recipe = validate(Recipe, data, where, RecipeError, message=_recipe_message)
-    recipe._folder = folder
+    recipe = validate(Recipe, data, where, RecipeError, message=_recipe_message, context={"folder": folder})
     _check(recipe, where)
     return recipe
 

@@ -118,11 +118,9 @@ class Space:
         # unknown one stays, so the recipe check names it.
         _drop_parameters(data, self.declared - known)
         try:
-            recipe = load_recipe(data)
+            return load_recipe(data, folder=self.folder)
         except RecipeError as exc:
             raise SearchSpaceError(f"search space: a drawn point is not a valid recipe: {exc}") from None
-        recipe._folder = self.folder
-        return recipe
 
     def fixed_point(self) -> Recipe:
         """The recipe with every searched value at its first choice or its range's low end (the space's models,

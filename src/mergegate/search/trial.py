@@ -94,8 +94,7 @@ def _run(spec: TrialSpec) -> TrialOutcome:
     from ..registry import Registry
 
     torch.set_num_threads(spec.threads)
-    recipe = load_recipe(spec.recipe_yaml)
-    recipe._folder = Path(spec.recipe_folder) if spec.recipe_folder else None
+    recipe = load_recipe(spec.recipe_yaml, folder=spec.recipe_folder or None)
     folder = Path(spec.folder)
     started = time.perf_counter()
     merge(recipe, folder, MergeOptions(seed=spec.seed, progress=False, overwrite=True, workers=spec.threads))
