@@ -17,8 +17,9 @@ from tests.conftest import assert_refused
 gguf = pytest.importorskip("gguf")
 
 from mergegate.cli import app  # noqa: E402
+from mergegate.errors import GGUFExportError  # noqa: E402
 from mergegate.export.gguf import (  # noqa: E402
-    GGUFExportError, block_error_bound, dequantized_tensors, export_gguf, permute_rope_rows, unpermute_rope_rows,
+    block_error_bound, dequantized_tensors, export_gguf, permute_rope_rows, unpermute_rope_rows,
 )
 from mergegate.io.read import Checkpoint  # noqa: E402
 

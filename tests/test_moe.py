@@ -218,3 +218,15 @@ def test_matches_mergekit_moe_on_the_demo_experts(tmp_path):
         for name, tensor in theirs.items():
             if ".mlp." not in name:
                 assert torch.equal(ours[name], tensor), name
+
+
+def test_a_malformed_config_or_prompt_is_a_moe_config_error(family, tmp_path):
+    from mergegate.errors import MoEConfigError
+
+    with pytest.raises(MoEConfigError, match="moe config: experts_per_token 4 is more than the 3 expert"):
+        build_moe(family_config(family, experts_per_token=4), tmp_path / "out")
+    config = tmp_path / "moe.yaml"
+    config.write_text(yaml.safe_dump(family_config(family, shared_experts=[])))
+    with pytest.raises(MoEConfigError, match="shared_experts"):
+        build_moe(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -19,8 +19,17 @@ class CheckpointError(MergegateError):
     """A model folder cannot be read safely: missing files, a corrupt header, pickle weights."""
 
 
+class MoEConfigError(RecipeError):
+    """A mixture-of-experts config (`mergegate moe`) is malformed: an unknown key, too few experts or prompts, a
+    prompt the base's tokenizer cannot encode. A RecipeError, so callers catching recipe errors catch it."""
+
+
 class IncompatibleModels(MergegateError):
     """The sources cannot be merged with each other: architecture, tensors, tokenizer or values differ."""
+
+
+class GGUFExportError(MergegateError):
+    """A model cannot be exported to GGUF: another architecture, an unknown tensor, a tokenizer GGUF cannot hold."""
 
 
 class SuiteError(MergegateError, ValueError):

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._staging import check_output, destination, staged
 from ._yaml import load_yaml_model, validate
-from .errors import CheckpointError, IncompatibleModels, RecipeError
+from .errors import CheckpointError, IncompatibleModels, MoEConfigError
 from .io.hashing import file_digests, output_digests
 from .io.read import Checkpoint
 from .io.write import OutputTensor, ShardedWriter, copy_model_files, parse_size
@@ -102,10 +102,10 @@ def load_moe_config(config: MoEConfig | dict | str | Path) -> tuple[MoEConfig, P
     if isinstance(config, MoEConfig):
         return config, None
     if isinstance(config, dict):
-        return validate(MoEConfig, config, "moe config", RecipeError), None
+        return validate(MoEConfig, config, "moe config", MoEConfigError), None
     path = Path(config)
     return (load_yaml_model(path, MoEConfig, where=str(path), what="moe config fields (base_model, experts, ...)",
-                            error_cls=RecipeError), path.parent)
+                            error_cls=MoEConfigError), path.parent)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def build_moe(config: MoEConfig | dict | str | Path, out_dir: str | Path, *, ove
               shard_size: str | int = "5GB", allow_pickle: bool = False) -> MoEResult:
     """Write the mixture of experts a config describes into `out_dir` (nothing appears unless it succeeds).
 
-    Raises RecipeError for a malformed config, IncompatibleModels for a base that is not a Llama or an expert
+    Raises MoEConfigError for a malformed config, IncompatibleModels for a base that is not a Llama or an expert
     whose architecture or tensor shapes differ from the base's, CheckpointError for a folder that cannot be read.
     """
     from .engine.plan import resolve_model_path
@@ -269,7 +269,7 @@ def _encode(tokenizer, prompt: str) -> list[int]:
     """As mergekit-moe: the BOS text, then the prompt, with no other special tokens."""
     ids = tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise RecipeError(f"prompt {prompt[:40]!r}: encodes to no tokens")
+        raise MoEConfigError(f"prompt {prompt[:40]!r}: encodes to no tokens")
     return ids
 
 
@@ -279,7 +279,7 @@ def _cheap_embedding(embed: torch.Tensor, tokenizer, prompts: list[str]) -> torc
     for prompt in prompts:
         ids = torch.tensor(_encode(tokenizer, prompt))
         if int(ids.max()) >= embed.shape[0]:
-            raise RecipeError(f"prompt {prompt[:40]!r}: token {int(ids.max())} is outside the base's embedding "
+            raise MoEConfigError(f"prompt {prompt[:40]!r}: token {int(ids.max())} is outside the base's embedding "
                               f"({embed.shape[0]} rows)")
         total += embed[ids].sum(dim=0, keepdim=True)
     return total

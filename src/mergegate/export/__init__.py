@@ -1,5 +1,6 @@
 """Exporting a released model to the formats people deploy (GGUF for llama.cpp: `mergegate.export.gguf`)."""
 
-from .gguf import GGUF_TYPES, GGUFExportError, GGUFExport, export_gguf
+from ..errors import GGUFExportError
+from .gguf import GGUF_TYPES, GGUFExport, export_gguf
 
 __all__ = ["GGUF_TYPES", "GGUFExport", "GGUFExportError", "export_gguf"]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MergegateError
+from ..errors import GGUFExportError
 
 if TYPE_CHECKING:
     from ..io.read import Checkpoint
@@ -57,10 +57,6 @@ _LAYER_TENSORS = {
 }
 _GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                    "lm_head.weight": "output.weight"}
-
-
-class GGUFExportError(MergegateError):
-    """A model cannot be exported to GGUF: another architecture, an unknown tensor, a tokenizer GGUF cannot hold."""
 
 
 @dataclass
@@ -423,7 +419,7 @@ def block_error_bound(array: Any, qtype: str) -> Any:
 
 
 @dataclass(frozen=True)
-class QuantizationError:
+class QuantizationReport:
     """The worst quantized matrix of an export: the largest |error| / bound over its values (≤ 1 when the file
     holds what the format promises), and the largest |error| relative to the matrix's largest magnitude."""
 
@@ -432,7 +428,7 @@ class QuantizationError:
     relative: float
 
 
-def quantization_error(export: GGUFExport, folder: str | Path) -> QuantizationError:
+def quantization_error(export: GGUFExport, folder: str | Path) -> QuantizationReport:
     """How far the quantized matrices of a q8_0 / q4_0 export, read back, are from the source in `folder`:
     the tensors the format stores unquantized (norms, rows that do not split into blocks) are left out."""
     import numpy as np
@@ -443,7 +439,7 @@ def quantization_error(export: GGUFExport, folder: str | Path) -> QuantizationEr
     config = checkpoint.config
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
-    worst = QuantizationError(0.0, "", 0.0)
+    worst = QuantizationReport(0.0, "", 0.0)
     for name, (ggml_type, array) in dequantized_tensors(export.path).items():
         if ggml_type.lower() != export.qtype:
             continue
@@ -456,9 +452,9 @@ def quantization_error(export: GGUFExport, folder: str | Path) -> QuantizationEr
         ratio = float((error / block_error_bound(source, export.qtype)).max())
         relative = float(error.max() / max(float(np.abs(source).max()), 1e-30))
         if ratio > worst.ratio:
-            worst = QuantizationError(ratio, name, max(relative, worst.relative))
+            worst = QuantizationReport(ratio, name, max(relative, worst.relative))
         else:
-            worst = QuantizationError(worst.ratio, worst.tensor, max(relative, worst.relative))
+            worst = QuantizationReport(worst.ratio, worst.tensor, max(relative, worst.relative))
     if not worst.tensor:
         raise GGUFExportError(f"{export.path}: no tensor is stored as {export.qtype}")
     return worst
