@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ._staging import check_output, destination, staged
 from ._yaml import load_yaml_model, validate
 from .errors import CheckpointError, IncompatibleModels, MoEConfigError
+from .io.dtypes import MODEL_DTYPE_NAMES, ModelDTypeName, declared_dtype, torch_dtype
 from .io.hashing import file_digests, output_digests
 from .io.read import Checkpoint
 from .io.write import OutputTensor, ShardedWriter, copy_model_files, parse_size
@@ -48,7 +49,6 @@ BASE_TYPES = ("llama",)
 MLP_TO_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's names for the Llama MLP
 # Llama config keys that Mixtral does not read; refused when they ask for something Mixtral cannot do
 LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROVENANCE_FILE = "mergegate.json"
 
 
@@ -72,7 +72,7 @@ class MoEConfig(BaseModel):
     base_model: str
     experts: list[MoEExpert] = Field(min_length=1)
     gate_mode: GateMode = "hidden"
-    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    dtype: Optional[ModelDTypeName] = None
     experts_per_token: int = Field(2, ge=1)
     seed: int = 0
     architecture: Optional[Literal["mixtral"]] = None
@@ -135,7 +135,7 @@ def build_moe(config: MoEConfig | dict | str | Path, out_dir: str | Path, *, ove
                                    allow_pickle=allow_pickle) for ref in dict.fromkeys(refs)}
     base = checkpoints[config.base_model]
     layers = _check_models(config, checkpoints)
-    out_dtype = DTYPES[config.dtype] if config.dtype else _config_dtype(base)
+    out_dtype = torch_dtype(config.dtype) if config.dtype else _config_dtype(base)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: more threads only contend, and one fixes the reductions' order
     try:
@@ -168,8 +168,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _config_dtype(checkpoint: Checkpoint) -> torch.dtype:
-    name = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype") or "float32"
-    return DTYPES.get(str(name), torch.float32)
+    return declared_dtype(checkpoint.config, MODEL_DTYPE_NAMES) or torch.float32
 
 
 def _mlp_names(layer: int) -> dict[str, str]:

@@ -17,6 +17,7 @@ from pydantic_core import ErrorDetails
 
 from ._yaml import check_size, field_path, parse_yaml, read_yaml_file, require_mapping, validate
 from .errors import RecipeError
+from .io.dtypes import DTypeName, canonical_name
 from .methods import MergeMethod, ParamSpec, get_method
 
 Scalar = Union[bool, int, float, str]
@@ -30,8 +31,6 @@ class Conditional(BaseModel):
 
 
 Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
-DType = Literal["float32", "float16", "bfloat16", "float64"]
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 
 class ModelEntry(BaseModel):
@@ -109,8 +108,8 @@ class Recipe(BaseModel):
     models: list[ModelEntry] | None = None
     base_model: str | None = None
     parameters: dict[str, Setting] | None = None
-    dtype: DType | None = None
-    out_dtype: DType | None = None
+    dtype: DTypeName | None = None
+    out_dtype: DTypeName | None = None
     tokenizer_source: str | None = None
     slices: list[OutputSlice] | None = None
     tokenizer: TokenizerSection | None = None
@@ -180,8 +179,8 @@ def load_recipe(source: str | Path | dict | Recipe, *, folder: str | Path | None
     data = dict(require_mapping(data, where, RecipeError, "recipe keys"))
     check_size(data, where, RecipeError)  # a mapping given directly (parsed documents are checked already)
     for key in ("dtype", "out_dtype"):
-        if isinstance(data.get(key), str):
-            data[key] = _DTYPE_ALIASES.get(data[key], data[key])
+        if key in data:
+            data[key] = canonical_name(data[key])
     recipe = validate(Recipe, data, where, RecipeError, message=_recipe_message, context={"folder": folder})
     _check(recipe, where)
     return recipe

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .._seeds import derived_seed
+from ..io.dtypes import torch_dtype
 from ..io.hashing import all_files_hash, cache_folder
 from ..io.read import Checkpoint, contained_file
 from ..io.write import OutputTensor, natural_key
@@ -25,7 +26,6 @@ from ..vocab import VocabularyPlan, plan_vocabulary, tensor_has_vocabulary
 
 CHUNK_ELEMENTS = DEFAULT_CHUNK  # elementwise methods work on row chunks of about this many elements
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -155,10 +155,10 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
     check_compatible(checkpoints, reference, check_lineage=check_lineage, same_depth=not recipe.slices,
                      same_vocabulary=vocabulary is None or vocabulary.identity)
 
-    load_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
+    load_dtype = torch_dtype(recipe.dtype) if recipe.dtype else None
     compute_dtype = torch.float64 if load_dtype == torch.float64 else torch.float32
     plan = MergePlan(recipe, method, checkpoints, base, others, reference, tokenizer_source,
-                     compute_dtype, load_dtype, _DTYPES[recipe.out_dtype or recipe.dtype or "float32"], seed,
+                     compute_dtype, load_dtype, torch_dtype(recipe.out_dtype or recipe.dtype or "float32"), seed,
                      vocabulary=vocabulary)
     rows = vocabulary.rows if vocabulary is not None and not vocabulary.identity else None
     realign = rows is not None
@@ -174,7 +174,7 @@ def plan_merge(recipe: Recipe | str | Path | dict, *, allow_pickle: bool = False
             _check_source(plan, source, name, tensor_ref.shape, by_token)
         shape = (rows, *tensor_ref.shape[1:]) if rows is not None and by_token else tensor_ref.shape
         is_float = tensor_ref.dtype.is_floating_point
-        out_dtype = _DTYPES[explicit_out] if (explicit_out and is_float) else tensor_ref.dtype
+        out_dtype = torch_dtype(explicit_out) if (explicit_out and is_float) else tensor_ref.dtype
         shared = _resolve(method.shared, method.shared_params, scopes.shared, name, t, "parameters")
         # a model's parameters see its own tensor's name (filters match `layers.1.` of a source slice placed at
         # output layer 2, as mergekit), shared ones the output's

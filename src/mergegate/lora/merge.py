@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.dtypes import declared_dtype
 from ..io.read import Checkpoint
 from ..io.write import OutputTensor, ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels
@@ -22,8 +23,6 @@ from .adapter import Adapter, read_adapter
 # Config fields that fix the shapes and wiring of a model: two folders that differ in any are different models.
 ARCHITECTURE_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                        "num_attention_heads", "num_key_value_heads", "vocab_size", "head_dim", "n_embd", "n_layer")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}
 
 
 def _named_base_folder(adapter: Adapter) -> Path | None:
@@ -100,9 +99,9 @@ def _full_weight(adapter: Adapter, name: str, stored: torch.Tensor) -> torch.Ten
 
 def model_dtype(base: Checkpoint) -> torch.dtype:
     """The dtype the base's config declares, else the most common float dtype among its tensors."""
-    declared = base.config.get("torch_dtype") or base.config.get("dtype")
-    if declared in _DTYPES:
-        return _DTYPES[declared]
+    declared = declared_dtype(base.config)
+    if declared is not None:
+        return declared
     floats = Counter(ref.dtype for ref in base.tensors.values() if ref.dtype.is_floating_point)
     return floats.most_common(1)[0][0] if floats else torch.float32
 
