@@ -171,7 +171,7 @@ async def main_async(args) -> list[Result]:
     from mergegate.gateway.backends import LocalBackend, RemoteBackend
     from mergegate.gateway.protocol import GenParams, GenRequest
     from mergegate.rollout import RolloutPlan
-    from mergegate.samples import write_family
+    from mergegate.demo.samples import write_family
 
     torch.set_num_threads(args.torch_threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="gateway-load-"))

@@ -108,7 +108,7 @@ def is_current(folder: Path, config) -> bool:
 
 
 def write_checkpoint(folder: Path, config, tensors: dict[str, torch.Tensor]) -> None:
-    from mergegate.samples import write_tokenizer
+    from mergegate.demo.samples import write_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").unlink(missing_ok=True)

@@ -46,7 +46,7 @@ def local_ray():
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A base LlamaForCausalLM (hidden 64, 2 layers) and three fine-tunes = base + small seeded deltas."""
-    from mergegate.samples import write_family
+    from mergegate.demo.samples import write_family
 
     return write_family(tmp_path_factory.mktemp("family"), finetunes=3)
 

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from mergegate import IncompatibleModels, merge
-from mergegate.samples import SampleShape, write_base, write_finetune, write_tokenizer
+from mergegate.demo.samples import SampleShape, write_base, write_finetune, write_tokenizer
 
 from .conftest import recipe_for
 

@@ -122,7 +122,7 @@ def test_cheap_embed_router_is_the_prompts_normalised_embedding_sum_on_every_lay
 
 
 def test_refuses_non_llama_base_mismatched_experts_and_missing_prompts(family, tmp_path):
-    from mergegate.samples import SampleShape, write_base
+    from mergegate.demo.samples import SampleShape, write_base
 
     mistral = tmp_path / "mistral"
     shutil.copytree(family["base"], mistral)

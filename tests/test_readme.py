@@ -146,8 +146,8 @@ def test_every_readme_shell_line_is_a_mergegate_command_or_one_of_the_two_make_c
 
 @pytest.mark.slow
 def test_every_readme_command_runs_as_printed_in_a_users_checkout(tmp_path):
-    """`make demo` and `make test` are left out: the one is `mergegate demo` (tests/test_demo.py), the other this
-    suite. Every other line runs in order; the client example runs against the gateway the README starts."""
+    """`make demo` and `make test` are left out: the one is `mergegate demo` (tests/demo/test_demo.py), the other
+    this suite. Every other line runs in order; the client example runs against the gateway the README starts."""
     checkout = UserCheckout.create(tmp_path)
     client_output = None
     try:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from mergegate import merge
 from mergegate.errors import IncompatibleModels, RecipeError
-from mergegate.samples import add_vocabulary, write_family
+from mergegate.demo.samples import add_vocabulary, write_family
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

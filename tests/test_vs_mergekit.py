@@ -31,7 +31,7 @@ import torch
 pytest.importorskip("mergekit")
 
 import mergegate  # noqa: E402
-from mergegate.samples import SampleShape, write_family  # noqa: E402
+from mergegate.demo.samples import SampleShape, write_family  # noqa: E402
 
 from .mergekit_peer import (  # noqa: E402
     SPARSIFIER_CUTS, ambiguous_elements, compare, distance, operand_scale, read_config, read_tensors, run_mergekit)

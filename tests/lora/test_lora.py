@@ -483,7 +483,7 @@ def test_extract_refuses_missing_rank_and_unknown_targets(family, tmp_path):
 
 # -- refusals ----------------------------------------------------------------------------------------------------
 def test_adapter_for_a_different_base_shape_is_refused_naming_the_tensor(family, tmp_path):
-    from mergegate.samples import SampleShape, write_base
+    from mergegate.demo.samples import SampleShape, write_base
 
     other = write_base(tmp_path / "other", SampleShape(hidden=32, intermediate=64))
     adapter = _make_adapter(other, tmp_path / "other_lora", 1)
@@ -494,7 +494,7 @@ def test_adapter_for_a_different_base_shape_is_refused_naming_the_tensor(family,
 
 
 def test_adapter_naming_a_local_base_with_another_architecture_is_refused(family, adapters, tmp_path):
-    from mergegate.samples import SampleShape, write_base
+    from mergegate.demo.samples import SampleShape, write_base
 
     other = write_base(tmp_path / "wide", SampleShape(layers=3))
     moved = shutil.copytree(adapters["a1"], tmp_path / "lora")

@@ -317,7 +317,7 @@ def test_calibration_is_recorded_in_provenance_and_refused_for_other_methods(tmp
     from mergegate import merge
     from mergegate.errors import RecipeError
     from mergegate.recipe import load_recipe
-    from mergegate.samples import write_family
+    from mergegate.demo.samples import write_family
 
     family = write_family(tmp_path / "family", finetunes=2)
     calibration = tmp_path / "calib.jsonl"
@@ -340,7 +340,7 @@ def test_regmean_merges_encoders_and_fisher_refuses_them(tmp_path):
 
     from mergegate import merge
     from mergegate.errors import RecipeError
-    from mergegate.samples import write_finetune, write_tokenizer
+    from mergegate.demo.samples import write_finetune, write_tokenizer
 
     base = tmp_path / "bert"
     base.mkdir()
@@ -371,7 +371,7 @@ def test_each_model_may_bring_its_own_calibration_text(tmp_path):
 
     from mergegate import merge
     from mergegate.errors import RecipeError
-    from mergegate.samples import write_family
+    from mergegate.demo.samples import write_family
 
     family = write_family(tmp_path / "family", finetunes=2)
     texts = {"ft1": ["12+30=42", "7+8=15"], "ft2": ['{"name": "ana"}', '{"age": 3}']}

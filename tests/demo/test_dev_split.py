@@ -15,7 +15,7 @@ import torch
 
 from mergegate.evaluate.suite import load_suite
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 
 
 def _load_build():

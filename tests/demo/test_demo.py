@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 pytestmark = [pytest.mark.slow, pytest.mark.one_torch_thread,
               pytest.mark.skipif(not (DEMO / "models" / "base" / "config.json").is_file(),
                                  reason="demo models not built")]

@@ -16,22 +16,25 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ._extras import missing_extra
-from .costs import cohort_costs
-from .demo_beyond import Section, section_html, section_markdown
-from .gate import Policy, load_policy
-from .model_ref import ModelRef
-from .registry import Registry
-from .pipeline import ReleaseResult, release, release_rank
-from .report import html_page, render_html_body, render_markdown
-from .rollout import load_plan
+from .._extras import missing_extra
+from ..costs import cohort_costs
+from ..gate import Policy, load_policy
+from ..model_ref import ModelRef
+from ..registry import Registry
+from ..pipeline import ReleaseResult, release, release_rank
+from ..report import html_page, render_html_body, render_markdown
+from ..rollout import load_plan
+from .cascade import cascade_section
+from .gguf_section import gguf_section
+from .moe_section import moe_section
+from .sections import MergedDemo, Section, dumps, section_html, section_markdown
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 
 
 def find_demo_folder(start: Path | None = None) -> Path:
     """examples/demo in the working directory or in the source checkout this package runs from."""
-    candidates = [Path.cwd() / "examples" / "demo", Path(__file__).resolve().parents[2] / "examples" / "demo"]
+    candidates = [Path.cwd() / "examples" / "demo", Path(__file__).resolve().parents[3] / "examples" / "demo"]
     if start is not None:
         candidates.insert(0, Path(start))
     for folder in candidates:
@@ -53,7 +56,7 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_tria
     """Release the demo with each hand-written method; with `search_trials`, also run that many trials of the
     merge search (examples/demo/search/space.yaml, scored on dev.jsonl) into OUT/search and release its winner on
     the same suite, reported beside the hand-written methods. With `beyond`, also gate a mixture of the experts
-    and a cascade served by the gateway beside the merges, and export the best merge to GGUF (`demo_beyond`)."""
+    and a cascade served by the gateway beside the merges, and export the best merge to GGUF (`demo.sections`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -90,7 +93,7 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_tria
     best = max(methods, key=lambda m: release_rank(results[m].gate))  # max keeps the first of equals
     searched = _run_search(demo, out, search_trials, console, (best, *release_rank(results[best].gate))) \
         if search_trials else None
-    extra = _run_beyond(demo, out, results, best, registry, adapters, console) if beyond else []
+    extra = _run_sections(demo, out, results, best, registry, adapters, console) if beyond else []
     _write_summary(out, results, best, load_policy(demo / "policy.yaml"), searched, extra)
     console.print(f"best release: [bold]{best}[/] ({RANKING}) Reports: {out / 'report.html'}, "
                   f"{out / 'report.md'}, rollout plan {out / 'rollout.yaml'}; per method in {out}/<method>/. "
@@ -98,19 +101,26 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_tria
     return results
 
 
-def _run_beyond(demo: Path, out: Path, results: dict[str, ReleaseResult], best: str, registry: Registry,
-                adapters: list[ModelRef], console) -> list:
-    """`demo_beyond.run_beyond` against the same base and sources as the merges (the first recipe's, plus the
-    adapters); its sections also go to OUT/beyond.json."""
-    from .demo_beyond import dumps, run_beyond
-    from .pipeline import release_models
-    from .recipe import load_recipe
+def _run_sections(demo: Path, out: Path, results: dict[str, ReleaseResult], best: str, registry: Registry,
+                  adapters: list[ModelRef], console) -> list[Section]:
+    """The sections past one merged model (a mixture of experts, a cascade at the gateway, a GGUF export), in
+    order, against the same base and sources as the merges (the first recipe's, plus the adapters); each one's wall
+    time is in its section. They also go to OUT/beyond.json."""
+    from ..pipeline import release_models
+    from ..recipe import load_recipe
 
     first = next(iter(results))
     models = release_models(load_recipe(demo / "recipes" / f"{first}.yaml"), out / first / "candidate", "-")
     base = next(ref for ref, role in models if role == "base")
     sources = [ref for ref, role in models if role == "source"] + list(adapters)
-    sections = run_beyond(demo, out, results, best, registry, base, sources, console)
+    merged = MergedDemo(demo, out, results, best, registry, base, sources, console)
+    sections = []
+    for part in (moe_section, cascade_section, gguf_section):
+        started = time.perf_counter()
+        section = part(merged)
+        section.seconds = time.perf_counter() - started
+        section.blocks.append(f"Wall time of this part: {section.seconds:.0f} s.")
+        sections.append(section)
     (out / "beyond.json").write_text(dumps(sections))
     return sections
 
@@ -118,7 +128,7 @@ def _run_beyond(demo: Path, out: Path, results: dict[str, ReleaseResult], best: 
 def _run_search(demo: Path, out: Path, trials: int, console, hand_written: tuple[str, int, float]) -> str:
     """The bounded merge search on the demo; returns the summary's line about its winner beside the best
     hand-written method (name, promoted, worst retention), as markdown."""
-    from .search import search
+    from ..search import search
 
     console.print(f"[bold]merge search[/]: {trials} trials on dev.jsonl, {SEARCH_PARALLEL} in flight → "
                   f"{out / 'search'}; its best released on the suite")

@@ -1,0 +1,130 @@
+"""The demo's cascade at the gateway: the best release's plan served in-process on loopback, every cohort's route a
+`cascade` from the best merge to the cohort's best source (escalating when the route's online check fails), cohorts
+routed by the gateway's classifier built from `dev.jsonl`; gated through the endpoint runner as the model
+`mergegate`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..model_ref import EndpointSettings, ModelRef
+from ..pipeline import gate_release
+from ..registry import Registry
+from ..rollout import Strategy, load_plan
+from .sections import MergedDemo, Section, decision_table, latency_table, outcome_line
+
+ENSEMBLE_ENDPOINT = EndpointSettings(concurrency=4, timeout_s=120, retries=0)
+
+
+def cascade_section(run: MergedDemo) -> Section:
+    import httpx
+
+    from ..gateway import GatewayConfig, create_app
+    from ..gateway.testing import ServerThread
+
+    demo, out, results, best, registry = run.demo, run.out, run.results, run.best, run.registry
+    section = Section("Ensemble at the gateway: cascade from the best merge to the specialist", "ensemble")
+    chosen = results[best]
+    plan = load_plan(chosen.out / "rollout.yaml")
+    merged = plan.candidate
+    routes = {}
+    for cohort, route in plan.routes.items():
+        specialist = chosen.gate.decision(cohort).best_source
+        models = list(dict.fromkeys([merged, specialist]))
+        routes[cohort] = route.model_copy(update={"model": merged, "mirror": 0.0, "decision": None,
+                                                  "fallback": [m for m in route.fallback if m not in models],
+                                                  "strategy": Strategy(kind="cascade", models=models)})
+    # the default route answers as the policy's default cohort does (the plan copies that route)
+    ensemble_plan = plan.model_copy(update={"routes": routes,
+                                            "default": routes.get(_default_cohort(demo) or "", plan.default)})
+    folder = out / "ensemble"
+    folder.mkdir(parents=True, exist_ok=True)
+    ensemble_plan.save(folder / "ensembles.yaml")
+    run.console.print(f"[bold]ensemble[/]: the best release's plan with a cascade per cohort ({merged} → the "
+                      f"cohort's best source) served on loopback → evaluate as a candidate → gate")
+    app = create_app(ensemble_plan, registry=Registry(folder / "gateway.sqlite"), suite=demo / "dev.jsonl",
+                     config=GatewayConfig(backend_timeout=120.0, breaker_failures=1000))
+    suite, left_out = _served_rows(demo / "suite.jsonl", folder / "suite.jsonl")
+    with ServerThread(app) as server:
+        candidate = ModelRef("ensemble", url=server.url + "/v1", served_model="mergegate")
+        result = gate_release(candidate, run.base, run.sources, suite, _policy_for(demo / "policy.yaml", suite),
+                              folder, registry=registry, endpoint=ENSEMBLE_ENDPOINT, title="mergegate demo: ensemble")
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    requests, extra = _per_cohort(metrics, "mergegate_strategy_requests_total"), \
+        _per_cohort(metrics, "mergegate_strategy_extra_calls_total")
+    total_requests, total_extra = sum(requests.values()), sum(extra.values())
+    cached = result.runs["ensemble"].cached
+    section.blocks += [
+        f"The best release's plan ({best}) with every cohort's route a `cascade`: {merged} answers first and the "
+        "cohort's best source answers when that answer fails the route's online check (json_valid, "
+        "tool_selection; arithmetic, refusal and out-of-domain routes have none that escalates, so the merge's "
+        "answer stands). Served in-process on 127.0.0.1 (ensemble/ensembles.yaml), requests routed by the "
+        "gateway's classifier built from dev.jsonl, and gated through the endpoint runner as the model "
+        "`mergegate`, on the suite's rows a server can answer (beside the same base and sources as the merges; "
+        f"left out: {', '.join(left_out) or 'none'}, whose perplexity a completions endpoint does not give).",
+        outcome_line("Cascade", result, results),
+        decision_table("cascade", result, results, best),
+        ("Extra cost, from the gateway's /metrics: " + (
+            f"{total_extra:.0f} extra calls over {total_requests:.0f} requests "
+            f"({total_extra / total_requests:.2f} per request)." if total_requests else
+            "no requests reached the gateway (the evaluation was read from the registry's cache).")),
+        (["route (classified cohort)", "requests", "extra calls", "extra calls per request"],
+         [[c, f"{requests[c]:.0f}", f"{extra.get(c, 0):.0f}", f"{extra.get(c, 0) / requests[c]:.2f}"]
+          for c in sorted(requests)]),
+        latency_table(result, [("ensemble", "cascade"), (f"merged-{best}", f"best merge ({best})")], chosen),
+        *(["The ensemble's rows were read from the registry's cache (same gateway identity as an earlier run)."]
+          if cached else []),
+    ]
+    return section
+
+
+def _served_rows(suite: Path, target: Path) -> tuple[Path, list[str]]:
+    """The suite without the rows a server cannot answer (perplexity needs the expected answer's likelihood),
+    written to `target`; and the cohorts left out entirely, each with its row count."""
+    kept: list[str] = []
+    dropped: dict[str, int] = {}
+    for line in suite.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "perplexity" in row.get("evaluators", []):
+            dropped[row["cohort"]] = dropped.get(row["cohort"], 0) + 1
+        else:
+            kept.append(line)
+    target.write_text("\n".join(kept) + "\n")
+    return target, [f"{cohort} ({count} rows)" for cohort, count in dropped.items()]
+
+
+def _policy_for(policy: Path, suite: Path) -> dict:
+    """The demo policy without the cohorts (and the default route) a suite lacks: the rest judged as before."""
+    import yaml
+
+    cohorts = {json.loads(line)["cohort"] for line in suite.read_text().splitlines() if line.strip()}
+    loaded = yaml.safe_load(policy.read_text())
+    loaded["cohorts"] = {c: v for c, v in (loaded.get("cohorts") or {}).items() if c in cohorts}
+    if loaded.get("default_route") not in cohorts:
+        loaded.pop("default_route", None)
+    return loaded
+
+
+def _default_cohort(demo: Path) -> str | None:
+    import yaml
+
+    return (yaml.safe_load((demo / "policy.yaml").read_text()) or {}).get("default_route")
+
+
+_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')
+
+
+def _per_cohort(metrics: str, name: str) -> dict[str, float]:
+    """A Prometheus counter summed per `cohort` label."""
+    totals: dict[str, float] = {}
+    for line in metrics.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match.group(1) == name:
+            cohort = re.search(r'cohort="([^"]*)"', match.group(2))
+            key = cohort.group(1) if cohort else ""
+            totals[key] = totals.get(key, 0.0) + float(match.group(3))
+    return totals
