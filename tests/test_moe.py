@@ -230,3 +230,48 @@ def test_a_malformed_config_or_prompt_is_a_moe_config_error(family, tmp_path):
     with pytest.raises(MoEConfigError, match="shared_experts"):
         build_moe(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_takes_merge_options_with_overrides_and_refuses_a_bad_option_before_reading_a_model(family, tmp_path):
+    from mergegate.engine import MergeOptions
+    from mergegate.errors import MergeOptionsError
+
+    with pytest.raises(MergeOptionsError, match="shard size"):
+        build_moe(family_config(family), tmp_path / "out", MergeOptions(), shard_size="lots")
+    assert not (tmp_path / "out").exists()
+    first = build_moe(family_config(family), tmp_path / "out", MergeOptions(shard_size="100KB", progress=False))
+    assert len(list(first.out_dir.glob("model-*.safetensors"))) > 1
+    again = build_moe(family_config(family), tmp_path / "out", MergeOptions(shard_size="100KB"), overwrite=True)
+    assert again.provenance == first.provenance
+
+
+def test_the_options_seed_seeds_a_config_that_sets_none(family, tmp_path):
+    from mergegate.engine import MergeOptions
+
+    from_options = build_moe(family_config(family), tmp_path / "a", MergeOptions(seed=5))
+    from_config = build_moe(family_config(family, seed=5), tmp_path / "b", MergeOptions(seed=9))
+    assert torch.equal(from_options.router, from_config.router)
+    assert from_options.provenance["seed"] == from_options.provenance["recipe"]["seed"] == 5
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_provenance_has_a_merges_fields_and_the_routers(family, tmp_path):
+    from mergegate import merge
+
+    merged = merge({"merge_method": "linear", "models": [{"model": str(family[name]), "parameters": {"weight": 1}}
+                                                         for name in ("ft1", "ft2")]}, tmp_path / "merged")
+    moe = build_moe(family_config(family), tmp_path / "moe").provenance
+    assert set(moe) == set(merged.provenance) | {"gate_mode", "router_condition"}
+    assert moe["format"] == merged.provenance["format"] and moe["versions"] == merged.provenance["versions"]
+
+
+def test_cli_names_a_refused_option_by_its_flag(family, tmp_path):
+    from typer.testing import CliRunner
+
+    from mergegate.cli import app
+
+    config = tmp_path / "moe.yaml"
+    config.write_text(yaml.safe_dump(family_config(family)))
+    refused = CliRunner().invoke(app, ["moe", str(config), str(tmp_path / "out"), "--shard-size", "lots"])
+    assert refused.exit_code == 2 and refused.output.startswith("mergegate: --shard-size"), refused.output
+    assert not (tmp_path / "out").exists()

@@ -30,18 +30,21 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ._staging import check_output, destination, staged
+from ._staging import check_output, staged
 from ._yaml import load_yaml_model, validate
+from .engine.options import MergeOptions, resolve_options
+from .engine.plan import resolve_model_path
+from .engine.provenance import Build, hash_checkpoints, write_record
 from .errors import CheckpointError, IncompatibleModels, MoEConfigError
 from .io.dtypes import MODEL_DTYPE_NAMES, ModelDTypeName, declared_dtype, torch_dtype
-from .io.hashing import file_digests, output_digests
 from .io.read import Checkpoint
 from .io.write import OutputTensor, ShardedWriter, copy_model_files, parse_size
+from .progress import Advance, Progress
 
 GateMode = Literal["hidden", "hidden_avg", "router_input", "cheap_embed", "random", "uniform_random"]
 PROMPT_MODES = ("hidden", "hidden_avg", "router_input", "cheap_embed")
@@ -49,7 +52,6 @@ BASE_TYPES = ("llama",)
 MLP_TO_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # Mixtral's names for the Llama MLP
 # Llama config keys that Mixtral does not read; refused when they ask for something Mixtral cannot do
 LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
-PROVENANCE_FILE = "mergegate.json"
 
 
 class MoEExpert(BaseModel):
@@ -118,42 +120,52 @@ class MoEResult:
     provenance: dict
 
 
-def build_moe(config: MoEConfig | dict | str | Path, out_dir: str | Path, *, overwrite: bool = False,
-              shard_size: str | int = "5GB", allow_pickle: bool = False) -> MoEResult:
+def build_moe(config: MoEConfig | dict | str | Path, out_dir: str | Path, options: MergeOptions | None = None,
+              **overrides) -> MoEResult:
     """Write the mixture of experts a config describes into `out_dir` (nothing appears unless it succeeds).
 
-    Raises MoEConfigError for a malformed config, IncompatibleModels for a base that is not a Llama or an expert
-    whose architecture or tensor shapes differ from the base's, CheckpointError for a folder that cannot be read.
-    """
-    from .engine.plan import resolve_model_path
+    `options` (default: MergeOptions()) with `overrides` (MergeOptions field names, e.g. `overwrite=True`), as
+    `merge` takes them. Of the options, the MoE reads overwrite, shard_size, allow_pickle, progress, device (where
+    the base runs to build a router from prompts) and seed (of the random routers, when the config sets no
+    `seed`); the worker count, memory budget and lineage check are a merge's own.
 
+    Raises MergeOptionsError for a refused option, MoEConfigError for a malformed config, IncompatibleModels for
+    a base that is not a Llama or an expert whose architecture or tensor shapes differ from the base's,
+    CheckpointError for a folder that cannot be read.
+    """
+    options = resolve_options(options, overrides)
     started = time.perf_counter()
     config, folder = load_moe_config(config)
-    out_dir = check_output(Path(out_dir), overwrite)
+    if "seed" not in config.model_fields_set:
+        config = config.model_copy(update={"seed": options.seed})
+    out_dir = check_output(Path(out_dir), options.overwrite)
     refs = [config.base_model] + [e.source_model for e in config.experts]
-    checkpoints = {ref: Checkpoint(resolve_model_path(ref, folder, allow_pickle=allow_pickle),
-                                   allow_pickle=allow_pickle) for ref in dict.fromkeys(refs)}
+    checkpoints = {ref: Checkpoint(resolve_model_path(ref, folder, allow_pickle=options.allow_pickle),
+                                   allow_pickle=options.allow_pickle) for ref in dict.fromkeys(refs)}
     base = checkpoints[config.base_model]
     layers = _check_models(config, checkpoints)
     out_dtype = torch_dtype(config.dtype) if config.dtype else _config_dtype(base)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: more threads only contend, and one fixes the reductions' order
     try:
-        router = router_weights(config, base)
+        router = router_weights(config, base, torch.device(options.device))
     finally:
         torch.set_num_threads(threads_before)
     outputs = _output_tensors(config, base, layers, out_dtype)
-    with staged(out_dir, overwrite=overwrite) as staging:
-        writer = ShardedWriter(staging, outputs, parse_size(shard_size))
+    with staged(out_dir, overwrite=options.overwrite) as staging:
+        writer = ShardedWriter(staging, outputs, parse_size(options.shard_size))
         try:
-            _write_tensors(config, checkpoints, layers, router, writer, out_dtype)
+            with Progress(options.progress) as bar:
+                advance = bar.task(f"writing a Mixtral of {len(config.experts)} experts", len(outputs),
+                                   unit="tensors")
+                _write_tensors(config, checkpoints, layers, router, writer, out_dtype, advance)
             writer.close()
         except BaseException:
             writer.abort()
             raise
         copy_model_files(base, base, staging, out_dtype, _mixtral_config(config, base))
         _drop_llama_keys(staging / "config.json")
-        provenance = _write_provenance(config, checkpoints, router, staging, shard_size)
+        provenance = write_record(_build_record(config, checkpoints, router, out_dtype, options.shard_size), staging)
     total = sum(_numel(t.shape) for t in outputs)
     expert_numel = sum(_numel(t.shape) for t in outputs if ".experts." in t.name)
     active = total - expert_numel + expert_numel * config.experts_per_token // len(config.experts)
@@ -213,8 +225,10 @@ def _check_models(config: MoEConfig, checkpoints: dict[str, Checkpoint]) -> int:
 
 # -- the router --------------------------------------------------------------------------------------------
 
-def router_weights(config: MoEConfig, base: Checkpoint) -> torch.Tensor:
-    """(layers, experts, hidden) float32 router rows for `config.gate_mode` (module docstring)."""
+def router_weights(config: MoEConfig, base: Checkpoint, device: torch.device | None = None) -> torch.Tensor:
+    """(layers, experts, hidden) float32 router rows for `config.gate_mode` (module docstring); the modes that
+    run the base run it on `device` (default: the CPU)."""
+    device = device or torch.device("cpu")
     layers, hidden = base.num_layers() or 0, int(base.config["hidden_size"])
     count = len(config.experts)
     if config.gate_mode in ("random", "uniform_random"):
@@ -230,12 +244,12 @@ def router_weights(config: MoEConfig, base: Checkpoint) -> torch.Tensor:
         def vector(prompts: list[str]) -> torch.Tensor:
             return _normalised(_cheap_embedding(embed, tokenizer, prompts)).expand(layers, hidden)
     elif config.gate_mode == "router_input":
-        model = _load_base(base)
+        model = _load_base(base, device)
 
         def vector(prompts: list[str]) -> torch.Tensor:
             return _mean_router_inputs(model, tokenizer, prompts, layers)
     else:
-        model = _load_base(base)
+        model = _load_base(base, device)
         last_token = config.gate_mode == "hidden"
 
         def vector(prompts: list[str]) -> torch.Tensor:
@@ -284,12 +298,12 @@ def _cheap_embedding(embed: torch.Tensor, tokenizer, prompts: list[str]) -> torc
     return total
 
 
-def _load_base(base: Checkpoint):
+def _load_base(base: Checkpoint, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     model.eval()
-    return model
+    return model.to(device)
 
 
 def _mean_hidden_states(model, tokenizer, prompts: list[str], last_token: bool) -> torch.Tensor:
@@ -297,11 +311,11 @@ def _mean_hidden_states(model, tokenizer, prompts: list[str], last_token: bool) 
     of each prompt, averaged over the prompts. Prompts run one at a time: no padding enters any average."""
     total = None
     for prompt in prompts:
-        ids = torch.tensor([_encode(tokenizer, prompt)])
+        ids = torch.tensor([_encode(tokenizer, prompt)], device=model.device)
         with torch.no_grad():
             output = model(input_ids=ids, output_hidden_states=True, return_dict=True)
         # hidden_states[i] enters layer i; the last one leaves the final layer (before the final norm)
-        states = torch.stack(output.hidden_states[:-1])[:, 0].float()  # (layers, tokens, hidden)
+        states = torch.stack(output.hidden_states[:-1])[:, 0].float().cpu()  # (layers, tokens, hidden)
         vector = states[:, -1] if last_token else states.mean(dim=1)
         total = vector if total is None else total + vector
     assert total is not None  # the config refuses empty prompt lists
@@ -317,13 +331,13 @@ def _mean_router_inputs(model, tokenizer, prompts: list[str], layers: int) -> to
 
     def catch(layer: int):
         def hook(_module, args):
-            caught[layer] = args[0][0].detach().float().sum(dim=0)
+            caught[layer] = args[0][0].detach().float().sum(dim=0).cpu()
         return hook
 
     hooks = [model.model.layers[i].mlp.register_forward_pre_hook(catch(i)) for i in range(layers)]
     try:
         for prompt in prompts:
-            ids = torch.tensor([_encode(tokenizer, prompt)])
+            ids = torch.tensor([_encode(tokenizer, prompt)], device=model.device)
             with torch.no_grad():
                 model(input_ids=ids)
             totals += torch.stack([caught[i] for i in range(layers)])
@@ -358,19 +372,22 @@ def _output_tensors(config: MoEConfig, base: Checkpoint, layers: int, dtype: tor
 
 
 def _write_tensors(config: MoEConfig, checkpoints: dict[str, Checkpoint], layers: int, router: torch.Tensor,
-                   writer: ShardedWriter, dtype: torch.dtype) -> None:
+                   writer: ShardedWriter, dtype: torch.dtype, advance: Advance) -> None:
     base = checkpoints[config.base_model]
     for name in base.tensors:
         if ".mlp." not in name:
             writer.write(name, base.read(name).to(dtype))
             base.release(name)
+            advance(1)
     for layer in range(layers):
         for index, expert in enumerate(config.experts):
             checkpoint = checkpoints[expert.source_model]
             for projection, name in _mlp_names(layer).items():
                 writer.write(expert_name(layer, index, projection), checkpoint.read(name).to(dtype))
                 checkpoint.release(name)
+                advance(1)
         writer.write(router_name(layer), router[layer].to(dtype))
+        advance(1)
 
 
 def _mixtral_config(config: MoEConfig, base: Checkpoint) -> dict:
@@ -386,36 +403,11 @@ def _drop_llama_keys(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _write_provenance(config: MoEConfig, checkpoints: dict[str, Checkpoint], router: torch.Tensor, folder: Path,
-                      shard_size: str | int) -> dict:
-    """`mergegate.json` as a merge writes it (method, base_model, inputs with their hashes, versions, outputs),
-    with the config and each layer's router condition number (large: the prompts hardly tell experts apart)."""
-    from .engine.provenance import versions
-
-    files = {ref: ck.input_files() for ref, ck in checkpoints.items()}
-    digests = file_digests(path for paths in files.values() for path in paths)
-    inputs = {ref: {"path": str(checkpoints[ref].path.resolve()), "files": {p.name: digests[p] for p in paths}}
-              for ref, paths in files.items()}
-    record = {
-        "format": "mergegate.provenance/1",
-        "recipe": config.model_dump(exclude_none=True, mode="json"),
-        "method": "moe",
-        "gate_mode": config.gate_mode,
-        "seed": config.seed,
-        "base_model": config.base_model,
-        "tokenizer_source": config.base_model,
-        "out_dtype": str(_written_dtype(folder)),
-        "shard_size": str(shard_size),
-        "router_condition": [round(float(torch.linalg.cond(layer)), 4) if router.shape[1] > 1 else 1.0
-                             for layer in router],
-        "inputs": inputs,
-        "versions": versions(),
-        "outputs": output_digests(folder, destination(folder)),
-    }
-    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return record
-
-
-def _written_dtype(folder: Path) -> str:
-    config = json.loads((folder / "config.json").read_text())
-    return str(config.get("torch_dtype") or config.get("dtype"))
+def _build_record(config: MoEConfig, checkpoints: dict[str, Checkpoint], router: torch.Tensor,
+                  out_dtype: torch.dtype, shard_size: str | int) -> Build:
+    """The provenance a merge writes (method "moe", the base as base model and tokenizer source), with the gate
+    mode and each layer's router condition number (large: the prompts hardly tell the experts apart)."""
+    condition = [round(float(torch.linalg.cond(layer)), 4) if router.shape[1] > 1 else 1.0 for layer in router]
+    return Build(config.model_dump(exclude_none=True, mode="json"), "moe", config.seed, config.base_model,
+                 config.base_model, str(out_dtype).removeprefix("torch."), shard_size, hash_checkpoints(checkpoints),
+                 {"gate_mode": config.gate_mode, "router_condition": condition})

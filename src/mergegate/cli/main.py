@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from ..engine import MergeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge models as release candidates: merge, evaluate, gate, roll out.")
@@ -28,9 +31,20 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
-def _refuse(error: Exception) -> None:
+def _refuse(error: Exception) -> NoReturn:
     typer.echo(f"mergegate: {error}", err=True)
     raise typer.Exit(REFUSED)
+
+
+def merge_options(**fields: Any) -> MergeOptions:
+    """MergeOptions from a command's flags; one it refuses exits 2 named by its flag (`--shard-size: ...`)."""
+    from ..engine import MergeOptions
+    from ..errors import MergegateError, MergeOptionsError
+
+    try:
+        return MergeOptions(**fields)
+    except MergeOptionsError as exc:  # named by its flag, not by the field
+        _refuse(MergegateError(" ".join(f"--{exc.option.replace('_', '-')}{exc.problem}".split())))
 
 
 @app.command("merge")
@@ -48,18 +62,12 @@ def merge_command(
 ) -> None:
     """Merge the models a recipe names into OUT_DIR (exit 2 with the reason when an input is refused)."""
     from .. import MergegateError, merge
-    from ..engine import MergeOptions
-    from ..errors import MergeOptionsError
 
     def one_line(error: Exception) -> str:  # the CLI's contract: one line on stderr, never a traceback
         return " ".join(str(error).split()) or type(error).__name__
 
-    try:
-        options = MergeOptions(shard_size=shard_size, allow_pickle=allow_pickle, seed=seed, workers=workers,
-                               overwrite=overwrite, progress=False if quiet else None, device=device)
-    except MergeOptionsError as exc:  # named by its flag, not by the field
-        flag = "--" + exc.option.replace("_", "-")
-        _refuse(MergegateError(" ".join(f"{flag}{exc.problem}".split())))
+    options = merge_options(shard_size=shard_size, allow_pickle=allow_pickle, seed=seed, workers=workers,
+                            overwrite=overwrite, progress=False if quiet else None, device=device)
     _keep_freed_memory()
     try:
         result = merge(recipe, out_dir, options)

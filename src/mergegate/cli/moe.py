@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .main import _refuse
+from .main import _refuse, merge_options
 
 
 def moe_command(
@@ -18,13 +18,18 @@ def moe_command(
     shard_size: str = typer.Option("5GB", help="Largest safetensors shard, e.g. 5GB or 500MB."),
     allow_pickle: bool = typer.Option(False, help="Load .bin weights with torch.load(weights_only=True)."),
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists (only once the build succeeded)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    device: str = typer.Option("cpu", "--device", help="Where the base runs to build a router from prompts: cpu, "
+                                                       "cuda or cuda:N."),
 ) -> None:
     """Build a mixture of experts: the base's attention and embeddings, each expert's MLP, a router from prompts."""
     from ..errors import MergegateError
     from ..moe import build_moe
 
+    options = merge_options(shard_size=shard_size, allow_pickle=allow_pickle, overwrite=overwrite,
+                            progress=False if quiet else None, device=device)
     try:
-        result = build_moe(config, out_dir, overwrite=overwrite, shard_size=shard_size, allow_pickle=allow_pickle)
+        result = build_moe(config, out_dir, options)
     except (MergegateError, ValueError) as exc:
         _refuse(exc)
     experts = result.provenance["recipe"]["experts"]

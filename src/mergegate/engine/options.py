@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ..errors import MergeOptionsError
 from ..io.write import parse_size
@@ -42,6 +43,14 @@ class MergeOptions:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise MergeOptionsError("workers", f" must be a whole number of at least 1, got {workers!r}")
 
+
+def resolve_options(options: MergeOptions | None, overrides: dict[str, Any]) -> MergeOptions:
+    """`options` (default: MergeOptions()) with `overrides` (field names) replacing some of its fields, checked by
+    MergeOptions itself (an unknown name is a TypeError): what the functions taking `options, **overrides` run."""
+    if options is not None and not isinstance(options, MergeOptions):
+        raise TypeError(f"options must be a MergeOptions, got {type(options).__name__}")
+    options = options or MergeOptions()
+    return replace(options, **overrides) if overrides else options
 
 
 def check_device(device: object) -> None:

@@ -18,7 +18,7 @@ from ..methods import NonFiniteInput
 from ..methods._parallel import available_cores
 from ..progress import Advance, Progress
 from ..vocab import align
-from .options import MergeOptions
+from .options import MergeOptions, resolve_options
 from ..recipe import Recipe
 from .plan import MergePlan, Source, TensorJob, plan_merge
 from .provenance import hash_inputs, write_provenance
@@ -77,7 +77,7 @@ def merge(recipe: Recipe | dict | str | Path, out_dir: str | Path, options: Merg
     replacing some of its fields. Nothing appears at `out_dir` unless the whole merge succeeds. Raises a
     MergegateError subclass, naming the option, file, tensor or field at fault, when an input is refused.
     """
-    options = _options(options, overrides)
+    options = resolve_options(options, overrides)
     out_dir = check_output(Path(out_dir), options.overwrite)  # refused before any model is opened
     planning = time.perf_counter()
     plan = plan_merge(recipe, allow_pickle=options.allow_pickle, seed=options.seed,
@@ -91,7 +91,7 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
     """Stream a planned merge into `out_dir`, replacing it. Of the options, the plan already holds its seed,
     pickle policy and lineage check (`plan_merge`'s); the workers, memory budget, shard size and progress
     bar are read here."""
-    options = _options(options, overrides)
+    options = resolve_options(options, overrides)
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     shard_size, progress, memory_budget = options.shard_size, options.progress, options.memory_budget
@@ -139,14 +139,6 @@ def run_merge(plan: MergePlan, out_dir: Path, options: MergeOptions | None = Non
     files = sorted(p.name for p in out_dir.iterdir())
     return MergeResult(out_dir, files, len(plan.outputs), writer.total_bytes, time.perf_counter() - started, provenance,
                        {phase: round(seconds, 3) for phase, seconds in clock.seconds.items()})
-
-
-def _options(options: MergeOptions | None, overrides: dict) -> MergeOptions:
-    """`options` with `overrides` applied, checked by MergeOptions itself (an unknown name is a TypeError)."""
-    if options is not None and not isinstance(options, MergeOptions):
-        raise TypeError(f"options must be a MergeOptions, got {type(options).__name__}")
-    options = options or MergeOptions()
-    return replace(options, **overrides) if overrides else options
 
 
 def _stream(plan: MergePlan, writer: ShardedWriter, workers: int, budget_bytes: int, progress: bool | None,
