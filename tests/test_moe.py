@@ -275,3 +275,12 @@ def test_cli_names_a_refused_option_by_its_flag(family, tmp_path):
     refused = CliRunner().invoke(app, ["moe", str(config), str(tmp_path / "out"), "--shard-size", "lots"])
     assert refused.exit_code == 2 and refused.output.startswith("mergegate: --shard-size"), refused.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is false here)")
+@pytest.mark.parametrize("gate_mode", ["hidden", "hidden_avg", "router_input"])
+def test_a_router_built_on_cuda_matches_the_cpus(family, tmp_path, gate_mode):
+    """The base runs on the GPU; its hidden states come back to the CPU, so only the reductions' rounding differs."""
+    cpu = build_moe(family_config(family, gate_mode), tmp_path / "cpu", progress=False)
+    cuda = build_moe(family_config(family, gate_mode), tmp_path / "cuda", progress=False, device="cuda")
+    assert torch.allclose(cpu.router, cuda.router, atol=1e-4)
