@@ -61,3 +61,25 @@ def test_the_workflow_is_in_the_public_api():
     for stage in ("merge", "evaluate_models", "decide", "release", "gate_release", "Registry", "RolloutPlan",
                   "create_app", "ModelRef"):
         assert stage in mergegate.__all__, stage
+
+
+def test_every_error_class_and_the_builders_are_in_the_public_api():
+    """What a user calls (build_moe, export_gguf, the search) and every error class they may catch."""
+    from mergegate import errors
+
+    error_classes = {name for name, value in vars(errors).items()
+                     if isinstance(value, type) and issubclass(value, Exception)}
+    missing = (error_classes | {"build_moe", "export_gguf", "search_merges"}) - set(mergegate.__all__)
+    assert not missing
+    for name in error_classes:
+        assert getattr(mergegate, name) is getattr(errors, name)
+
+
+def test_the_search_function_is_exported_without_shadowing_its_subpackage():
+    """`mergegate.search` stays the subpackage (its modules import as ever); the function is `search_merges`."""
+    code = ("import mergegate, types; f = mergegate.search_merges; import mergegate.search.space; "
+            "from mergegate.search import search; "
+            "assert isinstance(mergegate.search, types.ModuleType) and f is search and mergegate.search_merges is f; "
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr

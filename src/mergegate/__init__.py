@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # The workflow's headline pieces, stage by stage (recipe → merge → evaluate → gate → release → rollout → gateway),
-# then the errors every stage raises. name → module it lives in.
+# then the errors every stage raises. name → module it lives in ("module:attribute" where the names differ).
 _EXPORTS = {
     # models and recipes
     "ModelRef": "model_ref",
@@ -33,6 +33,8 @@ _EXPORTS = {
     "merge_adapter": "lora",
     "combine_adapters": "lora",
     "extract_adapter": "lora",
+    "build_moe": "moe",
+    "export_gguf": "export",
     # evaluate
     "Suite": "evaluate",
     "load_suite": "evaluate",
@@ -46,7 +48,8 @@ _EXPORTS = {
     "release": "pipeline",
     "gate_release": "pipeline",
     "ReleaseResult": "pipeline",
-    # search (the function is `mergegate.search.search`: the name `search` is its subpackage's)
+    # search (`mergegate.search` is the subpackage: its function `search` is exported as search_merges)
+    "search_merges": "search:search",
     "SearchOptions": "search",
     "load_space": "search",
     # roll out
@@ -57,11 +60,19 @@ _EXPORTS = {
     # errors
     "MergegateError": "errors",
     "RecipeError": "errors",
+    "MoEConfigError": "errors",
     "CheckpointError": "errors",
     "IncompatibleModels": "errors",
+    "MergeOptionsError": "errors",
+    "ModelRefError": "errors",
+    "GGUFExportError": "errors",
     "SuiteError": "errors",
+    "EvaluationError": "errors",
+    "RegistryError": "errors",
     "PolicyError": "errors",
     "PlanError": "errors",
+    "CandidateServerError": "errors",
+    "AddressError": "errors",
     "SearchSpaceError": "errors",
     "SearchError": "errors",
 }
@@ -72,7 +83,8 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'mergegate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    module, _, attribute = _EXPORTS[name].partition(":")
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute or name)
     globals()[name] = value
     return value
 
@@ -84,8 +96,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .compat import check_compatible
     from .engine import MergeOptions, MergePlan, MergeResult, merge, plan_merge, run_merge
-    from .errors import (CheckpointError, IncompatibleModels, MergegateError, PlanError, PolicyError, RecipeError,
-                         SearchError, SearchSpaceError, SuiteError)
+    from .export import export_gguf
+    from .errors import (AddressError, CandidateServerError, CheckpointError, EvaluationError, GGUFExportError,
+                         IncompatibleModels, MergegateError, MergeOptionsError, ModelRefError, MoEConfigError,
+                         PlanError, PolicyError, RecipeError, RegistryError, SearchError, SearchSpaceError,
+                         SuiteError)
     from .evaluate import Suite, evaluate_models, load_suite
     from .gate import GateResult, Policy, decide, load_policy
     from .gateway import create_app, serve
@@ -93,8 +108,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .lora import combine_adapters, extract_adapter, merge_adapter
     from .methods import available_methods, get_method, register
     from .model_ref import ModelRef
+    from .moe import build_moe
     from .recipe import Recipe, load_recipe
     from .registry import Registry
     from .pipeline import ReleaseResult, gate_release, release
     from .rollout import RolloutPlan, load_plan
     from .search import SearchOptions, load_space
+    from .search import search as search_merges
