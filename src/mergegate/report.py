@@ -13,19 +13,16 @@ written, pictures left out, and one line says which extra draws them: the decisi
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._extras import install_hint, missing_extra
 from .costs import CohortCost
 from .errors import MergegateError
 from .gate import CohortDecision, GateResult, Policy
 from .registry import Measurement, measured_together
+from .report_page import figure_png, html_cells, html_img, html_page, html_table_around, markdown_table, pyplot
 from .rollout import RolloutPlan, Route, load_plan
 
 DECISION_COLOURS = {"promote": "#2e7d32", "hold": "#e0a800", "reject": "#c62828"}
@@ -49,29 +46,6 @@ def tolerated_drop(decision: CohortDecision, max_drop: float | None) -> bool:
     return decision.diff_low >= -max_drop
 
 
-def _matplotlib_pyplot() -> Any | None:
-    """pyplot on the Agg backend, or None (logged) when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ModuleNotFoundError as exc:
-        if missing_extra(exc) != "report":
-            raise
-        logging.getLogger(__name__).warning("mergegate: report written without its chart (matplotlib is not "
-                                            "installed): %s", install_hint("report"))
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig: Any, plt: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _scores_png(gate: GateResult, plt: Any) -> bytes:
     """Mean score per cohort of the candidate beside the base and every source, decisions over the candidate."""
     cohorts = [d.cohort for d in gate.decisions]
@@ -93,7 +67,7 @@ def _scores_png(gate: GateResult, plt: Any) -> bytes:
     ax.set_title(f"{gate.candidate} vs base and sources, per cohort")
     ax.legend(fontsize=7, ncols=min(len(names), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    return _png(fig, plt)
+    return figure_png(fig, plt)
 
 
 def _forest_png(gate: GateResult, policy: Policy | None, plt: Any) -> bytes:
@@ -147,12 +121,12 @@ def _forest_png(gate: GateResult, policy: Policy | None, plt: Any) -> bytes:
     fig.suptitle(f"{gate.candidate}: paired difference and retention against the best source, per cohort",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.08 if count < 4 else 0.05, 1, 1))
-    return _png(fig, plt)
+    return figure_png(fig, plt)
 
 
 def report_pictures(gate: GateResult, policy: Policy | None = None) -> dict[str, bytes]:
     """file name → PNG bytes (the forest plot and the score chart); empty without matplotlib."""
-    plt = _matplotlib_pyplot()
+    plt = pyplot()
     if plt is None:
         return {}
     return {"forest.png": _forest_png(gate, policy, plt), "chart.png": _scores_png(gate, plt)}
@@ -318,12 +292,6 @@ def _models_heading(costs: dict[str, dict[str, CohortCost]] | None) -> str:
 
 # ---- markdown --------------------------------------------------------------------------------------------------
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    escape = lambda cell: cell.replace("|", "\\|")  # noqa: E731
-    return ["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(map(escape, row)) + " |" for row in rows)]
-
-
 def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
                     costs: dict[str, dict[str, CohortCost]] | None = None, current: RolloutPlan | None = None,
                     pictures: tuple[str, ...] = (), picture_dir: str = "", lead: str = "",
@@ -335,7 +303,7 @@ def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: 
     ships_header, ships = _ships_rows(gate, plan, policy, changes)
     md = [f"# {title}", ""] + ([lead, ""] if lead else [])
     md += ["## What ships", "", _verdict(gate), ""]
-    md += _md_table(ships_header, [cells for _, cells in ships])
+    md += markdown_table(ships_header, [cells for _, cells in ships])
     md += ["", "Requests no cohort claims take the default route. The mirrored share of a cohort's requests is "
            f"also sent to {plan.candidate}, its answers only recorded. Full plan: `rollout.yaml`."]
     if current is not None:
@@ -346,10 +314,10 @@ def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: 
         md += [f"![paired differences and retention per cohort]({picture_dir}forest.png)", ""]
     header, rows = _decision_rows(gate, policy)
     md += ["Per-cohort decisions: paired bootstrap against the best source on each cohort.", ""]
-    md += _md_table([*header, "why"], [[*cells, why] for _, cells, why in rows])
+    md += markdown_table([*header, "why"], [[*cells, why] for _, cells, why in rows])
     aggregate = ", ".join(f"{name} {value:.3f}" for name, value in gate.aggregate.items())
     md += ["", f"## {_models_heading(costs)}", ""]
-    md += _md_table(*_cost_rows(gate, costs, measured))
+    md += markdown_table(*_cost_rows(gate, costs, measured))
     note = _latency_note(gate, measured) if costs else ""
     md += ["", note] if note else []
     md += ["", f"Aggregate mean over all rows (reported, not decisive): {aggregate}", ""]
@@ -361,56 +329,8 @@ def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: 
 
 # ---- html ------------------------------------------------------------------------------------------------------
 
-# No fixed widths: the page follows the window; a table wider than the window scrolls inside its own box.
-# Printed, every box shows everything: reasons unfolded, nothing scrolled away.
-STYLE = """*{box-sizing:border-box}
-body{font-family:system-ui,sans-serif;margin:0 auto;padding:1em 1.5em;max-width:1400px;line-height:1.4;color:#222}
-h1,h2,p,li,summary,.reasons{overflow-wrap:anywhere}
-h1{font-size:1.5em;margin:.3em 0}h2{font-size:1.2em;margin:1.2em 0 .4em}
-.scroll{overflow-x:auto;max-width:100%;margin:.5em 0}
-table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#eee}td.num{text-align:right;white-space:nowrap}
-img{max-width:100%;height:auto;display:block;margin:.5em 0}
-tr.promote>td.decision{background:#d9f2d9}tr.hold>td.decision{background:#fff2cc}
-tr.reject>td.decision{background:#f8d0d0}tr.default>td{background:#f3f3f3}
-.tolerated{font-weight:600;color:#8a4b00}
-.verdict{font-size:1.1em;font-weight:600}
-tr.why>td{background:#fafafa;font-size:12px;border-top:none}
-summary{cursor:pointer;color:#444}
-@media print{
- body{max-width:none;padding:0}
- .scroll{overflow:visible}
- details::details-content{content-visibility:visible;display:block}
- summary{list-style:none}
- img,tr{break-inside:avoid}
-}"""
-
-# Reasons unfold for printing in browsers without ::details-content.
-PRINT_SCRIPT = ("<script>addEventListener('beforeprint',()=>document.querySelectorAll('details')"
-                ".forEach(d=>d.open=true))</script>")
-
-
-def html_page(title: str, body: str) -> str:
-    """A complete, self-contained page in the reports' style."""
-    return (f'<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style>{PRINT_SCRIPT}</head><body>\n{body}\n</body></html>")
-
-
-def _cells(row: list[str], tag: str, classes: dict[int, str] | None = None) -> str:
-    """Cells of one row; `classes`: column index → class attribute."""
-    classes = classes or {}
-    attribute = lambda i: f' class="{classes[i]}"' if classes.get(i) else ""  # noqa: E731
-    return "".join(f"<{tag}{attribute(i)}>{html.escape(c)}</{tag}>" for i, c in enumerate(row))
-
-
 def _decision_class(cell: str) -> str:
     return "decision tolerated" if TOLERATED_DROP in cell else "decision"
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def render_html_body(gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
@@ -422,13 +342,13 @@ def render_html_body(gate: GateResult, plan: RolloutPlan, *, title: str, policy:
     pictures = pictures or {}
     changes = plan_changes(current, plan) if current is not None else None
     ships_header, ships = _ships_rows(gate, plan, policy, changes)
-    ships_body = "".join(f'<tr class="{kind}">{_cells(cells, "td", {1: _decision_class(cells[1])})}</tr>'
+    ships_body = "".join(f'<tr class="{kind}">{html_cells(cells, "td", {1: _decision_class(cells[1])})}</tr>'
                          for kind, cells in ships)
     compared = (f"<p>Compared with the currently served plan (candidate {html.escape(current.candidate)}).</p>"
                 if current is not None else "")
     parts = [f"<h1>{html.escape(title)}</h1>", lead,
              f'<section id="what-ships"><h2>What ships</h2><p class="verdict">{html.escape(_verdict(gate))}</p>',
-             f'<div class="scroll"><table><tr>{_cells(ships_header, "th")}</tr>{ships_body}</table></div>',
+             html_table_around(ships_header, ships_body),
              f"<p>Requests no cohort claims take the default route. The mirrored share of a cohort's requests is also "
              f"sent to {html.escape(plan.candidate)}, its answers only recorded. Full plan: rollout.yaml.</p>"
              f"{compared}</section>", after_ships]
@@ -438,7 +358,7 @@ def render_html_body(gate: GateResult, plan: RolloutPlan, *, title: str, policy:
     decision_column = header.index("decision")
     body = []
     for d, cells, why in rows:
-        text = _cells(cells, "td", {**numeric, decision_column: _decision_class(cells[decision_column])})
+        text = html_cells(cells, "td", {**numeric, decision_column: _decision_class(cells[decision_column])})
         short = d.reasons[0] if d.reasons else why
         summary = (short if len(d.reasons) <= 1 and len(short) <= 90
                    else f"{short[:90].rstrip()}… ({len(d.reasons)} reason{'s' if len(d.reasons) > 1 else ''})")
@@ -446,22 +366,20 @@ def render_html_body(gate: GateResult, plan: RolloutPlan, *, title: str, policy:
                     f'<summary>why: {html.escape(summary)}</summary><div class="reasons">{html.escape(why)}</div>'
                     "</details></td></tr>")
     parts += ['<section id="intervals"><h2>Intervals and decisions</h2>',
-              _img(pictures["forest.png"], "paired difference and retention per cohort, with intervals and −max_drop")
+              html_img(pictures["forest.png"], "paired difference and retention per cohort, with intervals and −max_drop")
               if "forest.png" in pictures else "",
               "<p>Per-cohort decisions from paired bootstrap intervals against the best source on each cohort. A "
               "decision never comes from the aggregate mean.</p>",
-              f'<div class="scroll"><table><tr>{_cells(header, "th")}</tr>{"".join(body)}</table></div></section>']
+              html_table_around(header, "".join(body)) + "</section>"]
 
     cost_header, cost_rows = _cost_rows(gate, costs, measured)
     note = _latency_note(gate, measured) if costs else ""
     aggregate = ", ".join(f"{name} {value:.3f}" for name, value in gate.aggregate.items())
-    parts += [f'<section id="models"><h2>{_models_heading(costs)}</h2>',
-              f'<div class="scroll"><table><tr>{_cells(cost_header, "th")}</tr>'
-              + "".join(f"<tr>{_cells(row, 'td', {i: 'num' for i in range(2, len(row))})}</tr>" for row in cost_rows)
-              + "</table></div>",
+    cost_body = "".join(f"<tr>{html_cells(row, 'td', {i: 'num' for i in range(2, len(row))})}</tr>" for row in cost_rows)
+    parts += [f'<section id="models"><h2>{_models_heading(costs)}</h2>', html_table_around(cost_header, cost_body),
               f'<p class="latency-note">{html.escape(note)}</p>' if note else "",
               f"<p>Aggregate mean over all rows (reported, not decisive): {html.escape(aggregate)}</p>",
-              _img(pictures["chart.png"], "per-cohort scores") if "chart.png" in pictures else "",
+              html_img(pictures["chart.png"], "per-cohort scores") if "chart.png" in pictures else "",
               f"<p>Policy sha256: <code>{gate.policy_sha256[:16]}</code>.</p></section>"]
     return "\n".join(part for part in parts if part)
 

@@ -9,20 +9,18 @@ retention; never a mean).
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import time
 from pathlib import Path
 from typing import Sequence
 
-from .._extras import missing_extra
 from ..costs import cohort_costs
 from ..gate import Policy, load_policy
 from ..model_ref import ModelRef
 from ..registry import Registry
 from ..pipeline import ReleaseResult, release, release_rank
-from ..report import html_page, render_html_body, render_markdown
+from ..report import render_html_body, render_markdown
+from ..report_page import figure_png, html_img, html_page, html_table, markdown_table, pyplot
 from ..rollout import load_plan
 from .cascade import cascade_section
 from .gguf_section import gguf_section
@@ -180,27 +178,24 @@ def _write_summary(out: Path, results: dict[str, ReleaseResult], best: str, poli
     costs = cohort_costs({name: run.results for name, run in chosen.runs.items()})
     lead = f"Best release: **{best}** ({RANKING}) Its rollout plan is `rollout.yaml`."
     methods_md = ["## Every method", "", "How the best release was picked:", "",
-                  *_md_rows(rank_header, rank_rows), "",
+                  *markdown_table(rank_header, rank_rows), "",
                   "Candidate score per cohort and the gate's decision for each merge method. Per-method reports, "
                   "with intervals and reasons, are in each method's folder.", "",
-                  *_md_rows(header, rows), "", *(["![summary](summary.png)"] if png is not None else []),
+                  *markdown_table(header, rows), "", *(["![summary](summary.png)"] if png is not None else []),
                   *(["", search_line] if search_line else []),
-                  *(line for section in beyond for line in ["", *section_markdown(section, _md_rows)])]
+                  *(line for section in beyond for line in ["", *section_markdown(section)])]
     pictures = tuple(name for name in ("forest.png", "chart.png") if (out / best / name).is_file())
     (out / "report.md").write_text(render_markdown(
         chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs, pictures=pictures,
         picture_dir=f"{best}/", lead=lead, after_ships="\n".join(methods_md), measured=chosen.measured))
 
-    table = lambda head, body: (f'<div class="scroll"><table><tr>{_html_cells(head, "th")}</tr>'  # noqa: E731
-                                + "".join(f"<tr>{_html_cells(r, 'td')}</tr>" for r in body) + "</table></div>")
-    summary = (f'<img alt="candidate score per cohort, every method" '
-               f'src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png is not None else "")
+    summary = html_img(png, "candidate score per cohort, every method") if png is not None else ""
     lead_html = f"<p>Best release: <b>{html.escape(best)}</b> ({html.escape(RANKING)}) Its rollout plan is rollout.yaml.</p>"
     methods_html = (f'<section id="methods"><h2>Every method</h2><p>How the best release was picked:</p>'
-                    f"{table(rank_header, rank_rows)}<p>Candidate score per cohort and the gate's decision for each "
-                    f"merge method (per-method reports in each method's folder).</p>{table(header, rows)}{summary}"
+                    f"{html_table(rank_header, rank_rows)}<p>Candidate score per cohort and the gate's decision for each "
+                    f"merge method (per-method reports in each method's folder).</p>{html_table(header, rows)}{summary}"
                     f"{_search_html(search_line)}</section>"
-                    + "".join(section_html(section, table) for section in beyond))
+                    + "".join(section_html(section) for section in beyond))
     body = render_html_body(chosen.gate, chosen.plan, title="mergegate demo", policy=policy, costs=costs,
                             pictures={name: (out / best / name).read_bytes() for name in pictures}, lead=lead_html,
                             after_ships=methods_html, measured=chosen.measured)
@@ -217,26 +212,11 @@ def _search_html(search_line: str | None) -> str:
             if _ else f"<p>{html.escape(search_line)}</p>")
 
 
-def _md_rows(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
-def _html_cells(row: list[str], tag: str) -> str:
-    return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
-
-
 def _summary_chart(results: dict[str, ReleaseResult], cohorts: list[str]) -> bytes | None:
     """The summary chart as PNG bytes, or None without matplotlib (each method's report has said so already)."""
-    try:
-        import matplotlib
-    except ModuleNotFoundError as exc:
-        if missing_extra(exc) != "report":
-            raise
+    plt = pyplot(say_missing=False)
+    if plt is None:
         return None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = list(results)
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6, 1.7 * len(cohorts)), 3.8), dpi=110)
@@ -252,7 +232,4 @@ def _summary_chart(results: dict[str, ReleaseResult], cohorts: list[str]) -> byt
     ax.set_ylabel("candidate mean score (dashed: best source)")
     ax.legend(fontsize=7, ncols=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, plt)

@@ -13,6 +13,7 @@ The sections themselves, each released (or measured) beside the merges:
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..costs import cohort_costs
 from ..model_ref import ModelRef
 from ..pipeline import ReleaseResult, release_rank
 from ..registry import Registry
+from ..report_page import html_table, markdown_table
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -95,19 +97,17 @@ def latency_table(result: ReleaseResult, columns: list[tuple[str, str]], merge: 
     return header, rows
 
 
-def section_markdown(section: Section, md_rows) -> list[str]:
+def section_markdown(section: Section) -> list[str]:
     lines = [f"## {section.title}", ""]
     for block in section.blocks:
-        lines += [block, ""] if isinstance(block, str) else [*md_rows(*block), ""]
+        lines += [block, ""] if isinstance(block, str) else [*markdown_table(*block), ""]
     return lines
 
 
-def section_html(section: Section, table) -> str:
-    import html
-
+def section_html(section: Section) -> str:
     parts = [f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>']
     for block in section.blocks:
-        parts.append(f"<p>{html.escape(block)}</p>" if isinstance(block, str) else table(*block))
+        parts.append(f"<p>{html.escape(block)}</p>" if isinstance(block, str) else html_table(*block))
     return "".join(parts) + "</section>"
 
 

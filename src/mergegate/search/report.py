@@ -13,7 +13,7 @@ import yaml
 
 from ..evaluate import Suite
 from ..gate import Policy
-from ..report import _img, _matplotlib_pyplot, _md_table, _png, html_page
+from ..report_page import figure_png, html_img, html_page, html_table, markdown_table, pyplot
 from ..rollout import RolloutPlan
 from .space import Space
 
@@ -70,7 +70,7 @@ def _method(record: Any) -> str:
 
 
 def _pictures(trials: list, best: list, held: list, cohorts: list[str]) -> dict[str, bytes]:
-    plt = _matplotlib_pyplot()
+    plt = pyplot()
     complete = [t for t in trials if t.status == "complete"]
     if plt is None or not complete:
         return {}
@@ -88,7 +88,7 @@ def _pictures(trials: list, best: list, held: list, cohorts: list[str]) -> dict[
     ax.set_ylabel("worst cohort's retention (dev)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    pictures["trials.png"] = _png(fig, plt)
+    pictures["trials.png"] = figure_png(fig, plt)
     if best:
         fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
         width = 0.4
@@ -103,7 +103,7 @@ def _pictures(trials: list, best: list, held: list, cohorts: list[str]) -> dict[
         ax.set_ylabel("retention vs best source")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        pictures["best.png"] = _png(fig, plt)
+        pictures["best.png"] = figure_png(fig, plt)
         pair = sorted(cohorts, key=lambda c: best[0].retention.get(c, 0.0))[:2]
         if len(pair) == 2:
             a, b = pair
@@ -117,7 +117,7 @@ def _pictures(trials: list, best: list, held: list, cohorts: list[str]) -> dict[
             ax.set_ylabel(f"{b} retention (dev)")
             ax.legend(fontsize=7)
             fig.tight_layout()
-            pictures["pareto.png"] = _png(fig, plt)
+            pictures["pareto.png"] = figure_png(fig, plt)
     return pictures
 
 
@@ -181,7 +181,7 @@ def write_search_reports(out: Path, space: Space, trials: list, best: list, held
     tables.append(("Trials (retention per cohort on the dev rows)",
                    ["trial", "status", "method", "promoted", "worst", "mean", *cohorts, "reason"], trial_rows))
     for heading, header, rows in tables:
-        lines += ["", f"## {heading}", "", *_md_table(header, rows)]
+        lines += ["", f"## {heading}", "", *markdown_table(header, rows)]
     lines += ["", "Why not the mean: a recipe that gains on one cohort and silently loses another can have the best "
               "mean score; ranking by cohorts promoted (the gate's interval rule) and then by the worst cohort's "
               "retention only rewards recipes that keep every cohort."]
@@ -197,12 +197,9 @@ def write_search_reports(out: Path, space: Space, trials: list, best: list, held
     for name, alt in (("best.png", "per-cohort retention of the best recipe, dev vs held-out"),
                       ("trials.png", "worst cohort's retention per trial"), ("pareto.png", "Pareto front")):
         if name in pictures:
-            body.append(_img(pictures[name], alt))
+            body.append(html_img(pictures[name], alt))
     for heading, header, rows in tables:
-        body.append(f"<h2>{html.escape(heading)}</h2><table><tr>"
-                    + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-                    + "</table>")
+        body.append(f"<h2>{html.escape(heading)}</h2>" + html_table(header, rows))
     written["html"] = out / "search.html"
     written["html"].write_text(html_page(f"merge search: {len(trials)} trials", "\n".join(body)))
     return written
