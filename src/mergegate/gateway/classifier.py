@@ -1,10 +1,10 @@
 """Cohort classifier: the eval suite's prompts embedded with MiniLM, one centroid per cohort; a request goes
 to the cohort whose centroid is nearest in cosine, unless even that one is below the threshold.
 
-MiniLM costs 20-30 ms of CPU per text on its own, so the gateway (`classify_async`) answers repeated texts from
-a bounded LRU cache and encodes the texts of concurrent requests together: while one `encode` runs, the texts
-that arrive wait and go into the next one, as a batch (no timer: an idle gateway adds no delay). A text's
-decision is the same alone, cached or batched (batching pads sequences, which moves scores by ~1e-7)."""
+MiniLM costs milliseconds of CPU per text (benchmarks/README.md), so the gateway (`classify_async`) answers
+repeated texts from a bounded LRU cache and encodes the texts of concurrent requests together: while one `encode`
+runs, the texts that arrive wait and go into the next one, as a batch (no timer: an idle gateway adds no delay). A
+text's decision is the same alone, cached or batched (batching pads sequences, which moves scores by ~1e-7)."""
 
 from __future__ import annotations
 
