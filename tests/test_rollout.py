@@ -180,3 +180,28 @@ def test_any_valid_plan_shape_with_odd_paths_is_a_plan_or_a_plan_error(tmp_path)
     for value in [".", "here", "missing", "a\x00b", "x" * 5000, "/", "../" * 50]:
         plan = {"candidate": "m", "models": {"m": {"path": value}}, "routes": {}, "default": {"model": "m"}}
         _check_plan_text(tmp_path, yaml.safe_dump(plan))
+
+
+def test_a_plan_of_cascades_asks_the_candidate_first_and_the_cohorts_model_when_its_answer_fails():
+    models = {name: PlanModel(role=role, path=f"/m/{name}") for name, role in
+              (("cand", "candidate"), ("base", "base"), ("json", "source"), ("tools", "source"))}
+    plan = RolloutPlan(candidate="cand", models=models, routes={
+        "json_output": Route(model="json", fallback=["cand", "base"], mirror=0.1, decision="hold", check="json_valid"),
+        "chat": Route(model="cand", fallback=["base"], decision="promote")}, default=Route(model="base"))
+    cascades = plan.with_cascades({"json_output": "json", "chat": "cand"}, default_cohort="json_output")
+    json_route = cascades.route("json_output")
+    assert json_route.model == "cand" and json_route.strategy is not None
+    assert (json_route.strategy.kind, json_route.strategy.models) == ("cascade", ["cand", "json"])
+    assert (json_route.fallback, json_route.mirror, json_route.decision, json_route.check) == (
+        ["base"], 0.0, None, "json_valid")  # the chain behind the cascade and the check stay; mirror and decision go
+    assert cascades.route("chat").strategy.models == ["cand"]
+    assert cascades.default == json_route
+    assert plan.with_cascades({"json_output": "json", "chat": "cand"}).default == plan.default
+    with pytest.raises(ValueError, match="not among models"):
+        plan.with_cascades({"json_output": "ghost", "chat": "cand"})
+
+
+def test_a_plan_of_one_model_answers_every_request_with_it():
+    plan = RolloutPlan.single_model("served", PlanModel(role="candidate", path="/m/served"))
+    assert (plan.candidate, list(plan.models), plan.routes) == ("served", ["served"], {})
+    assert plan.route("any cohort") == Route(model="served")

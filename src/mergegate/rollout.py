@@ -153,6 +153,25 @@ class RolloutPlan(BaseModel):
                             f"(decided: {', '.join(routes)})")
         return cls(candidate=gate.candidate, models=models, routes=routes, default=default)
 
+    @classmethod
+    def single_model(cls, name: str, model: PlanModel) -> RolloutPlan:
+        """A plan that answers every request with one model (`name`, the candidate): no cohorts, no fallback."""
+        return cls(candidate=name, models={name: model}, routes={}, default=Route(model=name))
+
+    def with_cascades(self, escalate_to: dict[str, str], default_cohort: str | None = None) -> RolloutPlan:
+        """This plan with every cohort's route a `cascade`: the candidate answers first, and `escalate_to[cohort]`
+        when that answer fails the route's online check; the rest of the route's fallback chain stays behind them,
+        its mirrored share and decision go (the candidate answers every request itself). The default route becomes
+        `default_cohort`'s (none: it stays as it is). Checked as a loaded plan is."""
+        routes = {}
+        for cohort, route in self.routes.items():
+            models = list(dict.fromkeys([self.candidate, escalate_to[cohort]]))
+            routes[cohort] = route.model_copy(update={"model": self.candidate, "mirror": 0.0, "decision": None,
+                                                      "fallback": [m for m in route.fallback if m not in models],
+                                                      "strategy": Strategy(kind="cascade", models=models)})
+        return type(self)(candidate=self.candidate, models=self.models, routes=routes,
+                          default=routes.get(default_cohort or "", self.default))
+
     def route(self, cohort: str | None) -> Route:
         return self.routes.get(cohort or "", self.default)
 

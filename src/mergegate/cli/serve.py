@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         except ModuleNotFoundError as exc:
             _refuse_without_serve_extra(exc)
         from ..registry import Registry
-        from ..rollout import RolloutPlan
+        from ..rollout import PlanModel, RolloutPlan
 
         if not (path / "config.json").is_file():
             typer.echo(f"mergegate: {path}: not a model folder (no config.json)", err=True)
@@ -55,10 +55,7 @@ def register(app: typer.Typer) -> None:
                 from ..evaluate.runner import resolve_device
 
                 resolve_device(device)
-            plan = RolloutPlan.model_validate({
-                "candidate": served_model_name,
-                "models": {served_model_name: {"role": "candidate", "path": str(path.absolute())}},
-                "routes": {}, "default": {"model": served_model_name}})
+            plan = RolloutPlan.single_model(served_model_name, PlanModel(role="candidate", path=str(path.absolute())))
             listener = bind_port(host, port)  # before the model loads: a busy port is refused at once
         except MergegateError as exc:
             typer.echo(f"mergegate: {exc}", err=True)

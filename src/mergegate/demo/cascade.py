@@ -9,10 +9,11 @@ import json
 import re
 from pathlib import Path
 
+from ..evaluate import EvalOptions
 from ..model_ref import EndpointSettings, ModelRef
 from ..pipeline import gate_release
 from ..registry import Registry
-from ..rollout import Strategy, load_plan
+from ..rollout import load_plan
 from .sections import MergedDemo, Section, decision_table, latency_table, outcome_line
 
 ENSEMBLE_ENDPOINT = EndpointSettings(concurrency=4, timeout_s=120, retries=0)
@@ -29,16 +30,9 @@ def cascade_section(run: MergedDemo) -> Section:
     chosen = results[best]
     plan = load_plan(chosen.out / "rollout.yaml")
     merged = plan.candidate
-    routes = {}
-    for cohort, route in plan.routes.items():
-        specialist = chosen.gate.decision(cohort).best_source
-        models = list(dict.fromkeys([merged, specialist]))
-        routes[cohort] = route.model_copy(update={"model": merged, "mirror": 0.0, "decision": None,
-                                                  "fallback": [m for m in route.fallback if m not in models],
-                                                  "strategy": Strategy(kind="cascade", models=models)})
     # the default route answers as the policy's default cohort does (the plan copies that route)
-    ensemble_plan = plan.model_copy(update={"routes": routes,
-                                            "default": routes.get(_default_cohort(demo) or "", plan.default)})
+    ensemble_plan = plan.with_cascades({cohort: chosen.gate.decision(cohort).best_source for cohort in plan.routes},
+                                       default_cohort=_default_cohort(demo))
     folder = out / "ensemble"
     folder.mkdir(parents=True, exist_ok=True)
     ensemble_plan.save(folder / "ensembles.yaml")
@@ -50,7 +44,8 @@ def cascade_section(run: MergedDemo) -> Section:
     with ServerThread(app) as server:
         candidate = ModelRef("ensemble", url=server.url + "/v1", served_model="mergegate")
         result = gate_release(candidate, run.base, run.sources, suite, _policy_for(demo / "policy.yaml", suite),
-                              folder, registry=registry, endpoint=ENSEMBLE_ENDPOINT, title="mergegate demo: ensemble")
+                              folder, eval=EvalOptions(endpoint=ENSEMBLE_ENDPOINT), registry=registry,
+                              title="mergegate demo: ensemble")
         metrics = httpx.get(server.url + "/metrics", timeout=30).text
     requests, extra = _per_cohort(metrics, "mergegate_strategy_requests_total"), \
         _per_cohort(metrics, "mergegate_strategy_extra_calls_total")
