@@ -6,7 +6,6 @@ routed by the gateway's classifier built from `dev.jsonl`; gated through the end
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from ..evaluate import EvalOptions
@@ -20,8 +19,6 @@ ENSEMBLE_ENDPOINT = EndpointSettings(concurrency=4, timeout_s=120, retries=0)
 
 
 def cascade_section(run: MergedDemo) -> Section:
-    import httpx
-
     from ..gateway import GatewayConfig, create_app
     from ..gateway.testing import ServerThread
 
@@ -46,9 +43,8 @@ def cascade_section(run: MergedDemo) -> Section:
         result = gate_release(candidate, run.base, run.sources, suite, _policy_for(demo / "policy.yaml", suite),
                               folder, eval=EvalOptions(endpoint=ENSEMBLE_ENDPOINT), registry=registry,
                               title="mergegate demo: ensemble")
-        metrics = httpx.get(server.url + "/metrics", timeout=30).text
-    requests, extra = _per_cohort(metrics, "mergegate_strategy_requests_total"), \
-        _per_cohort(metrics, "mergegate_strategy_extra_calls_total")
+    metrics = app.state.gateway.metrics  # the numbers its /metrics renders
+    requests, extra = metrics.strategy_requests.totals("cohort"), metrics.strategy_extra_calls.totals("cohort")
     total_requests, total_extra = sum(requests.values()), sum(extra.values())
     cached = result.runs["ensemble"].cached
     section.blocks += [
@@ -108,18 +104,3 @@ def _default_cohort(demo: Path) -> str | None:
     import yaml
 
     return (yaml.safe_load((demo / "policy.yaml").read_text()) or {}).get("default_route")
-
-
-_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')
-
-
-def _per_cohort(metrics: str, name: str) -> dict[str, float]:
-    """A Prometheus counter summed per `cohort` label."""
-    totals: dict[str, float] = {}
-    for line in metrics.splitlines():
-        match = _SAMPLE.match(line)
-        if match and match.group(1) == name:
-            cohort = re.search(r'cohort="([^"]*)"', match.group(2))
-            key = cohort.group(1) if cohort else ""
-            totals[key] = totals.get(key, 0.0) + float(match.group(3))
-    return totals

@@ -69,6 +69,16 @@ class Counter(_Metric):
     def value(self, *labels) -> float:
         return self._values.get(tuple(map(str, labels)), 0.0)
 
+    def totals(self, label: str) -> dict[str, float]:
+        """The counter summed per value of one of its labels, over the others (what the series render to)."""
+        position = self.label_names.index(label)
+        with self._lock:
+            items = sorted(self._values.items())
+        totals: dict[str, float] = {}
+        for key, value in items:
+            totals[key[position]] = totals.get(key[position], 0.0) + value
+        return totals
+
     def render(self) -> list[str]:
         with self._lock:
             items = sorted(self._values.items())
