@@ -34,13 +34,13 @@ from eval_throughput import pick_rows  # noqa: E402  (the same rows as the throu
 
 
 def rows_per_second(models, suite, args, work: Path, **options) -> float:
-    from mergegate.evaluate.runner import evaluate_models
+    from mergegate.evaluate import EvalOptions, evaluate_models
     from mergegate.registry import Registry
 
     registry = Registry(Path(tempfile.mkdtemp(dir=work)) / "registry.sqlite")
     started = time.perf_counter()
-    evaluate_models(models, suite, registry, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                    progress=False, force=True, device="cpu", **options)
+    evaluate_models(models, suite, registry, EvalOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                                         progress=False, force=True, device="cpu", **options))
     return len(models) * len(suite.rows) / (time.perf_counter() - started)
 
 

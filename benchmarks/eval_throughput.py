@@ -63,13 +63,13 @@ def timed(fn) -> float:
 
 
 def run_mergegate(ref, suite, args, work: Path) -> float:
-    from mergegate.evaluate.runner import evaluate_models
+    from mergegate.evaluate import EvalOptions, evaluate_models
     from mergegate.registry import Registry
 
     registry = Registry(Path(tempfile.mkdtemp(dir=work)) / "registry.sqlite")
-    return timed(lambda: evaluate_models([(ref, "candidate")], suite, registry, batch_size=args.batch_size,
-                                         max_new_tokens=args.max_new_tokens, progress=False, force=True,
-                                         threads=args.threads, device="cpu"))
+    options = EvalOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=False, force=True,
+                          threads=args.threads, device="cpu")
+    return timed(lambda: evaluate_models([(ref, "candidate")], suite, registry, options))
 
 
 def load_plain(path: Path):
@@ -99,16 +99,16 @@ def run_plain(path: Path, suite, args, batch_size: int) -> float:
 
 
 def run_endpoint(url: str, served: str, suite, args, concurrency: int, work: Path) -> float:
-    from mergegate.evaluate.endpoint import EndpointSettings
-    from mergegate.evaluate.runner import evaluate_models
-    from mergegate.model_ref import ModelRef
+    from mergegate.evaluate import EvalOptions, evaluate_models
+    from mergegate.model_ref import EndpointSettings, ModelRef
     from mergegate.registry import Registry
 
     ref = ModelRef(served, url=url)
     registry = Registry(Path(tempfile.mkdtemp(dir=work)) / "registry.sqlite")
     settings = EndpointSettings(concurrency=concurrency, timeout_s=300.0, retries=0)
-    return timed(lambda: evaluate_models([(ref, "candidate")], suite, registry, max_new_tokens=args.max_new_tokens,
-                                         progress=False, force=True, threads=args.threads, endpoint=settings))
+    options = EvalOptions(max_new_tokens=args.max_new_tokens, progress=False, force=True, threads=args.threads,
+                          endpoint=settings)
+    return timed(lambda: evaluate_models([(ref, "candidate")], suite, registry, options))
 
 
 def main() -> None:

@@ -91,6 +91,7 @@ def run_search(label: str, space: Path, out: Path, args, **options) -> tuple[Row
 
 def hand_written(out: Path) -> Row:
     """Release every hand-written recipe on the held-out suite; the best by release_rank, also gated on dev."""
+    from mergegate.evaluate import EvalOptions
     from mergegate.model_ref import ModelRef
     from mergegate.pipeline import gate_release, release, release_rank
     from mergegate.registry import Registry
@@ -102,14 +103,14 @@ def hand_written(out: Path) -> Row:
                 if (p / "adapter_config.json").is_file()]
     results = {recipe.stem: release(recipe, DEMO / "suite.jsonl", DEMO / "policy.yaml", out / recipe.stem,
                                     registry=registry, candidate_name=f"merged-{recipe.stem}",
-                                    extra_sources=adapters, progress=False, device="cpu")
+                                    extra_sources=adapters, eval=EvalOptions(progress=False, device="cpu"))
                for recipe in sorted((DEMO / "recipes").glob("*.yaml"))}
     name = max(results, key=lambda m: release_rank(results[m].gate))
     chosen = results[name]
     base = next(run.ref for run in chosen.runs.values() if run.role == "base")
     sources = [run.ref for run in chosen.runs.values() if run.role == "source"]
     dev = gate_release(chosen.candidate, base, sources, DEMO / "dev.jsonl", DEMO / "policy.yaml",
-                       out / f"{name}-dev", registry=registry, progress=False, device="cpu")
+                       out / f"{name}-dev", eval=EvalOptions(progress=False, device="cpu"), registry=registry)
     registry.close()
     held_promoted, held_worst = release_rank(chosen.gate)
     dev_promoted, dev_worst = release_rank(dev.gate)

@@ -104,6 +104,7 @@ def run_demo(out: Path, methods: list[str], rerun: bool) -> dict:
     import yaml
 
     from mergegate.registry import Registry
+    from mergegate.evaluate import EvalOptions
     from mergegate.pipeline import release
 
     path = HERE / "experiments" / "demo-methods.json"
@@ -121,7 +122,7 @@ def run_demo(out: Path, methods: list[str], rerun: bool) -> dict:
         started = time.perf_counter()
         try:
             result = release(recipe_file, DEMO / "suite.jsonl", DEMO / "policy.yaml", out / slug,
-                             registry=registry, candidate_name=f"merged-{slug}", progress=False)
+                             eval=EvalOptions(progress=False), registry=registry, candidate_name=f"merged-{slug}")
         except Exception as exc:  # one method failing must not lose the others' results
             results[method] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"[demo] {method} failed: {exc}", flush=True)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergegate.errors import MergegateError, ModelRefError
-from mergegate.model_ref import ModelRef
+from mergegate.model_ref import EndpointSettings, ModelRef
 from mergegate.rollout import PlanModel
 
 
@@ -116,10 +116,10 @@ def test_plan_entries_refuse_what_a_ref_refuses():
 
 
 def test_a_remote_model_is_evaluated_through_its_server_never_loaded_in_process(tmp_path):
-    from mergegate.evaluate.runner import check_inputs, load_model
+    from mergegate.evaluate.runner import check_models, load_model
 
     remote = ModelRef("upstream", url="http://127.0.0.1:9/v1")
-    check_inputs([remote], batch_size=1, max_new_tokens=1)  # no local folder to check: the endpoint runner calls it
+    check_models([remote], EndpointSettings())  # no local folder to check: the endpoint runner calls it
     with pytest.raises(MergegateError, match="model 'upstream': http://127.0.0.1:9/v1 is a remote model; it is "
                                              "called through its server, not loaded"):
         load_model(remote)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mergegate.errors import EvaluationError, ModelRefError, PlanError
-from mergegate.evaluate import evaluate_models
+from mergegate.evaluate import EvalOptions, evaluate_models
 from mergegate.evaluate.endpoint import EndpointSettings as ReExported
 from mergegate.model_ref import (EndpointOverrides, EndpointSettings, ModelRef, load_models_file,
                                  resolve_model_ref)
@@ -166,11 +166,11 @@ def test_a_blocks_retries_override_the_commands_for_its_model_only(request, tmp_
     suite = _tiny_suite(tmp_path)
     server.busy = 1
     with pytest.raises(EvaluationError, match=r"model 'strict' .*row a failed after 1 try: HTTP 429"):
-        evaluate_models([(refs["strict"], "candidate")], suite, Registry(tmp_path / "a.sqlite"), progress=False,
-                        endpoint=FAST)
+        evaluate_models([(refs["strict"], "candidate")], suite, Registry(tmp_path / "a.sqlite"),
+                        EvalOptions(progress=False, endpoint=FAST))
     server.busy = 1  # the command's 3 retries apply to the block without its own
-    runs = evaluate_models([(refs["patient"], "candidate")], suite, Registry(tmp_path / "b.sqlite"), progress=False,
-                           endpoint=FAST)
+    runs = evaluate_models([(refs["patient"], "candidate")], suite, Registry(tmp_path / "b.sqlite"),
+                           EvalOptions(progress=False, endpoint=FAST))
     assert runs["patient"].results[0].passed and server.calls == 3
 
 
@@ -179,10 +179,10 @@ def test_a_blocks_concurrency_is_not_in_the_cache_key(request, tmp_path):
     server = request.getfixturevalue("scripted")
     suite, registry = _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite")
     first = evaluate_models([(ModelRef("m", url=server.url, endpoint=EndpointOverrides(concurrency=1)), "source")],
-                            suite, registry, progress=False, endpoint=FAST)["m"]
+                            suite, registry, EvalOptions(progress=False, endpoint=FAST))["m"]
     again = evaluate_models([(ModelRef("m", url=server.url, endpoint=EndpointOverrides(concurrency=16, retries=0,
                                                                                       timeout_s=5)), "source")],
-                            suite, registry, progress=False, endpoint=FAST)["m"]
+                            suite, registry, EvalOptions(progress=False, endpoint=FAST))["m"]
     assert not first.cached and again.cached and again.run_id == first.run_id and server.calls == 1
     assert "concurrency" not in json.dumps(registry.run_config(first.run_id))
 
@@ -192,7 +192,7 @@ def test_a_blocks_unset_api_key_variable_is_refused_naming_the_model(tmp_path, m
     ref = ModelRef("up", url="http://127.0.0.1:9/v1", endpoint=EndpointOverrides(api_key_env="MG_TEST_NO_SUCH_KEY"))
     with pytest.raises(EvaluationError, match="model 'up': API key variable MG_TEST_NO_SUCH_KEY is not set"):
         evaluate_models([(ref, "candidate")], _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite"),
-                        progress=False)
+                        EvalOptions(progress=False))
 
 
 def test_endpoint_settings_apply_to_a_url_only():

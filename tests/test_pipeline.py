@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mergegate.evaluate import EvalOptions
 from mergegate.gate import load_policy
 from mergegate.registry import Registry
 from mergegate.pipeline import release
@@ -34,7 +35,7 @@ def small_suite(tmp_path):
 def test_release_writes_reports_rollout_and_decisions(family, small_suite, tmp_path):
     registry = Registry(tmp_path / "registry.sqlite")
     first = release(recipe_for("ties", family, density=0.5), small_suite, {"default": {"max_drop": 0.2}},
-                    tmp_path / "ties", registry=registry, progress=False, max_new_tokens=4)
+                    tmp_path / "ties", eval=EvalOptions(progress=False, max_new_tokens=4), registry=registry)
     assert {p.name for p in (tmp_path / "ties").iterdir()} >= {"candidate", "report.md", "report.html",
                                                                 "rollout.yaml", "chart.png", "forest.png"}
     html = (tmp_path / "ties" / "report.html").read_text()
@@ -54,8 +55,9 @@ def test_release_writes_reports_rollout_and_decisions(family, small_suite, tmp_p
     rows = sqlite3.connect(tmp_path / "registry.sqlite").execute("SELECT cohort, decision FROM decisions").fetchall()
     assert sorted(rows) == sorted((d.cohort, d.decision) for d in first.gate.decisions)
 
-    second = release(recipe_for("task_arithmetic", family), small_suite, None, tmp_path / "ta", registry=registry,
-                     progress=False, max_new_tokens=4, current=tmp_path / "ties" / "rollout.yaml")
+    second = release(recipe_for("task_arithmetic", family), small_suite, None, tmp_path / "ta",
+                     eval=EvalOptions(progress=False, max_new_tokens=4), registry=registry,
+                     current=tmp_path / "ties" / "rollout.yaml")
     assert "vs current" in (tmp_path / "ta" / "report.html").read_text()  # against the plan served now
     assert all(second.runs[name].cached for name in ("base", "ft1", "ft2", "ft3"))
     assert not second.runs["merged-task_arithmetic"].cached
@@ -65,7 +67,8 @@ def test_release_needs_a_base_model(family, small_suite, tmp_path):
     from mergegate import RecipeError
 
     with pytest.raises(RecipeError, match="a release needs base_model"):
-        release(recipe_for("linear", family, base=False), small_suite, None, tmp_path / "o", progress=False)
+        release(recipe_for("linear", family, base=False), small_suite, None, tmp_path / "o",
+                eval=EvalOptions(progress=False))
 
 
 def test_gate_release_checks_every_model_before_opening_the_registry(family, small_suite, tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergegate import MergegateError
-from mergegate.evaluate import SuiteError, evaluate_models, load_suite
+from mergegate.evaluate import EvalOptions, SuiteError, evaluate_models, load_suite
 from mergegate.evaluate import evaluators as evaluators_module
 from mergegate.evaluate import runner as runner_module
 from mergegate.model_ref import ModelRef
@@ -56,7 +56,7 @@ def test_every_model_answers_the_same_rows_with_tokens_and_latency(family, suite
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     specs = [(ModelRef("base", family["base"]), "base"), (ModelRef("ft1", family["ft1"]), "source")]
-    runs = evaluate_models(specs, suite, registry, batch_size=4, max_new_tokens=6, progress=False)
+    runs = evaluate_models(specs, suite, registry, EvalOptions(batch_size=4, max_new_tokens=6, progress=False))
     for name, run in runs.items():
         assert [r.row_id for r in run.results] == [row["id"] for row in ROWS]
         for result in run.results:
@@ -74,22 +74,22 @@ def test_sources_are_cached_by_model_suite_and_config(family, suite_file, tmp_pa
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("base", family["base"]), "base")
-    first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["base"]
+    first = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=4, progress=False))["base"]
 
     def no_loading(spec, device=None):
         raise AssertionError("a cached model must not be loaded")
 
     monkeypatch.setattr(runner_module, "load_model", no_loading)
-    again = evaluate_models([(ModelRef("renamed", family["base"]), "base")], suite, registry, batch_size=3,
-                            max_new_tokens=4, progress=False)
+    again = evaluate_models([(ModelRef("renamed", family["base"]), "base")], suite, registry,
+                            EvalOptions(batch_size=3, max_new_tokens=4, progress=False))
     assert again["renamed"].cached and again["renamed"].run_id == first.run_id
     assert [r.output for r in again["renamed"].results] == [r.output for r in first.results]
     changed = suite_file.parent / "changed.jsonl"
     changed.write_text(suite_file.read_text().replace("say 3:", "say three:"))
     with pytest.raises(AssertionError, match="must not be loaded"):  # a different suite is not a cache hit
-        evaluate_models([spec], load_suite(changed), registry, max_new_tokens=4, progress=False)
+        evaluate_models([spec], load_suite(changed), registry, EvalOptions(max_new_tokens=4, progress=False))
     with pytest.raises(AssertionError, match="must not be loaded"):  # other generation settings: not a hit either
-        evaluate_models([spec], suite, registry, max_new_tokens=5, progress=False)
+        evaluate_models([spec], suite, registry, EvalOptions(max_new_tokens=5, progress=False))
 
 
 def test_interrupted_run_resumes_without_redoing_rows(family, suite_file, tmp_path, monkeypatch):
@@ -109,10 +109,10 @@ def test_interrupted_run_resumes_without_redoing_rows(family, suite_file, tmp_pa
 
     monkeypatch.setattr(runner_module, "_run_batch", crash_on_second_batch)
     with pytest.raises(RuntimeError, match="interrupted"):
-        evaluate_models([spec], suite, registry, batch_size=4, max_new_tokens=4, progress=False)
+        evaluate_models([spec], suite, registry, EvalOptions(batch_size=4, max_new_tokens=4, progress=False))
     first_batch = set(seen[0])
     seen.clear()
-    run = evaluate_models([spec], suite, registry, batch_size=4, max_new_tokens=4, progress=False)["ft2"]
+    run = evaluate_models([spec], suite, registry, EvalOptions(batch_size=4, max_new_tokens=4, progress=False))["ft2"]
     redone = {row_id for batch in seen for row_id in batch}
     assert not redone & first_batch and redone | first_batch == {r["id"] for r in ROWS}
     assert len(run.results) == 10 and not run.cached
@@ -168,8 +168,8 @@ def test_latency_is_per_row_within_the_batchs_wall_time(family, suite_file, tmp_
         return results
 
     monkeypatch.setattr(runner_module, "_run_batch", timed)
-    evaluate_models([(ModelRef("base", family["base"]), "base")], load_suite(suite_file), Registry(tmp_path / "r.sqlite"),
-                    batch_size=10, max_new_tokens=12, progress=False)
+    evaluate_models([(ModelRef("base", family["base"]), "base")], load_suite(suite_file),
+                    Registry(tmp_path / "r.sqlite"), EvalOptions(batch_size=10, max_new_tokens=12, progress=False))
     (wall, results), = walls
     assert len(results) == 10 and all(0 < r.latency_ms <= wall for r in results)
 
@@ -179,9 +179,9 @@ def test_runs_recorded_with_batch_latencies_are_not_served(family, suite_file, t
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("base", family["base"]), "base")
     monkeypatch.setattr(runner_module, "RUNNER_FORMAT", "2")  # the format that recorded the batch's wall time
-    old = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["base"]
+    old = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=4, progress=False))["base"]
     monkeypatch.undo()
-    now = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["base"]
+    now = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=4, progress=False))["base"]
     assert not now.cached and now.run_id != old.run_id
 
 # --- the cache key: everything that changes an answer (issue 8) --------------------------------------------
@@ -200,13 +200,13 @@ def test_generation_settings_are_part_of_the_cache_key(family, suite_file, tmp_p
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("base", family["base"]), "base")
-    short = evaluate_models([spec], suite, registry, batch_size=4, max_new_tokens=1, progress=False)["base"]
+    short = evaluate_models([spec], suite, registry, EvalOptions(batch_size=4, max_new_tokens=1, progress=False))["base"]
     assert all(r.completion_tokens <= 1 for r in short.results)
-    full = evaluate_models([spec], suite, registry, batch_size=4, max_new_tokens=6, progress=False)["base"]
+    full = evaluate_models([spec], suite, registry, EvalOptions(batch_size=4, max_new_tokens=6, progress=False))["base"]
     assert not full.cached and full.run_id != short.run_id  # a --max-new-tokens 1 run is not a normal run
     assert max(r.completion_tokens for r in full.results) > 1
     # batch size does not change an answer: not part of the key
-    again = evaluate_models([spec], suite, registry, batch_size=7, max_new_tokens=6, progress=False)["base"]
+    again = evaluate_models([spec], suite, registry, EvalOptions(batch_size=7, max_new_tokens=6, progress=False))["base"]
     assert again.cached and again.run_id == full.run_id
     stored = json.loads(sqlite3.connect(tmp_path / "registry.sqlite").execute(
         "SELECT config FROM eval_runs WHERE id=?", (full.run_id,)).fetchone()[0])
@@ -218,9 +218,9 @@ def test_a_new_evaluator_version_is_not_served_old_scores(family, suite_file, tm
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("base", family["base"]), "base")
-    first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=3, progress=False)["base"]
+    first = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=3, progress=False))["base"]
     monkeypatch.setattr(evaluators_module.ExactMatch, "version", "2")
-    again = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=3, progress=False)["base"]
+    again = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=3, progress=False))["base"]
     assert not again.cached and again.run_id != first.run_id
 
 
@@ -236,7 +236,8 @@ def test_greedy_answers_do_not_depend_on_batch_size(tmp_path):
     spec = (ModelRef("json_output", DEMO / "models" / "json_output"), "source")
     answers = []
     for size in (1, 6, 20):
-        run = evaluate_models([spec], suite, registry, batch_size=size, force=True, progress=False, threads=1)
+        run = evaluate_models([spec], suite, registry,
+                              EvalOptions(batch_size=size, force=True, progress=False, threads=1))
         answers.append([(r.row_id, r.output, r.score) for r in run["json_output"].results])
     assert answers[0] == answers[1] == answers[2]
     assert len({a[2] for a in answers[0]}) > 1  # real answers: some right, some wrong
@@ -261,12 +262,12 @@ def test_replacing_a_merged_models_weights_is_not_served_old_scores(family, suit
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("merged", merged), "candidate")
-    first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["merged"]
+    first = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=4, progress=False))["merged"]
     shutil.copyfile(family["ft3"] / "model.safetensors", merged / "model.safetensors")  # mergegate.json unchanged
-    again = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=4, progress=False)["merged"]
+    again = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=4, progress=False))["merged"]
     assert not again.cached and again.model_hash != first.model_hash
-    ft3 = evaluate_models([(ModelRef("ft3", family["ft3"]), "source")], suite, registry, batch_size=5,
-                          max_new_tokens=4, progress=False)["ft3"]
+    ft3 = evaluate_models([(ModelRef("ft3", family["ft3"]), "source")], suite, registry,
+                          EvalOptions(batch_size=5, max_new_tokens=4, progress=False))["ft3"]
     assert [r.output for r in again.results] == [r.output for r in ft3.results]
 
 
@@ -295,7 +296,7 @@ def test_bad_settings_are_refused_before_anything_is_recorded(family, suite_file
     registry = Registry(tmp_path / "registry.sqlite")
     with pytest.raises(MergegateError, match=message):
         evaluate_models([(ModelRef("base", family["base"]), "base")], load_suite(suite_file), registry,
-                        progress=False, **settings)
+                        EvalOptions(progress=False, **settings))
     assert _runs(tmp_path / "registry.sqlite") == []
 
 
@@ -304,7 +305,7 @@ def test_missing_model_folder_is_refused_by_name(family, suite_file, tmp_path):
     with pytest.raises(MergegateError, match=r"model 'ghost': .*nowhere: no such folder"):
         evaluate_models([(ModelRef("base", family["base"]), "base"),
                          (ModelRef("ghost", tmp_path / "nowhere"), "source")],
-                        load_suite(suite_file), registry, progress=False)
+                        load_suite(suite_file), registry, EvalOptions(progress=False))
     assert _runs(tmp_path / "registry.sqlite") == []
 
 
@@ -312,12 +313,12 @@ def test_a_finished_run_missing_rows_is_not_served(family, suite_file, tmp_path)
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("base", family["base"]), "base")
-    first = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=3, progress=False)["base"]
+    first = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=3, progress=False))["base"]
     db = sqlite3.connect(tmp_path / "registry.sqlite")
     with db:
         db.execute("DELETE FROM row_results WHERE run_id=? AND row_id IN ('r3', 'r7')", (first.run_id,))
     db.close()
-    again = evaluate_models([spec], suite, registry, batch_size=5, max_new_tokens=3, progress=False)["base"]
+    again = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=3, progress=False))["base"]
     assert not again.cached
     assert [r.row_id for r in again.results] == [row["id"] for row in ROWS]
     assert [r.output for r in again.results] == [r.output for r in first.results]
@@ -352,8 +353,8 @@ def test_an_old_registry_opens_and_its_unkeyed_runs_are_not_served(family, suite
                        [(r["id"], r["cohort"], "base", model_hash, "stale", 1, 1, 1.0, 1.0, 1, "{}") for r in ROWS])
     db.close()
     registry = Registry(path)
-    run = evaluate_models([(ModelRef("base", family["base"]), "base")], suite, registry, batch_size=5, max_new_tokens=3,
-                          progress=False)["base"]
+    run = evaluate_models([(ModelRef("base", family["base"]), "base")], suite, registry,
+                          EvalOptions(batch_size=5, max_new_tokens=3, progress=False))["base"]
     assert not run.cached and run.run_id == 2 and "stale" not in {r.output for r in run.results}
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     # rows stored before measurement times were kept have none; the new run's rows have this session's
@@ -381,8 +382,8 @@ def test_cached_results_come_back_in_suite_order(family, tmp_path):
     suite = load_suite(_write_rows(tmp_path / "suite.jsonl", rows))
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("base", family["base"]), "base")
-    first = evaluate_models([spec], suite, registry, batch_size=3, max_new_tokens=3, progress=False)["base"]
-    again = evaluate_models([spec], suite, registry, batch_size=3, max_new_tokens=3, progress=False)["base"]
+    first = evaluate_models([spec], suite, registry, EvalOptions(batch_size=3, max_new_tokens=3, progress=False))["base"]
+    again = evaluate_models([spec], suite, registry, EvalOptions(batch_size=3, max_new_tokens=3, progress=False))["base"]
     assert again.cached
     assert [r.row_id for r in first.results] == [r.row_id for r in again.results] == [r["id"] for r in rows]
     assert first.results == again.results

@@ -13,6 +13,7 @@ import pytest
 
 from mergegate.costs import CohortCost, cohort_cost, cohort_costs
 from mergegate.errors import MergegateError
+from mergegate.evaluate import EvalOptions
 from mergegate.gate import CohortDecision, GateResult, Policy
 from mergegate.pipeline import release_rank
 from mergegate.registry import RowResult
@@ -147,7 +148,7 @@ def test_a_report_says_when_each_latency_was_measured_and_never_compares_runs_ap
     registry = tmp_path / "registry.sqlite"
     base, source = ModelRef("base", family["base"]), ModelRef("ft2", family["ft2"])
     first = gate_release(ModelRef("ft1", family["ft1"]), base, [source], suite, None, tmp_path / "first",
-                         registry=registry, progress=False, max_new_tokens=4)
+                         eval=EvalOptions(progress=False, max_new_tokens=4), registry=registry)
     md = first.reports["md"].read_text()
     assert "latency measured" in md and "†" not in md  # measured together: comparable
     with sqlite3.connect(registry) as db:  # the earlier command ran three days ago
@@ -156,7 +157,7 @@ def test_a_report_says_when_each_latency_was_measured_and_never_compares_runs_ap
     db.close()
 
     second = gate_release(ModelRef("ft3", family["ft3"]), base, [source], suite, None, tmp_path / "second",
-                          registry=registry, progress=False, max_new_tokens=4)
+                          eval=EvalOptions(progress=False, max_new_tokens=4), registry=registry)
     assert second.runs["base"].cached and not second.runs["ft3"].cached
     md = second.reports["md"].read_text()
     day = {name: datetime.datetime.fromtimestamp(earlier[name], tz=datetime.timezone.utc).strftime("%Y-%m-%d")

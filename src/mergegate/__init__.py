@@ -38,6 +38,7 @@ _EXPORTS = {
     # evaluate
     "Suite": "evaluate",
     "load_suite": "evaluate",
+    "EvalOptions": "evaluate",
     "evaluate_models": "evaluate",
     "Registry": "registry",
     # gate and release
@@ -101,7 +102,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
                          IncompatibleModels, MergegateError, MergeOptionsError, ModelRefError, MoEConfigError,
                          PlanError, PolicyError, RecipeError, RegistryError, SearchError, SearchSpaceError,
                          SuiteError)
-    from .evaluate import Suite, evaluate_models, load_suite
+    from .evaluate import EvalOptions, Suite, evaluate_models, load_suite
     from .gate import GateResult, Policy, decide, load_policy
     from .gateway import create_app, serve
     from .io.read import Checkpoint

@@ -1,4 +1,4 @@
-"""A freshly merged candidate behind its own server for the release's evaluation (`release(..., serve_candidate=)`).
+"""A freshly merged candidate behind its own server for the release's evaluation (`release(..., serve=...)`).
 
 The template (e.g. `vllm serve {path} --port {port} --served-model-name {name}`) is split with shlex (no shell),
 then each argument is filled in with the candidate's folder, a free loopback port and the candidate's name; the

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import mergegate
 from mergegate.engine import MergeOptions, merge
 from mergegate.errors import MergegateError, MergeOptionsError
+from mergegate.evaluate import EvalOptions
 
 from ..conftest import recipe_for
 
@@ -82,8 +83,8 @@ def test_release_passes_every_merge_option_and_owns_its_candidate_folder(family,
                            progress=False, check_lineage=False)
     recipe = recipe_for("ties", family, density=0.5)
     with pytest.raises(Stop):
-        release_module.release(recipe, suite, None, tmp_path / "out", merge_options=options, progress=True)
+        release_module.release(recipe, suite, None, tmp_path / "out", eval=EvalOptions(progress=True), merge=options)
     with pytest.raises(Stop):
-        release_module.release(recipe, suite, None, tmp_path / "out", progress=False)
+        release_module.release(recipe, suite, None, tmp_path / "out", eval=EvalOptions(progress=False))
     assert given == [(tmp_path / "out" / "candidate", replace(options, overwrite=True), {}),
                      (tmp_path / "out" / "candidate", MergeOptions(progress=False, overwrite=True), {})]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergegate.errors import EvaluationError
-from mergegate.evaluate import SuiteError, evaluate_models, load_suite
+from mergegate.evaluate import EvalOptions, SuiteError, evaluate_models, load_suite
 from mergegate.evaluate import runner as runner_module
 from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
@@ -152,7 +152,8 @@ def chat_suite(tmp_path_factory):
 @pytest.mark.slow
 def test_in_process_a_chat_row_answers_as_its_prompt_row(chat_suite, tmp_path):
     runs = evaluate_models([(ModelRef("json_output", JSON_MODEL), "candidate")], chat_suite,
-                           Registry(tmp_path / "r.sqlite"), max_new_tokens=24, progress=False, device="cpu")
+                           Registry(tmp_path / "r.sqlite"),
+                           EvalOptions(max_new_tokens=24, progress=False, device="cpu"))
     by_id = {r.row_id: r for r in runs["json_output"].results}
     for row in _demo_json_rows(3):
         plain, chat = by_id[row["id"]], by_id[row["id"] + "-chat"]
@@ -170,8 +171,8 @@ def test_a_chat_row_for_a_model_without_a_chat_template_is_refused_before_genera
     registry = Registry(tmp_path / "r.sqlite")
     with pytest.raises(EvaluationError, match=r"model 'plain': row json_output-\d+-chat is a chat \(messages\), "
                                               "but the model's tokenizer has no chat template"):
-        evaluate_models([(ModelRef("plain", folder), "candidate")], chat_suite, registry, progress=False,
-                        device="cpu")
+        evaluate_models([(ModelRef("plain", folder), "candidate")], chat_suite, registry,
+                        EvalOptions(progress=False, device="cpu"))
     assert registry._read("SELECT COUNT(*) AS n FROM eval_runs")[0]["n"] == 0  # refused before any run was opened
 
 
@@ -209,7 +210,8 @@ def test_a_chat_row_is_posted_to_chat_completions_and_scored(tmp_path):
     suite = load_suite(_write(tmp_path / "s.jsonl", [{**BASE_ROW, "messages": messages}]))
     with ServerThread(server.app) as running:
         runs = evaluate_models([(ModelRef("m", url=running.url + "/v1"), "candidate")], suite,
-                               Registry(tmp_path / "r.sqlite"), max_new_tokens=16, progress=False, endpoint=FAST)
+                               Registry(tmp_path / "r.sqlite"),
+                               EvalOptions(max_new_tokens=16, progress=False, endpoint=FAST))
     (result,) = runs["m"].results
     assert result.output == "42" and result.passed and (result.prompt_tokens, result.completion_tokens) == (5, 1)
     (body,) = server.bodies
@@ -231,7 +233,7 @@ def test_through_the_gateway_a_chat_row_answers_as_in_process(chat_suite, tmp_pa
     local = ModelRef("local", JSON_MODEL)
     with ServerThread(create_app(plan, registry=Registry(tmp_path / "gateway.sqlite"))) as server:
         remote = ModelRef("remote", url=server.url + "/v1", served_model="json_output")
-        runs = evaluate_models([(local, "source"), (remote, "candidate")], chats, registry, max_new_tokens=8,
-                               progress=False, endpoint=FAST, device="cpu")
+        runs = evaluate_models([(local, "source"), (remote, "candidate")], chats, registry,
+                               EvalOptions(max_new_tokens=8, progress=False, endpoint=FAST, device="cpu"))
     assert [r.output for r in runs["local"].results] == [r.output for r in runs["remote"].results]
     assert [r.prompt_tokens for r in runs["local"].results] == [r.prompt_tokens for r in runs["remote"].results]

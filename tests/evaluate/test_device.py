@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import mergegate.gateway
 from mergegate.cli import app
 from mergegate.errors import EvaluationError
-from mergegate.evaluate import evaluate_models, load_suite
-from mergegate.evaluate.runner import config_hash, device_dtype, load_model, resolve_device, run_config
+from mergegate.evaluate import EvalOptions, evaluate_models, load_suite
+from mergegate.evaluate.runner import config_hash, device_dtype, load_model, run_config
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
 
@@ -44,20 +44,20 @@ def no_gpu(monkeypatch):
 
 
 def test_the_default_is_cpu_without_a_gpu_and_cpu_is_always_accepted(no_gpu):
-    assert resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    assert EvalOptions().resolved_device == "cpu" and EvalOptions(device="cpu").resolved_device == "cpu"
     assert device_dtype("cpu") == torch.float32 and device_dtype("cuda:1") == torch.bfloat16
 
 
 @pytest.mark.parametrize("value", ["gpu", "CPU", "cuda:", "cuda:x", "cuda:-1", "cuda:0:1", "mps", "", 0])
 def test_malformed_devices_are_refused_naming_the_accepted_forms(value):
-    with pytest.raises(EvaluationError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
-        resolve_device(value)
+    with pytest.raises(EvaluationError, match="device must be cpu, cuda or cuda:N"):
+        EvalOptions(device=value)
 
 
 @pytest.mark.parametrize("value", ["cuda", "cuda:0"])
 def test_cuda_without_a_gpu_isassert_refused(no_gpu, value):
     with pytest.raises(EvaluationError, match=f"device '{value}': no CUDA GPU is available"):
-        resolve_device(value)
+        EvalOptions(device=value)
 
 
 def test_the_cache_key_follows_the_devices_dtype(family, suite_file):
@@ -120,10 +120,10 @@ def test_generation_on_cuda_is_bf16_greedy_and_repeatable(family, suite_file, tm
     model, tokenizer = load_model(ModelRef("base", family["base"]), "cuda")
     assert model.device.type == "cuda" and model.dtype == torch.bfloat16
     suite, registry = load_suite(suite_file), Registry(tmp_path / "r.sqlite")
-    first = evaluate_models([(ModelRef("base", family["base"]), "source")], suite, registry, batch_size=4,
-                            max_new_tokens=4, device="cuda")["base"]
-    again = evaluate_models([(ModelRef("base", family["base"]), "source")], suite, registry, batch_size=1,
-                            max_new_tokens=4, device="cuda", force=True)["base"]
+    first = evaluate_models([(ModelRef("base", family["base"]), "source")], suite, registry,
+                            EvalOptions(batch_size=4, max_new_tokens=4, device="cuda"))["base"]
+    again = evaluate_models([(ModelRef("base", family["base"]), "source")], suite, registry,
+                            EvalOptions(batch_size=1, max_new_tokens=4, device="cuda", force=True))["base"]
     assert [r.row_id for r in first.results] == [row["id"] for row in ROWS]
     assert all(1 <= r.completion_tokens <= 4 for r in first.results)
     assert [r.output for r in first.results] == [r.output for r in again.results]  # batched = one by one

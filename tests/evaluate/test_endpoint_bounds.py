@@ -15,7 +15,7 @@ import pytest
 
 from mergegate._upstream import AnswerTooLarge, answer_limit, read_limited, usage_counts
 from mergegate.errors import EvaluationError
-from mergegate.evaluate import evaluate_models, load_suite
+from mergegate.evaluate import EvalOptions, evaluate_models, load_suite
 from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
@@ -130,8 +130,8 @@ def _evaluate_within(seconds: float, ref: ModelRef, tmp_path: Path, settings: En
 
     def run():
         try:
-            outcome["runs"] = evaluate_models([(ref, "candidate")], _suite(tmp_path), registry, progress=False,
-                                              endpoint=settings, max_new_tokens=64)
+            outcome["runs"] = evaluate_models([(ref, "candidate")], _suite(tmp_path), registry,
+                                              EvalOptions(progress=False, endpoint=settings, max_new_tokens=64))
         except Exception as exc:  # noqa: BLE001 - handed to the test
             outcome["error"] = exc
 

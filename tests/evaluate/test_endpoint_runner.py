@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mergegate.errors import EvaluationError
-from mergegate.evaluate import evaluate_models, load_suite
+from mergegate.evaluate import EvalOptions, evaluate_models, load_suite
 from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
@@ -66,8 +66,8 @@ def test_gateway_answers_as_in_process_and_second_run_is_cached(gateway, demo_su
     remote = ModelRef("remote", url=gateway, served_model="json_output")
     # max_new_tokens 8 is below every row's 2*expected+8 budget, so both runners cut at 8 tokens (budgets counted
     # by the gateway's /tokenize: tests/gateway/test_tokenize.py).
-    runs = evaluate_models([(local, "source"), (remote, "candidate")], suite, registry, max_new_tokens=8,
-                           progress=False, endpoint=FAST)
+    runs = evaluate_models([(local, "source"), (remote, "candidate")], suite, registry,
+                           EvalOptions(max_new_tokens=8, progress=False, endpoint=FAST))
     mine, theirs = runs["local"].results, runs["remote"].results
     assert [r.row_id for r in mine] == [r.row_id for r in theirs]
     assert [r.output for r in mine] == [r.output for r in theirs]
@@ -76,8 +76,8 @@ def test_gateway_answers_as_in_process_and_second_run_is_cached(gateway, demo_su
     assert [r.completion_tokens for r in mine] == [r.completion_tokens for r in theirs]
     assert all(r.latency_ms > 0 for r in theirs)
     assert registry.model(runs["remote"].model_hash)["path"] == gateway
-    again = evaluate_models([(remote, "candidate")], suite, registry, max_new_tokens=8, progress=False,
-                            endpoint=FAST)
+    again = evaluate_models([(remote, "candidate")], suite, registry,
+                            EvalOptions(max_new_tokens=8, progress=False, endpoint=FAST))
     assert again["remote"].cached and [r.output for r in again["remote"].results] == [r.output for r in theirs]
 
 
@@ -134,7 +134,7 @@ def test_429_with_retry_after_is_retried(scripted, tmp_path):
     scripted.busy = 1
     ref = ModelRef("m", url=scripted.url)
     runs = evaluate_models([(ref, "candidate")], _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite"),
-                           progress=False, endpoint=FAST)
+                           EvalOptions(progress=False, endpoint=FAST))
     (result,) = runs["m"].results
     assert scripted.calls == 2 and result.passed and result.output == "42"
     assert result.latency_ms >= 300  # the wait Retry-After asked for is part of the row's wall time
@@ -147,7 +147,7 @@ def test_a_server_reporting_another_identity_is_another_model(scripted, tmp_path
     ref = ModelRef("m", url=scripted.url)
 
     def run():
-        return evaluate_models([(ref, "candidate")], suite, registry, progress=False, endpoint=FAST)["m"]
+        return evaluate_models([(ref, "candidate")], suite, registry, EvalOptions(progress=False, endpoint=FAST))["m"]
 
     first = run()
     scripted.identity["created"] = 2  # vLLM stamps `created` per call: not part of the identity
@@ -162,13 +162,14 @@ def test_perplexity_rows_are_refused_for_a_url_model(tmp_path):
     suite = _tiny_suite(tmp_path, ("exact_match", "perplexity"))
     with pytest.raises(EvaluationError, match="'perplexity' needs the likelihood"):
         evaluate_models([(ModelRef("m", url="http://127.0.0.1:9/v1"), "candidate")], suite,
-                        Registry(tmp_path / "r.sqlite"), progress=False)
+                        Registry(tmp_path / "r.sqlite"), EvalOptions(progress=False))
 
 
 def test_bad_endpoint_settings_are_refused(tmp_path):
     with pytest.raises(EvaluationError, match="endpoint concurrency"):
         evaluate_models([(ModelRef("m", url="http://127.0.0.1:9/v1"), "candidate")], _tiny_suite(tmp_path),
-                        Registry(tmp_path / "r.sqlite"), progress=False, endpoint=EndpointSettings(concurrency=0))
+                        Registry(tmp_path / "r.sqlite"),
+                        EvalOptions(progress=False, endpoint=EndpointSettings(concurrency=0)))
 
 
 @pytest.mark.slow
@@ -207,8 +208,8 @@ def test_a_folder_re_merged_in_place_is_not_served_from_the_cache(demo_suite, tm
         app = create_app(plan, registry=Registry(tmp_path / "gateway.sqlite"))
         with ServerThread(app) as server:
             ref = ModelRef("candidate", url=server.url + "/v1", served_model=served)
-            return evaluate_models([(ref, "candidate")], suite, registry, max_new_tokens=8, progress=False,
-                                   endpoint=FAST)["candidate"]
+            return evaluate_models([(ref, "candidate")], suite, registry,
+                                   EvalOptions(max_new_tokens=8, progress=False, endpoint=FAST))["candidate"]
 
     first, router_first = evaluate("candidate"), evaluate("mergegate")
     assert evaluate("candidate").cached and evaluate("mergegate").cached  # unchanged: served from the cache

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mergegate.errors import EvaluationError
-from mergegate.evaluate import evaluate_models, load_suite
+from mergegate.evaluate import EvalOptions, evaluate_models, load_suite
 from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.evaluate.sharded import shard_endpoint
 from mergegate.model_ref import EndpointOverrides, ModelRef
@@ -52,11 +52,11 @@ def suite(tmp_path_factory):
 
 
 def test_two_workers_record_what_one_process_records(local_ray, suite, tmp_path):
-    alone = evaluate_models(MODELS, suite, Registry(tmp_path / "one.sqlite"), batch_size=4, max_new_tokens=16,
-                            progress=False, device="cpu")
+    alone = evaluate_models(MODELS, suite, Registry(tmp_path / "one.sqlite"),
+                            EvalOptions(batch_size=4, max_new_tokens=16, progress=False, device="cpu"))
     registry = Registry(tmp_path / "sharded.sqlite")
-    sharded = evaluate_models(MODELS, suite, registry, batch_size=4, max_new_tokens=16, progress=False,
-                              device="cpu", workers=2)
+    sharded = evaluate_models(MODELS, suite, registry,
+                              EvalOptions(batch_size=4, max_new_tokens=16, progress=False, device="cpu", workers=2))
     assert list(sharded) == ["base", "json_output"]
     for name in sharded:
         assert not sharded[name].cached
@@ -68,8 +68,8 @@ def test_two_workers_record_what_one_process_records(local_ray, suite, tmp_path)
     for run in sharded.values():
         assert registry.done_rows(run.run_id) == {row.id for row in suite.rows}
     assert local_ray.is_initialized()  # a Ray mergegate did not start is left running
-    again = evaluate_models(MODELS, suite, registry, batch_size=4, max_new_tokens=16, progress=False, device="cpu",
-                            workers=2)
+    again = evaluate_models(MODELS, suite, registry,
+                            EvalOptions(batch_size=4, max_new_tokens=16, progress=False, device="cpu", workers=2))
     assert all(run.cached for run in again.values())  # the cache holds whichever way the run was made
 
 
@@ -84,10 +84,10 @@ def test_a_url_model_sharded_answers_as_unsharded(local_ray, suite, tmp_path):
     servable = load_suite(_without_perplexity(suite, tmp_path))  # a completions endpoint cannot score them
     with ServerThread(create_app(plan, registry=Registry(tmp_path / "gateway.sqlite"))) as server:
         remote = [(ModelRef("remote", url=server.url + "/v1", served_model="json_output"), "candidate")]
-        alone = evaluate_models(remote, servable, Registry(tmp_path / "one.sqlite"), max_new_tokens=8,
-                                progress=False, endpoint=FAST)
-        sharded = evaluate_models(remote, servable, Registry(tmp_path / "sharded.sqlite"), max_new_tokens=8,
-                                  progress=False, endpoint=FAST, workers=2)
+        alone = evaluate_models(remote, servable, Registry(tmp_path / "one.sqlite"),
+                                EvalOptions(max_new_tokens=8, progress=False, endpoint=FAST))
+        sharded = evaluate_models(remote, servable, Registry(tmp_path / "sharded.sqlite"),
+                                  EvalOptions(max_new_tokens=8, progress=False, endpoint=FAST, workers=2))
     assert _answers(sharded["remote"]) == _answers(alone["remote"])
     assert len(sharded["remote"].results) == len(servable.rows)
 
@@ -119,11 +119,11 @@ def test_a_url_models_own_api_key_reaches_the_shards_and_no_ray_log(local_ray, t
         ref = ModelRef("keyed", url=running.url + "/v1", served_model="m",
                        endpoint=EndpointOverrides(api_key_env="MG_TEST_SHARD_KEY"))
         runs = evaluate_models([(ref, "candidate")], load_suite(path), Registry(tmp_path / "r.sqlite"),
-                               max_new_tokens=4, progress=False, endpoint=FAST, workers=2)
+                               EvalOptions(max_new_tokens=4, progress=False, endpoint=FAST, workers=2))
         refusing.append(True)
         with pytest.raises(EvaluationError, match="HTTP 401: key \\*\\*\\* is revoked") as refused:
             evaluate_models([(ref, "candidate")], load_suite(path), Registry(tmp_path / "other.sqlite"),
-                            max_new_tokens=4, progress=False, endpoint=FAST, workers=2)
+                            EvalOptions(max_new_tokens=4, progress=False, endpoint=FAST, workers=2))
     assert key not in str(refused.value) and key not in repr(refused.value)
     assert [r.passed for r in runs["keyed"].results] == [True] * 4
     assert server.calls == 4 and set(seen) == {f"Bearer {key}"}
@@ -142,10 +142,10 @@ def test_settings_carrying_a_key_never_show_it(monkeypatch):
 
     monkeypatch.setenv("MG_TEST_SHARD_KEY", "mg-test-shown-key")
     carrying = EndpointSettings(api_key_env="MG_TEST_SHARD_KEY").with_key()
-    trial = _carrying_key(TrialSpec(0, "", None, "f", None, "c", "b", (), {}, None,
-                                    endpoint=EndpointSettings(api_key_env="MG_TEST_SHARD_KEY")))
+    trial = _carrying_key(TrialSpec(0, "", None, "f", None, "c", "b", (), {}, None,  # type: ignore[arg-type]
+                                    eval=EvalOptions(endpoint=EndpointSettings(api_key_env="MG_TEST_SHARD_KEY"))))
     monkeypatch.delenv("MG_TEST_SHARD_KEY")
-    assert trial.endpoint.api_key() == "mg-test-shown-key" and "mg-test-shown-key" not in repr(trial)
+    assert trial.eval.endpoint.api_key() == "mg-test-shown-key" and "mg-test-shown-key" not in repr(trial)
     assert carrying.api_key() == "mg-test-shown-key" and not carrying.problems()  # as in a worker without it
     assert pickle.loads(pickle.dumps(carrying)).api_key() == "mg-test-shown-key"
     assert "mg-test-shown-key" not in repr(carrying) + str(carrying) + repr(carrying.key) + str(carrying.key)
@@ -184,7 +184,7 @@ def _without_perplexity(suite, tmp_path) -> Path:
 def test_a_bad_workers_value_is_refused_before_anything_runs(workers, suite, tmp_path):
     registry = Registry(tmp_path / "r.sqlite")
     with pytest.raises(EvaluationError, match="workers must be an integer >= 1"):
-        evaluate_models(MODELS, suite, registry, progress=False, workers=workers)
+        evaluate_models(MODELS, suite, registry, EvalOptions(progress=False, workers=workers))
     assert not registry._read("SELECT id FROM eval_runs", ())
 
 

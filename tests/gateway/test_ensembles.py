@@ -280,7 +280,7 @@ def test_a_route_without_a_strategy_makes_one_call_and_records_no_strategy_cost(
 # -- the done-when: a vote that beats each member, evaluated as a candidate ---------------------------------------
 
 def test_vote_beats_each_member_through_the_endpoint_runner(gw, stub, tmp_path):
-    from mergegate.evaluate.runner import evaluate_models
+    from mergegate.evaluate import EvalOptions, evaluate_models
     from mergegate.evaluate.suite import load_suite
     from mergegate.model_ref import EndpointSettings, ModelRef
     from mergegate.registry import Registry
@@ -302,8 +302,7 @@ def test_vote_beats_each_member_through_the_endpoint_runner(gw, stub, tmp_path):
     refs = [(ModelRef(name, url=stub.url, served_model=name), "source") for name in MEMBERS]
     vote = ModelRef("vote", url=gw.url + "/v1", served_model="cohort/voted")
     runs = evaluate_models([*refs, (vote, "candidate")], load_suite(path), Registry(tmp_path / "r.sqlite"),
-                           max_new_tokens=16, progress=False,
-                           endpoint=EndpointSettings(concurrency=3, timeout_s=10, retries=0))
+                           EvalOptions(max_new_tokens=16, progress=False, endpoint=EndpointSettings(concurrency=3, timeout_s=10, retries=0)))
     score = {name: sum(r.score for r in run.results) / len(run.results) for name, run in runs.items()}
     assert score["vote"] == 1.0
     assert all(score[name] == pytest.approx(16 / 24) for name in MEMBERS)

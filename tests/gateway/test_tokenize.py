@@ -12,7 +12,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from mergegate.evaluate import evaluate_models, load_suite
+from mergegate.evaluate import EvalOptions, evaluate_models, load_suite
 from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
@@ -110,9 +110,8 @@ def test_evaluation_through_the_gateway_gets_the_in_process_budgets_and_answers(
     registry = Registry(tmp_path / "r.sqlite")
     local = ModelRef("local", JSON_OUTPUT)
     served = ModelRef("served", url=gw.url + "/v1", served_model="json_output")
-    runs = evaluate_models([(local, "source"), (served, "candidate")], suite, registry, batch_size=1,
-                           max_new_tokens=64, progress=False,
-                           endpoint=EndpointSettings(concurrency=2, timeout_s=60, retries=0))
+    runs = evaluate_models([(local, "source"), (served, "candidate")], suite, registry,
+                           EvalOptions(batch_size=1, max_new_tokens=64, progress=False, endpoint=EndpointSettings(concurrency=2, timeout_s=60, retries=0)))
     assert registry.run_config(runs["served"].run_id)["generation"]["budget"] == "tokenize"
     mine, theirs = runs["local"].results, runs["served"].results
     assert [r.row_id for r in mine] == [r.row_id for r in theirs]

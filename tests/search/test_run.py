@@ -15,6 +15,7 @@ import yaml
 from mergegate.errors import SearchError
 from mergegate.evaluate import load_suite
 from mergegate.gate import decide, load_policy
+from mergegate.pipeline import ServeCommand
 from mergegate.registry import Registry, RowResult
 from mergegate.search import SearchOptions, load_space, objective_values, search
 from mergegate.search.trial import TrialSpec, run_trial
@@ -233,8 +234,8 @@ def test_trials_evaluate_through_a_server_started_from_the_launch_template(tmp_p
     dev, held = suites
     mergegate = Path(sys.executable).with_name("mergegate")
     template = f"{mergegate} serve-folder {{path}} --port {{port}} --served-model-name {{name}} --device cpu"
-    result = search(space(tmp_path), dev, held, POLICY, tmp_path / "out", trials=1, keep=1, serve_candidate=template,
-                    serve_timeout=180, max_new_tokens=24, progress=False)
+    result = search(space(tmp_path), dev, held, POLICY, tmp_path / "out", trials=1, keep=1,
+                    serve=ServeCommand(template, timeout_s=180), max_new_tokens=24, progress=False)
     assert [t.status for t in result.trials] == ["complete"], result.trials[0].reason
     log = tmp_path / "out" / "trials" / "trial-0000-server.log"
     assert log.is_file() and "serve-folder" in log.read_text()  # the trial's own server, its log kept
@@ -246,5 +247,6 @@ def test_trials_evaluate_through_a_server_started_from_the_launch_template(tmp_p
 def test_a_bad_launch_template_is_refused_before_any_trial(tmp_path, suites):
     dev, held = suites
     with pytest.raises(Exception, match=r"\{path\}, \{port\} and \{name\}"):
-        search(space(tmp_path), dev, held, POLICY, tmp_path / "out", trials=1, serve_candidate="vllm serve {path} --port {prot}")
+        search(space(tmp_path), dev, held, POLICY, tmp_path / "out", trials=1,
+               serve=ServeCommand("vllm serve {path} --port {prot}"))
     assert not (tmp_path / "out" / "study.sqlite").exists()

@@ -7,8 +7,11 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
 
+from .eval_options import takes_eval_options
+
 if TYPE_CHECKING:
     from ..engine import MergeOptions
+    from ..evaluate import EvalOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge models as release candidates: merge, evaluate, gate, roll out.")
@@ -36,15 +39,17 @@ def _refuse(error: Exception) -> NoReturn:
     raise typer.Exit(REFUSED)
 
 
-def merge_options(**fields: Any) -> MergeOptions:
-    """MergeOptions from a command's flags; one it refuses exits 2 named by its flag (`--shard-size: ...`)."""
+def merge_options(*, flags: dict[str, str] | None = None, **fields: Any) -> MergeOptions:
+    """MergeOptions from a command's flags; one it refuses exits 2 named by its flag (`--shard-size: ...`; `flags`
+    names a field's flag where it is not the field's name)."""
     from ..engine import MergeOptions
     from ..errors import MergegateError, MergeOptionsError
 
     try:
         return MergeOptions(**fields)
     except MergeOptionsError as exc:  # named by its flag, not by the field
-        _refuse(MergegateError(" ".join(f"--{exc.option.replace('_', '-')}{exc.problem}".split())))
+        flag = (flags or {}).get(exc.option, f"--{exc.option.replace('_', '-')}")
+        _refuse(MergegateError(" ".join(f"{flag}{exc.problem}".split())))
 
 
 @app.command("merge")
@@ -95,16 +100,8 @@ def _named_models(models_file: Path | None) -> dict:
     return load_models_file(models_file) if models_file is not None else {}
 
 
-# Options that evaluate, gate and release share: declared once, so their defaults and help cannot drift apart.
-BATCH_SIZE = typer.Option(32, help="Rows generated together.")
-MAX_NEW_TOKENS = typer.Option(64, help="Longest completion.")
-DEVICE = typer.Option(None, help="Where models run: cpu, cuda or cuda:N (default: cuda when a GPU is available, "
-                                 "else cpu; bf16 on CUDA, fp32 on CPU).")
-ENDPOINT_CONCURRENCY = typer.Option(8, help="Requests in flight per url model (NAME=http://...).")
-ENDPOINT_TIMEOUT = typer.Option(60.0, help="Seconds one request to a url model may take, in (0, 3600].")
-ENDPOINT_RETRIES = typer.Option(4, help="Retries after a url model's failed request (0 to 20).")
-API_KEY_ENV = typer.Option(None, help="Environment variable holding the API key sent to url models as a bearer "
-                                      "token.")
+# Options that several commands share: declared once, so their defaults and help cannot drift apart (the
+# evaluation's flags: cli/eval_options.py).
 CURRENT_PLAN = typer.Option(None, help="rollout.yaml served now: the report says what changes.")
 SERVE_CANDIDATE = typer.Option(None, help="Evaluate each merged candidate through a server started with this "
                                           "command, e.g. \"vllm serve {path} --port {port} --served-model-name "
@@ -113,57 +110,38 @@ SERVE_TIMEOUT = typer.Option(600.0, help="Seconds a candidate's server may take 
 MODELS_FILE = typer.Option(None, "--models", help="YAML models file (models: {NAME: {path: ...} or {base_url: ..., "
                                                   "model: ..., api_key_env: ..., concurrency: ...}}): its NAMEs "
                                                   "can be given wherever a model is.")
-WORKERS = typer.Option(None, help="Ray workers running shards of rows x models in parallel (needs the ray extra; "
-                                  "default: this process, no Ray); mergegate starts and stops a local Ray.")
-RAY_ADDRESS = typer.Option(None, help="Ray cluster to run the shards on (e.g. ray://HEAD:10001, or auto); "
-                                      "--workers then defaults to its CPUs (GPUs on CUDA).")
 
 
-def _endpoint_settings(concurrency: int, timeout: float, retries: int, api_key_env: str | None):
-    """The --endpoint-* options as EndpointSettings, checked (EvaluationError names the bad option)."""
-    from ..evaluate.endpoint import EndpointSettings
-    from ..evaluate.runner import check_endpoint
+def serve_command(template: str | None, timeout_s: float):
+    """The --serve-candidate / --serve-timeout flags as a ServeCommand (None without a template)."""
+    from ..pipeline import ServeCommand
 
-    settings = EndpointSettings(concurrency=concurrency, timeout_s=timeout, retries=retries, api_key_env=api_key_env)
-    check_endpoint(settings)
-    return settings
+    return ServeCommand(template, timeout_s) if template is not None else None
 
 
 @app.command("evaluate")
+@takes_eval_options()
 def evaluate_command(
     models: Optional[list[str]] = typer.Argument(None, help="Models as NAME=PATH (or PATH; PATH+ADAPTER for a PEFT "
                                                             "adapter), or names from --models (default: all of them)."),
     suite: Path = typer.Option(..., help="Eval suite JSONL."),
     models_file: Optional[Path] = MODELS_FILE,
     registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    device: Optional[str] = DEVICE,
-    endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
-    endpoint_timeout: float = ENDPOINT_TIMEOUT,
-    endpoint_retries: int = ENDPOINT_RETRIES,
-    api_key_env: Optional[str] = API_KEY_ENV,
-    workers: Optional[int] = WORKERS,
-    ray_address: Optional[str] = RAY_ADDRESS,
+    *, eval_options: EvalOptions,
 ) -> None:
     """Evaluate models on the same suite rows; print the mean score per cohort."""
     from .. import MergegateError
     from ..evaluate import evaluate_models, load_suite
-    from ..evaluate.runner import check_inputs, resolve_device
+    from ..evaluate.runner import check_models
     from ..registry import Registry
 
     try:
-        endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
         named = _named_models(models_file)
         refs = [_model_ref(value, named) for value in models] if models else list(named.values())
-        check_inputs(refs, batch_size=batch_size, max_new_tokens=max_new_tokens,  # before the registry is touched
-                     endpoint=endpoint, workers=workers, ray_address=ray_address)
-        device = resolve_device(device)
+        check_models(refs, eval_options.endpoint)  # before the registry is touched
         loaded = load_suite(suite)
         with Registry(registry).removed_if_nothing_recorded() as opened:
-            runs = evaluate_models([(ref, "source") for ref in refs], loaded, opened, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, workers=workers,
-                                   ray_address=ray_address)
+            runs = evaluate_models([(ref, "source") for ref in refs], loaded, opened, eval_options)
     except MergegateError as exc:
         _refuse(exc)
     from rich.console import Console
@@ -181,6 +159,7 @@ def evaluate_command(
 
 
 @app.command("gate")
+@takes_eval_options()
 def gate_command(
     candidate: str = typer.Option(..., help="NAME=PATH of the candidate."),
     base: str = typer.Option(..., help="NAME=PATH of the base model."),
@@ -190,29 +169,18 @@ def gate_command(
     policy: Optional[Path] = typer.Option(None, help="Policy YAML (default rules when omitted)."),
     out: Path = typer.Option(Path("gate-out"), help="Folder for report.md, report.html, rollout.yaml."),
     registry: Path = typer.Option(Path("mergegate-registry.sqlite"), help="SQLite registry (results are cached)."),
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
     current: Optional[Path] = CURRENT_PLAN,
-    device: Optional[str] = DEVICE,
-    endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
-    endpoint_timeout: float = ENDPOINT_TIMEOUT,
-    endpoint_retries: int = ENDPOINT_RETRIES,
-    api_key_env: Optional[str] = API_KEY_ENV,
-    workers: Optional[int] = WORKERS,
-    ray_address: Optional[str] = RAY_ADDRESS,
+    *, eval_options: EvalOptions,
 ) -> None:
     """Decide per cohort (promote / hold / reject) and write the report and rollout plan."""
     from .. import MergegateError
     from ..pipeline import gate_release
 
     try:
-        endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
         named = _named_models(models_file)
         result = gate_release(_model_ref(candidate, named), _model_ref(base, named),
-                              [_model_ref(value, named) for value in source], suite,
-                              policy, out, registry=registry, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              current=current, device=device, endpoint=endpoint, workers=workers,
-                              ray_address=ray_address)
+                              [_model_ref(value, named) for value in source], suite, policy, out, eval=eval_options,
+                              registry=registry, current=current)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)
@@ -220,6 +188,7 @@ def gate_command(
 
 
 @app.command("release")
+@takes_eval_options()
 def release_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit's schema) with base_model."),
     suite: Path = typer.Option(..., help="Eval suite JSONL."),
@@ -228,37 +197,30 @@ def release_command(
     seed: int = typer.Option(0, help="Seed for random merge methods."),
     registry: Optional[Path] = typer.Option(None, help="SQLite registry (results are cached; default: "
                                                        "OUT/registry.sqlite)."),
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
     current: Optional[Path] = CURRENT_PLAN,
-    device: Optional[str] = DEVICE,
-    endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
-    endpoint_timeout: float = ENDPOINT_TIMEOUT,
-    endpoint_retries: int = ENDPOINT_RETRIES,
-    api_key_env: Optional[str] = API_KEY_ENV,
-    workers: Optional[int] = WORKERS,
-    ray_address: Optional[str] = RAY_ADDRESS,
+    merge_device: Optional[str] = typer.Option(None, help="Where the candidate is merged: cpu, cuda or cuda:N "
+                                                          "(default: --device, else cpu)."),
     serve_candidate: Optional[str] = SERVE_CANDIDATE,
     serve_timeout: float = SERVE_TIMEOUT,
     models_file: Optional[Path] = MODELS_FILE,
     extra_source: list[str] = typer.Option([], help="A source evaluated (not merged) beside the recipe's: NAME=PATH, "
                                                     "NAME=URL or a name from --models (repeat)."),
+    *, eval_options: EvalOptions,
 ) -> None:
-    """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan."""
+    """Merge → evaluate against the base and every source → gate per cohort → report and rollout plan. --device
+    sets where the candidate is merged too, unless --merge-device says otherwise."""
     from .. import MergegateError
-    from ..engine import MergeOptions
     from ..pipeline import release
 
+    merge = merge_options(seed=seed, device=merge_device or eval_options.device or "cpu",
+                          flags={"device": "--merge-device" if merge_device else "--device"})
     _keep_freed_memory()
     try:
-        endpoint = _endpoint_settings(endpoint_concurrency, endpoint_timeout, endpoint_retries, api_key_env)
         named = _named_models(models_file)
         extra_sources = [_model_ref(value, named) for value in extra_source]
-        result = release(recipe, suite, policy, out, merge_options=MergeOptions(seed=seed), registry=registry,
-                         extra_sources=extra_sources,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, current=current, device=device,
-                         endpoint=endpoint, serve_candidate=serve_candidate, serve_timeout=serve_timeout,
-                         workers=workers, ray_address=ray_address)
+        result = release(recipe, suite, policy, out, merge=merge, eval=eval_options,
+                         serve=serve_command(serve_candidate, serve_timeout), registry=registry,
+                         extra_sources=extra_sources, current=current)
     except MergegateError as exc:
         _refuse(exc)
     _print_decisions(result.gate)

@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from .main import BATCH_SIZE, DEVICE, MAX_NEW_TOKENS, SERVE_CANDIDATE, SERVE_TIMEOUT, _keep_freed_memory, _refuse
+from .eval_options import takes_eval_options
+from .main import SERVE_CANDIDATE, SERVE_TIMEOUT, _keep_freed_memory, _refuse, serve_command
+
+if TYPE_CHECKING:
+    from ..evaluate import EvalOptions
 
 
+@takes_eval_options(sharding=False)  # its --ray-address is the trials' cluster
 def search_command(
     space: Path = typer.Argument(..., help="Search space: a mergekit recipe in which a value may be a range or "
                                             "choice mapping (docs/search.md)."),
@@ -36,11 +41,9 @@ def search_command(
     gpus_per_trial: float = typer.Option(0.0, help="GPUs Ray reserves for each trial."),
     memory_per_trial: Optional[str] = typer.Option(None, help="Memory Ray reserves for each trial's merge and "
                                                               "evaluation, e.g. 16GB (default: none reserved)."),
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    device: Optional[str] = DEVICE,
     serve_candidate: Optional[str] = SERVE_CANDIDATE,
     serve_timeout: float = SERVE_TIMEOUT,
+    *, eval_options: EvalOptions,
 ) -> None:
     """Search a space of recipes for the merge the gate promotes most cohorts of; release the best on held-out rows."""
     from .. import MergegateError
@@ -60,9 +63,8 @@ def search_command(
         options = SearchOptions(trials=trials, parallel=parallel, seed=seed, objective=objective,  # type: ignore[arg-type]
                                 sampler=sampler, keep=keep, prune=prune, ray_address=ray_address,  # type: ignore[arg-type]
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                                memory_per_trial=memory, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, device=device, serve_candidate=serve_candidate,
-                                serve_timeout=serve_timeout)
+                                memory_per_trial=memory, eval=eval_options,
+                                serve=serve_command(serve_candidate, serve_timeout))
         result = search(space, suite, held_out, policy, out, options)
     except MergegateError as exc:
         _refuse(exc)

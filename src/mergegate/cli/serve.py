@@ -52,9 +52,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         try:
             if device is not None:
-                from ..evaluate.runner import resolve_device
+                from ..devices import check_device
 
-                resolve_device(device)
+                check_device(device, MergegateError)
             plan = RolloutPlan.single_model(served_model_name, PlanModel(role="candidate", path=str(path.absolute())))
             listener = bind_port(host, port)  # before the model loads: a busy port is refused at once
         except MergegateError as exc:
@@ -133,9 +133,9 @@ def register(app: typer.Typer) -> None:
         try:
             check_port(port)
             if device is not None:  # refused before the plan is loaded or a port is taken
-                from ..evaluate.runner import resolve_device
+                from ..devices import check_device
 
-                resolve_device(device)
+                check_device(device, MergegateError)
             token = (admin_token or "").strip()  # "" says no token: the environment is not read again
 
             def bound(url: str) -> None:

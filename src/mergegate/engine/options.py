@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..devices import device_problem
 from ..errors import MergeOptionsError
 from ..io.write import parse_size
 
@@ -54,18 +55,7 @@ def resolve_options(options: MergeOptions | None, overrides: dict[str, Any]) -> 
 
 
 def check_device(device: object) -> None:
-    """Refuse a merge device other than "cpu", "cuda" or "cuda:N" naming a GPU torch can see."""
-    import torch
-
-    try:
-        parsed = torch.device(device) if isinstance(device, str) else None
-    except RuntimeError:
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise MergeOptionsError("device", f" must be cpu, cuda or cuda:N, got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MergeOptionsError("device", f" {device!r}: no CUDA GPU is available to torch here "
-                                              "(torch.cuda.is_available() is false)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise MergeOptionsError("device", f" {device!r}: torch sees {torch.cuda.device_count()} CUDA GPUs")
+    """Refuse a merge device other than "cpu", "cuda" or "cuda:N" naming a GPU torch can see (`devices`)."""
+    problem = device_problem(device)
+    if problem is not None:
+        raise MergeOptionsError("device", problem)

@@ -26,7 +26,6 @@ registry write stay in this process, and the answers are the same as in one proc
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -37,14 +36,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .._extras import install_hint
-from ..progress import Advance, Progress
+from ..devices import check_device, default_device
 from ..errors import EvaluationError, RegistryError
+from ..progress import Advance, Progress
 from ..model_ref import ModelRef, Role
 from ..registry import Registry, RowResult
 from . import endpoint as _endpoint
 from .endpoint import EndpointSettings
 from .evaluators import Observation, evaluator_identity, needs_likelihood, score_row
+from .options import EvalOptions
 from .suite import Suite, SuiteRow
 
 # The runner's prompt format and generation procedure: the raw prompt through the model's own tokenizer
@@ -75,39 +75,15 @@ def _local_folder(ref: ModelRef) -> Path:
     return ref.path
 
 
-_DEVICE_FORMS = "'cpu', 'cuda' or 'cuda:N'"
-
-
-def resolve_device(device: str | None = None) -> str:
-    """`device` checked ("cpu", "cuda", "cuda:N"), or the default: "cuda" when torch sees a GPU, else "cpu".
-    A CUDA device this machine does not have is refused (EvaluationError naming the option)."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not isinstance(device, str):
-        raise EvaluationError(f"device must be {_DEVICE_FORMS}, got {device!r}")
-    if device == "cpu":
-        return device
-    kind, colon, index = device.partition(":")
-    if kind != "cuda" or (colon and not (index.isascii() and index.isdigit())):
-        raise EvaluationError(f"device must be {_DEVICE_FORMS}, got {device!r}")
-    if not torch.cuda.is_available():
-        raise EvaluationError(f"device {device!r}: no CUDA GPU is available on this machine "
-                              "(torch.cuda.is_available() is false); use device 'cpu'")
-    if index and int(index) >= torch.cuda.device_count():
-        raise EvaluationError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
-                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return device
-
-
 def device_dtype(device: str) -> torch.dtype:
     """The weights' dtype on `device`: bfloat16 on CUDA, float32 on the CPU."""
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def load_model(ref: ModelRef, device: str | None = None):
-    """Model and tokenizer for generation on `device` (`resolve_device`: float32 on the CPU, bfloat16 on CUDA),
-    from a local folder, with its adapter if any."""
-    device = resolve_device(device)
+    """Model and tokenizer for generation on `device` (default: "cuda" when torch sees a GPU, else "cpu"; float32
+    on the CPU, bfloat16 on CUDA), from a local folder, with its adapter if any."""
+    device = check_device(device if device is not None else default_device(), EvaluationError)
     path = _local_folder(ref)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -132,54 +108,11 @@ def load_model(ref: ModelRef, device: str | None = None):
     return model, tokenizer
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-NEEDS_RAY = f"sharded evaluation (workers > 1 or a Ray address) needs the ray extra: {install_hint('ray')}"
-
-
-def _setting_problems(batch_size, max_new_tokens, threads, workers=None, ray_address=None) -> list[str]:
+def check_models(models: Sequence[ModelRef], endpoint: EndpointSettings) -> None:
+    """Refuse an empty or ambiguous list of models, a url model's own bad endpoint settings (over the command's
+    `endpoint`) and missing model folders before anything is loaded or recorded (EvaluationError). The
+    settings themselves were checked when their EvalOptions was made."""
     problems = []
-    if not _whole(batch_size) or batch_size < 1:
-        problems.append(f"batch size must be an integer >= 1, got {batch_size!r}")
-    if not _whole(max_new_tokens) or max_new_tokens < 1:
-        problems.append(f"max new tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if threads is not None and (not _whole(threads) or threads < 1):
-        problems.append(f"threads must be an integer >= 1, got {threads!r}")
-    if workers is not None and (not _whole(workers) or workers < 1):
-        problems.append(f"workers must be an integer >= 1, got {workers!r}")
-    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
-        problems.append(f"ray address must be a Ray cluster address (e.g. ray://HOST:10001 or auto), "
-                        f"got {ray_address!r}")
-    elif not problems and is_sharded(workers, ray_address) and importlib.util.find_spec("ray") is None:
-        problems.append(NEEDS_RAY)
-    return problems
-
-
-def check_settings(*, batch_size: int, max_new_tokens: int, threads: int | None = None, workers: int | None = None,
-                   ray_address: str | None = None) -> None:
-    """Refuse bad generation settings (EvaluationError)."""
-    problems = _setting_problems(batch_size, max_new_tokens, threads, workers, ray_address)
-    if problems:
-        raise EvaluationError("evaluate: " + "; ".join(problems))
-
-
-def check_endpoint(endpoint: EndpointSettings) -> None:
-    """Refuse bad endpoint settings whether or not a model is a url (EvaluationError)."""
-    problems = endpoint.problems()
-    if problems:
-        raise EvaluationError("evaluate: " + "; ".join(problems))
-
-
-def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens: int,
-                 threads: int | None = None, endpoint: EndpointSettings | None = None, workers: int | None = None,
-                 ray_address: str | None = None) -> None:
-    """Refuse bad settings (`endpoint`'s too when a model is a url) and missing model folders before anything
-    is loaded or recorded (EvaluationError)."""
-    problems = _setting_problems(batch_size, max_new_tokens, threads, workers, ray_address)
-    if any(ref.is_remote for ref in models):
-        problems += (endpoint or EndpointSettings()).problems()
     if not models:
         problems.append("no models to evaluate")
     names = [ref.name for ref in models]
@@ -188,7 +121,7 @@ def check_inputs(models: Sequence[ModelRef], *, batch_size: int, max_new_tokens:
         problems.append(f"model name(s) given twice: {', '.join(duplicated)}")
     for ref in models:
         if ref.endpoint is not None:  # its own settings (a models file's block) over the command's
-            own = ref.endpoint_settings(endpoint or EndpointSettings()).problems()
+            own = ref.endpoint_settings(endpoint).problems()
             problems += [f"model '{ref.name}': {problem}" for problem in own]
         # a url model has no folders: its server is reached when it is evaluated (evaluate.endpoint)
         problems += [f"model '{ref.name}': {problem}" for problem in ref.folder_problems()]
@@ -232,44 +165,39 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, registry: Registry, *,
-                    batch_size: int = 32, max_new_tokens: int = 64, progress: bool | None = None, force: bool = False,
-                    threads: int | None = None, device: str | None = None,
-                    endpoint: EndpointSettings | None = None, workers: int | None = None,
-                    ray_address: str | None = None) -> dict[str, ModelRun]:
-    """Evaluate every (model, role) on every row of `suite`; results keyed by model name. The role is recorded
-    in the registry beside the model. A url model is called through its server (evaluate.endpoint, with
-    `endpoint`'s settings; default EndpointSettings()); perplexity rows are refused for it (EvaluationError).
+def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, registry: Registry,
+                    options: EvalOptions | None = None) -> dict[str, ModelRun]:
+    """Evaluate every (model, role) on every row of `suite` as `options` say (default EvalOptions()); results
+    keyed by model name. The role is recorded in the registry beside the model. A url model is called through
+    its server (evaluate.endpoint, with `options.endpoint`); perplexity rows are refused for it (EvaluationError).
 
-    `device` is where the models run (`resolve_device`; default: "cuda" when torch sees a GPU, else "cpu").
+    `options.device` is where the models run (default: "cuda" when torch sees a GPU, else "cpu").
 
-    `threads` sets torch's intra-op threads for the run (default: half the cores, at least one): small
+    `options.threads` sets torch's intra-op threads for the run (default: half the cores, at least one): small
     models gain little from more, and oversubscribed OpenMP threads slow everything sharing the machine.
 
-    `workers` > 1 or a `ray_address` runs the rows as Ray shards (`sharded`: rows × models, one CPU and, on
-    CUDA, one GPU each); the default (None or 1, no address) runs them in this process. Either way the answers,
-    the cache and the registry are the same.
+    `options.workers` > 1 or a `ray_address` runs the rows as Ray shards (`sharded`: rows × models, one CPU and,
+    on CUDA, one GPU each); the default (None or 1, no address) runs them in this process. Either way the
+    answers, the cache and the registry are the same.
     """
-    check_inputs([ref for ref, _ in models], batch_size=batch_size, max_new_tokens=max_new_tokens, threads=threads,
-                 endpoint=endpoint, workers=workers, ray_address=ray_address)
+    options = options if options is not None else EvalOptions()
+    check_models([ref for ref, _ in models], options.endpoint)
     for ref, _ in models:
         if ref.is_remote:
             _endpoint.check_rows(ref, suite.rows)
         else:
             check_chat_template(ref, suite.rows)
-    device = resolve_device(device)
+    device = options.resolved_device
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 2) // 2))
     try:
-        return _evaluate(models, suite, registry, batch_size, max_new_tokens, progress, force, device,
-                         endpoint=endpoint or EndpointSettings(), workers=workers, ray_address=ray_address)
+        return _evaluate(models, suite, registry, options, device)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _evaluate(models, suite, registry, batch_size, max_new_tokens, progress, force,
-              device: str = "cpu", endpoint: EndpointSettings = EndpointSettings(),
-              workers: int | None = None, ray_address: str | None = None) -> dict[str, ModelRun]:
+def _evaluate(models: Sequence[tuple[ModelRef, Role]], suite: Suite, registry: Registry, options: EvalOptions,
+              device: str) -> dict[str, ModelRun]:
     """Cache checks, opened runs, resumes and finished runs here, in this process (the registry's one writer);
     the rows still to run go through `run_model_rows` model by model, or as Ray shards (`sharded`)."""
     runs: dict[str, ModelRun] = {}
@@ -280,7 +208,8 @@ def _evaluate(models, suite, registry, batch_size, max_new_tokens, progress, for
         results = _in_suite_order(registry.results(todo.run_id, todo.ref.name), suite, registry, todo.run_id)
         runs[todo.ref.name] = ModelRun(todo.ref, todo.role, todo.model_hash, todo.run_id, False, results)
 
-    with Progress(progress) as bar:
+    max_new_tokens, force, endpoint = options.max_new_tokens, options.force, options.endpoint
+    with Progress(options.progress) as bar:
         pending = []
         for ref, role in models:
             opened = (_open_remote(ref, role, suite, registry, max_new_tokens, bar, force, endpoint) if ref.is_remote
@@ -289,16 +218,15 @@ def _evaluate(models, suite, registry, batch_size, max_new_tokens, progress, for
                 runs[ref.name] = opened
             else:
                 pending.append(opened)
-        if is_sharded(workers, ray_address):
+        if options.sharded:
             from .sharded import run_sharded
 
-            run_sharded(pending, registry, workers=workers, ray_address=ray_address, batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, device=device, endpoint=endpoint)
+            run_sharded(pending, registry, options, device)
             for todo in pending:
                 finish(todo)
         else:
             for todo in pending:
-                run_model_rows(todo.ref, todo.model_hash, todo.rows, batch_size=batch_size,
+                run_model_rows(todo.ref, todo.model_hash, todo.rows, batch_size=options.batch_size,
                                max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, budgets=todo.budgets,
                                on_results=partial(todo.record, registry))
                 finish(todo)
@@ -381,11 +309,6 @@ def _in_suite_order(results: list[RowResult], suite: Suite, registry: Registry, 
     if missing:
         raise RegistryError(f"registry {registry.path}: run {run_id} has no result for row(s) {missing[:3]}")
     return [by_id[row.id] for row in suite.rows]
-
-
-def is_sharded(workers: int | None, ray_address: str | None) -> bool:
-    """Whether rows run as Ray shards (`sharded`) rather than in this process."""
-    return ray_address is not None or (workers or 1) > 1
 
 
 def length_order(row: SuiteRow) -> tuple[int, str]:
@@ -472,7 +395,7 @@ def check_chat_template(ref: ModelRef, rows: Sequence[SuiteRow]) -> None:
     and the first such row), reading only the tokenizer, and only when some row is a chat."""
     chats = [row for row in rows if row.messages is not None]
     if not chats or ref.path is None or not (ref.path / "config.json").is_file():
-        return  # no chat rows; or a url model, or a folder check_inputs refuses
+        return  # no chat rows; or a url model, or a folder check_models refuses
     from transformers import AutoTokenizer
 
     try:

@@ -29,7 +29,8 @@ from ..errors import EvaluationError, MergegateError
 from ..model_ref import ModelRef
 from ..registry import Registry, RowResult
 from .endpoint import EndpointSettings
-from .runner import NEEDS_RAY, length_order, run_model_rows
+from .options import NEEDS_RAY, EvalOptions
+from .runner import length_order, run_model_rows
 from .suite import SuiteRow
 
 if TYPE_CHECKING:
@@ -66,23 +67,23 @@ def _run_shard(ref: ModelRef, model_hash: str, rows: list[SuiteRow], batch_size:
     return results
 
 
-def run_sharded(pending: list[PendingRun], registry: Registry, *, workers: int | None, ray_address: str | None,
-                batch_size: int, max_new_tokens: int, device: str, endpoint: EndpointSettings) -> None:
-    """Run every pending run's rows as Ray shards and record their results in `registry` (from this process)
-    as each shard finishes. `workers`: chunks per model, and the local Ray's CPUs when mergegate starts one
-    (default with `ray_address`: the cluster's CPUs, or GPUs on CUDA)."""
+def run_sharded(pending: list[PendingRun], registry: Registry, options: EvalOptions, device: str) -> None:
+    """Run every pending run's rows as Ray shards on `device` and record their results in `registry` (from this
+    process) as each shard finishes. `options.workers`: chunks per model, and the local Ray's CPUs when mergegate
+    starts one (default with `options.ray_address`: the cluster's CPUs, or GPUs on CUDA)."""
     if not any(todo.rows for todo in pending):
         return
     ray = import_ray(EvaluationError(NEEDS_RAY))
-    with ray_session(ray, ray_address, num_cpus=workers):
+    workers = options.workers
+    with ray_session(ray, options.ray_address, num_cpus=workers):
         on_gpu = device.startswith("cuda")
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("GPU" if on_gpu else "CPU", 1)))
-        _run_and_record(ray, pending, registry, workers, batch_size, max_new_tokens, device, endpoint)
+        _run_and_record(ray, pending, registry, workers, options, device)
 
 
-def _run_and_record(ray: Any, pending: list[PendingRun], registry: Registry, workers: int, batch_size: int,
-                    max_new_tokens: int, device: str, endpoint: EndpointSettings) -> None:
+def _run_and_record(ray: Any, pending: list[PendingRun], registry: Registry, workers: int, options: EvalOptions,
+                    device: str) -> None:
     # Ray gives a GPU task its GPU as the only visible one, so the task asks for "cuda", whatever cuda:N the
     # driver was given (the cache key holds only the device kind).
     task_device = "cuda" if device.startswith("cuda") else device
@@ -90,18 +91,18 @@ def _run_and_record(ray: Any, pending: list[PendingRun], registry: Registry, wor
     in_flight = {}
     for todo in pending:
         chunks = split_rows(todo.rows, workers)
-        options: dict[str, Any] = {"num_cpus": TASK_CPUS, "max_retries": 0}
-        ref, settings = todo.ref, endpoint
+        resources: dict[str, Any] = {"num_cpus": TASK_CPUS, "max_retries": 0}
+        ref, settings = todo.ref, options.endpoint
         if todo.ref.is_remote:
-            ref, settings = shard_endpoint(todo.ref, endpoint, len(chunks))
+            ref, settings = shard_endpoint(todo.ref, options.endpoint, len(chunks))
             # The model's key (its own variable's or the command's) travels inside the task's arguments, which Ray
             # keeps in memory; never as a runtime environment variable, which Ray writes into its logs.
             settings = settings.with_key()
         elif task_device != "cpu":
-            options["num_gpus"] = 1
+            resources["num_gpus"] = 1
         for rows in chunks:
-            task = shard.options(**options).remote(ref, todo.model_hash, rows, batch_size, max_new_tokens,
-                                                   task_device, settings, todo.budgets)
+            task = shard.options(**resources).remote(ref, todo.model_hash, rows, options.batch_size,
+                                                     options.max_new_tokens, task_device, settings, todo.budgets)
             in_flight[task] = todo
     try:
         while in_flight:

@@ -9,18 +9,21 @@ merged folders there), and every node needs mergegate installed.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._extras import install_hint
 from .._ray import import_ray, ray_session
 from ..errors import SearchError
 from .trial import TrialOutcome, TrialSpec, run_trial
 
+if TYPE_CHECKING:
+    from .run import SearchOptions
+
 
 def _carrying_key(spec: TrialSpec) -> TrialSpec:
     """The spec with its endpoint's API key read here and carried inside the task's arguments (kept in Ray's
     memory, never in its logs, as a runtime environment variable would be), for a node that lacks the variable."""
-    return replace(spec, endpoint=spec.endpoint.with_key()) if spec.endpoint is not None else spec
+    return replace(spec, eval=replace(spec.eval, endpoint=spec.eval.endpoint.with_key()))
 
 
 def _ray():
@@ -31,7 +34,7 @@ class TrialRunner:
     """Runs rounds of trials on Ray; Ray is started on entry (unless already running) and stopped on exit only
     if this runner started it."""
 
-    def __init__(self, options: Any):
+    def __init__(self, options: SearchOptions):
         self.options = options
         self._session = ray_session(_ray(), options.ray_address, num_cpus=options.parallel * options.cpus_per_trial,
                                     num_gpus=int(options.parallel * options.gpus_per_trial + 0.999))

@@ -22,19 +22,18 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from .._seeds import derived_seed
 from .._staging import check_output, locked
 from ..errors import MergegateError, SearchError
-from ..evaluate import ModelRun, Suite, evaluate_models, load_suite
-from ..evaluate.endpoint import EndpointSettings
-from ..evaluate.runner import check_endpoint, check_inputs, check_settings, config_hash, resolve_device
+from ..evaluate import EvalOptions, ModelRun, Suite, evaluate_models, load_suite
+from ..evaluate.runner import check_models, config_hash
 from ..gate import GateResult, Policy, decide, load_policy
 from ..model_ref import ModelRef
-from ..pipeline import ReleaseResult, gate_release, release_models, release_rank
+from ..pipeline import ReleaseResult, ServeCommand, gate_release, release_models, release_rank
 from ..registry import Registry, RowResult
 from .space import Space, load_space
 from .trial import TrialOutcome, TrialSpec, policy_for
@@ -51,8 +50,9 @@ MAX_MEMORY = 64 << 40
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """How a search runs. Only `seed`, `sampler`, `objective`, `prune` and the evaluation settings can change
-    which recipes are drawn or how they rank; `parallel`, the per-trial resources and the Ray address never do."""
+    """How a search runs. Only `seed`, `sampler`, `objective`, `prune` and the evaluation's `max_new_tokens` and
+    device can change which recipes are drawn or how they rank; `parallel`, the per-trial resources and the Ray
+    address never do."""
 
     trials: int = 20
     parallel: int = 1  # trials in flight (one round); results are told in trial order
@@ -65,13 +65,15 @@ class SearchOptions:
     cpus_per_trial: int = 1
     gpus_per_trial: float = 0.0
     memory_per_trial: int | None = None  # bytes Ray reserves for a trial's merge and evaluation
-    batch_size: int = 32
-    max_new_tokens: int = 64
-    device: str | None = None
-    serve_candidate: str | None = None  # launch template: each trial's candidate evaluated through a server
-    serve_timeout: float = 600.0
-    endpoint: EndpointSettings | None = None
-    progress: bool | None = None
+    eval: EvalOptions = field(default_factory=EvalOptions)  # every evaluation's (trials run theirs on cpus_per_trial)
+    serve: ServeCommand | None = None  # each trial's candidate evaluated through its own server
+
+    def replaced(self, **changes: Any) -> SearchOptions:
+        """These options with `changes` made, each a field of SearchOptions or of its EvalOptions (`batch_size=8`)."""
+        own = {f.name for f in fields(self)}
+        evaluation = {name: value for name, value in changes.items() if name not in own}
+        options = replace(self, **{name: value for name, value in changes.items() if name in own})
+        return replace(options, eval=replace(options.eval, **evaluation)) if evaluation else options
 
     def problems(self) -> list[str]:
         found = []
@@ -95,6 +97,9 @@ class SearchOptions:
         if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool)
                                    or not 0 < memory <= MAX_MEMORY):
             found.append(f"memory_per_trial must be from 1 byte to {MAX_MEMORY >> 40} TiB, got {memory!r}")
+        if self.eval.sharded:
+            found.append("the evaluation's workers and ray address are not a search's: its trials run as Ray tasks "
+                         "(parallel, ray_address)")
         return found
 
 
@@ -153,14 +158,11 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
     `held_out`. Writes OUT/study.sqlite (the resumable study), OUT/registry.sqlite, OUT/trials/ (the kept
     folders), OUT/held-out/trial-N/ (each kept trial's gated release), OUT/best.yaml (the winning recipe as plain
     mergekit YAML), OUT/rollout.yaml and OUT/search.md, OUT/search.html. Keyword `overrides` replace fields of
-    `options` (`search(..., trials=8, parallel=2)`)."""
-    options = replace(options or SearchOptions(), **overrides)
+    `options` or of its EvalOptions (`search(..., trials=8, parallel=2, batch_size=8)`)."""
+    options = (options or SearchOptions()).replaced(**overrides)
     problems = options.problems()
     if problems:
         raise SearchError("search: " + "; ".join(problems))
-    check_settings(batch_size=options.batch_size, max_new_tokens=options.max_new_tokens)
-    if options.endpoint is not None:
-        check_endpoint(options.endpoint)
     out = Path(out)
     try:
         check_output(out, overwrite=True)  # a file, or under one, or unwritable: refused before any work
@@ -173,13 +175,9 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
     policy = load_policy(policy)
     policy.check_cohorts(dev.cohorts)
     policy.check_cohorts(held_out.cohorts)
-    device = resolve_device(options.device)
-    if options.serve_candidate is not None:  # before any trial: a bad template or an unservable suite fails now
-        from ..candidate_server import candidate_command
-        from ..evaluate.endpoint import check_rows
-
-        candidate_command(options.serve_candidate, out / "trials" / "trial-0000", 1, "candidate")
-        check_rows(ModelRef("candidate", url="http://127.0.0.1/v1"), dev.rows)
+    evaluation = replace(options.eval, device=options.eval.resolved_device)  # the driver's, for every trial too
+    if options.serve is not None:  # before any trial: an unservable suite fails now
+        options.serve.check_rows("candidate", dev.rows)
     models = release_models(space.fixed_point(), out / "trials" / "candidate", "candidate")
     base = next(ref for ref, role in models if role == "base")
     sources = [ref for ref, role in models if role == "source"]
@@ -187,8 +185,7 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
     for taken in ("candidate",):
         if taken in names:
             raise SearchError(f"search: a source model is named '{taken}', the name trials are evaluated under")
-    check_inputs([base, *sources], batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
-                 endpoint=options.endpoint)  # a missing model is named before OUT is made
+    check_models([base, *sources], evaluation.endpoint)  # a missing model is named before OUT is made
 
     created = not out.exists()
     try:
@@ -203,8 +200,7 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
         try:
             try:
                 dev_runs = evaluate_models([(base, "base"), *((s, "source") for s in sources)], dev, registry,
-                                           batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
-                                           progress=options.progress, device=device, endpoint=options.endpoint)
+                                           evaluation)
                 study = _open_study(out, space, dev, policy, options)
             except MergegateError:
                 if created:  # refused before any trial: the folder this search made goes with it
@@ -212,16 +208,16 @@ def search(space: Space | str | Path | dict, dev: Suite | str | Path, held_out: 
                     shutil.rmtree(out, ignore_errors=True)
                 raise
             source_results = {name: run.results for name, run in dev_runs.items()}
-            _run_trials(study, space, dev, policy, registry, base, sources, source_results, out, options, device)
+            _run_trials(study, space, dev, policy, registry, base, sources, source_results, out,
+                        replace(options, eval=evaluation))
             trials = _records(study, out)
             best = _best(trials, options)
             _prune_folders(trials, best)
             _remove_leftovers(out, best)
             held = [HeldOut(record, gate_release(
                 ModelRef(f"trial-{record.number}", record.folder), base, sources, held_out, policy,
-                out / "held-out" / f"trial-{record.number}", registry=registry, batch_size=options.batch_size,
-                max_new_tokens=options.max_new_tokens, progress=options.progress, device=device,
-                endpoint=options.endpoint, title=f"held-out gate: trial {record.number}"))
+                out / "held-out" / f"trial-{record.number}", eval=evaluation, registry=registry,
+                title=f"held-out gate: trial {record.number}"))
                 for record in best if record.folder is not None]
             from .report import write_search_reports
 
@@ -267,7 +263,7 @@ def _identity(space: Space, dev: Suite, policy: Policy, options: SearchOptions) 
     """What a resumed study must share with the one it resumes: otherwise its trials are another search's."""
     return {"space": space.sha256, "dev_suite": dev.sha256, "policy": policy.sha256, "seed": options.seed,
             "sampler": options.sampler or "", "objective": options.objective, "prune": options.prune,
-            "max_new_tokens": options.max_new_tokens}
+            "max_new_tokens": options.eval.max_new_tokens}
 
 
 def _open_study(out: Path, space: Space, dev: Suite, policy: Policy, options: SearchOptions):
@@ -290,7 +286,7 @@ def _open_study(out: Path, space: Space, dev: Suite, policy: Policy, options: Se
 
 def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Registry, base: ModelRef,
                 sources: list[ModelRef], source_results: dict[str, list[RowResult]], out: Path,
-                options: SearchOptions, device: str) -> None:
+                options: SearchOptions) -> None:
     optuna = _optuna()
     states = optuna.trial.TrialState
     _requeue_interrupted(study)
@@ -301,7 +297,8 @@ def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Regis
     from ..progress import Progress
     from .ray_tasks import TrialRunner
 
-    with TrialRunner(options) as runner, Progress(options.progress) as bar:
+    trial_eval = replace(options.eval, threads=options.cpus_per_trial, progress=False)
+    with TrialRunner(options) as runner, Progress(options.eval.progress) as bar:
         advance = bar.task("searching", options.trials, completed=finished, unit="trials")
         while finished < options.trials:
             round_specs: list[TrialSpec | None] = []
@@ -329,10 +326,7 @@ def _run_trials(study, space: Space, dev: Suite, policy: Policy, registry: Regis
                     folder=str((out / "trials" / f"trial-{trial.number:04d}").absolute()),
                     dev_suite=dev, candidate="candidate", base=base.name,
                     sources=tuple(s.name for s in sources), source_results=source_results, policy=policy,
-                    seed=options.seed, threads=options.cpus_per_trial, batch_size=options.batch_size,
-                    max_new_tokens=options.max_new_tokens, device=device,
-                    stop_below=stop_below, serve_candidate=options.serve_candidate,
-                    serve_timeout=options.serve_timeout, endpoint=options.endpoint))
+                    seed=options.seed, eval=trial_eval, stop_below=stop_below, serve=options.serve))
             outcomes = runner.run([spec for spec in round_specs if spec is not None])
             for trial, spec in zip(asked, round_specs):  # told in trial order: the next draw sees the same history
                 if spec is None:

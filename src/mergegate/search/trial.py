@@ -16,10 +16,16 @@ import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..evaluate.options import EvalOptions
 from ..model_ref import ModelRef
 from ..registry import RowResult
+
+if TYPE_CHECKING:
+    from ..evaluate.suite import Suite
+    from ..gate import Policy
+    from ..pipeline import ServeCommand
 
 
 @dataclass(frozen=True)
@@ -30,21 +36,16 @@ class TrialSpec:
     recipe_yaml: str
     recipe_folder: str | None
     folder: str  # where the candidate is merged
-    dev_suite: Any  # evaluate.Suite: the dev rows
+    dev_suite: Suite  # the dev rows
     candidate: str  # the candidate's name in the results
     base: str
     sources: tuple[str, ...]
     source_results: dict[str, list[RowResult]]  # base and sources on the dev rows (for pruning)
-    policy: Any  # gate.Policy
+    policy: Policy
     seed: int = 0
-    threads: int = 1
-    batch_size: int = 32
-    max_new_tokens: int = 64
-    device: str | None = None
+    eval: EvalOptions = field(default_factory=lambda: EvalOptions(threads=1, progress=False))  # its threads merge too
     stop_below: int | None = None  # prune once this many promoted cohorts are out of reach
-    serve_candidate: str | None = None  # a launch template: evaluate through a server of the merged folder
-    serve_timeout: float = 600.0
-    endpoint: Any = None  # evaluate.endpoint.EndpointSettings for a served candidate
+    serve: ServeCommand | None = None  # evaluate the merged folder through its own server
 
 
 @dataclass(frozen=True)
@@ -87,17 +88,18 @@ def _run(spec: TrialSpec) -> TrialOutcome:
 
     from ..engine import MergeOptions, merge
     from ..evaluate import evaluate_models
-    from ..evaluate.runner import resolve_device, run_config
+    from ..evaluate.runner import run_config
     from ..evaluate.suite import Suite
     from ..gate import decide
     from ..recipe import load_recipe
     from ..registry import Registry
 
-    torch.set_num_threads(spec.threads)
+    threads = spec.eval.threads or 1
+    torch.set_num_threads(threads)
     recipe = load_recipe(spec.recipe_yaml, folder=spec.recipe_folder or None)
     folder = Path(spec.folder)
     started = time.perf_counter()
-    merge(recipe, folder, MergeOptions(seed=spec.seed, progress=False, overwrite=True, workers=spec.threads))
+    merge(recipe, folder, MergeOptions(seed=spec.seed, progress=False, overwrite=True, workers=threads))
     merged = time.perf_counter()
     suite = spec.dev_suite
     scratch = folder.parent / f".{folder.name}-eval.sqlite"
@@ -107,28 +109,26 @@ def _run(spec: TrialSpec) -> TrialOutcome:
     try:
         with ExitStack() as stack:
             ref = ModelRef(spec.candidate, folder)
-            if spec.serve_candidate is not None:
+            if spec.serve is not None:
                 from ..candidate_server import served_candidate
 
-                url = stack.enter_context(served_candidate(spec.serve_candidate, folder.absolute(), spec.candidate,
+                url = stack.enter_context(served_candidate(spec.serve.template, folder.absolute(), spec.candidate,
                                                            folder.parent / f"{folder.name}-server.log",
-                                                           timeout_s=spec.serve_timeout))
+                                                           timeout_s=spec.serve.timeout_s))
                 ref = ModelRef(spec.candidate, url=url, served_model=spec.candidate)
             # Pruning needs a decision per cohort as it finishes: evaluate cohort by cohort. Otherwise (or through
             # a server, whose run config is the server's) one pass.
-            by_cohort = spec.stop_below is not None and spec.serve_candidate is None
+            by_cohort = spec.stop_below is not None and spec.serve is None
             parts = ([Suite(suite.path, tuple(suite.by_cohort(c)), f"{suite.sha256}:{c}") for c in suite.cohorts]
                      if by_cohort else [suite])
             promoted = 0
             for done, part in enumerate(parts, start=1):
-                run = evaluate_models([(ref, "candidate")], part, registry, batch_size=spec.batch_size,
-                                      max_new_tokens=spec.max_new_tokens, progress=False, threads=spec.threads,
-                                      device=spec.device, endpoint=spec.endpoint)[spec.candidate]
+                run = evaluate_models([(ref, "candidate")], part, registry, spec.eval)[spec.candidate]
                 results += run.results
                 model_hash = run.model_hash
                 # the whole dev suite's config (a cohort's part names only its own evaluators)
-                config = run_config(ref, suite, max_new_tokens=spec.max_new_tokens, device=resolve_device(
-                    spec.device)) if by_cohort else registry.run_config(run.run_id)
+                config = run_config(ref, suite, max_new_tokens=spec.eval.max_new_tokens,
+                                    device=spec.eval.resolved_device) if by_cohort else registry.run_config(run.run_id)
                 if not by_cohort or spec.stop_below is None:
                     continue
                 cohort = part.rows[0].cohort
