@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mergegate.candidate_server import free_port
 from mergegate.gateway import GatewayConfig, errors
-from mergegate.gateway.backends import LocalBackend
+from mergegate.gateway.backends import LocalBackend, RemoteBackend
 from mergegate.gateway.errors import APIError
 from mergegate.gateway.protocol import GenParams, GenRequest, parse_body, to_gen_request
 
@@ -233,9 +233,11 @@ def test_a_burst_queued_behind_a_local_fallback_is_answered_without_timeouts(fam
                    "remote": {"url": down, "upstream_model": "primary"}},
         "routes": {"ops": {"model": "remote", "fallback": ["base"]}},
         "default": {"model": "base"},
-    }, config=GatewayConfig(backend_timeout=1.0, breaker_failures=2, breaker_cooldown=60.0))
+    }, config=GatewayConfig(backend_timeout=5.0, breaker_failures=2, breaker_cooldown=60.0))
     body = {"model": "cohort/ops", "messages": MESSAGES, "max_tokens": 32}
-    responses = _burst(gw.url, body, 48)  # ~48 x 32 tokens queue for `base` far longer than the 1 s timeout
+    # ~48 x 32 tokens queue for `base` longer than the 5 s timeout, which one 32-token answer never takes, even on a
+    # busy machine
+    responses = _burst(gw.url, body, 48)
     assert [r.status_code for r in responses] == [200] * 48, [r.text for r in responses if r.status_code != 200][:3]
     assert {r.json()["model"] for r in responses} == {"base"}
     assert breaker(gw, "base")["state"] == "closed" and breaker(gw, "base")["consecutive_failures"] == 0
@@ -244,13 +246,18 @@ def test_a_burst_queued_behind_a_local_fallback_is_answered_without_timeouts(fam
 
 
 @pytest.mark.slow
-def test_a_burst_queued_for_upstream_connections_is_answered_without_timeouts(family, stub, launch_each):
-    """More concurrent calls than the upstream's 64 connections: the rest wait for one, untimed."""
-    gw = launch_each(plan(family, stub), config=GatewayConfig(backend_timeout=3.0, breaker_failures=2))
-    stub.set("primary", delay=2.0, reply="slow but fine")  # two waves of 2 s: the second used to time out
-    responses = _burst(gw.url, {"model": "cohort/solo", "messages": MESSAGES, "max_tokens": 8}, 80)
-    assert [r.status_code for r in responses] == [200] * 80, [r.text for r in responses if r.status_code != 200][:3]
-    assert stub.calls["primary"] == 80
+def test_a_burst_queued_for_upstream_connections_is_answered_without_timeouts(stub, launch_each):
+    """More concurrent calls than the upstream's connections: the rest wait for one, untimed. Two connections, so
+    that three waves of 4 s each take no longer on a busy machine than on an idle one; a wait for a connection
+    that counted toward the 7 s timeout would fail the later waves."""
+    remote = RemoteBackend("remote", stub.url, upstream_model="primary", timeout=7.0, max_connections=2)
+    gw = launch_each({"candidate": "remote", "models": {"remote": {"url": stub.url, "upstream_model": "primary"}},
+                      "routes": {}, "default": {"model": "remote"}}, backends={"remote": remote},
+                     config=GatewayConfig(backend_timeout=7.0, breaker_failures=2))
+    stub.set("primary", delay=4.0, reply="slow but fine")
+    responses = _burst(gw.url, {"model": "remote", "messages": MESSAGES, "max_tokens": 8}, 6)
+    assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses if r.status_code != 200][:3]
+    assert stub.calls["primary"] == 6
     assert breaker(gw, "remote")["state"] == "closed" and breaker(gw, "remote")["consecutive_failures"] == 0
 
 
@@ -289,11 +296,11 @@ def test_a_slow_but_steady_stream_outlives_the_timeout(family, stub, launch_each
 
 @pytest.mark.slow
 def test_a_stalled_stream_is_still_cut_after_the_timeout(family, stub, launch_each):
-    gw = launch_each(plan(family, stub), config=GatewayConfig(backend_timeout=1.0, breaker_failures=2))
-    stub.set("primary", reply="abcdefgh", interval=3.0)  # one chunk, then 3 s of silence
+    gw = launch_each(plan(family, stub), config=GatewayConfig(backend_timeout=3.0, breaker_failures=2))
+    stub.set("primary", reply="abcdefgh", interval=30.0)  # one chunk, then 30 s of silence
     with pytest.raises(openai.APIError) as caught:
         stream_text(gw)
-    assert "sent nothing more within 1.0 s" in caught.value.message
+    assert "sent nothing more within 3.0 s" in caught.value.message
     assert breaker(gw, "remote")["consecutive_failures"] == 1
 
 

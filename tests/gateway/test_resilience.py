@@ -62,10 +62,10 @@ def metric(gw, prefix: str) -> float:
                                                       ("invalid_json", "bad_response", "bad_response"),
                                                       ("hang", "timeout", "timeout")])
 def test_upstream_failure_falls_back_to_the_next_model(gw, stub, mode, reason, error_type):
-    stub.set("primary", mode=mode, hang=8.0)
+    stub.set("primary", mode=mode)  # a hang lasts 30 s
     started = time.monotonic()
     response = ask(gw, "ops")
-    assert time.monotonic() - started < 6.0  # a hang costs the timeout (2 s), not the hang (8 s)
+    assert time.monotonic() - started < 20  # a hang costs the timeout (2 s), not the hang (30 s)
     answer = response.parse()
     assert answer.model == "base"
     assert stub.calls["primary"] == 1
@@ -181,17 +181,15 @@ def test_mirror_failures_are_recorded_not_seen_by_the_caller(gw, stub):
 
 @pytest.mark.slow
 def test_mirroring_is_bounded_and_drops_when_saturated(family, stub, launch_each):
-    gw = launch_each(plan(family, stub), config=GatewayConfig(mirror_concurrency=1, backend_timeout=5))
+    gw = launch_each(plan(family, stub), config=GatewayConfig(mirror_concurrency=1, backend_timeout=30))
     stub.set("primary", reply='{"n": 1}')
-    stub.set("candidate", delay=3.0, reply='{"n": 2}')
-    started = time.monotonic()
+    stub.set("candidate", delay=10.0, reply='{"n": 2}')
     for _ in range(4):
         assert ask(gw, "mirrored").parse().model == "remote"
-    assert time.monotonic() - started < 2.5  # callers never wait for the mirror (3 s)
     assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="sent"}') == 1
     assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="dropped"}') == 3
-    assert metric(gw, "mergegate_mirror_in_flight") == 1
-    rows = wait_for(lambda: gw.registry.mirror_results(), timeout=10)
+    assert metric(gw, "mergegate_mirror_in_flight") == 1  # every caller was answered while the mirror still ran
+    rows = wait_for(lambda: gw.registry.mirror_results(), timeout=60)
     assert len(rows) == 1 and rows[0]["mirror_output"] == '{"n": 2}'
     wait_for(lambda: metric(gw, "mergegate_mirror_in_flight") == 0)
     assert stub.calls["candidate"] == 1
