@@ -116,7 +116,8 @@ def test_plan_entries_refuse_what_a_ref_refuses():
 
 
 def test_a_remote_model_is_evaluated_through_its_server_never_loaded_in_process(tmp_path):
-    from mergegate.evaluate.runner import check_models, load_model
+    from mergegate.evaluate.local import load_model
+    from mergegate.evaluate.runner import check_models
 
     remote = ModelRef("upstream", url="http://127.0.0.1:9/v1")
     check_models([remote], EndpointSettings())  # no local folder to check: the endpoint runner calls it

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mergegate import MergegateError
 from mergegate.evaluate import EvalOptions, SuiteError, evaluate_models, load_suite
 from mergegate.evaluate import evaluators as evaluators_module
-from mergegate.evaluate import runner as runner_module
+from mergegate.evaluate import local as local_module
 from mergegate.model_ref import ModelRef
 from mergegate.io.hashing import folder_hash
 from mergegate.registry import SCHEMA_VERSION, Registry
@@ -79,7 +79,7 @@ def test_sources_are_cached_by_model_suite_and_config(family, suite_file, tmp_pa
     def no_loading(spec, device=None):
         raise AssertionError("a cached model must not be loaded")
 
-    monkeypatch.setattr(runner_module, "load_model", no_loading)
+    monkeypatch.setattr(local_module, "load_model", no_loading)
     again = evaluate_models([(ModelRef("renamed", family["base"]), "base")], suite, registry,
                             EvalOptions(batch_size=3, max_new_tokens=4, progress=False))
     assert again["renamed"].cached and again["renamed"].run_id == first.run_id
@@ -96,7 +96,7 @@ def test_interrupted_run_resumes_without_redoing_rows(family, suite_file, tmp_pa
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("ft2", family["ft2"]), "source")
-    original = runner_module._run_batch
+    original = local_module._run_batch
     seen: list[list[str]] = []
     crashed = []
 
@@ -107,7 +107,7 @@ def test_interrupted_run_resumes_without_redoing_rows(family, suite_file, tmp_pa
             raise RuntimeError("interrupted")
         return original(model, tokenizer, name, model_hash, rows, max_new_tokens)
 
-    monkeypatch.setattr(runner_module, "_run_batch", crash_on_second_batch)
+    monkeypatch.setattr(local_module, "_run_batch", crash_on_second_batch)
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate_models([spec], suite, registry, EvalOptions(batch_size=4, max_new_tokens=4, progress=False))
     first_batch = set(seen[0])
@@ -129,7 +129,7 @@ def _ticking(monkeypatch):
     from types import SimpleNamespace
 
     ticks = itertools.count()
-    monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(local_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
 
 
 def test_each_rows_latency_ends_when_its_own_answer_was_complete(family, tmp_path, monkeypatch):
@@ -138,17 +138,17 @@ def test_each_rows_latency_ends_when_its_own_answer_was_complete(family, tmp_pat
     (tmp_path / "suite.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     suite = load_suite(tmp_path / "suite.jsonl")
     budgets = {row.id: 2 * len(row.expected) + 8 for row in suite.rows}  # one token per character: 10 to 16
-    model, tokenizer = runner_module.load_model(ModelRef("base", family["base"]))
+    model, tokenizer = local_module.load_model(ModelRef("base", family["base"]))
     _ticking(monkeypatch)
     # the tiny model never says EOS: every row's answer is final at its own budget, not when the batch ends
-    results = runner_module._run_batch(model, tokenizer, "base", "h", suite.rows, 20)
+    results = local_module._run_batch(model, tokenizer, "base", "h", suite.rows, 20)
     assert {r.row_id: r.latency_ms for r in results} == {i: 1000.0 * b for i, b in budgets.items()}
     # a row that ends early (its EOS) is answered at that step, while the rest of its batch runs on
     stop = results[0].output[2]
     assert stop not in results[0].output[:2]
     tokenizer.eos_token = stop
     _ticking(monkeypatch)
-    stopped = {r.row_id: r for r in runner_module._run_batch(model, tokenizer, "base", "h", suite.rows, 20)}
+    stopped = {r.row_id: r for r in local_module._run_batch(model, tokenizer, "base", "h", suite.rows, 20)}
     assert stopped["r0"].completion_tokens == 3 and stopped["r0"].latency_ms == 3000.0
     assert max(r.latency_ms for r in stopped.values()) == 16000.0
     for r in stopped.values():  # never before its last token, never after its budget
@@ -159,7 +159,7 @@ def test_latency_is_per_row_within_the_batchs_wall_time(family, suite_file, tmp_
     import time
 
     walls = []
-    original = runner_module._run_batch
+    original = local_module._run_batch
 
     def timed(*args):
         started = time.perf_counter()
@@ -167,7 +167,7 @@ def test_latency_is_per_row_within_the_batchs_wall_time(family, suite_file, tmp_
         walls.append(((time.perf_counter() - started) * 1000, results))
         return results
 
-    monkeypatch.setattr(runner_module, "_run_batch", timed)
+    monkeypatch.setattr(local_module, "_run_batch", timed)
     evaluate_models([(ModelRef("base", family["base"]), "base")], load_suite(suite_file),
                     Registry(tmp_path / "r.sqlite"), EvalOptions(batch_size=10, max_new_tokens=12, progress=False))
     (wall, results), = walls
@@ -178,7 +178,7 @@ def test_runs_recorded_with_batch_latencies_are_not_served(family, suite_file, t
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("base", family["base"]), "base")
-    monkeypatch.setattr(runner_module, "RUNNER_FORMAT", "2")  # the format that recorded the batch's wall time
+    monkeypatch.setattr(local_module, "RUNNER_FORMAT", "2")  # the format that recorded the batch's wall time
     old = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=4, progress=False))["base"]
     monkeypatch.undo()
     now = evaluate_models([spec], suite, registry, EvalOptions(batch_size=5, max_new_tokens=4, progress=False))["base"]
@@ -211,7 +211,7 @@ def test_generation_settings_are_part_of_the_cache_key(family, suite_file, tmp_p
     stored = json.loads(sqlite3.connect(tmp_path / "registry.sqlite").execute(
         "SELECT config FROM eval_runs WHERE id=?", (full.run_id,)).fetchone()[0])
     assert stored["generation"]["max_new_tokens"] == 6 and set(stored["evaluators"]) == {"exact_match", "json_valid"}
-    assert stored["runner"] == runner_module.RUNNER_FORMAT and "transformers" in stored["libraries"]
+    assert stored["runner"] == local_module.RUNNER_FORMAT and "transformers" in stored["libraries"]
 
 
 def test_a_new_evaluator_version_is_not_served_old_scores(family, suite_file, tmp_path, monkeypatch):

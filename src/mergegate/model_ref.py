@@ -312,7 +312,7 @@ def load_models_file(path: str | Path) -> dict[str, ModelRef]:
     """A models file (`models: {NAME: block}`, `ModelBlock`) as references by name, in the file's order.
     Every bad entry is reported at once, each naming the entry and its field (ModelRefError, one line per entry);
     a file refused so names its entries' missing folders too (a file that is not refused leaves those to the
-    command that uses the entry: `evaluate.runner.check_inputs`)."""
+    command that uses the entry: `evaluate.runner.check_models`)."""
     from ._yaml import read_yaml_file, require_mapping
 
     path = Path(path)

@@ -4,7 +4,7 @@ decisions and rollout-plan changes.
 Eval runs are cached by (model hash, suite hash, config hash): the model hash covers the files on disk that
 change an answer (weights, config, generation config, tokenizer files and chat template, adapter), the config
 hash everything else that does (generation settings, evaluator versions, the runner's prompt format, library
-versions; see `evaluate.runner.run_config`). A finished run is served only when it holds a result for every row
+versions; see `evaluate.local.run_config`). A finished run is served only when it holds a result for every row
 of the suite; an interrupted run resumes from the rows it has.
 
 Each row result records when it was stored and by which session (one opening of the registry: one command), so a

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mergegate.errors import EvaluationError
 from mergegate.evaluate import EvalOptions, SuiteError, evaluate_models, load_suite
-from mergegate.evaluate import runner as runner_module
+from mergegate.evaluate import local as local_module
 from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
@@ -121,8 +121,8 @@ def test_the_demo_chat_template_is_bos_and_text_and_bos_is_not_doubled():
 
     chat = SuiteRow.model_validate(_as_chat(_demo_json_rows(1)[0]))
     plain = SuiteRow.model_validate(_demo_json_rows(1)[0])
-    assert runner_module._prompt_ids(tokenizer, chat, "m") == runner_module._prompt_ids(tokenizer, plain, "m")
-    assert runner_module._prompt_ids(tokenizer, chat, "m").count(tokenizer.bos_token_id) == 1
+    assert local_module._prompt_ids(tokenizer, chat, "m") == local_module._prompt_ids(tokenizer, plain, "m")
+    assert local_module._prompt_ids(tokenizer, chat, "m").count(tokenizer.bos_token_id) == 1
 
 
 def test_prompt_rows_encode_as_the_tokenizer_pads_them():
@@ -135,7 +135,7 @@ def test_prompt_rows_encode_as_the_tokenizer_pads_them():
     suite = load_suite(DEMO / "suite.jsonl")
     rows = [suite.rows[0], suite.rows[-1], *suite.by_cohort("json_output")[:3]]
     theirs = tokenizer([row.prompt for row in rows], return_tensors="pt", padding=True)
-    mine = runner_module._left_padded([runner_module._prompt_ids(tokenizer, row, "m") for row in rows],
+    mine = local_module._left_padded([local_module._prompt_ids(tokenizer, row, "m") for row in rows],
                                       tokenizer.pad_token_id)
     assert mine["input_ids"].tolist() == theirs["input_ids"].tolist()
     assert mine["attention_mask"].tolist() == theirs["attention_mask"].tolist()

@@ -15,7 +15,8 @@ import mergegate.gateway
 from mergegate.cli import app
 from mergegate.errors import EvaluationError
 from mergegate.evaluate import EvalOptions, evaluate_models, load_suite
-from mergegate.evaluate.runner import config_hash, device_dtype, load_model, run_config
+from mergegate.evaluate.local import device_dtype, load_model, run_config
+from mergegate.evaluate.runner import config_hash
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
 

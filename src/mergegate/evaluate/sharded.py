@@ -1,11 +1,12 @@
-"""Evaluation sharded on Ray: the rows still to run, split into shards of (rows × models), each a Ray task.
+"""Running the rows still to run: one model's rows in the calling process (`run_model_rows`: a local model
+through `evaluate.local`, a url model through `evaluate.endpoint`), or every model's sharded on Ray, shards of
+(rows × models), each a Ray task (`run_sharded`).
 
 The runner (`runner._evaluate`) keeps everything that touches the registry in the driver: cache checks, opening
-or resuming a run, finishing it. Only the running of rows moves here. Each model's rows are sorted by prompt
-length and cut into `workers` contiguous chunks, so each shard's batches stay length-bucketed; every chunk of
-every model is one Ray task (one CPU, and one GPU when the device is CUDA; its torch threads set to its CPUs)
-that loads its model (`runner.load_model`) or, for a url model, calls its server with its own client
-(`endpoint.run_rows`), and returns its RowResults. The driver collects them with `ray.wait` as shards finish and
+or resuming a run (a `PendingRun`), finishing it. Only the running of rows is here. Each model's rows are sorted
+by prompt length and cut into `workers` contiguous chunks, so each shard's batches stay length-bucketed; every
+chunk of every model is one Ray task (one CPU, and one GPU when the device is CUDA; its torch threads set to its
+CPUs) that runs `run_model_rows` and returns its RowResults. The driver collects them with `ray.wait` as shards finish and
 writes them to the registry: the one writer, so SQLite never sees two. A failed shard stops the evaluation
 (the shards still queued are cancelled); the rows already written stay, and the next run resumes after them.
 
@@ -21,27 +22,58 @@ only what it started.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 from .._ray import import_ray, ray_session
 from ..errors import EvaluationError, MergegateError
-from ..model_ref import ModelRef
+from ..model_ref import ModelRef, Role
+from ..progress import Advance
 from ..registry import Registry, RowResult
+from . import endpoint as _endpoint
+from . import local
 from .endpoint import EndpointSettings
 from .options import NEEDS_RAY, EvalOptions
-from .runner import length_order, run_model_rows
 from .suite import SuiteRow
-
-if TYPE_CHECKING:
-    from .runner import PendingRun
 
 TASK_CPUS = 1  # each shard's CPUs, and so its torch threads: small models gain little from more
 
 
+@dataclass(frozen=True)
+class PendingRun:
+    """A model's opened run and the suite rows it still lacks (all of them, or those an interrupted run left)."""
+
+    ref: ModelRef
+    role: Role
+    model_hash: str
+    run_id: int
+    rows: list[SuiteRow]
+    advance: Advance  # its progress bar
+    budgets: dict[str, int] | None = None  # a url model's token budget per row (endpoint.prepare)
+
+    def record(self, registry: Registry, results: list[RowResult]) -> None:
+        registry.add_results(self.run_id, results)  # committed as they come: a crash loses one batch
+        self.advance(len(results))
+
+
+def run_model_rows(ref: ModelRef, model_hash: str, rows: list[SuiteRow], *, batch_size: int, max_new_tokens: int,
+                   device: str, endpoint: EndpointSettings, budgets: dict[str, int] | None,
+                   on_results: Callable[[list[RowResult]], None]) -> None:
+    """Run one model on `rows`: a local model loaded on `device` and generated in length-bucketed batches, a url
+    model through its server (`budgets` from endpoint.prepare). `on_results` gets each batch's results (a url
+    model's: each row's) as they are done, in the calling thread. Used in this process and by each Ray shard."""
+    if not rows:
+        return
+    if ref.is_remote:
+        _endpoint.run_rows(ref, model_hash, rows, budgets or {}, endpoint, lambda result: on_results([result]))
+        return
+    local.run_rows(ref, model_hash, rows, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
+                   on_results=on_results)
+
+
 def split_rows(rows: list[SuiteRow], count: int) -> list[list[SuiteRow]]:
     """`rows` sorted by prompt length and cut into at most `count` contiguous chunks of near-equal size."""
-    ordered = sorted(rows, key=length_order)
+    ordered = sorted(rows, key=local.length_order)
     size = math.ceil(len(ordered) / count) if ordered else 1
     return [ordered[start:start + size] for start in range(0, len(ordered), size)]
 

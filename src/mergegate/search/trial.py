@@ -88,7 +88,7 @@ def _run(spec: TrialSpec) -> TrialOutcome:
 
     from ..engine import MergeOptions, merge
     from ..evaluate import evaluate_models
-    from ..evaluate.runner import run_config
+    from ..evaluate.local import run_config
     from ..evaluate.suite import Suite
     from ..gate import decide
     from ..recipe import load_recipe

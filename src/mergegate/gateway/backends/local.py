@@ -36,7 +36,7 @@ class LocalBackend(Backend):
         self._pending = 0
 
     async def start(self) -> None:
-        from ...evaluate.runner import load_model
+        from ...evaluate.local import load_model
         from ...model_ref import ModelRef
 
         self._lock = asyncio.Lock()

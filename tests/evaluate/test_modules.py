@@ -1,0 +1,39 @@
+"""The evaluation's modules import one way: the orchestration (runner) imports the row runners (sharded), which
+import the model runners (local, endpoint); nothing imports back up, at the top of a module or inside a function."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import mergegate.evaluate
+
+EVALUATE = Path(mergegate.evaluate.__file__).parent
+# module -> the evaluate modules it must never import (directly, at any depth of its code)
+NEVER = {
+    "sharded": {"runner"},
+    "local": {"runner", "sharded", "endpoint"},
+    "endpoint": {"runner", "sharded", "local"},
+    "options": {"runner", "sharded", "local", "endpoint"},
+}
+
+
+def _imported(module: str) -> set[str]:
+    """The sibling modules of evaluate/ that `module` imports anywhere in its code."""
+    tree = ast.parse((EVALUATE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:  # from .x import y
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:  # from . import x
+                found.update(alias.name for alias in node.names)
+            elif node.module and node.module.startswith("mergegate.evaluate."):
+                found.add(node.module.split(".")[2])
+    return found
+
+
+def test_the_runner_and_its_shards_import_downwards_only():
+    for module, forbidden in NEVER.items():
+        assert not _imported(module) & forbidden, (module, _imported(module) & forbidden)
+    assert {"sharded", "local"} <= _imported("runner") and {"local", "endpoint"} <= _imported("sharded")
