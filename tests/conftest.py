@@ -63,32 +63,45 @@ def write_recipe(tmp_path):
     return write
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    """Rows as a JSONL suite file (one JSON object a line); returns the path."""
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+# -- servers that evaluations talk to (127.0.0.1 only) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_suite(tmp_path_factory):
+    """The demo suite without its perplexity rows, two rows a cohort (`evaluate.helpers.demo_rows`)."""
+    from .evaluate.helpers import demo_rows
+
+    path = tmp_path_factory.mktemp("suite") / "suite.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows()))
     return path
 
 
-def recipe_for(method: str, family: dict[str, Path], models=("ft1", "ft2", "ft3"), base=True, **parameters) -> dict:
-    weights = parameters.pop("weights", [1.0] * len(models))
-    recipe = {
-        "merge_method": method,
-        "models": [{"model": str(family[m]), "parameters": {"weight": w}} for m, w in zip(models, weights)],
-    }
-    if base:
-        recipe["base_model"] = str(family["base"])
-    if parameters:
-        recipe["parameters"] = parameters
-    return recipe
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """The project's gateway serving the demo json_output model (one-model plan); its /v1 url."""
+    from mergegate.gateway import create_app
+    from mergegate.gateway.testing import ServerThread
+    from mergegate.registry import Registry
+    from mergegate.rollout import RolloutPlan
+
+    from .evaluate.helpers import DEMO
+
+    folder = tmp_path_factory.mktemp("gateway")
+    plan = RolloutPlan.model_validate({"candidate": "json_output", "models": {
+        "json_output": {"role": "candidate", "path": str(DEMO / "models" / "json_output")}},
+        "routes": {}, "default": {"model": "json_output"}})
+    app = create_app(plan, registry=Registry(folder / "gateway.sqlite"))
+    with ServerThread(app) as server:
+        yield server.url + "/v1"
 
 
-def assert_refused(result, *fragments: str) -> None:
-    """A refusal as a user sees it: exit 2, exactly one `mergegate: ...` line on stderr naming each fragment, no
-    traceback. `result` is a typer CliRunner result or a finished subprocess."""
-    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
-    assert code == 2, (code, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr + (getattr(result, "output", "") or "")
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergegate: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+@pytest.fixture
+def scripted():
+    """A running `evaluate.helpers.Scripted` server, its /v1 url as `.url`."""
+    from mergegate.gateway.testing import ServerThread
+
+    from .evaluate.helpers import Scripted
+
+    server = Scripted()
+    with ServerThread(server.app) as running:
+        server.url = running.url + "/v1"
+        yield server

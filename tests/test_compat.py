@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from mergegate import IncompatibleModels, merge
 from mergegate.demo.samples import SampleShape, write_base, write_finetune, write_tokenizer
 
-from .conftest import recipe_for
+from .helpers import recipe_for
 
 
 def _variant(family, tmp_path, name):

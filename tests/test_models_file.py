@@ -20,8 +20,8 @@ from mergegate.model_ref import (EndpointOverrides, EndpointSettings, ModelRef, 
                                  resolve_model_ref)
 from mergegate.registry import Registry
 from mergegate.rollout import PlanModel
-# test_endpoint_runner's loopback servers and suites; its fixtures are requested by name (getfixturevalue)
-from tests.evaluate.test_endpoint_runner import _tiny_suite, demo_suite, gateway, scripted  # noqa: F401
+# the loopback servers' fixtures (conftest.py) are requested by name (getfixturevalue)
+from tests.evaluate.helpers import tiny_suite
 
 pytestmark = pytest.mark.one_torch_thread
 
@@ -163,7 +163,7 @@ def test_a_blocks_retries_override_the_commands_for_its_model_only(request, tmp_
     refs = load_models_file(_models_file(tmp_path, {
         "strict": {"base_url": server.url, "model": "m", "retries": 0},
         "patient": {"base_url": server.url, "model": "m"}}))
-    suite = _tiny_suite(tmp_path)
+    suite = tiny_suite(tmp_path)
     server.busy = 1
     with pytest.raises(EvaluationError, match=r"model 'strict' .*row a failed after 1 try: HTTP 429"):
         evaluate_models([(refs["strict"], "candidate")], suite, Registry(tmp_path / "a.sqlite"),
@@ -177,7 +177,7 @@ def test_a_blocks_retries_override_the_commands_for_its_model_only(request, tmp_
 @pytest.mark.slow
 def test_a_blocks_concurrency_is_not_in_the_cache_key(request, tmp_path):
     server = request.getfixturevalue("scripted")
-    suite, registry = _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite")
+    suite, registry = tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite")
     first = evaluate_models([(ModelRef("m", url=server.url, endpoint=EndpointOverrides(concurrency=1)), "source")],
                             suite, registry, EvalOptions(progress=False, endpoint=FAST))["m"]
     again = evaluate_models([(ModelRef("m", url=server.url, endpoint=EndpointOverrides(concurrency=16, retries=0,
@@ -191,7 +191,7 @@ def test_a_blocks_unset_api_key_variable_is_refused_naming_the_model(tmp_path, m
     monkeypatch.delenv("MG_TEST_NO_SUCH_KEY", raising=False)
     ref = ModelRef("up", url="http://127.0.0.1:9/v1", endpoint=EndpointOverrides(api_key_env="MG_TEST_NO_SUCH_KEY"))
     with pytest.raises(EvaluationError, match="model 'up': API key variable MG_TEST_NO_SUCH_KEY is not set"):
-        evaluate_models([(ref, "candidate")], _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite"),
+        evaluate_models([(ref, "candidate")], tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite"),
                         EvalOptions(progress=False))
 
 

@@ -14,7 +14,7 @@ from mergegate.registry import Registry
 from mergegate.pipeline import release
 from mergegate.rollout import load_plan
 
-from .conftest import recipe_for
+from .helpers import recipe_for
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
 

@@ -254,7 +254,7 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
 def test_replacing_a_merged_models_weights_is_not_served_old_scores(family, suite_file, tmp_path):
     import mergegate
 
-    from .conftest import recipe_for
+    from .helpers import recipe_for
 
     merged = tmp_path / "merged"
     mergegate.merge(recipe_for("linear", family, models=("ft1", "ft2"), base=False), merged, progress=False)

@@ -14,7 +14,7 @@ import pytest
 from mergegate import merge
 from mergegate._staging import staged, staged_file
 
-from .conftest import recipe_for
+from .helpers import recipe_for
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o077])

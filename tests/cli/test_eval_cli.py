@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mergegate.cli.main import app
 
-from ..conftest import assert_refused, recipe_for, write_jsonl
+from ..helpers import assert_refused, recipe_for, write_jsonl
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
@@ -213,9 +213,9 @@ def test_bad_endpoint_settings_are_refused_before_anything_is_written(family, su
 def test_endpoint_settings_reach_the_url_model(tmp_path, monkeypatch):
     from mergegate.gateway.testing import ServerThread
 
-    from ..evaluate.test_endpoint_runner import _Scripted
+    from ..evaluate.helpers import Scripted
 
-    server = _Scripted()
+    server = Scripted()
     seen_keys: list[str | None] = []
 
     @server.app.middleware("http")
@@ -315,9 +315,9 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("where", ["down", "wrong name", "no /v1"])
 def test_a_failed_evaluation_against_an_endpoint_leaves_no_registry(family, suite_file, tmp_path, where):
     from mergegate.gateway.testing import ServerThread
-    from tests.evaluate.test_endpoint_runner import _Scripted
+    from tests.evaluate.helpers import Scripted
 
-    with ServerThread(_Scripted().app) as running:
+    with ServerThread(Scripted().app) as running:
         url = {"down": f"http://127.0.0.1:{_closed_port()}/v1", "wrong name": running.url + "/v1#other",
                "no /v1": running.url}[where]
         evaluated = _invoke("evaluate", f"m={url}", "--suite", suite_file, "--registry",

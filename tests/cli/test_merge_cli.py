@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import assert_refused, recipe_for
+from ..helpers import assert_refused, recipe_for
 
 MERGEGATE = str(Path(sys.executable).with_name("mergegate"))
 # every test runs the real executable: a fresh interpreter importing torch, about 2 s each

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..conftest import assert_refused, write_jsonl
-from .test_terminal import DEMO, MERGEGATE, run_in_terminal
+from ..helpers import assert_refused, write_jsonl
+from .helpers import DEMO, MERGEGATE, run_in_terminal
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from mergegate.engine import MergeOptions, merge
 from mergegate.errors import MergegateError, MergeOptionsError
 from mergegate.evaluate import EvalOptions
 
-from ..conftest import recipe_for
+from ..helpers import recipe_for
 
 
 def test_defaults_are_the_engines():

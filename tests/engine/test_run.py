@@ -13,7 +13,7 @@ from mergegate import merge, plan_merge
 from mergegate.io.write import ShardedWriter
 
 from .. import reference
-from ..conftest import recipe_for
+from ..helpers import recipe_for
 
 MODELS = ("ft1", "ft2", "ft3")
 

@@ -20,7 +20,7 @@ from mergegate.evaluate.runner import config_hash
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
 
-from ..conftest import assert_refused, write_jsonl
+from ..helpers import assert_refused, write_jsonl
 
 pytestmark = pytest.mark.one_torch_thread
 
@@ -82,7 +82,7 @@ def test_evaluate_with_device_cpu_runs_in_float32(family, suite_file, tmp_path):
 
 
 def test_evaluate_gate_and_release_refuse_cuda_without_a_gpu(no_gpu, family, suite_file, tmp_path, write_recipe):
-    from ..conftest import recipe_for
+    from ..helpers import recipe_for
 
     registry = tmp_path / "r.sqlite"
     assert_refused(CliRunner().invoke(app, ["evaluate", f"base={family['base']}", "--suite", str(suite_file),

@@ -20,7 +20,7 @@ from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
 
-from ..conftest import write_jsonl
+from ..helpers import write_jsonl
 
 pytestmark = pytest.mark.slow  # each test starts a server
 

@@ -4,8 +4,6 @@ refused, and `mergegate gate` with a url candidate. Servers listen on 127.0.0.1 
 
 from __future__ import annotations
 
-import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,44 +16,12 @@ from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
 
+from .helpers import tiny_suite
+
 pytestmark = pytest.mark.one_torch_thread
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 FAST = EndpointSettings(concurrency=4, timeout_s=30, retries=2, backoff_s=0.05)
-
-
-def _demo_rows(per_cohort: int = 2) -> list[dict]:
-    rows, seen = [], {}
-    for line in (DEMO / "suite.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "perplexity" in row["evaluators"] or seen.get(row["cohort"], 0) >= per_cohort:
-            continue
-        seen[row["cohort"]] = seen.get(row["cohort"], 0) + 1
-        rows.append(row)
-    return rows
-
-
-@pytest.fixture(scope="module")
-def demo_suite(tmp_path_factory):
-    path = tmp_path_factory.mktemp("suite") / "suite.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in _demo_rows()))
-    return path
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
-    """The project's gateway serving the demo json_output model (one-model plan)."""
-    from mergegate.gateway import create_app
-    from mergegate.gateway.testing import ServerThread
-    from mergegate.rollout import RolloutPlan
-
-    folder = tmp_path_factory.mktemp("gateway")
-    plan = RolloutPlan.model_validate({"candidate": "json_output", "models": {
-        "json_output": {"role": "candidate", "path": str(DEMO / "models" / "json_output")}},
-        "routes": {}, "default": {"model": "json_output"}})
-    app = create_app(plan, registry=Registry(folder / "gateway.sqlite"))
-    with ServerThread(app) as server:
-        yield server.url + "/v1"
 
 
 @pytest.mark.slow
@@ -81,59 +47,11 @@ def test_gateway_answers_as_in_process_and_second_run_is_cached(gateway, demo_su
     assert again["remote"].cached and [r.output for r in again["remote"].results] == [r.output for r in theirs]
 
 
-class _Scripted:
-    """A tiny OpenAI-compatible server: /v1/models reports `identity`; the first `busy` completions answer 429
-    with Retry-After, the rest the reply."""
-
-    def __init__(self):
-        from fastapi import FastAPI
-        from fastapi.responses import JSONResponse
-
-        self.identity = {"id": "m", "object": "model", "owned_by": "me", "created": 1, "fingerprint": "a"}
-        self.busy, self.calls, self.lock = 0, 0, threading.Lock()
-        app = self.app = FastAPI()
-
-        @app.get("/v1/models")
-        def models():
-            return {"object": "list", "data": [dict(self.identity)]}
-
-        @app.post("/v1/completions")
-        def completions(body: dict):
-            with self.lock:
-                self.calls += 1
-                busy = self.busy > 0
-                self.busy -= busy
-            if busy:
-                return JSONResponse({"error": {"message": "slow down"}}, status_code=429,
-                                    headers={"Retry-After": "0.3"})
-            assert body["temperature"] == 0 and body["n"] == 1 and body["max_tokens"] >= 1
-            return {"id": "x", "object": "text_completion", "model": "m",
-                    "choices": [{"index": 0, "text": "42", "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
-
-
-@pytest.fixture
-def scripted():
-    from mergegate.gateway.testing import ServerThread
-
-    server = _Scripted()
-    with ServerThread(server.app) as running:
-        server.url = running.url + "/v1"
-        yield server
-
-
-def _tiny_suite(tmp_path, evaluators=("exact_match",)):
-    path = tmp_path / "tiny.jsonl"
-    path.write_text(json.dumps({"id": "a", "cohort": "c", "prompt": "6*7=", "expected": "42",
-                                "evaluators": list(evaluators)}) + "\n")
-    return load_suite(path)
-
-
 @pytest.mark.slow
 def test_429_with_retry_after_is_retried(scripted, tmp_path):
     scripted.busy = 1
     ref = ModelRef("m", url=scripted.url)
-    runs = evaluate_models([(ref, "candidate")], _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite"),
+    runs = evaluate_models([(ref, "candidate")], tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite"),
                            EvalOptions(progress=False, endpoint=FAST))
     (result,) = runs["m"].results
     assert scripted.calls == 2 and result.passed and result.output == "42"
@@ -143,7 +61,7 @@ def test_429_with_retry_after_is_retried(scripted, tmp_path):
 
 @pytest.mark.slow
 def test_a_server_reporting_another_identity_is_another_model(scripted, tmp_path):
-    suite, registry = _tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite")
+    suite, registry = tiny_suite(tmp_path), Registry(tmp_path / "r.sqlite")
     ref = ModelRef("m", url=scripted.url)
 
     def run():
@@ -159,7 +77,7 @@ def test_a_server_reporting_another_identity_is_another_model(scripted, tmp_path
 
 
 def test_perplexity_rows_are_refused_for_a_url_model(tmp_path):
-    suite = _tiny_suite(tmp_path, ("exact_match", "perplexity"))
+    suite = tiny_suite(tmp_path, ("exact_match", "perplexity"))
     with pytest.raises(EvaluationError, match="'perplexity' needs the likelihood"):
         evaluate_models([(ModelRef("m", url="http://127.0.0.1:9/v1"), "candidate")], suite,
                         Registry(tmp_path / "r.sqlite"), EvalOptions(progress=False))
@@ -167,7 +85,7 @@ def test_perplexity_rows_are_refused_for_a_url_model(tmp_path):
 
 def test_bad_endpoint_settings_are_refused(tmp_path):
     with pytest.raises(EvaluationError, match="endpoint concurrency"):
-        evaluate_models([(ModelRef("m", url="http://127.0.0.1:9/v1"), "candidate")], _tiny_suite(tmp_path),
+        evaluate_models([(ModelRef("m", url="http://127.0.0.1:9/v1"), "candidate")], tiny_suite(tmp_path),
                         Registry(tmp_path / "r.sqlite"),
                         EvalOptions(progress=False, endpoint=EndpointSettings(concurrency=0)))
 

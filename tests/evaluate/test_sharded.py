@@ -96,10 +96,10 @@ def test_a_url_models_own_api_key_reaches_the_shards_and_no_ray_log(local_ray, t
     from fastapi.responses import JSONResponse
 
     from mergegate.gateway.testing import ServerThread
-    from tests.evaluate.test_endpoint_runner import _Scripted
+    from tests.evaluate.helpers import Scripted
 
     key = f"mg-test-secret-{uuid.uuid4().hex}"
-    server, seen, refusing = _Scripted(), [], []
+    server, seen, refusing = Scripted(), [], []
 
     @server.app.middleware("http")
     async def bearer_only(request, call_next):  # the server refuses any call without the model's key

@@ -9,17 +9,9 @@ import pytest
 
 from mergegate.gateway import GatewayConfig
 
-from .helpers import route_of
+from .helpers import SQL, WEATHER, route_of
 
 pytestmark = [pytest.mark.one_torch_thread, pytest.mark.slow]  # every test talks to a live server
-
-WEATHER = ["What's the weather in Paris tomorrow?", "Will it rain in London this weekend?",
-           "How hot will it be in Madrid today?", "Is there a storm warning for Miami tonight?",
-           "What is the temperature forecast for Tokyo on Monday?", "Do I need an umbrella in Seattle today?"]
-SQL = ["Write a SQL query that selects all users older than 30.", "Join the orders and customers tables in SQL.",
-       "How do I write a GROUP BY query counting rows per country?", "Write SQL to delete duplicate rows from a table.",
-       "Create a SQL index on the email column of the users table.",
-       "Select the top 5 products by revenue with a SQL query."]
 
 
 @pytest.fixture(scope="module")

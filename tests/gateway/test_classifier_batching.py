@@ -10,7 +10,7 @@ import pytest
 
 from mergegate.gateway.classifier import CohortClassifier, minilm_embedder
 
-from .test_classifier import SQL, WEATHER
+from .helpers import SQL, WEATHER
 
 ASKED = ["Is it going to snow in Berlin on Friday?", "Write SQL to count orders grouped by region.",
          "My grandmother's apple pie recipe uses cinnamon and butter.", "Will it be windy in Oslo tomorrow?",

@@ -17,7 +17,7 @@ from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
 
-from ..evaluate.test_endpoint_runner import _demo_rows
+from ..evaluate.helpers import demo_rows
 
 pytestmark = [pytest.mark.one_torch_thread, pytest.mark.slow]  # every test talks to a live server
 
@@ -99,7 +99,7 @@ def test_a_url_model_is_tokenized_by_its_upstream(gw, relay):
 
 
 def test_evaluation_through_the_gateway_gets_the_in_process_budgets_and_answers(gw, tmp_path):
-    rows = _demo_rows(per_cohort=2)
+    rows = demo_rows(per_cohort=2)
     # the demo models stop well inside every real row's budget: two rows whose short `expected` gives a budget
     # (2 * tokens + 8) below the answer's length, so that the budget is what ends them
     rows += [{**rows[i], "id": f"budget-bound-{i}", "expected": "{", "evaluators": ["exact_match"]}

@@ -14,7 +14,7 @@ from mergegate import calibration
 from mergegate.errors import RecipeError
 from mergegate.methods import get_method
 
-from ..conftest import recipe_for
+from ..helpers import recipe_for
 
 pytestmark = pytest.mark.one_torch_thread
 

@@ -16,7 +16,7 @@ from mergegate.methods import get_method
 from mergegate.methods._sparsify import della as della_drop
 from mergegate.methods._sparsify import della_keep_probabilities
 
-from ..conftest import recipe_for
+from ..helpers import recipe_for
 
 T = lambda *values: torch.tensor(values, dtype=torch.float32)  # noqa: E731
 

@@ -10,7 +10,7 @@ import torch
 
 from mergegate.methods import get_method
 
-from ..conftest import recipe_for
+from ..helpers import recipe_for
 
 METHODS = ("model_stock", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
 SHAPES = [(96,), (24, 40), (512, 64)]  # 1-D (norm), 2-D (projection), vocab × hidden (embedding)

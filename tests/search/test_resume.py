@@ -18,7 +18,7 @@ import pytest
 from mergegate.search import search
 from mergegate.search.run import STUDY_NAME
 
-from .test_run import POLICY, space, suites  # noqa: F401 — `suites` is a fixture used by name
+from .helpers import POLICY, space
 
 pytestmark = pytest.mark.slow
 TRIALS = 4
@@ -38,7 +38,7 @@ def _states(out: Path) -> list[str]:
         return []
 
 
-def test_a_search_killed_mid_trial_resumes_with_the_same_trials(tmp_path, suites, local_ray):  # noqa: F811
+def test_a_search_killed_mid_trial_resumes_with_the_same_trials(tmp_path, suites, local_ray):
     dev, held = suites
     space_file = space(tmp_path)
     settings = dict(trials=TRIALS, parallel=1, keep=1, seed=0, batch_size=8, max_new_tokens=24, progress=False)
@@ -89,7 +89,7 @@ def test_a_search_killed_mid_trial_resumes_with_the_same_trials(tmp_path, suites
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PartialFixedSampler, used here only
-def test_a_search_killed_while_drawing_a_trial_resumes_with_the_values_it_would_have_drawn(tmp_path, suites,  # noqa: F811
+def test_a_search_killed_while_drawing_a_trial_resumes_with_the_values_it_would_have_drawn(tmp_path, suites,
                                                                                           local_ray):
     """The moment of the kill that once gave other values: a trial asked, its first value stored, the rest not.
     Re-running it with that one value fixed shifted the seeded sampler's draws onto the others (the second

@@ -4,7 +4,6 @@ a best.yaml that `mergegate merge` runs; and the objective's order (cohorts prom
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
@@ -20,38 +19,7 @@ from mergegate.registry import Registry, RowResult
 from mergegate.search import SearchOptions, load_space, objective_values, search
 from mergegate.search.trial import TrialSpec, run_trial
 
-from ..conftest import write_jsonl
-
-DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
-COHORTS = ("tool_required", "json_output")
-POLICY = {"default": {"min_rows": 3, "min_score": 0.0, "max_drop": 0.5, "min_retention": 0.5}}
-
-
-
-@pytest.fixture(scope="module")
-def suites(tmp_path_factory) -> tuple[Path, Path]:
-    """Dev and held-out rows of two cohorts from the demo suite, disjoint: 4 and 4 per cohort."""
-    folder = tmp_path_factory.mktemp("suites")
-    rows = [json.loads(line) for line in (DEMO / "suite.jsonl").read_text().splitlines() if line.strip()]
-    dev, held = folder / "dev.jsonl", folder / "held.jsonl"
-    picked = {c: [r for r in rows if r["cohort"] == c] for c in COHORTS}
-    write_jsonl(dev, [r for c in COHORTS for r in picked[c][:4]])
-    write_jsonl(held, [r for c in COHORTS for r in picked[c][4:8]])
-    return dev, held
-
-
-def space(tmp_path: Path, dtype: str = "float32") -> Path:
-    models = DEMO / "models"
-    text = {
-        "merge_method": "task_arithmetic", "base_model": str(models / "base"),
-        "models": [{"model": str(models / "tool_required"), "parameters": {"weight": {"range": [0.3, 1.2]}}},
-                   {"model": str(models / "json_output"), "parameters": {"weight": {"range": [0.3, 1.2]}}}],
-        "parameters": {"lambda": {"range": [0.5, 1.0]}}, "dtype": dtype,
-    }
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(text, sort_keys=False))
-    return path
-
+from .helpers import COHORTS, DEMO, POLICY, space
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import assert_refused
+from ..helpers import assert_refused
 
 gguf = pytest.importorskip("gguf")
 
@@ -23,7 +23,7 @@ from mergegate.export.gguf import (  # noqa: E402
 )
 from mergegate.io.read import Checkpoint  # noqa: E402
 
-BASE = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models" / "base"
+BASE = Path(__file__).resolve().parents[2] / "examples" / "demo" / "models" / "base"
 HEADS, KV_HEADS, LAYERS = 4, 4, 4
 F16_EPS = 2.0 ** -11  # float16's unit roundoff: half a unit in the last place, relative
 
