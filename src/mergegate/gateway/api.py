@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from opentelemetry.trace import Status, StatusCode
 
 from .bodies import read_body
-from .dispatch import Skip, StreamStart, close_stream
+from .answers import Skip, StreamStart
+from .dispatch import close_stream
 from .errors import APIError, BackendError
 from .hops import HOP_HEADER, hops_after
 from .protocol import (ChunkWriter, Completion, GenRequest, Operation, new_id, parse_body, response_body,

@@ -22,6 +22,7 @@ from .breaker import STATE_VALUES, CircuitBreaker
 from .classifier import CohortClassifier, Embed
 from .config import GatewayConfig
 from .dispatch import Dispatcher
+from .ensembles import run_strategy
 from .errors import APIError
 from .hops import new_hop_id
 from .metrics import Metrics
@@ -58,7 +59,8 @@ class Gateway:
         self.breakers = {name: CircuitBreaker(self.config.breaker_failures, self.config.breaker_cooldown)
                          for name in self.backends}
         self.router = Router(self._classifier(suite, plan, embed))
-        self.dispatcher = Dispatcher(self.backends, self.breakers, self.telemetry, self.metrics, self.config)
+        self.dispatcher = Dispatcher(self.backends, self.breakers, self.telemetry, self.metrics, self.config,
+                                     run_strategy=run_strategy)
         self.mirror = Mirror(registry=registry, backends=self.backends, telemetry=self.telemetry, metrics=self.metrics,
                              limit=self.config.mirror_concurrency, timeout=self.config.mirror_timeout)
         self.metrics.gauge("mergegate_breaker_state", "Circuit breaker state per backend: 0 closed, 1 half-open "

@@ -1,6 +1,7 @@
 """Answer a routed request: try the route's models in order (route.model, then route.fallback), skipping any
 whose circuit breaker is open, falling over on errors, timeouts and failed online checks. A route with a
-`strategy` is answered by ensembles.py instead, through the same per-model `attempt`.
+`strategy` is answered by the strategy runner the gateway gives the dispatcher (ensembles.py), through the same
+per-model `attempt`.
 
 What counts toward a backend's breaker: errors and timeouts. An answer that fails its online check is a
 quality problem, not a health one: it triggers fallback but counts as a success for the breaker. A full
@@ -25,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
+from .answers import Answer, Skip, StreamStart
 from .breaker import OPEN, CircuitBreaker
 from .checks import can_fail, failed_check, run_checks
 from .config import GatewayConfig
@@ -36,50 +37,20 @@ from .protocol import Completion, GenRequest
 from .routing import Target
 
 RETRY_AFTER = 1  # seconds, on a 429 when every model that could answer was busy
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A model in the chain that did not answer: why (a metrics label) and the detail."""
-
-    model: str
-    reason: str  # circuit_open | timeout | unavailable | http_error | bad_response | overloaded | rejected |
-    #              loop | internal | check:NAME
-    detail: str
-
-
-@dataclass
-class Answer:
-    model: str
-    completion: Completion
-    attempt: int
-    checks: dict
-    skipped: list[Skip]
-
-
-@dataclass
-class StreamStart:
-    """A stream that has a model committed to it: `events` yields text deltas, then the final Completion."""
-
-    model: str
-    attempt: int
-    skipped: list[Skip]
-    events: AsyncIterator[str | Completion]
-    buffered: bool = False
-    checks: dict = field(default_factory=dict)
+# answers a route with a strategy (ensembles.run_strategy): the dispatcher, the target, the request, the parent span
+StrategyRunner = Callable[["Dispatcher", Target, GenRequest, Any], Awaitable[Answer]]
 
 
 class Dispatcher:
     def __init__(self, backends: dict, breakers: dict[str, CircuitBreaker], telemetry, metrics,
-                 config: GatewayConfig):
+                 config: GatewayConfig, *, run_strategy: StrategyRunner):
         self.backends, self.breakers = backends, breakers
         self.telemetry, self.metrics, self.config = telemetry, metrics, config
+        self.run_strategy = run_strategy
 
     async def complete(self, target: Target, request: GenRequest, parent=None) -> Answer:
         if target.route.strategy is not None and not target.pinned:
-            from .ensembles import run_strategy  # routes with a strategy only: the plain path stays as it was
-
-            return await run_strategy(self, target, request, parent)
+            return await self.run_strategy(self, target, request, parent)
         skipped: list[Skip] = []
         for attempt, name in enumerate(target.chain):
             answer = await self.attempt(target, request, name, attempt, parent, skipped)

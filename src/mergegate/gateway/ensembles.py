@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 from ..evaluate.evaluators import parse_json_object, parse_tool_calls
 from ..rollout import HEDGE_DELAY_MS, Route
-from .dispatch import Answer, Dispatcher, Skip
+from .answers import Answer, Skip
+from .dispatch import Dispatcher
 from .protocol import GenRequest
 from .routing import Target
 
