@@ -326,9 +326,10 @@ def decide(evidence: CohortEvidence, params: SequentialParams, *, now: float | N
     not concluded. The evidence must have been started for the same margins: a policy whose `max_drop` changed
     is a new experiment (PolicyError).
     """
-    log_threshold = -math.log(_checked_params(evidence, params))
+    alpha = _checked_params(evidence, params)
+    log_threshold = -math.log(alpha)  # as `interval` compares, so the two always agree
     return _decision(evidence, params, now, evidence.log_promote_e() >= log_threshold,
-                     evidence.log_rollback_e() >= log_threshold, log_threshold, log_threshold)
+                     evidence.log_rollback_e() >= log_threshold, 1 / alpha, 1 / alpha)
 
 
 def _checked_params(evidence: CohortEvidence, params: SequentialParams) -> float:
@@ -340,7 +341,7 @@ def _checked_params(evidence: CohortEvidence, params: SequentialParams) -> float
 
 
 def _decision(evidence: CohortEvidence, params: SequentialParams, now: float | None, promoted: bool,
-              rolled_back: bool, log_promote_threshold: float, log_rollback_threshold: float) -> Decision:
+              rolled_back: bool, promote_threshold: float, rollback_threshold: float) -> Decision:
     low, high = evidence.interval(params.confidence)
     outcome: Outcome
     if rolled_back:
@@ -359,8 +360,12 @@ def _decision(evidence: CohortEvidence, params: SequentialParams, now: float | N
         outcome = "inconclusive"
         reason = f"interval [{low:+.2f}, {high:+.2f}] after {evidence.rows} row(s): keep gathering"
     return Decision(outcome, evidence.rows, evidence.diff_mean, low, high, math.exp(evidence.log_promote_e()),
-                    math.exp(evidence.log_rollback_e()), math.exp(log_promote_threshold),
-                    math.exp(log_rollback_threshold), reason)
+                    math.exp(evidence.log_rollback_e()), _shown(promote_threshold), _shown(rollback_threshold), reason)
+
+
+def _shown(threshold: float) -> float:
+    """A threshold as reported, without float noise ((1 − 0.95) / 2 is 0.025000000000000022: 1/α shows as 40)."""
+    return round(threshold, 9)
 
 
 def _budget_spent(evidence: CohortEvidence, params: SequentialParams, now: float | None) -> str | None:
@@ -407,13 +412,13 @@ def family_decisions(evidences: Mapping[str, CohortEvidence], params: Mapping[st
 
 
 def _holm(log_e: dict[str, float], alpha: float) -> dict[str, tuple[bool, float]]:
-    """Per cohort: whether Holm's step-down on 1/e concludes it, and the log e its rank's step needs."""
+    """Per cohort: whether Holm's step-down on 1/e concludes it, and the e its rank's step needs, (K − rank)/α
+    (compared in logs: K = 1 gives −log α, exactly what `decide` compares)."""
     ranked = sorted(log_e, key=lambda cohort: (-log_e[cohort], cohort))
     steps, going = {}, True
     for rank, cohort in enumerate(ranked):
-        needed = math.log(len(ranked) - rank) - math.log(alpha)  # log((K − rank) / α); K = 1: −log α, as decide
-        going = going and log_e[cohort] >= needed
-        steps[cohort] = (going, needed)
+        going = going and log_e[cohort] >= math.log(len(ranked) - rank) - math.log(alpha)
+        steps[cohort] = (going, (len(ranked) - rank) / alpha)
     return steps
 
 
