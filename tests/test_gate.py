@@ -114,6 +114,22 @@ def test_named_fallback_and_partial_cohort_overrides():
     assert d.decision == "reject" and d.model == "base"
 
 
+def test_a_policy_for_some_cohorts_judges_them_as_the_whole_policy_does():
+    policy = load_policy({"default": {"max_drop": 0.02}, "default_route": "b",
+                          "cohorts": {"a": {"max_drop": 0.3, "min_rows": 5}, "b": {"fallback": "base"}}})
+    only_a = policy.for_cohorts(["a"])
+    assert set(only_a.cohorts) == {"a"} and only_a.default_route is None and only_a.rule("a") == policy.rule("a")
+    assert policy.for_cohorts(["b"]).default_route == "b" and policy.for_cohorts(["a", "b"]) == policy
+    assert policy.for_cohorts([]).sha256 == load_policy({"default": {"max_drop": 0.02}}).sha256
+    # results on cohort a alone (a trial cut short): the whole policy names b, so it is refused; a's rule judges
+    spec = {"base": {"a": binary(0.5, 40, 1)}, "src": {"a": binary(0.8, 40, 3)}, "merged": {"a": binary(0.7, 40, 4)}}
+    with pytest.raises(PolicyError, match="'b' not in the suite"):
+        decide(results(spec), candidate="merged", base="base", sources=["src"], policy=policy)
+    written_for_a = load_policy({"default": {"max_drop": 0.02}, "cohorts": {"a": {"max_drop": 0.3, "min_rows": 5}}})
+    assert (decide(results(spec), candidate="merged", base="base", sources=["src"], policy=only_a)
+            == decide(results(spec), candidate="merged", base="base", sources=["src"], policy=written_for_a))
+
+
 def test_bootstrap_is_seeded():
     n = 80
     spec = {"base": {"c": binary(0.5, n, 1)}, "src": {"c": binary(0.7, n, 2)}, "merged": {"c": binary(0.6, n, 3)}}

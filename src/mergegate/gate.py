@@ -27,7 +27,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -91,6 +91,15 @@ class Policy(BaseModel):
         if self.default_route is not None and self.default_route not in known:
             raise PolicyError(f"policy: default_route {self.default_route!r} is not a cohort of the suite "
                               f"(the suite's cohorts: {', '.join(known)})")
+
+    def for_cohorts(self, cohorts: Iterable[str]) -> Policy:
+        """The rules for `cohorts` alone: the other cohorts' overrides left out, and the default route kept only
+        when it is one of them. What `decide` needs for results on some cohorts (a search trial cut short, one
+        cohort's as it finishes, the rows a server can answer); each kept rule judges as before."""
+        kept = set(cohorts)
+        return self.model_copy(update={
+            "cohorts": {name: rule for name, rule in self.cohorts.items() if name in kept},
+            "default_route": self.default_route if self.default_route in kept else None})
 
     @property
     def sha256(self) -> str:

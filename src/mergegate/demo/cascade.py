@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluate import EvalOptions
+from ..evaluate import EvalOptions, load_suite
+from ..gate import load_policy
 from ..model_ref import EndpointSettings, ModelRef
 from ..pipeline import gate_release
 from ..registry import Registry
@@ -20,16 +21,17 @@ ENSEMBLE_ENDPOINT = EndpointSettings(concurrency=4, timeout_s=120, retries=0)
 
 def cascade_section(run: MergedDemo) -> Section:
     from ..gateway import GatewayConfig, create_app
-    from ..gateway.testing import ServerThread
+    from ..serving.launcher import ServerThread
 
     demo, out, results, best, registry = run.demo, run.out, run.results, run.best, run.registry
     section = Section("Ensemble at the gateway: cascade from the best merge to the specialist", "ensemble")
     chosen = results[best]
     plan = load_plan(chosen.out / "rollout.yaml")
     merged = plan.candidate
+    policy = load_policy(demo / "policy.yaml")
     # the default route answers as the policy's default cohort does (the plan copies that route)
     ensemble_plan = plan.with_cascades({cohort: chosen.gate.decision(cohort).best_source for cohort in plan.routes},
-                                       default_cohort=_default_cohort(demo))
+                                       default_cohort=policy.default_route)
     folder = out / "ensemble"
     folder.mkdir(parents=True, exist_ok=True)
     ensemble_plan.save(folder / "ensembles.yaml")
@@ -40,7 +42,8 @@ def cascade_section(run: MergedDemo) -> Section:
     suite, left_out = _served_rows(demo / "suite.jsonl", folder / "suite.jsonl")
     with ServerThread(app) as server:
         candidate = ModelRef("ensemble", url=server.url + "/v1", served_model="mergegate")
-        result = gate_release(candidate, run.base, run.sources, suite, _policy_for(demo / "policy.yaml", suite),
+        # the policy's rules for the cohorts a server can answer: the rest judged as before
+        result = gate_release(candidate, run.base, run.sources, suite, policy.for_cohorts(load_suite(suite).cohorts),
                               folder, eval=EvalOptions(endpoint=ENSEMBLE_ENDPOINT), registry=registry,
                               title="mergegate demo: ensemble")
     metrics = app.state.gateway.metrics  # the numbers its /metrics renders
@@ -86,21 +89,3 @@ def _served_rows(suite: Path, target: Path) -> tuple[Path, list[str]]:
             kept.append(line)
     target.write_text("\n".join(kept) + "\n")
     return target, [f"{cohort} ({count} rows)" for cohort, count in dropped.items()]
-
-
-def _policy_for(policy: Path, suite: Path) -> dict:
-    """The demo policy without the cohorts (and the default route) a suite lacks: the rest judged as before."""
-    import yaml
-
-    cohorts = {json.loads(line)["cohort"] for line in suite.read_text().splitlines() if line.strip()}
-    loaded = yaml.safe_load(policy.read_text())
-    loaded["cohorts"] = {c: v for c, v in (loaded.get("cohorts") or {}).items() if c in cohorts}
-    if loaded.get("default_route") not in cohorts:
-        loaded.pop("default_route", None)
-    return loaded
-
-
-def _default_cohort(demo: Path) -> str | None:
-    import yaml
-
-    return (yaml.safe_load((demo / "policy.yaml").read_text()) or {}).get("default_route")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..errors import EvaluationError, RegistryError
 from ..model_ref import ModelRef, Role
@@ -83,15 +83,47 @@ def evaluate_models(models: Sequence[tuple[ModelRef, Role]], suite: Suite, regis
     answers, the cache and the registry are the same.
     """
     options = options if options is not None else EvalOptions()
+    _check(models, suite, options)
+    device = options.resolved_device
+    with local.torch_threads(options.threads):
+        return _evaluate(models, suite, registry, options, device)
+
+
+def evaluate_by_cohort(model: tuple[ModelRef, Role], suite: Suite, registry: Registry,
+                       options: EvalOptions | None = None) -> Iterator[tuple[str, ModelRun]]:
+    """`evaluate_models` for one model, a cohort at a time: the same checks, and the same run of the whole suite
+    (its cache key, its rows, its results). After each cohort, in the suite's order, yields the cohort and the
+    run so far (its results: the rows of the cohorts done, in suite order); the run is finished with the last.
+    A caller that stops early (a search's pruned trial) leaves the run open, to resume like an interrupted one."""
+    options = options if options is not None else EvalOptions()
+    _check([model], suite, options)
+    device = options.resolved_device
+    ref, role = model
+    with local.torch_threads(options.threads), Progress(options.progress) as bar:
+        opened = _open(ref, role, suite, registry, options, device, bar)
+        for done, cohort in enumerate(suite.cohorts, start=1):
+            so_far = suite.cohorts[:done]
+            if isinstance(opened, ModelRun):  # cached: read, not run
+                yield cohort, replace(opened, results=[r for r in opened.results if r.cohort in so_far])
+                continue
+            _run_rows([replace(opened, rows=[row for row in opened.rows if row.cohort == cohort])], registry,
+                      options, device)
+            if done == len(suite.cohorts):
+                yield cohort, _finished(opened, suite, registry)
+            else:
+                results = _in_suite_order(registry.results(opened.run_id, ref.name), suite, registry, opened.run_id,
+                                          cohorts=so_far)
+                yield cohort, ModelRun(ref, role, opened.model_hash, opened.run_id, False, results)
+
+
+def _check(models: Sequence[tuple[ModelRef, Role]], suite: Suite, options: EvalOptions) -> None:
+    """Refuse the models, and rows a model cannot answer, before anything is loaded or recorded."""
     check_models([ref for ref, _ in models], options.endpoint)
     for ref, _ in models:
         if ref.is_remote:
             _endpoint.check_rows(ref, suite.rows)
         else:
             local.check_chat_template(ref, suite.rows)
-    device = options.resolved_device
-    with local.torch_threads(options.threads):
-        return _evaluate(models, suite, registry, options, device)
 
 
 def _evaluate(models: Sequence[tuple[ModelRef, Role]], suite: Suite, registry: Registry, options: EvalOptions,
@@ -99,34 +131,48 @@ def _evaluate(models: Sequence[tuple[ModelRef, Role]], suite: Suite, registry: R
     """Cache checks, opened runs, resumes and finished runs here, in this process (the registry's one writer);
     the rows still to run go through `run_model_rows` model by model, or as Ray shards (`sharded`)."""
     runs: dict[str, ModelRun] = {}
-    row_ids = [row.id for row in suite.rows]
-
-    def finish(todo: PendingRun) -> None:
-        registry.finish_run(todo.run_id, row_ids)  # refused unless every suite row has a result
-        results = _in_suite_order(registry.results(todo.run_id, todo.ref.name), suite, registry, todo.run_id)
-        runs[todo.ref.name] = ModelRun(todo.ref, todo.role, todo.model_hash, todo.run_id, False, results)
-
-    max_new_tokens, force, endpoint = options.max_new_tokens, options.force, options.endpoint
     with Progress(options.progress) as bar:
         pending = []
         for ref, role in models:
-            opened = (_open_remote(ref, role, suite, registry, max_new_tokens, bar, force, endpoint) if ref.is_remote
-                      else _open_local(ref, role, suite, registry, max_new_tokens, bar, force, device))
+            opened = _open(ref, role, suite, registry, options, device, bar)
             if isinstance(opened, ModelRun):
                 runs[ref.name] = opened
             else:
                 pending.append(opened)
         if options.sharded:
-            run_sharded(pending, registry, options, device)
+            _run_rows(pending, registry, options, device)
             for todo in pending:
-                finish(todo)
+                runs[todo.ref.name] = _finished(todo, suite, registry)
         else:
             for todo in pending:
-                run_model_rows(todo.ref, todo.model_hash, todo.rows, batch_size=options.batch_size,
-                               max_new_tokens=max_new_tokens, device=device, endpoint=endpoint, budgets=todo.budgets,
-                               on_results=partial(todo.record, registry))
-                finish(todo)
+                _run_rows([todo], registry, options, device)
+                runs[todo.ref.name] = _finished(todo, suite, registry)
     return {ref.name: runs[ref.name] for ref, _ in models}
+
+
+def _run_rows(pending: list[PendingRun], registry: Registry, options: EvalOptions, device: str) -> None:
+    """The pending runs' rows run and recorded: as Ray shards, or model by model in this process."""
+    if options.sharded:
+        run_sharded(pending, registry, options, device)
+        return
+    for todo in pending:
+        run_model_rows(todo.ref, todo.model_hash, todo.rows, batch_size=options.batch_size,
+                       max_new_tokens=options.max_new_tokens, device=device, endpoint=options.endpoint,
+                       budgets=todo.budgets, on_results=partial(todo.record, registry))
+
+
+def _finished(todo: PendingRun, suite: Suite, registry: Registry) -> ModelRun:
+    registry.finish_run(todo.run_id, [row.id for row in suite.rows])  # refused unless every row has a result
+    results = _in_suite_order(registry.results(todo.run_id, todo.ref.name), suite, registry, todo.run_id)
+    return ModelRun(todo.ref, todo.role, todo.model_hash, todo.run_id, False, results)
+
+
+def _open(ref: ModelRef, role: Role, suite: Suite, registry: Registry, options: EvalOptions, device: str,
+          bar: Progress) -> ModelRun | PendingRun:
+    """A model's cached run, or its opened (or resumed) run with the rows still to run."""
+    if ref.is_remote:
+        return _open_remote(ref, role, suite, registry, options.max_new_tokens, bar, options.force, options.endpoint)
+    return _open_local(ref, role, suite, registry, options.max_new_tokens, bar, options.force, device)
 
 
 def _open_local(ref: ModelRef, role: Role, suite: Suite, registry: Registry, max_new_tokens: int, bar, force: bool,
@@ -164,10 +210,13 @@ def _cached_or_opened(ref: ModelRef, role: Role, model_hash: str, config: dict, 
                       budgets)
 
 
-def _in_suite_order(results: list[RowResult], suite: Suite, registry: Registry, run_id: int) -> list[RowResult]:
-    """One result per suite row, in the suite's order — however the rows were batched or stored."""
+def _in_suite_order(results: list[RowResult], suite: Suite, registry: Registry, run_id: int,
+                    cohorts: Sequence[str] | None = None) -> list[RowResult]:
+    """One result per suite row (of `cohorts` only, when given), in the suite's order — however the rows were
+    batched or stored."""
+    rows = [row for row in suite.rows if cohorts is None or row.cohort in cohorts]
     by_id = {r.row_id: r for r in results}
-    missing = [row.id for row in suite.rows if row.id not in by_id]
+    missing = [row.id for row in rows if row.id not in by_id]
     if missing:
         raise RegistryError(f"registry {registry.path}: run {run_id} has no result for row(s) {missing[:3]}")
-    return [by_id[row.id] for row in suite.rows]
+    return [by_id[row.id] for row in rows]

@@ -7,12 +7,15 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
+from .._yaml import parse_yaml
+from ..errors import SearchError
 from ..evaluate import Suite
 from ..gate import Policy
+from ..model_ref import ModelRef
 from ..report_page import figure_png, html_img, html_page, html_table, markdown_table, pyplot
 from ..rollout import RolloutPlan
 from .space import Space
@@ -22,38 +25,45 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _recipe_data(recipe_yaml: str) -> dict:
+    data = parse_yaml(recipe_yaml, "trial recipe", SearchError)
+    return data if isinstance(data, dict) else {}
+
+
+def _model_fields(data: dict) -> Iterator[tuple[dict, str]]:
+    """Each place a recipe names a model (mapping, key): its base model, its models, its slices' base models and
+    sources."""
+    if isinstance(data.get("base_model"), str):
+        yield data, "base_model"
+    for entry in data.get("models") or []:
+        yield entry, "model"
+    for piece in data.get("slices") or []:
+        if isinstance(piece.get("base_model"), str):
+            yield piece, "base_model"
+        for source in piece.get("sources") or []:
+            yield source, "model"
+
+
 def portable_recipe(recipe_yaml: str, recipe_folder: Path | None, out: Path) -> str:
     """The recipe with each model path relative to `out` (mergekit and `mergegate merge` read it from there);
     `model+adapter` keeps mergekit's spelling."""
-    data = yaml.safe_load(recipe_yaml)
+    data = _recipe_data(recipe_yaml)
 
-    def moved(text: str) -> str:
-        parts = []
-        for piece in text.split("+"):
-            path = Path(piece)
-            if not path.is_absolute() and recipe_folder is not None:
-                path = recipe_folder / path
-            parts.append(os.path.relpath(path.resolve(), out.resolve()) if path.exists() else piece)
-        return "+".join(parts)
+    def moved(path: Path) -> str:
+        found = path if path.is_absolute() or recipe_folder is None else recipe_folder / path
+        return os.path.relpath(found.resolve(), out.resolve()) if found.exists() else str(path)
 
-    if isinstance(data.get("base_model"), str):
-        data["base_model"] = moved(data["base_model"])
-    for entry in data.get("models") or []:
-        entry["model"] = moved(entry["model"])
-    for piece in data.get("slices") or []:
-        if isinstance(piece.get("base_model"), str):
-            piece["base_model"] = moved(piece["base_model"])
-        for source in piece.get("sources") or []:
-            source["model"] = moved(source["model"])
+    for holder, key in _model_fields(data):
+        ref = ModelRef.parse(holder[key], name="model")
+        if ref.path is not None:  # a recipe's models are local folders
+            holder[key] = moved(ref.path) + (f"+{moved(ref.adapter)}" if ref.adapter is not None else "")
     return yaml.safe_dump(data, sort_keys=False)
 
 
 def _names_adapters(recipe_yaml: str) -> bool:
     """Whether a model of the recipe is `model+adapter` (mergekit then needs --lora-merge-cache)."""
-    data = yaml.safe_load(recipe_yaml)
-    names = [data.get("base_model") or "", *(entry["model"] for entry in data.get("models") or [])]
-    names += [source["model"] for piece in data.get("slices") or [] for source in piece.get("sources") or []]
-    return any("+" in name for name in names)
+    data = _recipe_data(recipe_yaml)
+    return any(ModelRef.parse(holder[key], name="model").adapter is not None for holder, key in _model_fields(data))
 
 
 def serving_cost(plan: RolloutPlan) -> tuple[int, list[str]]:
@@ -64,8 +74,8 @@ def serving_cost(plan: RolloutPlan) -> tuple[int, list[str]]:
 
 def _method(record: Any) -> str:
     try:
-        return str(yaml.safe_load(record.recipe_yaml).get("merge_method", "?"))
-    except (yaml.YAMLError, AttributeError):
+        return str(_recipe_data(record.recipe_yaml).get("merge_method", "?"))
+    except SearchError:
         return "?"
 
 

@@ -36,7 +36,7 @@ from ..model_ref import ModelRef
 from ..pipeline import ReleaseResult, ServeCommand, gate_release, release_models, release_rank
 from ..registry import Registry, RowResult
 from .space import Space, load_space
-from .trial import TrialOutcome, TrialSpec, policy_for
+from .trial import TrialOutcome, TrialSpec
 
 Objective = Literal["gate", "mean", "pareto"]
 SamplerKind = Literal["tpe", "cmaes", "random", "nsga2"]
@@ -429,7 +429,7 @@ def _tell(study, trial, outcome: TrialOutcome, dev: Suite, policy: Policy, regis
         return
     evaluated = list(dict.fromkeys(r.cohort for r in outcome.results))  # a pruned trial's are some cohorts
     gate = decide({"candidate": outcome.results, **source_results}, candidate="candidate", base=base.name,
-                  sources=[s.name for s in sources], policy=policy_for(policy, evaluated))
+                  sources=[s.name for s in sources], policy=policy.for_cohorts(evaluated))
     trial.set_user_attr("retention", {d.cohort: d.retention for d in gate.decisions})
     trial.set_user_attr("decisions", {d.cohort: d.decision for d in gate.decisions})
     if outcome.status == "pruned":
