@@ -307,6 +307,22 @@ def test_a_bound_exactly_on_the_margin_is_decided_without_float_noise():
     assert d.decision == "promote", d.reasons
 
 
+def test_the_decision_says_whether_a_drop_is_established_and_within_max_drop_at_the_gates_resolution():
+    # every row 0.1 below the best source, and a max_drop of 0.0999999999: at the gate's 9 decimals the lower
+    # bound sits on -max_drop, so the cohort is promoted, and its drop is established and tolerated
+    n = 40
+    spec = {"base": {"c": np.full(n, 0.5)}, "src": {"c": np.full(n, 0.8)}, "merged": {"c": np.full(n, 0.7)},
+            "tie": {"c": np.full(n, 0.8)}}
+    policy = load_policy({"default": {"max_drop": 0.0999999999, "min_retention": 0.875}})
+    d = decide(results(spec), candidate="merged", base="base", sources=["src"], policy=policy).decision("c")
+    assert d.decision == "promote" and d.drop_established and d.within_max_drop and d.tolerated_drop
+    level = decide(results(spec), candidate="tie", base="base", sources=["src"], policy=policy).decision("c")
+    assert not level.drop_established and level.within_max_drop and not level.tolerated_drop
+    strict = load_policy({"default": {"max_drop": 0.05, "min_retention": 0.875}})
+    d = decide(results(spec), candidate="merged", base="base", sources=["src"], policy=strict).decision("c")
+    assert d.decision == "reject" and d.drop_established and not d.within_max_drop and not d.tolerated_drop
+
+
 def test_the_decision_does_not_depend_on_the_order_of_the_results():
     n = 60
     spec = {"base": {"c": binary(0.5, n, 1), "d": binary(0.4, n, 4)}, "src": {"c": binary(0.8, n, 2), "d": binary(0.6, n, 5)},

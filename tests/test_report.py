@@ -17,7 +17,7 @@ from mergegate.evaluate import EvalOptions
 from mergegate.gate import CohortDecision, GateResult, Policy
 from mergegate.pipeline import release_rank
 from mergegate.registry import RowResult
-from mergegate.report import TOLERATED_DROP, plan_changes, tolerated_drop, write_reports
+from mergegate.report import TOLERATED_DROP, plan_changes, write_reports
 from mergegate.rollout import PlanModel, RolloutPlan, Route
 
 CANDIDATE = "merged-task_arithmetic-with-a-long-name"
@@ -30,13 +30,15 @@ LONG_REASON = ("paired difference vs tool_required_specialist: 95% interval [-0.
 
 def _decision(cohort: str, decision: str, diff: tuple[float, float, float], retention: float,
               model: str, reasons: tuple[str, ...] = (), mirror: float = 0.0) -> CohortDecision:
+    """A decision as the gate makes it under POLICY (its drop flags against the cohort's max_drop)."""
     low, mean, high = diff
     return CohortDecision(cohort=cohort, decision=decision, model=model, rows=40,  # type: ignore[arg-type]
                           candidate_mean=0.8 + mean, best_source="specialist", best_source_mean=0.8, base_mean=0.3,
                           diff_mean=mean, diff_low=low, diff_high=high, retention=retention,
                           retention_low=retention - 0.05, retention_high=retention + 0.05,
                           source_means={"base": 0.3, "specialist": 0.8, "tool_required_specialist": 0.7},
-                          reasons=reasons, mirror_share=mirror, fallback=("specialist", "base"))
+                          reasons=reasons, mirror_share=mirror, fallback=("specialist", "base"),
+                          drop_established=high < 0, within_max_drop=low >= -POLICY.rule(cohort).max_drop)
 
 
 def _gate(policy: Policy = POLICY) -> GateResult:
@@ -90,12 +92,11 @@ def test_cohort_costs_give_latency_percentiles_and_mean_tokens_per_model_and_coh
 
 def test_tolerated_drop_is_an_established_drop_within_max_drop_that_was_not_rejected():
     promoted_drop = _decision("c", "promote", (-0.09, -0.06, -0.02), 0.93, "m")
-    assert tolerated_drop(promoted_drop, 0.1) and tolerated_drop(promoted_drop, None)
-    assert not tolerated_drop(promoted_drop, 0.05)  # lower bound below -max_drop
-    held_drop = _decision("c", "hold", (-0.09, -0.06, -0.02), 0.8, "s")
-    assert tolerated_drop(held_drop, 0.1) and not tolerated_drop(held_drop, None)  # a hold needs max_drop to say
-    assert not tolerated_drop(_decision("c", "promote", (-0.02, 0.0, 0.02), 1.0, "m"), 0.1)  # zero in the interval
-    assert not tolerated_drop(_decision("c", "reject", (-0.3, -0.2, -0.11), 0.7, "s"), 0.1)
+    assert promoted_drop.tolerated_drop
+    assert not _decision("policy_refusal", "hold", (-0.09, -0.06, -0.02), 0.93, "s").tolerated_drop  # max_drop 0.05
+    assert _decision("c", "hold", (-0.09, -0.06, -0.02), 0.8, "s").tolerated_drop
+    assert not _decision("c", "promote", (-0.02, 0.0, 0.02), 1.0, "m").tolerated_drop  # zero in the interval
+    assert not _decision("c", "reject", (-0.3, -0.2, -0.11), 0.7, "s").tolerated_drop
 
 
 def test_report_says_what_ships_first_and_marks_tolerated_drops(tmp_path):

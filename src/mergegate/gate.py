@@ -152,6 +152,14 @@ class CohortDecision:
     fallback: tuple[str, ...] = ()  # where the route falls over after `model`, in order
     candidate_low: float = 0.0  # the bootstrap interval of the candidate's mean (the same resamples as diff_*)
     candidate_high: float = 0.0
+    drop_established: bool = False  # the whole interval of (candidate − best source) is below zero
+    within_max_drop: bool = False  # the interval's lower bound is at or above −max_drop (non-inferior)
+
+    @property
+    def tolerated_drop(self) -> bool:
+        """A drop the gate let through: established, yet within max_drop, and the cohort not rejected (promoted,
+        or held for another reason)."""
+        return self.decision != "reject" and self.drop_established and self.within_max_drop
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,9 @@ def decide(results: dict[str, list[RowResult]], *, candidate: str, base: str, so
     to 9 decimals before it is compared (scores are means of per-row scores in [0, 1], so a bound computed as
     −0.09999999999999998 is −0.1 and sits exactly on a `max_drop` of 0.1, which is non-inferior and not a
     regression). The reported numbers are the rounded ones.
+
+    Each decision also says whether a drop is established (high < 0) and whether it stays within max_drop
+    (low ≥ −`max_drop`), at the same resolution: what a report marks as a tolerated drop, never recomputed there.
 
     The result does not depend on the order of the results: rows are resampled in sorted row-id order with
     a seed from `policy.seed` and the cohort name; cohorts are reported in the order the candidate's results
@@ -253,7 +264,8 @@ def _decide_cohort(cohort, ids, results, scores, candidate, base, holders, polic
         reasons.append(f"score {cand_mean:.3f} < min_score {rule.min_score}")
     if retention < _q(rule.min_retention):
         reasons.append(f"retention {retention:.3f} of {best} < min_retention {rule.min_retention}")
-    if diff_low < _q(-rule.max_drop):
+    within_max_drop = diff_low >= _q(-rule.max_drop)
+    if not within_max_drop:
         reasons.append(f"paired difference vs {best}: {policy.confidence:.0%} interval [{diff_low:+.3f}, "
                        f"{diff_high:+.3f}] reaches below -max_drop {-rule.max_drop}")
     reasons += _cost_reasons(rule, cohort, ids, results, candidate, best)
@@ -273,7 +285,8 @@ def _decide_cohort(cohort, ids, results, scores, candidate, base, holders, polic
     return CohortDecision(
         cohort, decision, model, len(ids), cand_mean, best, means[best], means[base],
         _q(cand.mean() - best_scores.mean()), diff_low, diff_high, retention, ret_low, ret_high,
-        means, tuple(reasons), mirror, fallbacks, score_low, score_high)
+        means, tuple(reasons), mirror, fallbacks, score_low, score_high, drop_established=diff_high < 0,
+        within_max_drop=within_max_drop)
 
 
 def _cost_reasons(rule: CohortRule, cohort: str, ids: list[str], results, candidate: str, best: str) -> list[str]:

@@ -35,17 +35,6 @@ def _max_drop(policy: Policy | None, cohort: str) -> float | None:
     return policy.rule(cohort).max_drop if policy is not None else None
 
 
-def tolerated_drop(decision: CohortDecision, max_drop: float | None) -> bool:
-    """A drop the gate let through: the whole interval of (candidate − best source) is below zero, yet the
-    cohort is promoted or held because its lower bound stays at or above −max_drop. Without the policy's
-    max_drop only a promotion implies the lower bound (the promote rule checks it)."""
-    if decision.decision == "reject" or decision.diff_high >= 0:
-        return False
-    if max_drop is None:
-        return decision.decision == "promote"
-    return decision.diff_low >= -max_drop
-
-
 def _scores_png(gate: GateResult, plt: Any) -> bytes:
     """Mean score per cohort of the candidate beside the base and every source, decisions over the candidate."""
     cohorts = [d.cohort for d in gate.decisions]
@@ -84,7 +73,7 @@ def _forest_png(gate: GateResult, policy: Policy | None, plt: Any) -> bytes:
     for i, d in enumerate(decisions):
         y = count - 1 - i  # first cohort on top
         colour = DECISION_COLOURS[d.decision]
-        tolerated = tolerated_drop(d, _max_drop(policy, d.cohort))
+        tolerated = d.tolerated_drop  # the gate's flag: a drop established, within max_drop
         face = "white" if tolerated else colour
         diff_ax.errorbar([d.diff_mean], [y], xerr=[[d.diff_mean - d.diff_low], [d.diff_high - d.diff_mean]],
                          fmt="o", color=colour, mfc=face, mew=2, capsize=5, lw=2, ms=8)
@@ -167,7 +156,7 @@ def plan_changes(current: RolloutPlan, plan: RolloutPlan) -> dict[str, str]:
     return changes
 
 
-def _ships_rows(gate: GateResult, plan: RolloutPlan, policy: Policy | None,
+def _ships_rows(gate: GateResult, plan: RolloutPlan,
                 changes: dict[str, str] | None) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """The "what ships" table: header, and (decision, cells) per route; the default route last."""
     header = ["route", "decision", "model", "fallback chain", "mirrored"] + (["vs current"] if changes else [])
@@ -176,8 +165,7 @@ def _ships_rows(gate: GateResult, plan: RolloutPlan, policy: Policy | None,
         route = plan.routes.get(d.cohort)
         if route is None:
             continue
-        decision = d.decision.upper() + (f" ({TOLERATED_DROP})" if tolerated_drop(d, _max_drop(policy, d.cohort))
-                                         else "")
+        decision = d.decision.upper() + (f" ({TOLERATED_DROP})" if d.tolerated_drop else "")
         rows.append((d.decision, [d.cohort, decision, *_route_text(route, plan.candidate)]
                      + ([changes.get(d.cohort, "")] if changes else [])))
     default_note = "default (no cohort)"
@@ -205,7 +193,7 @@ def _decision_rows(gate: GateResult,
     rows = []
     for d in gate.decisions:
         max_drop = _max_drop(policy, d.cohort)
-        decision = d.decision.upper() + (f" · {TOLERATED_DROP}" if tolerated_drop(d, max_drop) else "")
+        decision = d.decision.upper() + (f" · {TOLERATED_DROP}" if d.tolerated_drop else "")
         why = "; ".join(d.reasons) or "non-inferior within policy"
         rows.append((d, [d.cohort, str(d.rows), f"{d.candidate_mean:.3f}", f"{d.best_source} {d.best_source_mean:.3f}",
                          f"{d.diff_mean:+.3f} [{d.diff_low:+.3f}, {d.diff_high:+.3f}]",
@@ -300,7 +288,7 @@ def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: 
     are Markdown put before and after the "what ships" section (the demo's summary uses them); `measured` says
     when each model's latencies were measured (`write_reports`)."""
     changes = plan_changes(current, plan) if current is not None else None
-    ships_header, ships = _ships_rows(gate, plan, policy, changes)
+    ships_header, ships = _ships_rows(gate, plan, changes)
     md = [f"# {title}", ""] + ([lead, ""] if lead else [])
     md += ["## What ships", "", _verdict(gate), ""]
     md += markdown_table(ships_header, [cells for _, cells in ships])
@@ -341,7 +329,7 @@ def render_html_body(gate: GateResult, plan: RolloutPlan, *, title: str, policy:
     `measured` as for `render_markdown`."""
     pictures = pictures or {}
     changes = plan_changes(current, plan) if current is not None else None
-    ships_header, ships = _ships_rows(gate, plan, policy, changes)
+    ships_header, ships = _ships_rows(gate, plan, changes)
     ships_body = "".join(f'<tr class="{kind}">{html_cells(cells, "td", {1: _decision_class(cells[1])})}</tr>'
                          for kind, cells in ships)
     compared = (f"<p>Compared with the currently served plan (candidate {html.escape(current.candidate)}).</p>"
