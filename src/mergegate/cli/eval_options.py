@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from typing import Any, Callable, Optional
 
 import typer
@@ -60,10 +61,11 @@ def takes_eval_options(*, sharding: bool = True) -> Callable[[Callable[..., Any]
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = inspect.signature(command)
-        # the command's own annotations resolved as typer would (`eval_options`'s type is only the type checker's)
-        kept = [param.replace(annotation=eval(param.annotation, command.__globals__))  # noqa: S307
-                if isinstance(param.annotation, str) else param
-                for name, param in own.parameters.items() if name != "eval_options"]
+        # the command's own annotations resolved, as typer reads them (`eval_options`'s, replaced by the flags, is
+        # imported for the type checker only)
+        hints = typing.get_type_hints(command, localns={"EvalOptions": Any})
+        kept = [param.replace(annotation=hints[name]) for name, param in own.parameters.items()
+                if name != "eval_options"]
 
         @functools.wraps(command)
         def with_options(**given: Any) -> Any:

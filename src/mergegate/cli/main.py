@@ -112,7 +112,7 @@ MODELS_FILE = typer.Option(None, "--models", help="YAML models file (models: {NA
                                                   "can be given wherever a model is.")
 
 
-def serve_command(template: str | None, timeout_s: float):
+def candidate_serving(template: str | None, timeout_s: float):
     """The --serve-candidate / --serve-timeout flags as a ServeCommand (None without a template)."""
     from ..pipeline import ServeCommand
 
@@ -219,7 +219,7 @@ def release_command(
         named = _named_models(models_file)
         extra_sources = [_model_ref(value, named) for value in extra_source]
         result = release(recipe, suite, policy, out, merge=merge, eval=eval_options,
-                         serve=serve_command(serve_candidate, serve_timeout), registry=registry,
+                         serve=candidate_serving(serve_candidate, serve_timeout), registry=registry,
                          extra_sources=extra_sources, current=current)
     except MergegateError as exc:
         _refuse(exc)

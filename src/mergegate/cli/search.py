@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from .eval_options import takes_eval_options
-from .main import SERVE_CANDIDATE, SERVE_TIMEOUT, _keep_freed_memory, _refuse, serve_command
+from .main import SERVE_CANDIDATE, SERVE_TIMEOUT, _keep_freed_memory, _refuse, candidate_serving
 
 if TYPE_CHECKING:
     from ..evaluate import EvalOptions
@@ -64,7 +64,7 @@ def search_command(
                                 sampler=sampler, keep=keep, prune=prune, ray_address=ray_address,  # type: ignore[arg-type]
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                                 memory_per_trial=memory, eval=eval_options,
-                                serve=serve_command(serve_candidate, serve_timeout))
+                                serve=candidate_serving(serve_candidate, serve_timeout))
         result = search(space, suite, held_out, policy, out, options)
     except MergegateError as exc:
         _refuse(exc)
