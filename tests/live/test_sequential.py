@@ -186,8 +186,8 @@ def test_malformed_evidence_is_refused_by_name(text, problem):
 
 def test_evidence_with_a_bad_field_is_refused_by_name():
     record = json.loads(fold([(1.0, 0.0)] * 3)[-1].to_json())
-    bad = [("rows", -1), ("rows", True), ("sum_y", "1"), ("sum_sq", float("nan")), ("log_peak_up", [0.0]),
-           ("grid", record["grid"][::-1])]
+    bad = [("rows", -1), ("rows", True), ("sum_y", "1"), ("sum_y", [1.0]), ("sum_y", 4.0), ("sum_sq", float("nan")),
+           ("log_peak_up", [0.0]), ("grid", record["grid"][::-1]), ("grid", 0.5), ("max_drop", 0.07)]
     for name, value in bad:
         with pytest.raises(RegistryError, match=name):
             CohortEvidence.from_json(json.dumps({**record, name: value}))
@@ -268,6 +268,8 @@ def test_params_come_from_the_policy_and_a_changed_margin_is_a_new_experiment():
         decide(start(PARAMS), params)
     with pytest.raises(PolicyError, match="max_drop"):
         SequentialParams(max_drop=1.0)
+    with pytest.raises(PolicyError, match="harm_margin"):
+        SequentialParams(max_drop=0.1, harm_margin=0.05)
     with pytest.raises(ValueError, match="candidate score"):
         update(start(PARAMS), float("nan"), 0.5)
     with pytest.raises(ValueError, match="served score"):

@@ -13,10 +13,12 @@ d = c − s is in [−1, 1] and y = (1 + d) / 2 in [0, 1], so E[d] = 2·E[y] −
 - the rollback bet is its mirror image, H0: E[d] ≥ m, betting that y falls below (1 + m) / 2.
 
 Both bets run at every point m of a grid of E[d] values (the margins among them) and remember each point's
-largest wealth. The displayed interval is the set of points not excluded, read from the margins' side
+largest wealth. The displayed interval runs from the top of the run of points the promotion bet excluded,
+counted from −1 up, to the bottom of the run the rollback bet excluded, counted from 1 down
 (`CohortEvidence.interval`), so the decision and the interval always agree: promote exactly when the
-interval's lower end reaches −max_drop, roll back exactly when its upper end is below −harm_margin.
-A conclusion, once reached, is never withdrawn by later rows (the largest wealth only grows).
+interval's lower end reaches −max_drop (E[d] > −max_drop established), roll back exactly when its upper end
+reaches −harm_margin (E[d] < −harm_margin established). A conclusion, once reached, is never withdrawn by
+later rows (the largest wealth only grows).
 
 `α` per side is the gate's: its interval is a two-sided percentile interval at `confidence`, so each one-sided
 conclusion (promote, or a regression established) errs with probability (1 − confidence) / 2; here too.
@@ -60,9 +62,9 @@ def side_alpha(confidence: float) -> float:
 @dataclass(frozen=True)
 class SequentialParams:
     """What a live test of one cohort is run with: the policy's `max_drop` and `confidence`, the margin a
-    regression must exceed to roll back (`harm_margin`, by default `max_drop`, as the gate's reject rule), and
-    the budget after which an inconclusive cohort stays on its source (`max_rows` paired rows and/or
-    `max_seconds` since the evidence started; None: no such bound)."""
+    regression must exceed to roll back (`harm_margin` ≥ max_drop; by default `max_drop`, as the gate's reject
+    rule), and the budget after which an inconclusive cohort stays on its source (`max_rows` paired rows
+    and/or `max_seconds` since the evidence started; None: no such bound)."""
 
     max_drop: float = 0.05
     confidence: float = 0.95
@@ -76,6 +78,9 @@ class SequentialParams:
             if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise PolicyError(f"live test: {name} must be in [0, 1) (a drop of 1 leaves nothing to test), "
                                   f"got {value!r}")
+        if self.harm_margin is not None and self.harm_margin < self.max_drop:
+            raise PolicyError(f"live test: harm_margin {self.harm_margin} is below max_drop {self.max_drop}: a "
+                              f"candidate could be established both non-inferior and harmful")
         if not (isinstance(self.confidence, (int, float)) and 0.5 <= self.confidence < 1):
             raise PolicyError(f"live test: confidence must be in [0.5, 1), got {self.confidence!r}")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
@@ -176,6 +181,9 @@ class CohortEvidence:
         return _checked(cls(**{name: _field_value(name, data[name]) for name in names}))
 
 
+_PER_GRID_POINT = ("grid", "log_wealth_up", "log_peak_up", "log_wealth_down", "log_peak_down")
+
+
 def _field_value(name: str, value: Any) -> Any:
     if name == "rows":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -183,7 +191,9 @@ def _field_value(name: str, value: Any) -> Any:
         return value
     if name == "started_at" and value is None:
         return None
-    if isinstance(value, list):
+    if name in _PER_GRID_POINT:
+        if not isinstance(value, list):
+            raise RegistryError(f"live evidence: {name} must be a list of numbers, got {type(value).__name__}")
         return tuple(_number(name, v) for v in value)
     return _number(name, value)
 
@@ -196,15 +206,20 @@ def _number(name: str, value: Any) -> float:
 
 def _checked(evidence: CohortEvidence) -> CohortEvidence:
     size = len(evidence.grid)
-    for name in ("log_wealth_up", "log_peak_up", "log_wealth_down", "log_peak_down"):
-        if not isinstance(getattr(evidence, name), tuple) or len(getattr(evidence, name)) != size:
+    for name in _PER_GRID_POINT[1:]:
+        if len(getattr(evidence, name)) != size:
             raise RegistryError(f"live evidence: {name} must hold one value per grid point ({size})")
-    if not isinstance(evidence.grid, tuple) or list(evidence.grid) != sorted(set(evidence.grid)) \
-            or not all(-1 < d < 1 for d in evidence.grid):
+    if list(evidence.grid) != sorted(set(evidence.grid)) or not all(-1 < d < 1 for d in evidence.grid):
         raise RegistryError("live evidence: grid must be increasing values strictly between -1 and 1")
+    if not 0 <= evidence.max_drop <= evidence.harm_margin < 1:
+        raise RegistryError(f"live evidence: max_drop {evidence.max_drop} and harm_margin {evidence.harm_margin} "
+                            f"must satisfy 0 ≤ max_drop ≤ harm_margin < 1")
     for margin in (evidence.max_drop, evidence.harm_margin):
         if -margin not in evidence.grid:
             raise RegistryError(f"live evidence: the margin {-margin} is not a grid point")
+    if not (0 <= evidence.sum_y <= evidence.rows and evidence.sum_sq >= 0):
+        raise RegistryError(f"live evidence: sum_y {evidence.sum_y} and sum_sq {evidence.sum_sq} do not fit "
+                            f"{evidence.rows} row(s) of scores in [0, 1]")
     return evidence
 
 
@@ -316,8 +331,9 @@ def decide(evidence: CohortEvidence, params: SequentialParams, *, now: float | N
       grid point below it: non-inferiority within `max_drop` is established. A candidate at or below the
       margin is promoted with probability ≤ α, however often this is read and whenever it stops;
     - roll back when high ≤ −harm_margin: a drop beyond the margin is established (same guarantee, mirrored).
-      Should both be established — impossible for one stationary stream but with probability ≤ 2α — the
-      scores changed under the test: roll back, the cohort's source is the safe side;
+      Should both be established — contradictory claims (harm_margin ≥ max_drop), so with probability ≤ α
+      while the scores' mean stays put — the scores changed under the test: roll back, the cohort's source
+      is the safe side;
     - otherwise exhausted when the budget is spent (`max_rows` rows, or `max_seconds` since `started_at` by the
       caller's clock `now`): the cohort stays on its source;
     - otherwise inconclusive: keep gathering.
