@@ -2,7 +2,7 @@
 """Simulated live cohorts: how often each rule wrongly promotes when the decision is read after every row, and
 how many rows the sequential test needs against the true effect.
 
-    .venv/bin/python benchmarks/live_simulation.py              # the table in benchmarks/README.md (~3-5 min)
+    .venv/bin/python benchmarks/live_simulation.py              # the table in benchmarks/README.md (~5 min)
     .venv/bin/python benchmarks/live_simulation.py --quick      # smaller, ~30 s
 
 Each simulated cohort is a stream of paired scores (the candidate's c and the served model's s on the same
@@ -179,7 +179,7 @@ def effects_table(streams: int, max_rows: int, effects, rng: np.random.Generator
     return lines
 
 
-def run(streams: int = 2000, families: int = 1000, max_rows: int = 500, naive_streams: int = 1000,
+def run(streams: int = 2000, families: int = 1000, max_rows: int = 500, naive_streams: int = 500,
         effects=(-0.20, -0.10, -0.05, 0.0, 0.05, 0.10, 0.15), seed: int = 0) -> str:
     """Both tables as markdown: wrong promotions at the margin (E[c − s] = −max_drop, `families` families of 5
     cohorts, the naive rule on the first `naive_streams` of those streams), then outcomes and rows to a decision
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=2000, help="streams per effect in the rows-to-decision table")
     parser.add_argument("--families", type=int, default=1000, help="families of 5 cohorts at the margin")
-    parser.add_argument("--naive-streams", type=int, default=1000, help="streams the naive bootstrap rule runs on")
+    parser.add_argument("--naive-streams", type=int, default=500, help="streams the naive bootstrap rule runs on")
     parser.add_argument("--max-rows", type=int, default=500, help="each cohort's budget of rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes")
