@@ -162,7 +162,8 @@ def main() -> None:
     part2: list[tuple[str, int, int, float]] = []
     if not args.skip_endpoint:
         from mergegate.gateway.app import create_app
-        from mergegate.gateway.testing import ServerThread, StubUpstream
+        from mergegate.gateway.testing import StubUpstream
+        from mergegate.serving.launcher import ServerThread
         from mergegate.registry import Registry
         from mergegate.rollout import RolloutPlan
 

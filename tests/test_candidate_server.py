@@ -1,4 +1,4 @@
-"""The candidate's launched server (`mergegate.candidate_server`): a template's placeholders become whole arguments
+"""The candidate's launched server (`mergegate.serving.launcher`): a template's placeholders become whole arguments
 whatever the folder is named, and a server that never becomes ready is refused with its whole process group ended."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mergegate.candidate_server import candidate_command, served_candidate
+from mergegate.serving.launcher import candidate_command, served_candidate
 from mergegate.errors import CandidateServerError
 
 HOSTILE_NAME = "x 'y\" --trust-remote-code;touch PWNED {port} $(id)"

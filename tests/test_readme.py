@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from mergegate.candidate_server import free_port
+from mergegate.serving.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -77,7 +77,7 @@ class Lineup:
 @dataclass(frozen=True)
 class ServeCommand:
     """How a merged candidate is evaluated through its own server: a command template (`vllm serve {path} --port
-    {port} --served-model-name {name}`, `candidate_server`) and the seconds its server may take to list the model.
+    {port} --served-model-name {name}`, `serving.launcher`) and the seconds its server may take to list the model.
     Refused on construction (CandidateServerError): a template that is empty, does not split, or names another
     placeholder; a timeout that is not a finite number of seconds > 0."""
 
@@ -85,7 +85,7 @@ class ServeCommand:
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        from .candidate_server import candidate_command
+        from .serving.launcher import candidate_command
 
         candidate_command(self.template, Path("candidate"), 1, "candidate")
         timeout = self.timeout_s
@@ -112,7 +112,7 @@ def evaluated_candidate(candidate: ModelRef, serve: ServeCommand | None, log: Pa
     if serve is None or candidate.path is None:
         yield candidate
         return
-    from .candidate_server import served_candidate
+    from .serving.launcher import served_candidate
 
     with served_candidate(serve.template, candidate.path.absolute(), candidate.name, log,
                           timeout_s=serve.timeout_s) as url:

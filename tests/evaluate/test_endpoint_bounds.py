@@ -1,4 +1,4 @@
-"""What an OpenAI-compatible server sends back is taken only within bounds (evaluate.endpoint, _upstream): a
+"""What an OpenAI-compatible server sends back is taken only within bounds (evaluate.endpoint, serving.bounds): a
 whole request within the model's timeout however slowly its bytes come, an answer no larger than what was asked
 for allows, token counts that are whole numbers >= 0, and the model's API key never shown back. The servers here
 are raw HTTP on 127.0.0.1, answering as no well-behaved framework would."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mergegate._upstream import AnswerTooLarge, answer_limit, read_limited, usage_counts
+from mergegate.serving.bounds import AnswerTooLarge, answer_limit, read_limited, usage_counts
 from mergegate.errors import EvaluationError
 from mergegate.evaluate import EvalOptions, evaluate_models, load_suite
 from mergegate.evaluate.endpoint import EndpointSettings

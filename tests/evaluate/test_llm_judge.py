@@ -1,15 +1,17 @@
 """llm_judge against real judge servers on 127.0.0.1 (http.server in a thread): a deterministic judge, one
-without JSON mode, one answering garbage, one failing then recovering, and one that is down."""
+without JSON mode, one answering garbage, one failing then recovering, one that is down, and ones that answer
+outside the bounds every OpenAI-compatible server is held to (trickling bytes, sending megabytes)."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mergegate.candidate_server import free_port
+from mergegate.serving.launcher import free_port
 from mergegate.errors import EvaluationError
 from mergegate.evaluate.evaluators import LlmJudge, Observation, parse_verdict
 from mergegate.evaluate.suite import SuiteRow
@@ -27,6 +29,8 @@ class Judge(BaseHTTPRequestHandler):
         mode = server.mode
         if mode == "flaky" and len(server.requests) == 1:
             return self.reply(503, {"error": "warming up"})
+        if mode in ("trickle", "huge"):
+            return self.unbounded(mode)
         if mode == "no_json_mode" and "response_format" in body:
             return self.reply(400, {"error": {"message": "response_format is not supported"}})
         prompt = body["messages"][0]["content"]
@@ -48,6 +52,27 @@ class Judge(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def unbounded(self, mode: str) -> None:
+        """A passing verdict after 3 MiB of blanks (`huge`), or after 400 blanks sent one every 0.1 s (`trickle`)."""
+        verdict = json.dumps({"verdict": "pass", "score": 1.0, "reason": "ok"})
+        answer = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]}).encode()
+        blanks = 3 * 1024 * 1024 if mode == "huge" else 400
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(blanks + len(answer)))
+        self.end_headers()
+        try:
+            if mode == "huge":
+                self.wfile.write(b" " * blanks)
+            else:
+                for _ in range(blanks):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            self.wfile.write(answer)
+        except (BrokenPipeError, ConnectionResetError):  # the judge's caller gave up on it
+            pass
 
     def log_message(self, *args):
         pass
@@ -163,3 +188,31 @@ def test_parse_verdict_is_lenient_about_wrapping(text, verdict):
 ])
 def test_parse_verdict_refuses_what_is_not_a_verdict(text, why):
     assert why in parse_verdict(text)[1]
+
+
+@pytest.mark.slow
+def test_a_judge_trickling_its_answer_is_a_timeout_not_a_wait_without_end(judge_server):
+    judge_server.mode = "trickle"  # 40 s of bytes, each well within any read timeout
+    judge = LlmJudge(base_url=url(judge_server), model="j", timeout_s=2, retries=0)
+    with pytest.raises(EvaluationError, match=r"did not answer after 1 attempt\(s\) \(no complete answer within 2 s\)"):
+        judge(row(), Observation("Oslo"))
+
+
+@pytest.mark.slow
+def test_a_judge_sending_megabytes_is_refused(judge_server):
+    judge_server.mode = "huge"
+    judge = LlmJudge(base_url=url(judge_server), model="j", timeout_s=30, retries=0)
+    with pytest.raises(EvaluationError, match=r"judge 'j' at .*: the answer passed [\d,]+ bytes, the most accepted "
+                                              r"for a verdict; refused"):
+        judge(row(), Observation("Oslo"))
+
+
+@pytest.mark.slow
+def test_the_judge_reads_no_proxy_settings_from_the_environment(judge_server, monkeypatch):
+    dead = free_port()  # a proxy nobody runs: a request sent to it would fail
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    result = LlmJudge(base_url=url(judge_server), model="j", timeout_s=5, retries=0)(row(), Observation("Oslo"))
+    assert result.passed and len(judge_server.requests) == 1

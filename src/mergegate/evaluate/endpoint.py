@@ -7,7 +7,7 @@ generation settings sent explicitly (temperature 0, n 1, max_tokens the row's ow
 backoff (a 429's or 503's `Retry-After` honoured); any other HTTP error stops the run (EvaluationError).
 A row's latency is its request's wall time (retries included); its token counts are the server's `usage`.
 
-What a server sends back is taken within bounds (`mergegate._upstream`): each try of a request, from connecting
+What a server sends back is taken within bounds (`serving.client`, `serving.bounds`): each try of a request, from connecting
 to its answer's last byte, within `timeout_s` (a server trickling bytes is a timeout, not a wait without end);
 an answer no larger than what was asked for allows (a row's budget in tokens; GET /models and /tokenize a
 fixed size), read as a stream and refused past it; token counts that are whole numbers >= 0. Text a server sends
@@ -37,19 +37,17 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .._upstream import AnswerTooLarge, answer_limit, read_limited, redacted, usage_counts
 from ..errors import EvaluationError
 from ..model_ref import EndpointSettings, ModelRef  # EndpointSettings: importable from here too
 from ..registry import RowResult
-from ._retry import RETRIED_STATUSES, retry_wait
+from ..serving.bounds import AnswerTooLarge, answer_limit, redacted, usage_counts
+from ..serving.client import MODELS, Client, Reply, Request, Settings, Unanswered, model_entries
 from .evaluators import Observation, needs_likelihood, score_row
 from .suite import SuiteRow
 
 ENDPOINT_FORMAT = "1"  # bump with any change to the request sent or to how an answer is read
 _IDENTITY_FIELDS = ("id", "root", "parent", "owned_by", "max_model_len")
 _FINGERPRINT = re.compile(r"fingerprint|hash|digest|revision|version|sha", re.IGNORECASE)
-MODELS_BYTES = 4 * 1024 * 1024  # a GET /models answer: thousands of models' entries
-ERROR_BYTES = 16 * 1024  # the start of an error's body kept (only its first few hundred characters are shown)
 
 
 def check_rows(ref: ModelRef, rows: Sequence[SuiteRow]) -> None:
@@ -71,16 +69,11 @@ def _httpx():
     return httpx
 
 
-def _client(ref: ModelRef, settings: EndpointSettings):
-    httpx = _httpx()
-    key = settings.api_key()
+def _client(ref: ModelRef, settings: EndpointSettings) -> Client:
+    _httpx()
     assert ref.url is not None
-    # identity encoding: an answer's bound is on the bytes that reach memory, which compression would multiply
-    headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {key}"} if key else {})}
-    return httpx.AsyncClient(base_url=ref.url.rstrip("/") + "/", trust_env=False, headers=headers,
-                             timeout=httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0)),
-                             limits=httpx.Limits(max_connections=settings.concurrency,
-                                                 max_keepalive_connections=settings.concurrency))
+    return Client(Settings(ref.url, settings.timeout_s, settings.retries, settings.backoff_s, settings.api_key(),
+                           settings.concurrency))
 
 
 def served_name(ref: ModelRef) -> str:
@@ -91,91 +84,36 @@ def identity_hash(identity: dict) -> str:
     return "endpoint:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class _Reply:
-    """A server's answer, read whole within its bound."""
-
-    status_code: int
-    headers: Any
-    content: bytes
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.content)
-        except RecursionError:  # nested deeper than the parser goes: not an answer either
-            raise ValueError("nested too deeply") from None
+async def _request(client: Client, ref: ModelRef, request: Request, *, what: str) -> Reply:
+    """One call with retries (`Client.call`); the answer (any status but the retried ones), or EvaluationError."""
+    try:
+        return await client.call(request)
+    except AnswerTooLarge as exc:
+        raise EvaluationError(f"model '{ref.name}' ({ref.url}): {what}: {exc}") from None
+    except Unanswered as exc:
+        raise EvaluationError(f"model '{ref.name}' ({ref.url}): {what} failed after {exc.tries} "
+                              f"tr{'y' if exc.tries == 1 else 'ies'}: {exc.last}") from None
 
 
-async def _exchange(client, method: str, path: str, body: dict | None, limit: tuple[int, str],
-                    timeout_s: float) -> _Reply:
-    """One try: the request and its answer, all within `timeout_s` (TimeoutError), the answer refused past
-    `limit` (its bytes, and what they are allowed for) with AnswerTooLarge; an error's answer is cut to its first
-    ERROR_BYTES instead."""
-    async with asyncio.timeout(timeout_s):
-        async with client.stream(method, path, json=body) as response:
-            if response.status_code >= 400:
-                content = await read_limited(response.aiter_bytes(), ERROR_BYTES, cut=True)
-            else:
-                content = await read_limited(response.aiter_bytes(), limit[0], allowed_for=limit[1])
-            return _Reply(response.status_code, response.headers, content)
-
-
-async def _request(client, ref: ModelRef, settings: EndpointSettings, method: str, path: str,
-                   body: dict | None = None, *, what: str, limit: tuple[int, str]):
-    """One call with retries; the answer (any status but the retried ones), or EvaluationError. An answer past
-    `limit` (`_exchange`) is refused at once: a server that sends too much would send it again."""
-    httpx = _httpx()
-    last = ""
-    for attempt in range(settings.retries + 1):
-        asked = None
-        try:
-            response = await _exchange(client, method, path, body, limit, settings.timeout_s)
-        except TimeoutError:
-            last = f"no complete answer within {settings.timeout_s:g} s"
-        except (httpx.TransportError, httpx.TimeoutException) as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        except AnswerTooLarge as exc:
-            raise EvaluationError(f"model '{ref.name}' ({ref.url}): {what}: {exc}") from None
-        else:
-            if response.status_code not in RETRIED_STATUSES:
-                return response
-            last = f"HTTP {response.status_code}: {_shown(response.text, settings)[:200]}"
-            asked = response.headers.get("retry-after")
-        if attempt < settings.retries:
-            await asyncio.sleep(retry_wait(attempt, settings.backoff_s, asked))
-    raise EvaluationError(f"model '{ref.name}' ({ref.url}): {what} failed after {settings.retries + 1} "
-                          f"tr{'y' if settings.retries == 0 else 'ies'}: {last}")
-
-
-def _shown(text: str, settings: EndpointSettings) -> str:
-    """Text from a server as shown to a person: the model's API key blanked, should the server quote it."""
-    return redacted(text, [settings.api_key()])
-
-
-def _error_text(ref: ModelRef, settings: EndpointSettings, response: _Reply, what: str) -> EvaluationError:
+def _error_text(ref: ModelRef, settings: EndpointSettings, response: Reply, what: str) -> EvaluationError:
     detail = response.text
     try:
         detail = str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         pass
     return EvaluationError(f"model '{ref.name}' ({ref.url}): {what} answered HTTP {response.status_code}: "
-                           f"{_shown(detail, settings)[:300]}")
+                           f"{redacted(detail, [settings.api_key()])[:300]}")
 
 
-async def _identity(client, ref: ModelRef, settings: EndpointSettings) -> dict:
-    response = await _request(client, ref, settings, "GET", "models", what="GET /models",
-                              limit=(MODELS_BYTES, "a model list"))
+async def _identity(client: Client, ref: ModelRef, settings: EndpointSettings) -> dict:
+    response = await _request(client, ref, MODELS, what="GET /models")
     if response.status_code >= 400:
         raise _error_text(ref, settings, response, "GET /models")
     try:
-        entries = response.json()["data"]
-        entry = next((e for e in entries if isinstance(e, dict) and e.get("id") == served_name(ref)), None)
-        listed = [str(e.get("id")) for e in entries if isinstance(e, dict)]
-    except (ValueError, KeyError, TypeError):
+        entries = model_entries(response)
+        entry = next((e for e in entries if e.get("id") == served_name(ref)), None)
+        listed = [str(e.get("id")) for e in entries]
+    except ValueError:
         raise EvaluationError(f"model '{ref.name}' ({ref.url}): GET /models did not answer an OpenAI model "
                               "list") from None
     if entry is None:
@@ -185,7 +123,7 @@ async def _identity(client, ref: ModelRef, settings: EndpointSettings) -> dict:
     return {"served_model": served_name(ref), "reported": reported}
 
 
-async def _budget(client, ref: ModelRef, row: SuiteRow, max_new_tokens: int, root: str,
+async def _budget(client: Client, ref: ModelRef, row: SuiteRow, max_new_tokens: int, root: str,
                   settings: EndpointSettings) -> int | None:
     """The row's budget from the server's tokenizer; None when the server has no /tokenize (or it does not
     answer in time, or answers more than `expected`'s tokens can take). Only `expected` is counted, so a chat
@@ -193,9 +131,10 @@ async def _budget(client, ref: ModelRef, row: SuiteRow, max_new_tokens: int, roo
     httpx = _httpx()
     body = {"model": served_name(ref), "prompt": row.expected, "add_special_tokens": False}
     # at most a token per byte of `expected`, each a number of a few digits (or a token's text)
-    limit = (answer_limit(len(row.expected.encode()) + 8), "a count of tokens")
+    request = Request("POST", root + "/tokenize", answer_limit(len(row.expected.encode()) + 8), "a count of tokens",
+                      body)
     try:
-        response = await _exchange(client, "POST", root + "/tokenize", body, limit, settings.timeout_s)
+        response = await client.exchange(request)
     except (httpx.HTTPError, TimeoutError, AnswerTooLarge):
         return None
     if response.status_code >= 400:
@@ -260,9 +199,8 @@ def run_rows(ref: ModelRef, model_hash: str, rows: Sequence[SuiteRow], budgets: 
                 async with gate:
                     started = time.perf_counter()
                     path, body = _row_request(ref, row, budgets[row.id])
-                    limit = (answer_limit(budgets[row.id]), f"{budgets[row.id]} tokens")
-                    response = await _request(client, ref, settings, "POST", path, body, what=f"row {row.id}",
-                                              limit=limit)
+                    request = Request("POST", path, answer_limit(budgets[row.id]), f"{budgets[row.id]} tokens", body)
+                    response = await _request(client, ref, request, what=f"row {row.id}")
                     latency_ms = (time.perf_counter() - started) * 1000
                 if response.status_code >= 400:
                     raise _error_text(ref, settings, response, f"row {row.id}")
@@ -292,7 +230,7 @@ def run_rows(ref: ModelRef, model_hash: str, rows: Sequence[SuiteRow], budgets: 
     asyncio.run(go())
 
 
-def _read_answer(ref: ModelRef, row: SuiteRow, response: _Reply) -> tuple[str, tuple[int, int] | None]:
+def _read_answer(ref: ModelRef, row: SuiteRow, response: Reply) -> tuple[str, tuple[int, int] | None]:
     """A row's answer: its text and its token counts (None when the server sent no usage); EvaluationError when it
     is not an OpenAI completion or its counts are not whole numbers >= 0."""
     where = f"model '{ref.name}' ({ref.url}): row {row.id}"

@@ -11,11 +11,11 @@ the schema or context its evaluator needs) raise `SuiteError`, naming the row.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
 import re
-import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Sequence
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
 
-from ._retry import RETRIED_STATUSES, retry_wait
 from .suite import SuiteError, SuiteRow
 
 
@@ -577,7 +576,8 @@ class Hallucination:
                                        f"(threshold {self.threshold})")
 
 
-JUDGE_BACKOFF_S = 0.5  # the first retry's wait (see _retry.retry_wait), as the endpoint runner's default
+JUDGE_BACKOFF_S = 0.5  # the first retry's wait (see serving.client), as the endpoint runner's default
+JUDGE_ANSWER_TOKENS = 4096  # a verdict is a sentence: its answer's bound (serving.bounds.answer_limit) is generous
 JUDGE_PROMPT = (
     "You grade an AI assistant's answer against a rubric. Reply with one JSON object and nothing else: "
     '{{"verdict": "pass" or "fail", "score": a number from 0 to 1, "reason": "one sentence"}}.\n\n'
@@ -618,7 +618,8 @@ class LlmJudge:
     (MERGEGATE_JUDGE_URL, MERGEGATE_JUDGE_MODEL, and MERGEGATE_JUDGE_API_KEY_ENV naming the variable that holds the
     key, MERGEGATE_JUDGE_API_KEY by default). A garbled verdict fails the row, with the judge's raw answer in the
     reason; a judge that cannot be reached (after `retries`) raises EvaluationError naming it, so an outage never
-    scores rows 0 and the run is not recorded as finished. Needs httpx (the `serve` extra).
+    scores rows 0 and the run is not recorded as finished. The judge is asked through `serving.client` (its bounds,
+    its retry rule, no proxy settings read from the environment). Needs httpx (the `serve` extra).
     """
 
     name: ClassVar[str] = "llm_judge"
@@ -653,43 +654,36 @@ class LlmJudge:
         """(judge model, the judge's raw reply content). EvaluationError when the judge cannot be asked."""
         from ..errors import EvaluationError
 
-        try:
-            import httpx
-        except ModuleNotFoundError:
-            raise EvaluationError("llm_judge needs httpx: pip install 'mergegate[serve]'") from None
+        if importlib.util.find_spec("httpx") is None:
+            raise EvaluationError("llm_judge needs httpx: pip install 'mergegate[serve]'")
+        from ..serving.bounds import AnswerTooLarge, answer_limit
+        from ..serving.client import Request, Settings, Unanswered, call_blocking
+
         base_url, model, api_key, timeout, retries = self.settings(row)
         prompt = JUDGE_PROMPT.format(rubric=row.rubric, prompt=row.asked, answer=answer)
         body: dict[str, Any] = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": prompt}],
                                 "response_format": {"type": "json_object"}}
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         url = f"{base_url}/chat/completions"
-        problem, wait = "", 0.0
-        with httpx.Client(timeout=timeout) as client:
-            for attempt in range(retries + 1):
-                if attempt:
-                    time.sleep(wait)
-                try:
-                    response = client.post(url, json=body, headers=headers)
-                except httpx.HTTPError as exc:
-                    problem, wait = f"{type(exc).__name__}: {exc}", retry_wait(attempt, JUDGE_BACKOFF_S)
-                    continue
-                if response.status_code == 400 and "response_format" in body:
-                    body.pop("response_format")  # a server without JSON mode: ask again, parse leniently
-                    response = client.post(url, json=body, headers=headers)
-                if response.status_code in RETRIED_STATUSES:
-                    problem = f"HTTP {response.status_code}"
-                    wait = retry_wait(attempt, JUDGE_BACKOFF_S, response.headers.get("retry-after"))
-                    continue
-                if response.status_code != 200:
-                    raise EvaluationError(f"judge {model!r} at {url}: HTTP {response.status_code}: "
-                                          f"{response.text[:300]}")
-                try:
-                    content = response.json()["choices"][0]["message"]["content"]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    return model, response.text  # a reply, but not an OpenAI one: the row fails with it shown
-                return model, content if isinstance(content, str) else json.dumps(content)
-        raise EvaluationError(f"judge {model!r} at {url} did not answer after {retries + 1} attempt(s) ({problem}); "
-                              "no row was scored by it")
+        settings = Settings(base_url, timeout, retries, JUDGE_BACKOFF_S, api_key)
+        limit = answer_limit(JUDGE_ANSWER_TOKENS)
+        try:
+            response = call_blocking(settings, Request("POST", "chat/completions", limit, "a verdict", body))
+            if response.status_code == 400:  # a server without JSON mode: ask again, parse leniently
+                body = {k: v for k, v in body.items() if k != "response_format"}
+                response = call_blocking(settings, Request("POST", "chat/completions", limit, "a verdict", body))
+        except Unanswered as exc:
+            raise EvaluationError(f"judge {model!r} at {url} did not answer after {exc.tries} attempt(s) "
+                                  f"({exc.last}); no row was scored by it") from None
+        except AnswerTooLarge as exc:
+            raise EvaluationError(f"judge {model!r} at {url}: {exc}") from None
+        if response.status_code != 200:
+            raise EvaluationError(f"judge {model!r} at {url}: HTTP {response.status_code}: "
+                                  f"{settings.shown(response.text)[:300]}")
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return model, response.text  # a reply, but not an OpenAI one: the row fails with it shown
+        return model, content if isinstance(content, str) else json.dumps(content)
 
     def __call__(self, row: SuiteRow, obs: Observation) -> EvalResult:
         if not (row.rubric or "").strip():

@@ -1,6 +1,6 @@
-"""Helpers for tests and benchmarks: a uvicorn server in a background thread, and a scriptable
-OpenAI-compatible upstream (`StubUpstream`) that can answer, fail, hang or send invalid JSON — per model name.
-Both bind to 127.0.0.1 only."""
+"""Helpers for tests and benchmarks: a scriptable OpenAI-compatible upstream (`StubUpstream`) that can answer,
+fail, hang or send invalid JSON — per model name — served on 127.0.0.1 by `ServerThread` (from `serving.launcher`,
+importable from here too)."""
 
 from __future__ import annotations
 
@@ -9,58 +9,15 @@ import json
 import threading
 import time
 import uuid
-from typing import Any
 from collections import Counter
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-LOOPBACK = "127.0.0.1"
+from ..serving.launcher import LOOPBACK, ServerThread
 
-
-class ServerThread:
-    """Serve an ASGI app with uvicorn on 127.0.0.1 in a daemon thread. Port 0 picks a free port."""
-
-    def __init__(self, app, port: int = 0, *, startup_timeout: float = 120.0, log_level: str = "warning"):
-        self.app, self.port, self.startup_timeout, self.log_level = app, port, startup_timeout, log_level
-        self.server: Any = None  # a uvicorn.Server once started
-        self.thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def start(self) -> "ServerThread":
-        import uvicorn
-
-        config = uvicorn.Config(self.app, host=LOOPBACK, port=self.port, log_level=self.log_level, lifespan="on",
-                                access_log=False, timeout_graceful_shutdown=2, timeout_keep_alive=5)
-        self.server = uvicorn.Server(config)
-        thread = self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{id(self)}", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + self.startup_timeout
-        while not self.server.started:
-            if not thread.is_alive():
-                raise RuntimeError("the server stopped during start-up (see the log above)")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not start within {self.startup_timeout} s")
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        if self.thread is not None:
-            self.thread.join(timeout)
-
-    def __enter__(self) -> "ServerThread":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+__all__ = ["LOOPBACK", "Behavior", "ServerThread", "StubUpstream"]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""A freshly merged candidate behind its own server for the release's evaluation (`release(..., serve=...)`).
+"""One launcher for a model server: a command's server in its own process group (`served_candidate`: a freshly
+merged candidate behind its own server for the release's evaluation, `release(..., serve=...)`), or an ASGI app in
+a thread of this process (`ServerThread`: the demo's gateway, benchmarks, tests). Both bind to 127.0.0.1 only.
 
 The template (e.g. `vllm serve {path} --port {port} --served-model-name {name}`) is split with shlex (no shell),
 then each argument is filled in with the candidate's folder, a free loopback port and the candidate's name; the
@@ -13,12 +15,13 @@ import shlex
 import signal
 import socket
 import subprocess
-import time
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from .errors import CandidateServerError
+from ..errors import CandidateServerError
+from .ready import NotReady, await_ready, lists_model
 
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 10.0
@@ -75,26 +78,18 @@ def served_candidate(template: str, path: Path, name: str, log_path: Path, *,
 
 
 def _await_ready(process: subprocess.Popen, url: str, name: str, log_path: Path, timeout_s: float) -> None:
-    import httpx
+    def gone() -> str | None:
+        code = process.poll()
+        return None if code is None else f"exited with code {code}"
 
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(trust_env=False, timeout=5.0) as client:
-        while True:
-            code = process.poll()
-            if code is not None:
-                raise CandidateServerError(f"the candidate's server exited with code {code} before it was ready; "
-                                           f"see {log_path}")
-            try:
-                response = client.get(url + "/models")
-                if response.status_code == 200 and any(
-                        entry.get("id") == name for entry in response.json().get("data", [])):
-                    return
-            except (httpx.HTTPError, ValueError, AttributeError):
-                pass
-            if time.monotonic() > deadline:
-                raise CandidateServerError(f"the candidate's server did not list '{name}' at {url}/models within "
-                                           f"{timeout_s:g} s; see {log_path}")
-            time.sleep(0.25)
+    try:
+        await_ready(lists_model(url, name), timeout_s, gone=gone)
+    except NotReady as exc:
+        if exc.stopped:
+            raise CandidateServerError(f"the candidate's server {exc.stopped} before it was ready; "
+                                       f"see {log_path}") from None
+        raise CandidateServerError(f"the candidate's server did not list '{name}' at {url}/models within "
+                                   f"{timeout_s:g} s; see {log_path}") from None
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -115,3 +110,47 @@ def _signal_group(group: int, signum: int) -> None:
         os.killpg(group, signum)
     except ProcessLookupError:  # nothing of the group is left
         pass
+
+
+class ServerThread:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a daemon thread. Port 0 picks a free port."""
+
+    def __init__(self, app, port: int = 0, *, startup_timeout: float = 120.0, log_level: str = "warning"):
+        self.app, self.port, self.startup_timeout, self.log_level = app, port, startup_timeout, log_level
+        self.server: Any = None  # a uvicorn.Server once started
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> "ServerThread":
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host=LOOPBACK, port=self.port, log_level=self.log_level, lifespan="on",
+                                access_log=False, timeout_graceful_shutdown=2, timeout_keep_alive=5)
+        server = self.server = uvicorn.Server(config)
+        thread = self.thread = threading.Thread(target=server.run, name=f"uvicorn-{id(self)}", daemon=True)
+        thread.start()
+        try:
+            await_ready(lambda: bool(server.started), self.startup_timeout, interval_s=0.02,
+                        gone=lambda: None if thread.is_alive() else "stopped")
+        except NotReady as exc:
+            if exc.stopped:
+                raise RuntimeError("the server stopped during start-up (see the log above)") from None
+            self.stop()
+            raise RuntimeError(f"the server did not start within {self.startup_timeout} s") from None
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
