@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -150,15 +151,20 @@ def _free_port() -> int:
 
 
 def _said(command: list[str], until: str, env: dict | None = None, then=lambda: None) -> list[str]:
-    """The lines a serving command prints, up to the first that holds `until` (within 120 s); then `then()` runs
-    and the command is stopped."""
+    """The lines a serving command prints, up to the first that holds `until` (within 5 minutes: a bound for
+    "never", on a busy machine); then `then()` runs and the command is stopped."""
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line.strip()) for line in server.stdout], daemon=True).start()
     said: list[str] = []
+    deadline = time.monotonic() + 300
     try:
         while not said or until not in said[-1]:
-            said.append(lines.get(timeout=120))
+            try:
+                said.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert server.poll() is None or not lines.empty(), f"it ended ({server.returncode}): {said}"
+                assert time.monotonic() < deadline, f"no line with {until!r} within 300 s: {said}"
         then()
         return said
     finally:
