@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from mergegate.gateway import GatewayConfig
-from mergegate.redact import upstream_text
+from mergegate.serving.bounds import upstream_text
 
 from .helpers import MESSAGES, wait_for
 

@@ -7,16 +7,23 @@ server (`serving.client`).
   neither memory nor a stored row.
 - `usage` token counts are whole numbers in [0, MAX_TOKEN_COUNT]; anything else is refused naming the field and
   the value (they reach cost reports and gate rules).
-- Text taken from a server's answer and shown to a person has the caller's own credentials blanked (`redacted`).
+- Text taken from a server's answer and shown to a person (an error's message, in a caller's error, a log, a trace or
+  the registry) has the credentials it was sent redacted, whole or in part, and any Authorization credential it
+  quotes (`redacted`); `upstream_text` also makes it one line of at most UPSTREAM_TEXT_LIMIT characters.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, AsyncIterator, Iterable
 
 BYTES_PER_TOKEN = 256
 ENVELOPE_BYTES = 64 * 1024
 MAX_TOKEN_COUNT = 2**31 - 1  # far beyond any context; also what SQLite and JSON consumers take without overflow
+UPSTREAM_TEXT_LIMIT = 300  # characters of a server's text kept in a message
+MIN_FRAGMENT = 8  # this many characters of a secret in a row are redacted as the secret
+REDACTED = "[redacted]"
+_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)\s+[^\s\"',;}]+")  # what an Authorization header carries
 
 
 class AnswerTooLarge(ValueError):
@@ -80,8 +87,41 @@ def _shown(value: Any) -> str:
 
 
 def redacted(text: str, secrets: Iterable[str | None]) -> str:
-    """`text` with every non-empty secret in it replaced by ***."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    """`text` with every non-empty secret in it — whole, or MIN_FRAGMENT or more of its characters in a row — and
+    any Authorization credential it quotes ("Bearer …") replaced by REDACTED."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = _without(text, secret)
+    return _CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+
+
+def upstream_text(content: bytes | str, secrets: Iterable[str | None] = (),
+                  limit: int = UPSTREAM_TEXT_LIMIT) -> str:
+    """A server's text (bytes decoded as UTF-8, errors replaced) as shown to a person: `redacted`, its whitespace
+    runs made one space, cut to `limit` characters (a cut ends in "…")."""
+    keys = [s for s in secrets if s]
+    # redacted before it is cut, over a window wide enough that a secret straddling the limit is found whole
+    window = max((len(k) for k in keys), default=0) + len(REDACTED) + limit
+    head = content[: 4 * window] if isinstance(content, bytes) else content
+    text = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
+    text = " ".join(redacted(text[:window], keys).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _without(text: str, secret: str) -> str:
+    """`text` with `secret`, and each run of at least MIN_FRAGMENT of its characters, replaced by REDACTED."""
+    text = text.replace(secret, REDACTED)
+    if len(secret) <= MIN_FRAGMENT:
+        return text
+    starts = {secret[i:i + MIN_FRAGMENT] for i in range(len(secret) - MIN_FRAGMENT + 1)}
+    kept, i = [], 0
+    while i < len(text):
+        if text[i:i + MIN_FRAGMENT] in starts:
+            end = i + MIN_FRAGMENT
+            while end < len(text) and text[i:end + 1] in secret:
+                end += 1
+            kept.append(REDACTED)
+            i = end
+        else:
+            kept.append(text[i])
+            i += 1
+    return "".join(kept)

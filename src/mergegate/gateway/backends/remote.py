@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 import httpcore
 import httpx
 
-from ...redact import upstream_text
+from ...serving.bounds import upstream_text
 from ..errors import (BackendBadResponse, BackendError, BackendHTTPError, BackendLoop, BackendOverloaded,
                       BackendRejected, BackendTimeout, BackendUnavailable)
 from ..hops import HOP_HEADER, hop_header
