@@ -5,13 +5,15 @@ every `--port` refuses the same ports (addresses.check_port), and a busy port is
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 import yaml
 
 from mergegate.addresses import bind_port, check_port, check_url
-from mergegate.errors import AddressError, ModelRefError, PlanError
+from mergegate.errors import AddressError, EvaluationError, ModelRefError, PlanError, SuiteError
+from mergegate.evaluate.suite import load_suite
 from mergegate.model_ref import ModelRef, load_models_file
 from mergegate.rollout import load_plan
 
@@ -39,19 +41,36 @@ def _models_file(tmp_path, url: str):
     return path
 
 
+def _judged_suite(tmp_path, url: str | None):
+    path = tmp_path / "suite.jsonl"
+    row = {"id": "r", "cohort": "c", "prompt": "p", "expected": "e", "evaluators": ["llm_judge"], "rubric": "good?"}
+    path.write_text(json.dumps({**row, "judge": {"base_url": url, "model": "j"}} if url else row) + "\n")
+    return path
+
+
+def _judge_from_the_environment(tmp_path, monkeypatch, url: str):
+    from mergegate.evaluate.evaluators import LlmJudge
+
+    monkeypatch.setenv("MERGEGATE_JUDGE_URL", url)
+    monkeypatch.setenv("MERGEGATE_JUDGE_MODEL", "j")
+    return LlmJudge().settings(load_suite(_judged_suite(tmp_path, None)).rows[0])
+
+
 @pytest.mark.parametrize("url", list(BAD_URLS))
-def test_every_reader_of_a_url_refuses_it_with_the_same_words(tmp_path, url):
+def test_every_reader_of_a_url_refuses_it_with_the_same_words(tmp_path, monkeypatch, url):
     why = BAD_URLS[url]
     readers = {
         "check_url": lambda: check_url(url),
         "ModelRef": lambda: ModelRef("m", url=url),
         "rollout plan": lambda: load_plan(_plan_file(tmp_path, url)),
         "models file": lambda: load_models_file(_models_file(tmp_path, url)),
+        "suite row's judge": lambda: load_suite(_judged_suite(tmp_path, url)),
+        "MERGEGATE_JUDGE_URL": lambda: _judge_from_the_environment(tmp_path, monkeypatch, url),
     }
     if url.startswith("http"):  # only an http(s) text is a url in the NAME=URL spelling (else it is a path)
         readers["NAME=URL"] = lambda: ModelRef.parse(f"m={url}")
     for reader, read in readers.items():
-        with pytest.raises((AddressError, ModelRefError, PlanError)) as refused:
+        with pytest.raises((AddressError, ModelRefError, PlanError, SuiteError, EvaluationError)) as refused:
             read()
         message = str(refused.value)
         assert why in message and "\n" not in message, (reader, message)

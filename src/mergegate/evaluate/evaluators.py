@@ -635,8 +635,10 @@ class LlmJudge:
             raise ValueError(f"llm_judge needs timeout_s > 0 and retries >= 0, got {self.timeout_s!r}, {self.retries!r}")
 
     def settings(self, row: SuiteRow) -> tuple[str, str, str | None, float, int]:
-        """(base URL, model, API key or None, timeout, retries) for this row; EvaluationError when unset."""
-        from ..errors import EvaluationError
+        """(base URL, model, API key or None, timeout, retries) for this row; EvaluationError when unset, or when
+        the URL (the row's, the evaluator's or MERGEGATE_JUDGE_URL) is not one (`addresses.check_url`)."""
+        from ..addresses import check_url
+        from ..errors import AddressError, EvaluationError
 
         judge = row.judge
         base_url = (judge and judge.base_url) or self.base_url or os.environ.get("MERGEGATE_JUDGE_URL")
@@ -644,6 +646,10 @@ class LlmJudge:
         if not base_url or not model:
             raise EvaluationError(f"row {row.id!r}: llm_judge has no judge; set MERGEGATE_JUDGE_URL and "
                                   "MERGEGATE_JUDGE_MODEL, or the row's judge.base_url and judge.model")
+        try:
+            check_url(base_url)
+        except AddressError as exc:
+            raise EvaluationError(f"row {row.id!r}: llm_judge: {exc}") from None
         key_env = ((judge and judge.api_key_env) or self.api_key_env
                    or os.environ.get("MERGEGATE_JUDGE_API_KEY_ENV") or "MERGEGATE_JUDGE_API_KEY")
         timeout = (judge.timeout_s if judge and judge.timeout_s is not None else self.timeout_s)

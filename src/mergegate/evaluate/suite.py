@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .._yaml import error_message
+from ..addresses import check_url
 from ..errors import SuiteError
 
 
@@ -19,11 +20,16 @@ class JudgeSettings(BaseModel):
     (MERGEGATE_JUDGE_URL, MERGEGATE_JUDGE_MODEL, MERGEGATE_JUDGE_API_KEY_ENV) or the evaluator's options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    base_url: str | None = Field(default=None, pattern=r"^https?://")
+    base_url: str | None = None  # checked by addresses.check_url, as every url
     model: str | None = Field(default=None, min_length=1)
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable's name
     timeout_s: float | None = Field(default=None, gt=0, le=600)
     retries: int | None = Field(default=None, ge=0, le=10)
+
+    @field_validator("base_url")
+    @classmethod
+    def _checked_url(cls, value: str | None) -> str | None:
+        return check_url(value) if value is not None else None  # AddressError is a ValueError: the field is named
 
 
 def _tool_definition(item: Any, where: str) -> tuple[str, dict[str, Any] | None]:
