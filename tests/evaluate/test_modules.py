@@ -1,5 +1,7 @@
 """The evaluation's modules import one way: the orchestration (runner) imports the row runners (sharded), which
-import the model runners (local, endpoint); nothing imports back up, at the top of a module or inside a function."""
+import the model runners (local, endpoint); the suite imports the evaluators (for their names), which read rows but
+import nothing of the suite at run time; nothing imports back up, at the top of a module or inside a function (an
+import only for type checking, under `if TYPE_CHECKING:`, is not an import at run time)."""
 
 from __future__ import annotations
 
@@ -15,12 +17,16 @@ NEVER = {
     "local": {"runner", "sharded", "endpoint"},
     "endpoint": {"runner", "sharded", "local"},
     "options": {"runner", "sharded", "local", "endpoint"},
+    "evaluators": {"suite", "runner", "sharded", "local", "endpoint"},
 }
 
 
 def _imported(module: str) -> set[str]:
     """The sibling modules of evaluate/ that `module` imports anywhere in its code."""
     tree = ast.parse((EVALUATE / f"{module}.py").read_text())
+    for node in ast.walk(tree):  # imports for type checking only are dropped
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            node.body = []
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -37,3 +43,7 @@ def test_the_runner_and_its_shards_import_downwards_only():
     for module, forbidden in NEVER.items():
         assert not _imported(module) & forbidden, (module, _imported(module) & forbidden)
     assert {"sharded", "local"} <= _imported("runner") and {"local", "endpoint"} <= _imported("sharded")
+
+
+def test_the_suite_imports_the_evaluators_and_not_the_other_way():
+    assert "evaluators" in _imported("suite") and "suite" not in _imported("evaluators")

@@ -18,12 +18,15 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
 
-from .suite import SuiteError, SuiteRow
+from ..errors import SuiteError
+
+if TYPE_CHECKING:  # rows are only read here: suite.py imports this module (for the evaluators' names), not back
+    from .suite import SuiteRow
 
 
 @dataclass(frozen=True)
