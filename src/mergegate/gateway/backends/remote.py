@@ -13,7 +13,13 @@ The upstream's HTTP errors are classified: 400, 413 and 422 say the request is w
 held against the upstream's health), 429 says it is busy (`BackendOverloaded`, load), anything else — 401,
 404, 5xx — says the upstream or its configuration is (`BackendHTTPError`, counted by the breaker); 508 is a
 gateway on the way refusing a loop back to one it already passed (`BackendLoop`: hops.py). Each request carries
-the hop header naming the gateways it passed through."""
+the hop header naming the gateways it passed through.
+
+What an upstream sends back is taken within the bounds every caller of an OpenAI-compatible server is held to
+(`serving.bounds`, as the endpoint runner's client): a non-streamed call, from connecting to its answer's last
+byte, within `timeout` (an upstream trickling bytes is a timeout, not a wait without end); an answer, and each line
+of a stream, no larger than the request's max_tokens allows; usage counts that are whole numbers >= 0. A
+non-streamed answer is read into the client's `Reply`."""
 
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from typing import Any, AsyncIterator
 import httpcore
 import httpx
 
-from ...serving.bounds import upstream_text
+from ...serving.bounds import AnswerTooLarge, answer_limit, read_limited, upstream_text, usage_counts
+from ...serving.client import ERROR_BYTES, Reply
 from ..errors import (BackendBadResponse, BackendError, BackendHTTPError, BackendLoop, BackendOverloaded,
                       BackendRejected, BackendTimeout, BackendUnavailable)
 from ..hops import HOP_HEADER, hop_header
@@ -135,26 +142,44 @@ class RemoteBackend(Backend):
 
     async def _generate(self, request: GenRequest) -> Completion:
         call = self._request(request, stream=False)
-        assert self._pool is not None  # _request checked
-        with _translated_errors(self.name):
-            response = await self._pool.handle_async_request(call)
-            try:
-                content = await response.aread()
-            finally:
-                await response.aclose()
-        _raise_for_status(self.name, response.status, content, self.api_key)
+        max_tokens = request.params.max_tokens
         try:
-            data = json.loads(content)
+            async with asyncio.timeout(self.timeout):
+                with _translated_errors(self.name):
+                    reply = await self._exchange(call, answer_limit(max_tokens), f"{max_tokens} tokens")
+        except TimeoutError:
+            raise BackendTimeout(f"upstream '{self.name}' sent no complete answer within {self.timeout:g} s") \
+                from None
+        except AnswerTooLarge as exc:
+            raise BackendBadResponse(f"upstream '{self.name}': {exc}") from None
+        _raise_for_status(self.name, reply.status_code, reply.content, self.api_key)
+        try:
+            data = reply.json()
             choice = data["choices"][0]
             text = choice["message"]["content"] if request.operation == "chat" else choice["text"]
-            used = data.get("usage") or {}
-            return Completion(text=text or "", prompt_tokens=int(used.get("prompt_tokens", 0)),
-                              completion_tokens=int(used.get("completion_tokens", 0)),
-                              finish_reason=choice.get("finish_reason") or "stop",
-                              response_id=str(data.get("id") or ""), response_model=data.get("model"))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            usage = data.get("usage")
+            finish_reason = choice.get("finish_reason") or "stop"
+            response_id, response_model = str(data.get("id") or ""), data.get("model")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BackendBadResponse(f"upstream '{self.name}' sent an answer that is not an OpenAI "
                                      f"{request.operation} response ({type(exc).__name__}: {exc})") from None
+        prompt_tokens, completion_tokens = _usage(self.name, usage) or (0, 0)
+        return Completion(text=text or "", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          finish_reason=finish_reason, response_id=response_id, response_model=response_model)
+
+    async def _exchange(self, call: httpcore.Request, limit: int, allowed_for: str) -> Reply:
+        """One call's answer, read whole: refused past `limit` bytes (AnswerTooLarge), an error's cut to its first
+        ERROR_BYTES (only its start is shown)."""
+        assert self._pool is not None  # _request checked
+        response = await self._pool.handle_async_request(call)
+        try:
+            if response.status >= 400:
+                content = await read_limited(response.aiter_stream(), ERROR_BYTES, cut=True)
+            else:
+                content = await read_limited(response.aiter_stream(), limit, allowed_for=allowed_for)
+        finally:
+            await response.aclose()
+        return Reply(response.status, response.headers, content)
 
     async def stream(self, request: GenRequest, *, slot: Slot | None = None) -> AsyncIterator[str | Completion]:
         own = None if slot is not None else await self.acquire()  # a caller's slot is the caller's to release
@@ -168,8 +193,10 @@ class RemoteBackend(Backend):
                 response = await self._pool.handle_async_request(call)
                 try:
                     if response.status >= 400:
-                        _raise_for_status(self.name, response.status, await response.aread(), self.api_key)
-                    async for line in _lines(response.aiter_stream()):
+                        error = await read_limited(response.aiter_stream(), ERROR_BYTES, cut=True)
+                        _raise_for_status(self.name, response.status, error, self.api_key)
+                    async for line in _lines(self.name, response.aiter_stream(),
+                                             answer_limit(request.params.max_tokens)):
                         if not line.startswith("data:"):
                             continue
                         payload = line[5:].strip()
@@ -178,7 +205,9 @@ class RemoteBackend(Backend):
                         chunk = _parse_chunk(self.name, payload, self.api_key)
                         response_id = chunk.get("id") or response_id
                         response_model = chunk.get("model") or response_model
-                        used = chunk.get("usage") or used
+                        if chunk.get("usage"):
+                            used = chunk["usage"]
+                            _usage(self.name, used)
                         for choice in chunk.get("choices") or []:
                             delta = (choice.get("delta") or {}).get("content") if request.operation == "chat" \
                                 else choice.get("text")
@@ -188,9 +217,10 @@ class RemoteBackend(Backend):
                             finish = choice.get("finish_reason") or finish
                 finally:
                     await response.aclose()
-            yield Completion(text="".join(parts), prompt_tokens=int(used.get("prompt_tokens", 0)),
-                             completion_tokens=int(used.get("completion_tokens", len(parts))), finish_reason=finish,
-                             response_id=response_id, response_model=response_model)
+            counts = _usage(self.name, used) or (0, 0)
+            completion_tokens = counts[1] if used.get("completion_tokens") is not None else len(parts)
+            yield Completion(text="".join(parts), prompt_tokens=counts[0], completion_tokens=completion_tokens,
+                             finish_reason=finish, response_id=response_id, response_model=response_model)
         finally:
             if own is not None:
                 own.release()
@@ -209,12 +239,16 @@ class RemoteBackend(Backend):
 REJECTED = (400, 413, 422)  # the request's fault: the upstream refused what it was sent
 
 
-async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
-    """A byte stream's lines (\n or \r\n ended), decoded as UTF-8; a last unterminated line too."""
+async def _lines(name: str, chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[str]:
+    """A byte stream's lines (\n or \r\n ended), decoded as UTF-8; a last unterminated line too. A line past
+    `limit` bytes (what the whole answer may take) is refused (BackendBadResponse) as soon as it is."""
     pending = b""
     async for chunk in chunks:
         pending += chunk
         *complete, pending = pending.split(b"\n")
+        if len(pending) > limit or any(len(line) > limit for line in complete):
+            raise BackendBadResponse(f"upstream '{name}': a stream line passed {limit:,} bytes, the most accepted "
+                                     "for the tokens asked for; refused")
         for line in complete:
             yield line.rstrip(b"\r").decode("utf-8", "replace")
     if pending:
@@ -240,6 +274,15 @@ class _translated_errors:
                             httpcore.UnsupportedProtocol)):
             raise BackendUnavailable(f"upstream '{self.name}' unreachable ({type(exc).__name__}: {exc})") from None
         return False
+
+
+def _usage(name: str, usage: Any) -> tuple[int, int] | None:
+    """An answer's (prompt_tokens, completion_tokens), None without usage; BackendBadResponse when a count is not a
+    whole number >= 0 (they reach metrics, cost reports and the registry)."""
+    try:
+        return usage_counts(usage)
+    except ValueError as exc:
+        raise BackendBadResponse(f"upstream '{name}' sent {exc}") from None
 
 
 def _raise_for_status(name: str, status: int, content: bytes, api_key: str | None) -> None:
