@@ -372,7 +372,7 @@ BAD_POLICIES = [
     ("bootstrap: 1000000000\n", r"bootstrap: Input should be less than or equal to 100000"),
     ("bootstrap: 2000.5\n", r"bootstrap: Input should be a valid integer"),
     ("bootstrap: 10\n", r"bootstrap: Input should be greater than or equal to 100"),
-    ("confidence: .nan\n", r"confidence: Input should be a finite number"),
+    ("confidence: .nan\n", r"confidence: NaN is not a number"),
     ("seed: -1\n", r"seed: Input should be greater than or equal to 0"),
     ("default: {min_retention: .inf}\n", r"default.min_retention: Input should be a finite number"),
     ("default: {max_drop: '0.1'}\n", r"default.max_drop: Input should be a valid number"),
@@ -386,7 +386,7 @@ BAD_POLICIES = [
     ("default: {max_p99_ms: .inf}\n", r"default.max_p99_ms: Input should be a finite number"),
     ("default: {max_p99_ms: '200'}\n", r"default.max_p99_ms: Input should be a valid number"),
     ("cohorts: {json: {max_tokens_ratio: -1}}\n", r"cohorts.json.max_tokens_ratio: Input should be greater than 0"),
-    ("cohorts: {json: {max_tokens_ratio: .nan}}\n", r"cohorts.json.max_tokens_ratio: Input should be a finite number"),
+    ("cohorts: {json: {max_tokens_ratio: .nan}}\n", r"cohorts.json.max_tokens_ratio: NaN is not a number"),
     ("cohorts: {json: {max_tokens_ratio: true}}\n", r"cohorts.json.max_tokens_ratio: Input should be a valid number"),
     ("default_route: ''\n", r"default_route: String should have at least 1 character"),
 ]
