@@ -308,7 +308,7 @@ CONTEXT = (
 def minilm():
     """Load the bundled MiniLM once for this module (the evaluator caches it per process)."""
     start = time.perf_counter()
-    model = ev._minilm()
+    model = ev.grounded._minilm()
     print(f"MiniLM loaded in {time.perf_counter() - start:.1f} s")
     return model
 
@@ -318,7 +318,7 @@ def test_minilm_returns_normalized_384_d_embeddings(minilm):
     vectors = minilm.encode(["a tall iron tower", "a lattice tower in Paris"])
     assert vectors.shape == (2, 384)
     assert abs(float((vectors[0] ** 2).sum()) - 1.0) < 1e-4
-    assert ev._minilm() is minilm
+    assert ev.grounded._minilm() is minilm
 
 
 @pytest.mark.slow

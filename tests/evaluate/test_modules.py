@@ -22,17 +22,27 @@ NEVER = {
 
 
 def _imported(module: str) -> set[str]:
-    """The sibling modules of evaluate/ that `module` imports anywhere in its code."""
-    tree = ast.parse((EVALUATE / f"{module}.py").read_text())
+    """The sibling modules of evaluate/ that `module` (a module, or a package's modules together) imports anywhere
+    in its code."""
+    package = EVALUATE / module
+    files = sorted(package.glob("*.py")) if package.is_dir() else [EVALUATE / f"{module}.py"]
+    sibling = 2 if package.is_dir() else 1  # the level of a relative import that names evaluate/'s modules
+    found = set()
+    for file in files:
+        found |= _imports_in(ast.parse(file.read_text()), sibling)
+    return found
+
+
+def _imports_in(tree: ast.Module, sibling: int) -> set[str]:
     for node in ast.walk(tree):  # imports for type checking only are dropped
         if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
             node.body = []
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:  # from .x import y
+            if node.level == sibling and node.module:  # from .x import y
                 found.add(node.module.split(".")[0])
-            elif node.level == 1:  # from . import x
+            elif node.level == sibling:  # from . import x
                 found.update(alias.name for alias in node.names)
             elif node.module and node.module.startswith("mergegate.evaluate."):
                 found.add(node.module.split(".")[2])
