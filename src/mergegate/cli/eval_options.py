@@ -43,7 +43,7 @@ def eval_options_from(*, batch_size: int, max_new_tokens: int, device: str | Non
     from ..errors import MergegateError
     from ..evaluate import EvalOptions
     from ..model_ref import EndpointSettings
-    from .main import _refuse
+    from .refusal import refuse
 
     try:
         endpoint = EndpointSettings(concurrency=endpoint_concurrency, timeout_s=endpoint_timeout,
@@ -51,7 +51,7 @@ def eval_options_from(*, batch_size: int, max_new_tokens: int, device: str | Non
         return EvalOptions(batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, endpoint=endpoint,
                            workers=workers, ray_address=ray_address)
     except MergegateError as exc:
-        _refuse(exc)
+        refuse(exc)
 
 
 def takes_eval_options(*, sharding: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .main import _refuse
+from .refusal import refuse
 
 
 def export_gguf_command(
@@ -23,7 +23,7 @@ def export_gguf_command(
     try:
         result = export_gguf(model, out, qtype, overwrite=overwrite)
     except MergegateError as exc:
-        _refuse(exc)
+        refuse(exc)
     types = sorted({ggml_type for _, ggml_type in result.tensors.values()})
     typer.echo(f"wrote {out} ({qtype}: {len(result.tensors)} tensors as {', '.join(types)}; "
                f"tokenizer '{result.tokenizer_model}', {out.stat().st_size} bytes)")

@@ -9,14 +9,10 @@ from typing import Optional
 
 import typer
 
-REFUSED = 2
+from .refusal import refuse
+
 COMBINATION_HELP = ("cat, linear, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, "
                     "magnitude_prune, magnitude_prune_svd")
-
-
-def _refuse(error: Exception) -> None:
-    typer.echo(f"mergegate: {error}", err=True)
-    raise typer.Exit(REFUSED)
 
 
 def parse_weights(text: Optional[str], count: int) -> list[float]:
@@ -57,7 +53,7 @@ def register(app: typer.Typer) -> None:
             out = merge_adapter(base, adapter, out_dir, weight=weight, shard_size=shard_size,
                                 allow_pickle=allow_pickle, overwrite=overwrite)
         except (MergegateError, ValueError) as exc:
-            _refuse(exc)
+            refuse(exc)
         typer.echo(f"merged adapter {adapter} into {base}: {out}")
 
     @lora.command("combine")
@@ -84,7 +80,7 @@ def register(app: typer.Typer) -> None:
                                    majority_sign_method=majority_sign_method, seed=seed,
                                    allow_pickle=allow_pickle, overwrite=overwrite)
         except (MergegateError, ValueError) as exc:
-            _refuse(exc)
+            refuse(exc)
         typer.echo(f"combined {len(adapters)} adapter(s) ({combination_type}) into {out}")
 
     @lora.command("extract")
@@ -116,7 +112,7 @@ def register(app: typer.Typer) -> None:
                                       target_modules=_targets(target_modules), alpha=alpha,
                                       allow_pickle=allow_pickle, overwrite=overwrite)
         except (MergegateError, ValueError) as exc:
-            _refuse(exc)
+            refuse(exc)
         for warning in caught:
             typer.echo(f"warning: {warning.message}", err=True)
         report = json.loads((out / REPORT_FILE).read_text())

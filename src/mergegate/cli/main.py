@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from .eval_options import takes_eval_options
+from .refusal import refuse
 
 if TYPE_CHECKING:
     from ..engine import MergeOptions
@@ -15,9 +16,6 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge models as release candidates: merge, evaluate, gate, roll out.")
-
-REFUSED = 2
-
 
 def _keep_freed_memory() -> None:
     """Let glibc reuse freed large blocks instead of unmapping them: merging allocates and frees many
@@ -34,11 +32,6 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
-def _refuse(error: Exception) -> NoReturn:
-    typer.echo(f"mergegate: {error}", err=True)
-    raise typer.Exit(REFUSED)
-
-
 def merge_options(*, flags: dict[str, str] | None = None, **fields: Any) -> MergeOptions:
     """MergeOptions from a command's flags; one it refuses exits 2 named by its flag (`--shard-size: ...`; `flags`
     names a field's flag where it is not the field's name)."""
@@ -49,7 +42,7 @@ def merge_options(*, flags: dict[str, str] | None = None, **fields: Any) -> Merg
         return MergeOptions(**fields)
     except MergeOptionsError as exc:  # named by its flag, not by the field
         flag = (flags or {}).get(exc.option, f"--{exc.option.replace('_', '-')}")
-        _refuse(MergegateError(" ".join(f"{flag}{exc.problem}".split())))
+        refuse(MergegateError(" ".join(f"{flag}{exc.problem}".split())))
 
 
 @app.command("merge")
@@ -77,10 +70,10 @@ def merge_command(
     try:
         result = merge(recipe, out_dir, options)
     except MergegateError as exc:
-        _refuse(MergegateError(one_line(exc)))
+        refuse(MergegateError(one_line(exc)))
     except OSError as exc:  # the machine, not the input: a full disk, an unreadable folder
         where = f"{exc.filename}: " if isinstance(exc.filename, str) else ""
-        _refuse(MergegateError(f"{where}{exc.strerror or one_line(exc)}"))
+        refuse(MergegateError(f"{where}{exc.strerror or one_line(exc)}"))
     typer.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir} "
                f"in {result.seconds:.1f} s")
 
@@ -143,7 +136,7 @@ def evaluate_command(
         with Registry(registry).removed_if_nothing_recorded() as opened:
             runs = evaluate_models([(ref, "source") for ref in refs], loaded, opened, eval_options)
     except MergegateError as exc:
-        _refuse(exc)
+        refuse(exc)
     from rich.console import Console
     from rich.table import Table
 
@@ -182,7 +175,7 @@ def gate_command(
                               [_model_ref(value, named) for value in source], suite, policy, out, eval=eval_options,
                               registry=registry, current=current)
     except MergegateError as exc:
-        _refuse(exc)
+        refuse(exc)
     _print_decisions(result.gate)
     typer.echo(f"wrote {', '.join(str(p) for p in result.reports.values())}")
 
@@ -222,7 +215,7 @@ def release_command(
                          serve=candidate_serving(serve_candidate, serve_timeout), registry=registry,
                          extra_sources=extra_sources, current=current)
     except MergegateError as exc:
-        _refuse(exc)
+        refuse(exc)
     _print_decisions(result.gate)
     typer.echo(f"wrote {', '.join(str(p) for p in result.reports.values())}")
 
@@ -273,7 +266,7 @@ def demo_command(
     try:
         run_demo(out, models, search_trials=search_trials if search else 0, beyond=beyond)
     except (MergegateError, FileNotFoundError) as exc:
-        _refuse(exc)
+        refuse(exc)
 
 
 def main() -> None:

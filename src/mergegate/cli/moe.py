@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from .main import _refuse, merge_options
+from .main import merge_options
+from .refusal import refuse
 
 
 def moe_command(
@@ -31,7 +32,7 @@ def moe_command(
     try:
         result = build_moe(config, out_dir, options)
     except (MergegateError, ValueError) as exc:
-        _refuse(exc)
+        refuse(exc)
     experts = result.provenance["recipe"]["experts"]
     typer.echo(f"wrote a Mixtral of {len(experts)} experts ({result.provenance['gate_mode']} router; "
                f"{result.parameters:,} parameters, {result.active_parameters:,} active per token) to "

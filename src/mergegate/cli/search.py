@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from .eval_options import takes_eval_options
-from .main import SERVE_CANDIDATE, SERVE_TIMEOUT, _keep_freed_memory, _refuse, candidate_serving
+from .main import SERVE_CANDIDATE, SERVE_TIMEOUT, _keep_freed_memory, candidate_serving
+from .refusal import refuse
 
 if TYPE_CHECKING:
     from ..evaluate import EvalOptions
@@ -67,7 +68,7 @@ def search_command(
                                 serve=candidate_serving(serve_candidate, serve_timeout))
         result = search(space, suite, held_out, policy, out, options)
     except MergegateError as exc:
-        _refuse(exc)
+        refuse(exc)
     except KeyboardInterrupt:
         typer.echo(f"mergegate: search interrupted; its study is kept in {out}: run the same command again to "
                    "resume", err=True)
