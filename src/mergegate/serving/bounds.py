@@ -1,5 +1,5 @@
 """What an OpenAI-compatible server sends back, taken only within bounds: one rule for every caller of such a
-server (`serving.client`).
+server (`serving.client`, and the gateway's upstream backend over its own connection pool).
 
 - An answer is read as a stream and refused once it passes `answer_limit(max_tokens)` bytes: what was asked
   for (max tokens × BYTES_PER_TOKEN, generous for any tokenizer's longest token, JSON-escaped) plus a fixed
