@@ -126,3 +126,43 @@ def test_a_streamed_line_past_what_max_tokens_allows_is_refused():
     line = b"data: " + b" " * HUGE + b"\n\ndata: [DONE]\n\n"
     with pytest.raises(BackendBadResponse, match=r"a stream line passed [\d,]+ bytes"):
         _call(lambda h: _send(h, line, content_type="text/event-stream"), stream=True)
+
+
+def _tokenize(answer: Callable[[BaseHTTPRequestHandler], None], *, timeout: float = 30.0):
+    """What the gateway's /tokenize relay makes of an upstream answering with `answer`: its answer, or its error."""
+    from mergegate.gateway.tokenize import TokenizeRequest, tokenize
+
+    raw = _Raw(answer)
+
+    async def go():
+        backend = RemoteBackend("up", raw.url, timeout=timeout)
+        await backend.start()
+        try:
+            return await tokenize(backend, TokenizeRequest(model="up", prompt="2+2="))
+        finally:
+            await backend.close()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        raw.close()
+
+
+def test_a_tokenize_upstream_trickling_its_answer_is_a_timeout_not_a_wait_without_end():
+    from mergegate.gateway.errors import APIError
+
+    body = b" " * 400 + json.dumps({"count": 1, "tokens": [7]}).encode()
+    with pytest.raises(APIError, match="no complete answer to /tokenize within 2 s"):
+        _tokenize(lambda h: _send(h, body, trickle=0.1), timeout=2.0)
+
+
+def test_a_tokenize_answer_past_what_the_prompt_allows_is_refused():
+    from mergegate.gateway.errors import APIError
+
+    body = json.dumps({"count": 1, "tokens": [7] * (HUGE // 2)}).encode()
+    with pytest.raises(APIError, match=r"/tokenize: the answer passed [\d,]+ bytes"):
+        _tokenize(lambda h: _send(h, body))
+
+
+def test_a_tokenize_answer_within_its_bound_is_passed_on():
+    assert _tokenize(lambda h: _send(h, json.dumps({"count": 3, "tokens": [1, 2, 3]}).encode()))["tokens"] == [1, 2, 3]

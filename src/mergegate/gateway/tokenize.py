@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..serving.bounds import upstream_text
+from ..serving.bounds import ENVELOPE_BYTES, AnswerTooLarge, read_limited, upstream_text
+from ..serving.client import ERROR_BYTES
 from .backends import Backend, LocalBackend, RemoteBackend
 from .bodies import load_json
 from .errors import APIError
@@ -106,15 +107,36 @@ def _root(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+def _tokens_limit(body: TokenizeRequest) -> int:
+    """The most bytes accepted for an upstream's answer to `body`: a token per byte of its text at most (byte-level
+    tokenizers), each written as a number of up to a dozen characters, plus the answer's envelope."""
+    text = body.prompt if body.prompt is not None else "".join(m.text() for m in body.messages or ())
+    return len(text.encode()) * 12 + ENVELOPE_BYTES
+
+
 async def _forward(backend: RemoteBackend, body: TokenizeRequest, hops: tuple[str, ...]) -> dict[str, Any]:
     """The upstream's answer to the same request (its model name swapped in). Its 4xx is passed on, but for a
     refusal of the gateway's own credentials (401, 403: this gateway's configuration, not the caller's request)
-    and 5xx, which are 502s; its message redacted of the key the upstream is sent."""
+    and 5xx, which are 502s; its message redacted of the key the upstream is sent. The whole exchange is bounded
+    as every upstream call is: within the backend's timeout from connect to last byte, and no larger than the
+    prompt allows (`_tokens_limit`; an error's body is cut)."""
     payload = {**body.model_dump(exclude_none=True), "model": backend.upstream_model}
     client = backend._http()
+    limit = _tokens_limit(body)
     try:
-        response = await client.post(_root(backend.url) + "/tokenize", json=payload,
-                                     headers={HOP_HEADER: hop_header(hops)} if hops else None)
+        async with asyncio.timeout(backend.timeout):
+            async with client.stream("POST", _root(backend.url) + "/tokenize", json=payload,
+                                     headers={HOP_HEADER: hop_header(hops)} if hops else None) as streamed:
+                content = await read_limited(streamed.aiter_bytes(), limit if streamed.status_code < 400 else
+                                             ERROR_BYTES, cut=streamed.status_code >= 400,
+                                             allowed_for="this prompt")
+        response = httpx.Response(streamed.status_code, content=content, headers=streamed.headers)
+    except TimeoutError:
+        raise APIError(502, f"The upstream of model '{backend.name}' sent no complete answer to /tokenize within "
+                            f"{backend.timeout:g} s.", type="server_error", code="upstream_error") from None
+    except AnswerTooLarge as exc:
+        raise APIError(502, f"The upstream of model '{backend.name}' answered /tokenize: {exc}.",
+                       type="server_error", code="upstream_error") from None
     except httpx.HTTPError as exc:
         raise APIError(502, f"The upstream of model '{backend.name}' could not be reached for /tokenize "
                             f"({type(exc).__name__}).", type="server_error", code="upstream_error") from None
