@@ -121,7 +121,7 @@ def test_a_url_models_own_api_key_reaches_the_shards_and_no_ray_log(local_ray, t
         runs = evaluate_models([(ref, "candidate")], load_suite(path), Registry(tmp_path / "r.sqlite"),
                                EvalOptions(max_new_tokens=4, progress=False, endpoint=FAST, workers=2))
         refusing.append(True)
-        with pytest.raises(EvaluationError, match="HTTP 401: key \\*\\*\\* is revoked") as refused:
+        with pytest.raises(EvaluationError, match=r"HTTP 401: key \[redacted\] is revoked") as refused:
             evaluate_models([(ref, "candidate")], load_suite(path), Registry(tmp_path / "other.sqlite"),
                             EvalOptions(max_new_tokens=4, progress=False, endpoint=FAST, workers=2))
     assert key not in str(refused.value) and key not in repr(refused.value)

@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
         from ..errors import MergegateError
 
         try:
+            import uvicorn  # noqa: F401  (imported when serving starts: a missing one is said before anything loads)
+
             from ..gateway import GatewayConfig, create_app
             from ..gateway.server import base_url, run_app
         except ModuleNotFoundError as exc:
@@ -118,6 +120,8 @@ def register(app: typer.Typer) -> None:
         from ..errors import MergegateError
 
         try:
+            import uvicorn  # noqa: F401  (imported when serving starts: a missing one is said before anything loads)
+
             from ..gateway import GatewayConfig, serve
         except ModuleNotFoundError as exc:
             _refuse_without_serve_extra(exc)
