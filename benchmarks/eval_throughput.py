@@ -131,9 +131,10 @@ def main() -> None:
 
     import warnings
 
+    from transformers.utils import logging as hf_logging
+
     from mergegate.evaluate.suite import load_suite
     from mergegate.model_ref import ModelRef
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -163,9 +164,9 @@ def main() -> None:
     if not args.skip_endpoint:
         from mergegate.gateway.app import create_app
         from mergegate.gateway.testing import StubUpstream
-        from mergegate.serving.launcher import ServerThread
         from mergegate.registry import Registry
         from mergegate.rollout import RolloutPlan
+        from mergegate.serving.launcher import ServerThread
 
         plan = RolloutPlan.model_validate({
             "candidate": name, "models": {name: {"role": "candidate", "path": str(args.model)}},

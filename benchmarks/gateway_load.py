@@ -168,10 +168,10 @@ def direct(backend, request):
 async def main_async(args) -> list[Result]:
     import torch
 
+    from mergegate.demo.samples import write_family
     from mergegate.gateway.backends import LocalBackend, RemoteBackend
     from mergegate.gateway.protocol import GenParams, GenRequest
     from mergegate.rollout import RolloutPlan
-    from mergegate.demo.samples import write_family
 
     torch.set_num_threads(args.torch_threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="gateway-load-"))

@@ -103,9 +103,9 @@ def demo_recipe(key: str) -> dict:
 def run_demo(out: Path, methods: list[str], rerun: bool) -> dict:
     import yaml
 
-    from mergegate.registry import Registry
     from mergegate.evaluate import EvalOptions
     from mergegate.pipeline import release
+    from mergegate.registry import Registry
 
     path = HERE / "experiments" / "demo-methods.json"
     results = json.loads(path.read_text()) if path.is_file() else {}  # --rerun-demo redoes the listed methods only

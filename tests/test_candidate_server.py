@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mergegate.serving.launcher import candidate_command, served_candidate
 from mergegate.errors import CandidateServerError
+from mergegate.serving.launcher import candidate_command, served_candidate
 
 HOSTILE_NAME = "x 'y\" --trust-remote-code;touch PWNED {port} $(id)"
 

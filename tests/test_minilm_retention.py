@@ -158,7 +158,7 @@ def test_retention_is_merged_over_individual_accuracy(miniature):
     assert set(results["methods"]) == {"linear", "slerp", "task_arithmetic"}
     assert results["methods"]["slerp"]["tasks"] == ["sentiment", "tense"]
     assert set(results["references"]) == {"linear [sentiment + tense]", "task_arithmetic [sentiment + tense]"}
-    for name, record in [*results["methods"].items(), *results["references"].items()]:
+    for _name, record in [*results["methods"].items(), *results["references"].items()]:
         assert record["status"] == "ok", record
         assert set(record["accuracy"]) == set(record["tasks"])
         for task, acc in record["accuracy"].items():

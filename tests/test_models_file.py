@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from mergegate.errors import EvaluationError, ModelRefError, PlanError
 from mergegate.evaluate import EvalOptions, evaluate_models
 from mergegate.evaluate.endpoint import EndpointSettings as ReExported
-from mergegate.model_ref import (EndpointOverrides, EndpointSettings, ModelRef, load_models_file,
-                                 resolve_model_ref)
+from mergegate.model_ref import EndpointOverrides, EndpointSettings, ModelRef, load_models_file, resolve_model_ref
 from mergegate.registry import Registry
 from mergegate.rollout import PlanModel
+
 # the loopback servers' fixtures (conftest.py) are requested by name (getfixturevalue)
 from tests.evaluate.helpers import tiny_suite
 

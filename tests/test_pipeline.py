@@ -10,8 +10,8 @@ import pytest
 
 from mergegate.evaluate import EvalOptions
 from mergegate.gate import load_policy
-from mergegate.registry import Registry
 from mergegate.pipeline import release
+from mergegate.registry import Registry
 from mergegate.rollout import load_plan
 
 from .helpers import recipe_for
@@ -116,8 +116,8 @@ def test_demo_end_to_end(tmp_path):
 
 
 def test_model_plus_adapter_sources_are_evaluated_as_base_with_adapter(tmp_path):
-    from mergegate.recipe import load_recipe
     from mergegate.pipeline import release_models
+    from mergegate.recipe import load_recipe
 
     demo = Path(__file__).resolve().parents[1] / "examples" / "demo" / "models"
     recipe = load_recipe({"merge_method": "task_arithmetic", "base_model": str(demo / "base"), "models": [

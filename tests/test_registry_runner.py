@@ -15,8 +15,8 @@ from mergegate import MergegateError
 from mergegate.evaluate import EvalOptions, SuiteError, evaluate_models, load_suite
 from mergegate.evaluate import evaluators as evaluators_module
 from mergegate.evaluate import local as local_module
-from mergegate.model_ref import ModelRef
 from mergegate.io.hashing import folder_hash
+from mergegate.model_ref import ModelRef
 from mergegate.registry import SCHEMA_VERSION, Registry
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"

@@ -2,7 +2,8 @@
 
 import hashlib
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mergegate._seeds import derived_seed
 

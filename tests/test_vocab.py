@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from mergegate import merge
-from mergegate.errors import IncompatibleModels, RecipeError
 from mergegate.demo.samples import add_vocabulary, write_family
+from mergegate.errors import IncompatibleModels, RecipeError
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

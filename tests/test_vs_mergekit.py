@@ -34,7 +34,15 @@ import mergegate  # noqa: E402
 from mergegate.demo.samples import SampleShape, write_family  # noqa: E402
 
 from .mergekit_peer import (  # noqa: E402
-    SPARSIFIER_CUTS, ambiguous_elements, compare, distance, operand_scale, read_config, read_tensors, run_mergekit)
+    SPARSIFIER_CUTS,
+    ambiguous_elements,
+    compare,
+    distance,
+    operand_scale,
+    read_config,
+    read_tensors,
+    run_mergekit,
+)
 
 # every test merges twice (mergekit and mergegate): a whole-module cost of ~15-20 s, run by `make test`
 pytestmark = pytest.mark.slow

@@ -97,12 +97,27 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .compat import check_compatible
     from .engine import MergeOptions, MergePlan, MergeResult, merge, plan_merge, run_merge
-    from .export import export_gguf
-    from .errors import (AddressError, CandidateServerError, CheckpointError, EvaluationError, GGUFExportError,
-                         IncompatibleModels, MergegateError, MergeOptionsError, ModelRefError, MoEConfigError,
-                         PlanError, PolicyError, RecipeError, RegistryError, SearchError, SearchSpaceError,
-                         SuiteError)
+    from .errors import (
+        AddressError,
+        CandidateServerError,
+        CheckpointError,
+        EvaluationError,
+        GGUFExportError,
+        IncompatibleModels,
+        MergegateError,
+        MergeOptionsError,
+        ModelRefError,
+        MoEConfigError,
+        PlanError,
+        PolicyError,
+        RecipeError,
+        RegistryError,
+        SearchError,
+        SearchSpaceError,
+        SuiteError,
+    )
     from .evaluate import EvalOptions, Suite, evaluate_models, load_suite
+    from .export import export_gguf
     from .gate import GateResult, Policy, decide, load_policy
     from .gateway import create_app, serve
     from .io.read import Checkpoint
@@ -110,9 +125,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .methods import available_methods, get_method, register
     from .model_ref import ModelRef
     from .moe import build_moe
+    from .pipeline import ReleaseResult, gate_release, release
     from .recipe import Recipe, load_recipe
     from .registry import Registry
-    from .pipeline import ReleaseResult, gate_release, release
     from .rollout import RolloutPlan, load_plan
     from .search import SearchOptions, load_space
     from .search import search as search_merges

@@ -40,9 +40,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import CheckpointError, MergegateError, RecipeError
 from .io.hashing import HashCache, cache_folder
 from .io.read import Checkpoint
-from .errors import CheckpointError, MergegateError, RecipeError
 from .methods._registry import StatisticKind
 from .progress import Progress
 

@@ -7,9 +7,9 @@ import json
 
 import torch
 
+from .errors import IncompatibleModels
 from .io.read import Checkpoint
 from .io.write import natural_key
-from .errors import IncompatibleModels
 
 # Config fields that change tensor shapes or how the weights are wired.
 SHAPE_KEYS = (

@@ -37,7 +37,6 @@ from .costs import cohort_costs
 from .errors import MergegateError, PolicyError
 from .registry import RowResult
 
-
 # Strict: a number must be a number (no "0.5" strings, no booleans), an integer an integer; nothing infinite.
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 

@@ -173,7 +173,8 @@ def report_release(out: Path, planned: Lineup, runs: dict[str, ModelRun], gate: 
     return ReleaseResult(out, planned.candidate, gate, plan, runs, reports, measured)
 
 
-def release(recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
+def release(  # noqa: PLR0913  (each is an input a release is made of; its settings are options objects)
+        recipe: Recipe | dict | str | Path, suite: Suite | str | Path,
             policy: Policy | dict | str | Path | None, out: str | Path, *, merge: MergeOptions | None = None,
             eval: EvalOptions | None = None, serve: ServeCommand | None = None,
             registry: Registry | str | Path | None = None, candidate_name: str | None = None,

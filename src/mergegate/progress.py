@@ -45,8 +45,14 @@ class Progress:
         """Add a bar; returns `advance(n)`. The bar's columns follow `unit` ("bytes", or a count's noun)."""
         if self._rich is None:
             return _ignore
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         if unit == "bytes":
             self._rich.columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

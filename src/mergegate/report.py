@@ -280,7 +280,8 @@ def _models_heading(costs: dict[str, dict[str, CohortCost]] | None) -> str:
 
 # ---- markdown --------------------------------------------------------------------------------------------------
 
-def render_markdown(gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
+def render_markdown(  # noqa: PLR0913  (the report's parts, each optional and keyword-only)
+        gate: GateResult, plan: RolloutPlan, *, title: str, policy: Policy | None = None,
                     costs: dict[str, dict[str, CohortCost]] | None = None, current: RolloutPlan | None = None,
                     pictures: tuple[str, ...] = (), picture_dir: str = "", lead: str = "",
                     after_ships: str = "", measured: Measured | None = None) -> str:

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .io.read import Checkpoint
 from .errors import IncompatibleModels, RecipeError
+from .io.read import Checkpoint
 
 MIN_SHARED_FRACTION = 0.9  # of the smaller vocabulary's tokens, by string; fine-tunes that add tokens share ~all
 

@@ -5,8 +5,8 @@ start, trials and held-out release took 245 s under load; the search has its own
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 from pathlib import Path
 

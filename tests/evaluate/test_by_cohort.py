@@ -42,8 +42,7 @@ def test_a_run_by_cohort_is_the_run_evaluate_models_makes(family, suite, tmp_pat
 def test_a_run_stopped_after_a_cohort_resumes_with_the_rest(family, suite, tmp_path):
     model = (ModelRef("base", family["base"]), "base")
     registry = Registry(tmp_path / "r.sqlite")
-    for cohort, first in evaluate_by_cohort(model, suite, registry, OPTIONS):
-        break  # a pruned trial stops here
+    cohort, first = next(iter(evaluate_by_cohort(model, suite, registry, OPTIONS)))  # a pruned trial stops here
     assert cohort == "echo" and not first.cached
     resumed = evaluate_models([model], suite, registry, OPTIONS)["base"]
     assert resumed.run_id == first.run_id and len(resumed.results) == len(ROWS)

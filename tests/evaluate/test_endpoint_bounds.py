@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from mergegate.serving.bounds import AnswerTooLarge, answer_limit, read_limited, usage_counts
 from mergegate.errors import EvaluationError
 from mergegate.evaluate import EvalOptions, evaluate_models, load_suite
 from mergegate.evaluate.endpoint import EndpointSettings
 from mergegate.model_ref import ModelRef
 from mergegate.registry import Registry
+from mergegate.serving.bounds import AnswerTooLarge, answer_limit, read_limited, usage_counts
 
 from ..helpers import write_jsonl
 

@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mergegate.serving.launcher import free_port
 from mergegate.errors import EvaluationError
 from mergegate.evaluate.evaluators import LlmJudge, Observation, parse_verdict
 from mergegate.evaluate.suite import SuiteRow
+from mergegate.serving.launcher import free_port
 
 RUBRIC = "The answer must mention Oslo."
 

@@ -19,7 +19,11 @@ gguf = pytest.importorskip("gguf")
 from mergegate.cli import app  # noqa: E402
 from mergegate.errors import GGUFExportError  # noqa: E402
 from mergegate.export.gguf import (  # noqa: E402
-    block_error_bound, dequantized_tensors, export_gguf, permute_rope_rows, unpermute_rope_rows,
+    block_error_bound,
+    dequantized_tensors,
+    export_gguf,
+    permute_rope_rows,
+    unpermute_rope_rows,
 )
 from mergegate.io.read import Checkpoint  # noqa: E402
 
@@ -279,10 +283,9 @@ def test_a_partial_file_of_a_killed_export_is_removed_by_the_next(tmp_path):
 def test_byte_level_bpe_untied_and_padded_vocabulary(tmp_path):
     """A byte-level BPE (GPT-2 / Llama 3 style) becomes tokenizer.ggml.model "gpt2" with its merges; an untied lm_head
     becomes output.weight; embedding rows past the tokenizer are named [PADn] and typed UNUSED."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     import torch
     from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     folder = tmp_path / "bpe"  # a one-layer Llama written directly (transformers' import alone takes seconds)
     folder.mkdir()

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mergegate.serving.launcher import free_port
 from mergegate.gateway import GatewayConfig, errors
 from mergegate.gateway.backends import LocalBackend, RemoteBackend
 from mergegate.gateway.errors import APIError
 from mergegate.gateway.protocol import GenParams, GenRequest, parse_body, to_gen_request
+from mergegate.serving.launcher import free_port
 
 from .helpers import MESSAGES, wait_for
 
@@ -172,7 +172,7 @@ def test_hostile_bodies_are_4xx_and_the_keep_alive_connection_stays_usable(gw):
             peers.add(response.extensions["network_stream"].get_extra_info("client_addr"))
             return response
 
-        for name, body, status in HOSTILE:
+        for _name, body, status in HOSTILE:
             error_of(post("/v1/chat/completions", content=body), status)
         error_of(post("/v1/completions", content=b'{"model": "cohort/chat", "prompt": "\\udfff"}'), 400)
         chunked = iter([b'{"model": "cohort/chat", "x": "'] + [b"b" * 65536] * 20 + [b'"}'])  # no Content-Length

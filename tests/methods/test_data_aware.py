@@ -287,7 +287,7 @@ def test_regmean_layers_reproduce_each_source_better_than_linear_averaging(famil
     for model_name, weights in sources.items():
         model = AutoModelForCausalLM.from_pretrained(family[model_name]).eval()
         captured: dict[str, list[torch.Tensor]] = {}
-        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: captured.setdefault(n, []).append(inp[0][0]))
+        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n, captured=captured: captured.setdefault(n, []).append(inp[0][0]))
                  for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         with torch.no_grad():
             for text in texts:
@@ -315,9 +315,9 @@ def test_calibration_is_recorded_in_provenance_and_refused_for_other_methods(tmp
     import json
 
     from mergegate import merge
+    from mergegate.demo.samples import write_family
     from mergegate.errors import RecipeError
     from mergegate.recipe import load_recipe
-    from mergegate.demo.samples import write_family
 
     family = write_family(tmp_path / "family", finetunes=2)
     calibration = tmp_path / "calib.jsonl"
@@ -339,8 +339,8 @@ def test_regmean_merges_encoders_and_fisher_refuses_them(tmp_path):
     from transformers import AutoModel, BertConfig, BertModel
 
     from mergegate import merge
-    from mergegate.errors import RecipeError
     from mergegate.demo.samples import write_finetune, write_tokenizer
+    from mergegate.errors import RecipeError
 
     base = tmp_path / "bert"
     base.mkdir()
@@ -370,8 +370,8 @@ def test_each_model_may_bring_its_own_calibration_text(tmp_path):
     import json
 
     from mergegate import merge
-    from mergegate.errors import RecipeError
     from mergegate.demo.samples import write_family
+    from mergegate.errors import RecipeError
 
     family = write_family(tmp_path / "family", finetunes=2)
     texts = {"ft1": ["12+30=42", "7+8=15"], "ft2": ['{"name": "ana"}', '{"age": 3}']}

@@ -372,9 +372,10 @@ def test_int8_mask_never_changes_mergekits_result(dtype):
 
 
 def test_della_recipe_merges_into_a_loadable_model(family, tmp_path):
-    import mergegate
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    import mergegate
 
     recipe = recipe_for("della", family, density=0.5, epsilon=0.2, weights=[1.0, 0.5, 0.5])
     out = tmp_path / "out"
@@ -399,8 +400,9 @@ def test_della_recipe_merges_into_a_loadable_model(family, tmp_path):
 
 
 def test_sce_and_della_linear_recipes_merge(family, tmp_path):
-    import mergegate
     from transformers import AutoModelForCausalLM
+
+    import mergegate
 
     sce_recipe = {"merge_method": "sce", "base_model": str(family["base"]),
                   "models": [{"model": str(family[m])} for m in ("ft1", "ft2", "ft3")],

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mergegate.errors import RecipeError
 from mergegate.methods import NonFiniteInput, available_methods, get_method
 from mergegate.methods._sparsify import kth_smallest, magnitude, magnitude_outliers, rank_window
-from mergegate.errors import RecipeError
 
 
 def run(name, base, tensors, per_model=None, rng=None, **shared):

@@ -1,8 +1,8 @@
 """The command line: a thin typer shell over the Python API. Nothing in the core imports it."""
 
-from .main import app, main
 from .export import register as _register_export
 from .lora import register as _register_lora
+from .main import app, main
 from .moe import register as _register_moe
 from .search import register as _register_search
 from .serve import register as _register_serve

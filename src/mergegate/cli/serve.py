@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
             listener = bind_port(host, port)  # before the model loads: a busy port is refused at once
         except MergegateError as exc:
             typer.echo(f"mergegate: {exc}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         url = f"{base_url(listener)}/v1"
         typer.echo(f"mergegate: serve-folder: loading {path} as '{served_model_name}'; it answers at {url} once "
                    "loaded", err=True)
@@ -156,6 +156,6 @@ def register(app: typer.Typer) -> None:
                   on_ready=lambda url: typer.echo(f"mergegate: serve: ready: {plan} at {url}/v1", err=True))
         except MergegateError as exc:
             typer.echo(f"mergegate: {exc}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except ModuleNotFoundError as exc:  # uvicorn is imported only when serving starts
             _refuse_without_serve_extra(exc)

@@ -17,8 +17,8 @@ from typing import Sequence
 from ..costs import cohort_costs
 from ..gate import Policy, load_policy
 from ..model_ref import ModelRef
-from ..registry import Registry
 from ..pipeline import ReleaseResult, release, release_rank
+from ..registry import Registry
 from ..report import render_html_body, render_markdown
 from ..report_page import figure_png, html_img, html_page, html_table, markdown_table, pyplot
 from ..rollout import load_plan

@@ -29,7 +29,7 @@ class SampleShape:
 
 def write_tokenizer(folder: Path, extra_tokens: tuple[str, ...] = ()) -> int:
     """A character-level tokenizer (plus specials), saved in Hugging Face format. Returns its size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]

@@ -12,15 +12,16 @@ from typing import Any
 import torch
 
 from .._seeds import derived_seed
+from ..compat import check_compatible
+from ..errors import CheckpointError, IncompatibleModels, RecipeError
 from ..io.dtypes import torch_dtype
 from ..io.hashing import all_files_hash, cache_folder
 from ..io.read import Checkpoint, contained_file
 from ..io.write import OutputTensor, natural_key
-from ..compat import check_compatible
-from ..errors import CheckpointError, IncompatibleModels, RecipeError
 from ..methods import MergeMethod, ParamSpec
+from ..methods._registry import CHUNK_ELEMENTS as DEFAULT_CHUNK
+from ..methods._registry import row_spans
 from ..model_ref import ModelRef
-from ..methods._registry import CHUNK_ELEMENTS as DEFAULT_CHUNK, row_spans
 from ..recipe import Recipe, evaluate, input_models, load_recipe
 from ..vocab import VocabularyPlan, plan_vocabulary, tensor_has_vocabulary
 
@@ -277,7 +278,8 @@ def _slice_layout(recipe: Recipe, plan: MergePlan):
             t = offset / (count - 1) if count > 1 else 1.0
             for template in templates:
                 name = template.format(layer=out_layer)
-                pick = lambda s: Source(s.model, template.format(layer=s.layer_range[0] + offset))  # noqa: E731
+                pick = lambda s, template=template, offset=offset: Source(  # noqa: E731
+                    s.model, template.format(layer=s.layer_range[0] + offset))
                 yield (name, pick(base_source) if base_source else None, [pick(s) for s in inputs], scopes, t)
             out_layer += 1
     for name in outside:

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from .._staging import check_output, staged
-from ..io.write import ShardedWriter, copy_model_files, parse_size
 from ..errors import IncompatibleModels, MergegateError
+from ..io.write import ShardedWriter, copy_model_files, parse_size
 from ..methods import NonFiniteInput
 from ..methods._parallel import available_cores
 from ..progress import Advance, Progress
+from ..recipe import Recipe
 from ..vocab import align
 from .options import MergeOptions, resolve_options
-from ..recipe import Recipe
 from .plan import MergePlan, Source, TensorJob, plan_merge
 from .provenance import hash_inputs, write_provenance
 

@@ -32,6 +32,7 @@ from .options import EvalOptions
 from .sharded import PendingRun, run_model_rows, run_sharded
 from .suite import Suite
 
+
 @dataclass(frozen=True)
 class ModelRun:
     ref: ModelRef

@@ -234,7 +234,7 @@ def _adds_special(tokenizer: Any, token_id: int | None, at_start: bool) -> bool:
 
 
 def _ggml_type(array: Any, qtype: str) -> Any:
-    from gguf import GGMLQuantizationType, GGML_QUANT_SIZES
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if array.ndim < 2:
         return GGMLQuantizationType.F32

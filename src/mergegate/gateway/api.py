@@ -20,13 +20,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from opentelemetry.trace import Status, StatusCode
 
-from .bodies import read_body
 from .answers import Skip, StreamStart
+from .bodies import read_body
 from .dispatch import close_stream
 from .errors import APIError, BackendError
 from .hops import HOP_HEADER, hops_after
-from .protocol import (ChunkWriter, Completion, GenRequest, Operation, new_id, parse_body, response_body,
-                       to_gen_request)
+from .protocol import ChunkWriter, Completion, GenRequest, Operation, new_id, parse_body, response_body, to_gen_request
 from .routing import VIRTUAL_PREFIX, Router, Target, _unknown_model
 from .tokenize import parse_tokenize, tokenize
 

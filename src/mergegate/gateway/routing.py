@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..rollout import Route, RolloutPlan
+from ..rollout import RolloutPlan, Route
 from .classifier import CohortClassifier
 from .errors import APIError
 from .protocol import GenRequest

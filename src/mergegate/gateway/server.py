@@ -10,7 +10,8 @@ from typing import Callable
 from .config import GatewayConfig
 
 
-def serve(plan_path: str | Path, host: str = "127.0.0.1", port: int = 8080, *,
+def serve(  # noqa: PLR0913  (the Python twin of `mergegate serve`: a keyword per flag, all but three keyword-only)
+        plan_path: str | Path, host: str = "127.0.0.1", port: int = 8080, *,
           registry: str | Path = "mergegate-registry.sqlite", suite: str | Path | None = None,
           admin_token: str | None = None, traces_path: str | Path | None = None, otlp_endpoint: str | None = None,
           config: GatewayConfig | None = None, log_level: str = "info", torch_threads: int | None = None,

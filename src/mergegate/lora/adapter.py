@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..io.read import read_safetensors_header
 from ..errors import CheckpointError, MergegateError
+from ..io.read import read_safetensors_header
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

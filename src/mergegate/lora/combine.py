@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..io.write import natural_key
-from ..errors import IncompatibleModels, RecipeError
 from .._seeds import derived_seed
 from .._staging import check_output, staged
+from ..errors import IncompatibleModels, RecipeError
+from ..io.write import natural_key
 from .adapter import Adapter, LoraWeights, rank_layout, read_adapter, write_adapter_files
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -233,7 +233,8 @@ def _as_adapter(source: str | Path | Adapter, allow_pickle: bool) -> Adapter:
     return source if isinstance(source, Adapter) else read_adapter(source, allow_pickle=allow_pickle)
 
 
-def combine_adapters(adapters: Sequence[str | Path | Adapter], weights: Sequence[float], combination_type: str,
+def combine_adapters(  # noqa: PLR0913  (PEFT's add_weighted_adapter's parameters, by the same names)
+        adapters: Sequence[str | Path | Adapter], weights: Sequence[float], combination_type: str,
                      out_dir: str | Path, *, density: float | None = None, svd_rank: int | None = None,
                      svd_clamp: float | None = None, majority_sign_method: str = "total", seed: int = 0,
                      allow_pickle: bool = False, overwrite: bool = False) -> Path:

@@ -16,10 +16,10 @@ from typing import Sequence
 
 import torch
 
+from .._staging import check_output, staged
+from ..errors import IncompatibleModels, RecipeError
 from ..io.read import Checkpoint
 from ..io.write import natural_key
-from ..errors import IncompatibleModels, RecipeError
-from .._staging import check_output, staged
 from .adapter import LoraWeights, rank_layout, write_adapter_files
 
 REPORT_FILE = "mergegate_extraction.json"

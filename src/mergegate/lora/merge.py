@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .._staging import check_output, staged
+from ..errors import IncompatibleModels
 from ..io.dtypes import declared_dtype
 from ..io.read import Checkpoint
 from ..io.write import OutputTensor, ShardedWriter, copy_model_files, parse_size
-from ..errors import IncompatibleModels
-from .._staging import check_output, staged
 from .adapter import Adapter, read_adapter
 
 # Config fields that fix the shapes and wiring of a model: two folders that differ in any are different models.

@@ -416,7 +416,8 @@ def objective_values(gate: GateResult, objective: Objective, cohorts: list[str])
     return [promoted + 0.999 * min(max(worst, 0.0), 1.0)]
 
 
-def _tell(study, trial, outcome: TrialOutcome, dev: Suite, policy: Policy, registry: Registry, base: ModelRef,
+def _tell(  # noqa: PLR0913  (a finished trial recorded in one place: the study, the registry, its folder)
+        study, trial, outcome: TrialOutcome, dev: Suite, policy: Policy, registry: Registry, base: ModelRef,
           sources: list[ModelRef], source_results: dict[str, list[RowResult]], folder: Path,
           options: SearchOptions) -> None:
     optuna = _optuna()

@@ -45,10 +45,10 @@ class Backend(ABC):
     kind: str  # "local" | "remote"
     provider: str  # OpenTelemetry gen_ai.provider.name
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027  (a hook: a backend with nothing to start keeps the no-op)
         """Load the model / open connections. Called once, inside the server's event loop."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (a hook, as start)
         """Release what `start` acquired."""
 
     async def acquire(self) -> Slot:

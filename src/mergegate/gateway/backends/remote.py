@@ -33,8 +33,16 @@ import httpx
 
 from ...serving.bounds import AnswerTooLarge, answer_limit, read_limited, upstream_text, usage_counts
 from ...serving.client import ERROR_BYTES, Reply
-from ..errors import (BackendBadResponse, BackendError, BackendHTTPError, BackendLoop, BackendOverloaded,
-                      BackendRejected, BackendTimeout, BackendUnavailable)
+from ..errors import (
+    BackendBadResponse,
+    BackendError,
+    BackendHTTPError,
+    BackendLoop,
+    BackendOverloaded,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+)
 from ..hops import HOP_HEADER, hop_header
 from ..protocol import Completion, GenRequest
 from .base import Backend, Slot
