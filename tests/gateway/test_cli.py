@@ -21,6 +21,7 @@ import mergegate.gateway
 from mergegate.cli.serve import register
 from mergegate.gateway.testing import ServerThread
 from mergegate.rollout import RolloutPlan
+from mergegate.serving.launcher import free_port
 
 from .helpers import MESSAGES
 
@@ -144,12 +145,6 @@ def test_serve_refuses_an_otlp_endpoint_that_is_not_http(monkeypatch, family, tm
     assert result.exit_code == 2 and "--otlp-endpoint" in result.output and "http or https" in result.output
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _said(command: list[str], until: str, env: dict | None = None, then=lambda: None) -> list[str]:
     """The lines a serving command prints, up to the first that holds `until` (within 5 minutes: a bound for
     "never", on a busy machine); then `then()` runs and the command is stopped."""
@@ -179,7 +174,7 @@ def test_serve_says_at_start_when_the_admin_api_is_off(family, tmp_path, given, 
     token = [] if given is None else ["--admin-token", given]
     env = {k: v for k, v in os.environ.items() if k != "MERGEGATE_ADMIN_TOKEN"}
     lines = _said([MERGEGATE, "serve", str(_plan_file(tmp_path, family)), "--registry", str(tmp_path / "r.db"),
-                   "--port", str(_free_port()), *token], until="admin API", env=env)
+                   "--port", str(free_port()), *token], until="admin API", env=env)
     assert lines[-1] == f"mergegate: {said}: the admin API (/admin) is off", lines
 
 
@@ -201,7 +196,7 @@ def test_serve_on_a_busy_port_is_refused_before_any_model_loads(family, tmp_path
 
 @pytest.mark.slow
 def test_serve_folder_says_where_it_listens_and_when_it_is_ready(family):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     answered: list[dict] = []
     said = _said([MERGEGATE, "serve-folder", str(family["base"]), "--port", str(port), "--served-model-name",
@@ -215,7 +210,7 @@ def test_serve_folder_says_where_it_listens_and_when_it_is_ready(family):
 
 @pytest.mark.slow
 def test_serve_says_where_it_listens_and_when_it_is_ready(family, tmp_path):
-    port = _free_port()
+    port = free_port()
     plan = _plan_file(tmp_path, family)
     said = _said([MERGEGATE, "serve", str(plan), "--registry", str(tmp_path / "r.db"), "--port", str(port),
                   "--admin-token", "t0k"], until="ready")
