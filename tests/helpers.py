@@ -35,3 +35,23 @@ def assert_refused(result, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("mergegate: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def make_lora(base: Path, out: Path, *, seed: int, rank: int = 4, scale: float = 0.3) -> Path:
+    """A PEFT LoRA adapter on `base` whose B matrices are seeded non-zero (so it changes answers), saved with
+    save_pretrained to `out`; returns `out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                        lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    peft_model.save_pretrained(out)
+    return out

@@ -25,12 +25,38 @@ ONLINE_CHECKS: dict[str, OnlineCheck] = {"json_schema": "json_valid", "json_vali
                                          "tool_selection": "tool_selection", "refusal": "refusal"}
 
 
+class PlanBase(BaseModel):
+    """A base the plan declares once (`bases: {NAME: ...}`) for the models that name it (`base: NAME`): a local
+    folder, loaded once by the gateway, each model's adapter applied per request on it (the base alone, for a model
+    with no adapter); or an OpenAI-compatible server holding LoRA modules (vLLM's `--enable-lora --lora-modules
+    NAME=PATH`), where a model's adapter is the module's name, sent as the request's model."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None
+    url: str | None = None
+    upstream_model: str | None = None  # the name the server knows the base alone by (a model with no adapter)
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if (self.path is None) == (self.url is None):
+            raise ValueError("a base needs exactly one of 'path' or 'url'")
+        if self.path is not None and (self.upstream_model is not None or self.api_key_env is not None):
+            raise ValueError("'upstream_model' and 'api_key_env' apply to a 'url', not to a local 'path'")
+        if self.url is not None:
+            check_url(self.url)
+        return self
+
+
 class PlanModel(BaseModel):
     """A plan's model entry (its YAML schema): a ModelRef with its role, the name being the entry's key.
-    A local folder (optionally with an adapter) or a remote upstream URL."""
+    A local folder (optionally with an adapter), a remote upstream URL, or an adapter on one of the plan's
+    `bases` (`base: NAME`, `adapter`: a folder on a local base, a LoRA module's name on a url base; no adapter:
+    the base alone)."""
 
     model_config = ConfigDict(extra="forbid")
     role: Role = "source"
+    base: str | None = None  # a key of the plan's `bases`: the model is that base with `adapter` on it
     path: str | None = None
     adapter: str | None = None
     url: str | None = None  # an OpenAI-compatible upstream, e.g. http://127.0.0.1:8000/v1
@@ -40,8 +66,13 @@ class PlanModel(BaseModel):
 
     @model_validator(mode="after")
     def _one_location(self):
+        if self.base is not None:
+            given = [key for key in ("path", "url", "upstream_model", "api_key_env") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"a model on a 'base' takes its location from the base: no {', '.join(given)}")
+            return self
         if (self.path is None) == (self.url is None):
-            raise ValueError("a model needs exactly one of 'path' or 'url'")
+            raise ValueError("a model needs exactly one of 'path', 'url' or 'base'")
         if self.url is not None and self.adapter is not None:
             raise ValueError("an 'adapter' applies to a local 'path', not to a 'url'")
         if self.path is not None and self.upstream_model is not None:
@@ -115,6 +146,7 @@ class RolloutPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1] = 1
     candidate: str
+    bases: dict[str, PlanBase] = {}  # bases shared by the models that name them (written only when there are some)
     models: dict[str, PlanModel]
     routes: dict[str, Route]
     default: Route
@@ -123,8 +155,11 @@ class RolloutPlan(BaseModel):
     def _known_models(self):
         if self.candidate not in self.models:
             raise ValueError(f"candidate '{self.candidate}' is not among models ({', '.join(self.models)})")
+        for name, entry in self.models.items():
+            if entry.base is not None and entry.base not in self.bases:
+                raise ValueError(f"models.{name}.base: '{entry.base}' is not among bases "
+                                 f"({', '.join(self.bases) or 'none declared'})")
         for cohort, route in [*self.routes.items(), ("default", self.default)]:
-            for name in [route.model, *route.fallback, *route.strategy_models()]:
                 if name not in self.models:
                     raise ValueError(f"route '{cohort}' names model '{name}', which is not among models "
                                      f"({', '.join(self.models)})")
@@ -175,10 +210,29 @@ class RolloutPlan(BaseModel):
     def route(self, cohort: str | None) -> Route:
         return self.routes.get(cohort or "", self.default)
 
+    def model_ref(self, name: str) -> ModelRef:
+        """The plan's model `name` as a ModelRef; an adapter on a local base is `base path + adapter`, on a url base
+        the server's model named as the adapter (a LoRA module) or, without one, as the base."""
+        entry = self.models[name]
+        if entry.base is None:
+            return entry.to_ref(name)
+        base = self.bases[entry.base]
+        if base.path is not None:
+            return ModelRef(name, Path(base.path), adapter=Path(entry.adapter) if entry.adapter else None)
+        return ModelRef(name, url=base.url, served_model=entry.adapter or base.upstream_model,
+                        endpoint=EndpointOverrides(api_key_env=base.api_key_env) if base.api_key_env else None)
+
+    def adapter_path(self, name: str) -> bool:
+        """Whether model `name`'s adapter is a folder (a local model's) rather than a LoRA module's name."""
+        entry = self.models[name]
+        return entry.adapter is not None and (entry.base is None or self.bases[entry.base].path is not None)
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         data = self.model_dump(exclude_none=True)
-        for entry in data["models"].values():  # portable: paths relative to the plan's folder
+        if not data["bases"]:
+            del data["bases"]  # a plan without shared bases is written as it was before they existed
+        for entry in [*data["models"].values(), *data.get("bases", {}).values()]:  # portable: relative paths
             for key in ("path", "adapter"):
                 if key in entry and Path(entry[key]).is_absolute():
                     entry[key] = os.path.relpath(entry[key], path.parent.absolute())
@@ -193,8 +247,11 @@ def load_plan(path: str | Path) -> RolloutPlan:
     where = f"rollout plan {path}"
     plan = load_yaml_model(path, RolloutPlan, where=where, what=f"plan fields ({', '.join(RolloutPlan.model_fields)})",
                            error_cls=PlanError)
-    for name, entry in plan.models.items():
-        for key in ("path", "adapter"):
+    located = [(f"model '{name}'", entry, ("path", "adapter") if plan.adapter_path(name) else ("path",))
+               for name, entry in plan.models.items()]
+    located += [(f"base '{name}'", entry, ("path",)) for name, entry in plan.bases.items()]
+    for what, entry, keys in located:
+        for key in keys:
             value = getattr(entry, key)
             if value is None:
                 continue
@@ -204,8 +261,8 @@ def load_plan(path: str | Path) -> RolloutPlan:
                     setattr(entry, key, value)
                 found = Path(value).is_dir()
             except (OSError, ValueError, RuntimeError) as exc:  # a NUL, a name too long, a symlink loop
-                raise PlanError(f"{where}: model '{name}' {key} {value!r} is not a usable path ({exc})") from None
+                raise PlanError(f"{where}: {what} {key} {value!r} is not a usable path ({exc})") from None
             if not found:
-                raise PlanError(f"rollout plan {path}: model '{name}' {key} {value} is not a folder "
+                raise PlanError(f"rollout plan {path}: {what} {key} {value} is not a folder "
                                 "(local paths are relative to the plan file; nothing is downloaded)")
     return plan

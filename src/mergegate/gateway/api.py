@@ -254,16 +254,15 @@ def fingerprints(plan) -> dict[str, str]:
     size, mtime and inode, so an unchanged folder is not re-read). /v1/models reports it: the endpoint runner keys
     its cache on that entry, so a folder re-merged in place under the same name is a new model to it, never a
     stale cached one. Url models have none here (their upstream reports its own identity)."""
-    from pathlib import Path
-
     from ..io.hashing import folder_hash
 
     found = {}
-    for name, spec in plan.models.items():
-        if spec.path is None:
+    for name in plan.models:
+        ref = plan.model_ref(name)  # a model on a shared base: the base's folder and its adapter's
+        if ref.path is None:
             continue
         try:
-            found[name] = folder_hash(Path(spec.path), Path(spec.adapter) if spec.adapter else None)
+            found[name] = folder_hash(ref.path, ref.adapter)
         except Exception as exc:  # noqa: BLE001 — a folder that cannot be read: a fingerprint that matches nothing
             found[name] = f"unreadable: {type(exc).__name__}"
     return found

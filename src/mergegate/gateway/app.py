@@ -17,7 +17,7 @@ from ..rollout import RolloutPlan
 from .admin import PlanStore
 from .admin import router as admin_router
 from .api import router as api_router
-from .backends import Backend, build_backend
+from .backends import Backend, build_backends
 from .breaker import STATE_VALUES, CircuitBreaker
 from .classifier import CohortClassifier, Embed
 from .config import GatewayConfig
@@ -52,7 +52,7 @@ class Gateway:
         self.store = PlanStore(plan, registry=registry, path=plan_path, persist=self.config.persist_plan)
         self.metrics = Metrics(self.config.quantile_window)
         self.telemetry = Telemetry(self.metrics, traces_path=traces_path, otlp_endpoint=otlp_endpoint)
-        self.backends = backends or {name: build_backend(name, spec, self.config) for name, spec in plan.models.items()}
+        self.backends = backends or build_backends(plan, self.config)
         missing = set(plan.models) - set(self.backends)
         if missing:
             raise ValueError(f"no backend for plan model(s): {', '.join(sorted(missing))}")

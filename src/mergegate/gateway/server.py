@@ -37,7 +37,7 @@ def serve(  # noqa: PLR0913  (the Python twin of `mergegate serve`: a keyword pe
     try:
         if on_bound is not None:
             on_bound(base_url(listener))
-        if torch_threads and any(spec.path is not None for spec in plan.models.values()):
+        if torch_threads and any(plan.model_ref(name).path is not None for name in plan.models):
             import torch  # only for local models: a remote-only gateway never loads torch
 
             torch.set_num_threads(torch_threads)

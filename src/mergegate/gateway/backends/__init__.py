@@ -3,24 +3,48 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ...errors import PlanError
-from ...rollout import PlanModel
+from ...model_ref import ModelRef
+from ...rollout import PlanModel, RolloutPlan
 from ..config import GatewayConfig
 from .base import Backend, Slot
 from .local import LocalBackend
 from .remote import RemoteBackend
+from .shared import AdapterBackend, SharedBase
 
 
-def build_backend(name: str, spec: PlanModel, config: GatewayConfig) -> Backend:
-    """The backend for one plan model: a url → RemoteBackend, a path (+ adapter) → LocalBackend."""
-    ref = spec.to_ref(name)
+def build_backends(plan: RolloutPlan, config: GatewayConfig) -> dict[str, Backend]:
+    """A backend per plan model. The models on one local base (`bases:`) are views of one SharedBase holding
+    the base once with all their adapters; a model on a url base calls that server by the adapter's name."""
+    shared: dict[str, SharedBase] = {}
+    for base_name, base in plan.bases.items():
+        if base.path is not None:
+            adapters = {name: Path(str(spec.adapter)) for name, spec in plan.models.items()
+                        if spec.base == base_name and spec.adapter is not None}
+            shared[base_name] = SharedBase(base_name, base.path, adapters, queue_limit=config.local_queue_limit,
+                                           device=config.device)
+    backends: dict[str, Backend] = {}
+    for name, spec in plan.models.items():
+        if spec.base in shared:
+            backends[name] = AdapterBackend(name, shared[spec.base], name if spec.adapter is not None else None)
+        else:
+            backends[name] = build_backend(name, spec, config, ref=plan.model_ref(name))
+    return backends
+
+
+def build_backend(name: str, spec: PlanModel, config: GatewayConfig, *, ref: ModelRef | None = None) -> Backend:
+    """The backend for one plan model: a url → RemoteBackend, a path (+ adapter) → LocalBackend. `ref`: where the
+    model is when the plan says it (a model on a url base); default: the entry's own location."""
+    ref = ref if ref is not None else spec.to_ref(name)
     if ref.url is not None:
         api_key = None
-        if spec.api_key_env is not None:
-            api_key = os.environ.get(spec.api_key_env)
+        key_env = ref.endpoint.api_key_env if ref.endpoint is not None else None
+        if key_env is not None:
+            api_key = os.environ.get(key_env)
             if not api_key:
-                raise PlanError(f"model '{name}': its API key variable {spec.api_key_env} is not set")
+                raise PlanError(f"model '{name}': its API key variable {key_env} is not set")
         return RemoteBackend(name, ref.url, upstream_model=ref.served_model, timeout=config.backend_timeout,
                              api_key=api_key, queue_limit=config.local_queue_limit)
     assert ref.path is not None  # a ModelRef holds exactly one of url and path
@@ -28,4 +52,5 @@ def build_backend(name: str, spec: PlanModel, config: GatewayConfig) -> Backend:
                         device=config.device)
 
 
-__all__ = ["Backend", "LocalBackend", "RemoteBackend", "Slot", "build_backend"]
+__all__ = ["AdapterBackend", "Backend", "LocalBackend", "RemoteBackend", "SharedBase", "Slot", "build_backend",
+           "build_backends"]
