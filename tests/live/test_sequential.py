@@ -359,3 +359,16 @@ def test_the_simulations_bootstrap_is_the_gates(simulation):
     seed = int.from_bytes(hashlib.sha256(b"c").digest()[:4], "little")  # as the gate seeds cohort "c"
     low, high = simulation.bootstrap_bounds(candidate - served, "continuous", np.random.default_rng(seed))
     assert (low, high) == pytest.approx(_bootstrap(candidate, served, policy, "c")[:2], abs=1e-12)
+
+
+def test_a_long_winning_stream_is_decided_without_overflow():
+    # thousands of rows far above the margin: the promotion bet's log-wealth passes what exp() can take (≈ 709); the
+    # decision still reads (its e-value infinite), as a drift stream with no budget reads for as long as it runs
+    params = SequentialParams(max_drop=0.1)
+    evidence = start(params)
+    for _ in range(1500):
+        evidence = update(evidence, 1.0, 0.0)
+    assert evidence.log_promote_e() > 710
+    decision = decide(evidence, params)
+    assert decision.outcome == "promote" and decision.promote_e == math.inf
+    assert family_decisions({"a": evidence}, {"a": params})["a"].outcome == "promote"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -375,8 +376,13 @@ def _decision(evidence: CohortEvidence, params: SequentialParams, now: float | N
     else:
         outcome = "inconclusive"
         reason = f"interval [{low:+.2f}, {high:+.2f}] after {evidence.rows} row(s): keep gathering"
-    return Decision(outcome, evidence.rows, evidence.diff_mean, low, high, math.exp(evidence.log_promote_e()),
-                    math.exp(evidence.log_rollback_e()), _shown(promote_threshold), _shown(rollback_threshold), reason)
+    return Decision(outcome, evidence.rows, evidence.diff_mean, low, high, _e_value(evidence.log_promote_e()),
+                    _e_value(evidence.log_rollback_e()), _shown(promote_threshold), _shown(rollback_threshold), reason)
+
+
+def _e_value(log_e: float) -> float:
+    """exp(log_e), infinite past the largest float (a bet that kept winning for a thousand rows and more)."""
+    return math.exp(log_e) if log_e < math.log(sys.float_info.max) else math.inf
 
 
 def _shown(threshold: float) -> float:
