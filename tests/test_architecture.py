@@ -17,7 +17,7 @@ FLOORS: dict[str, int] = {
     "demo": 2,
     "search": 3,
     "pipeline": 4,
-    "report": 5,
+    "compare": 5, "report": 5,
     "gate": 6, "gateway": 6, "moe": 6,
     "costs": 7, "engine": 7, "evaluate": 7, "rollout": 7,
     "calibration": 8, "compat": 8, "export": 8, "lora": 8, "model_ref": 8, "recipe": 8, "registry": 8, "vocab": 8,

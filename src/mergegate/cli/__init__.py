@@ -1,5 +1,6 @@
 """The command line: a thin typer shell over the Python API. Nothing in the core imports it."""
 
+from .compare import register as _register_compare
 from .export import register as _register_export
 from .lora import register as _register_lora
 from .main import app, main
@@ -7,6 +8,7 @@ from .moe import register as _register_moe
 from .search import register as _register_search
 from .serve import register as _register_serve
 
+_register_compare(app)
 _register_export(app)
 _register_lora(app)
 _register_moe(app)
