@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._yaml import load_yaml_model, validate
+from .addresses import check_url
 from .costs import cohort_costs
 from .errors import MergegateError, PolicyError
 from .registry import RowResult
@@ -54,6 +55,45 @@ class CohortRule(BaseModel):
     max_tokens_ratio: float | None = Field(default=None, gt=0)  # its mean completion tokens / the best source's
 
 
+class JudgeSettings(BaseModel):
+    """A pairwise judge for live shadow traffic: an OpenAI-compatible endpoint asked which of two answers is better,
+    in both orders. The API key is read from the environment variable `api_key_env` names (never from the policy)."""
+
+    model_config = _STRICT
+    base_url: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator("base_url")
+    @classmethod
+    def _a_url(cls, value: str) -> str:
+        return check_url(value)  # AddressError is a ValueError: the field is named with it
+
+
+class LivePolicy(BaseModel):
+    """How the gateway decides each held cohort from live traffic (docs/live.md). The test's margins are the
+    cohort rule's `max_drop` and the policy's `confidence`; these fields bound the experiment and its guardrails."""
+
+    model_config = _STRICT
+    canary_share: float = Field(default=0.1, gt=0, le=1)  # share of a cohort the candidate serves in its canary
+    max_rows: int | None = Field(default=2000, ge=1, le=10_000_000)  # rows a stage may gather; then it ends
+    max_seconds: float | None = Field(default=None, gt=0)  # seconds a stage may run; then it ends
+    harm_margin: float | None = Field(default=None, ge=0, lt=1)  # roll back beyond this drop (None: max_drop)
+    # guardrails, over the candidate's requests on a cohort in its canary or full phase: broken → roll back at once
+    guardrail_min_requests: int = Field(default=20, ge=1, le=1_000_000)  # fewer requests: not judged yet
+    max_error_rate: float | None = Field(default=0.2, ge=0, le=1)  # failed calls of the candidate / its calls
+    max_fallback_rate: float | None = Field(default=0.5, ge=0, le=1)  # its requests another model answered
+    max_p99_ms: float | None = Field(default=None, gt=0)  # p99 of its answers' latency
+    # reference-free scores of live answers
+    must_refuse: list[str] = []  # cohorts whose every request must be refused (scored by the refusal check)
+    max_answer_chars: int | None = Field(default=None, ge=1)  # a longer answer scores 0
+    max_latency_ms: float | None = Field(default=None, gt=0)  # a slower answer scores 0
+    judge: JudgeSettings | None = None  # a pairwise judge for shadow pairs (None: none)
+    # drift: a served model's live scores established below its offline score by more than max_drop
+    drift_rollback: bool = False  # also roll the cohort back to its source when the drifting model is the candidate
+
+
 # Rule fields added after policies were hashed: left out of the hash while unset (see Policy.sha256).
 _HASHED_WHEN_SET = ("max_p99_ms", "max_tokens_ratio")
 
@@ -73,6 +113,7 @@ class Policy(BaseModel):
     default: CohortRule = CohortRule()
     cohorts: dict[str, CohortRule] = {}
     default_route: str | None = Field(default=None, min_length=1)  # a cohort of the suite; None: the base model
+    live: LivePolicy = LivePolicy()  # deciding from live traffic (the gateway; docs/live.md)
 
     def rule(self, cohort: str) -> CohortRule:
         if cohort not in self.cohorts:
@@ -90,6 +131,10 @@ class Policy(BaseModel):
         if self.default_route is not None and self.default_route not in known:
             raise PolicyError(f"policy: default_route {self.default_route!r} is not a cohort of the suite "
                               f"(the suite's cohorts: {', '.join(known)})")
+        unknown = [name for name in self.live.must_refuse if name not in known]
+        if unknown:
+            raise PolicyError(f"policy: live.must_refuse names cohort(s) {', '.join(repr(c) for c in unknown)} not in "
+                              f"the suite (the suite's cohorts: {', '.join(known)})")
 
     def for_cohorts(self, cohorts: Iterable[str]) -> Policy:
         """The rules for `cohorts` alone: the other cohorts' overrides left out, and the default route kept only
@@ -104,7 +149,10 @@ class Policy(BaseModel):
     def sha256(self) -> str:
         # default_route and the cost bounds left out while unset, so a policy that does not use them keeps the
         # hash recorded beside its earlier decisions
-        fields = self.model_dump(exclude={"default_route"} if self.default_route is None else None)
+        unset = {"default_route"} if self.default_route is None else set()
+        if self.live == LivePolicy():  # added after policies were hashed: left out while it is the default
+            unset.add("live")
+        fields = self.model_dump(exclude=unset or None)
         for rule in [fields["default"], *fields["cohorts"].values()]:
             for name in _HASHED_WHEN_SET:
                 if rule[name] is None:

@@ -12,7 +12,8 @@ report can say when each model's latencies were measured and which were measured
 
 Schema versions (`PRAGMA user_version`): 1 had no config hash; opening such a file adds the `config_hash` and
 `config` columns, and its old runs (config hash NULL) are kept but never served or resumed. 2 had no measurement
-times; opening such a file adds the `session` and `measured` columns, NULL (unknown) for the rows it holds.
+times; opening such a file adds the `session` and `measured` columns, NULL (unknown) for the rows it holds. 3 had
+no live tables (`live_*`: the gateway's decisions from live traffic); opening such a file adds them, empty.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Iterable, Iterator
 from .errors import RegistryError
 from .io.hashing import folder_hash
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -56,6 +57,29 @@ CREATE TABLE IF NOT EXISTS mirror_results (
     id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, cohort TEXT NOT NULL,
     primary_model TEXT NOT NULL, primary_output TEXT NOT NULL, primary_checks TEXT NOT NULL,
     mirror_model TEXT NOT NULL, mirror_output TEXT, mirror_checks TEXT, mirror_error TEXT, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS live_steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT NOT NULL, version INTEGER NOT NULL, cohort TEXT NOT NULL,
+    phase_before TEXT NOT NULL, phase_after TEXT NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,
+    reason TEXT NOT NULL, evidence TEXT NOT NULL, plan_before TEXT NOT NULL, plan_after TEXT NOT NULL,
+    plan TEXT NOT NULL, created REAL NOT NULL, UNIQUE (experiment, version));
+CREATE TABLE IF NOT EXISTS live_state (
+    experiment TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (experiment, key));
+CREATE TABLE IF NOT EXISTS live_rows (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT NOT NULL, key TEXT NOT NULL, request_id TEXT,
+    candidate_score REAL NOT NULL, served_score REAL NOT NULL, sources TEXT NOT NULL, rows INTEGER NOT NULL,
+    diff_low REAL NOT NULL, diff_high REAL NOT NULL, promote_e REAL NOT NULL, rollback_e REAL NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS live_requests (
+    request_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, cohort TEXT NOT NULL, phase TEXT NOT NULL,
+    arm TEXT, model TEXT, plan_version INTEGER NOT NULL, status INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS live_feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS live_drift (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT NOT NULL, model TEXT NOT NULL, cohort TEXT NOT NULL,
+    offline_score REAL NOT NULL, rows INTEGER NOT NULL, live_mean REAL NOT NULL, diff_low REAL NOT NULL,
+    diff_high REAL NOT NULL, created REAL NOT NULL);
 """
 # Created after the migration below: a version-1 file has eval_runs without config_hash until then.
 INDEXES = """
@@ -335,3 +359,92 @@ class Registry:
 
     def mirror_results(self) -> list[dict]:
         return [dict(r) for r in self._read("SELECT * FROM mirror_results ORDER BY id")]
+
+    # -- live traffic (the gateway's live controller: gateway/live.py) --------------------------------------
+    def record_live_step(self, experiment: str, version: int, cohort: str, step: dict[str, Any]) -> None:
+        """One step of a live experiment: a new plan version, with the evidence it rests on and the plan digests
+        before and after (the plan itself kept, so a restart resumes it). `step` holds phase_before, phase_after,
+        action, actor, reason, evidence (a dict), plan_before, plan_after (digests) and plan (a dict)."""
+        self._write("INSERT INTO live_steps (experiment, version, cohort, phase_before, phase_after, action, actor, "
+                    "reason, evidence, plan_before, plan_after, plan, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (experiment, version, cohort, step["phase_before"], step["phase_after"], step["action"],
+                     step["actor"], step["reason"], json.dumps(step["evidence"], allow_nan=False),
+                     step["plan_before"], step["plan_after"], json.dumps(step["plan"]), time.time()))
+
+    def live_steps(self, experiment: str | None = None) -> list[dict]:
+        where, params = ("WHERE experiment=?", (experiment,)) if experiment else ("", ())
+        return [dict(r) for r in self._read(f"SELECT * FROM live_steps {where} ORDER BY id", params)]
+
+    def live_experiments(self) -> list[str]:
+        """Experiments with a recorded step, the latest started last."""
+        return [r["experiment"] for r in self._read(
+            "SELECT experiment, MIN(id) AS first FROM live_steps GROUP BY experiment ORDER BY first", ())]
+
+    def save_live_state(self, experiment: str, states: dict[str, str]) -> None:
+        """Replace the states of `experiment`'s keys in `states` (key → JSON text), in one transaction."""
+        now = time.time()
+        with self._lock, self._db:
+            self._db.executemany("INSERT INTO live_state (experiment, key, state, updated) VALUES (?,?,?,?) "
+                                 "ON CONFLICT(experiment, key) DO UPDATE SET state=excluded.state, "
+                                 "updated=excluded.updated", [(experiment, k, v, now) for k, v in states.items()])
+
+    def live_state(self, experiment: str) -> dict[str, str]:
+        return {r["key"]: r["state"] for r in self._read("SELECT key, state FROM live_state WHERE experiment=?",
+                                                         (experiment,))}
+
+    def record_live_row(self, experiment: str, key: str, request_id: str | None, candidate_score: float,
+                        served_score: float, sources: dict, decision) -> None:
+        """One scored row of a live test (`key`: the cohort's stage, or a drift stream) and the decision after it."""
+        self._write("INSERT INTO live_rows (experiment, key, request_id, candidate_score, served_score, sources, rows, "
+                    "diff_low, diff_high, promote_e, rollback_e, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (experiment, key, request_id, candidate_score, served_score, json.dumps(sources), decision.rows,
+                     decision.diff_low, decision.diff_high, min(decision.promote_e, 1e300),
+                     min(decision.rollback_e, 1e300), time.time()))
+
+    def live_rows(self, experiment: str, key: str | None = None) -> list[dict]:
+        where, params = ("AND key=?", (experiment, key)) if key else ("", (experiment,))
+        return [dict(r) for r in self._read(f"SELECT * FROM live_rows WHERE experiment=? {where} ORDER BY id", params)]
+
+    def record_live_request(self, request_id: str, experiment: str, cohort: str, phase: str, arm: str | None,
+                            model: str | None, plan_version: int, status: int) -> None:
+        self._write("INSERT OR REPLACE INTO live_requests (request_id, experiment, cohort, phase, arm, model, "
+                    "plan_version, status, created) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (request_id, experiment, cohort, phase, arm, model, plan_version, status, time.time()))
+
+    def live_request(self, request_id: str) -> dict | None:
+        rows = self._read("SELECT * FROM live_requests WHERE request_id=?", (request_id,))
+        return dict(rows[0]) if rows else None
+
+    def live_requests(self, experiment: str) -> list[dict]:
+        return [dict(r) for r in self._read("SELECT * FROM live_requests WHERE experiment=? ORDER BY created, rowid",
+                                            (experiment,))]
+
+    def record_feedback(self, request_id: str, metric: str, value: float) -> None:
+        self._write("INSERT INTO live_feedback (request_id, metric, value, created) VALUES (?,?,?,?)",
+                    (request_id, metric, value, time.time()))
+
+    def feedback(self, request_id: str | None = None) -> list[dict]:
+        where, params = ("WHERE request_id=?", (request_id,)) if request_id else ("", ())
+        return [dict(r) for r in self._read(f"SELECT * FROM live_feedback {where} ORDER BY id", params)]
+
+    def record_drift(self, experiment: str, model: str, cohort: str, offline_score: float, decision) -> None:
+        """A served model's live scores on a cohort established below its offline score by more than max_drop."""
+        self._write("INSERT INTO live_drift (experiment, model, cohort, offline_score, rows, live_mean, diff_low, "
+                    "diff_high, created) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (experiment, model, cohort, offline_score, decision.rows, offline_score + decision.diff_mean,
+                     decision.diff_low, decision.diff_high, time.time()))
+
+    def drift_events(self, experiment: str | None = None) -> list[dict]:
+        where, params = ("WHERE experiment=?", (experiment,)) if experiment else ("", ())
+        return [dict(r) for r in self._read(f"SELECT * FROM live_drift {where} ORDER BY id", params)]
+
+    def offline_score(self, cohort: str, model: str, candidate: str) -> float | None:
+        """The score the gate measured for `model` on `cohort` (the latest decision recorded for the cohort):
+        the candidate's mean when `model` is `candidate`, else the source's or base's mean; None if unknown."""
+        for r in self._read("SELECT numbers FROM decisions WHERE cohort=? ORDER BY id DESC", (cohort,)):
+            numbers = json.loads(r["numbers"])
+            if model == candidate:
+                return float(numbers["candidate_mean"])
+            if model in (numbers.get("source_means") or {}):
+                return float(numbers["source_means"][model])
+        return None

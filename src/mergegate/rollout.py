@@ -134,6 +134,10 @@ class Route(BaseModel):
     check: OnlineCheck | None = None  # online check whose failure triggers fallback
     tools: list[str] | None = None  # for the tool_selection check
     strategy: Strategy | None = None  # answer with several models (None: the model, then the fallback chain)
+    # a live canary (the gateway's live tests, docs/live.md): the share of this cohort's requests the plan's candidate
+    # answers, drawn at random per request (its model then falls back for it); the rest go to `model`
+    canary: float | None = Field(None, ge=0, le=1)  # None: no canary (written only when set)
+    mirror_to: str | None = None  # the model mirrored requests go to (None: the plan's candidate)
 
     def strategy_models(self) -> list[str]:
         """The models a strategy asks, in order (its own list, else the route's model and fallback chain)."""
@@ -160,6 +164,7 @@ class RolloutPlan(BaseModel):
                 raise ValueError(f"models.{name}.base: '{entry.base}' is not among bases "
                                  f"({', '.join(self.bases) or 'none declared'})")
         for cohort, route in [*self.routes.items(), ("default", self.default)]:
+            for name in [route.model, *route.fallback, *route.strategy_models(), *filter(None, [route.mirror_to])]:
                 if name not in self.models:
                     raise ValueError(f"route '{cohort}' names model '{name}', which is not among models "
                                      f"({', '.join(self.models)})")

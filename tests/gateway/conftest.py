@@ -51,7 +51,9 @@ def _launch(plan: dict, folder: Path, **options) -> Running:
     plan_obj = RolloutPlan.model_validate(plan)
     plan_path = folder / "rollout.yaml"
     plan_obj.save(plan_path)
-    registry = Registry(folder / "registry.sqlite")
+    # a registry of an earlier gateway (a restart), and what to record in it before this one starts
+    registry = Registry(options.pop("registry_path", folder / "registry.sqlite"))
+    options.pop("before_start", lambda registry: None)(registry)
     traces = folder / "traces.jsonl"
     config = options.pop("config", GatewayConfig())
     app = create_app(plan_obj, registry=registry, traces_path=traces, config=config, plan_path=plan_path, **options)

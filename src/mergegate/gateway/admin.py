@@ -72,6 +72,14 @@ class PlanStore:
         return {"cohort": cohort, "old_model": old.model, "new_model": change.model, "reason": change.reason.strip(),
                 "actor": change.actor, "persisted": self.persist}
 
+    async def replace(self, plan: RolloutPlan) -> None:
+        """Serve `plan` from now on (the live loop's steps; requests in flight keep the plan they started with),
+        written back to the plan file with `persist_plan`."""
+        async with self._lock:
+            self.plan = plan
+            if self.persist:
+                await asyncio.to_thread(self._save, plan)
+
     def _save(self, plan: RolloutPlan) -> None:
         assert self.path is not None, "persisting needs the plan's path"
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -116,4 +124,9 @@ async def set_route(cohort: str, request: Request) -> dict:
                            code="missing_required_parameter") from None
         raise APIError(400, f"Invalid value for '{param}': {error_message(first)}.", param=param,
                        code="invalid_value") from None
-    return await request.app.state.gateway.store.set_route(cohort, change)
+    gateway = request.app.state.gateway
+    before = gateway.store.plan
+    changed = await gateway.store.set_route(cohort, change)
+    if gateway.live is not None:  # a cohort under a live test: the test ends there, recorded as a plan step
+        await gateway.live.manual_route(cohort, before, change.actor, change.reason.strip())
+    return changed

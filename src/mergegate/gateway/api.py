@@ -102,6 +102,7 @@ async def _handle(request: Request, operation: Operation):
     span = gateway.telemetry.request_span("POST", endpoint, request_id)
     outcome: dict[str, Any] = {"cohort": "-", "model": "-", "status": 500}
     target: Target | None = None
+    plan_version = 0
 
     def finish() -> None:
         gateway.metrics.requests.inc(endpoint, outcome["cohort"], outcome["model"], outcome["status"])
@@ -111,6 +112,8 @@ async def _handle(request: Request, operation: Operation):
         if outcome["status"] >= 500:
             span.set_status(Status(StatusCode.ERROR))
         span.end()
+        if gateway.live is not None and target is not None:  # the live loop scores it, off the request path
+            gateway.live.observe(target, request_id, plan_version, outcome, time.perf_counter() - started)
 
     streaming = False
     try:
@@ -118,6 +121,7 @@ async def _handle(request: Request, operation: Operation):
         raw = await read_body(request, gateway.config.max_body_bytes)
         body = parse_body(raw, operation)
         gen = dataclasses.replace(to_gen_request(body, gateway.config), hops=hops)
+        plan_version = gateway.live.version if gateway.live is not None else 0  # the version `resolve` routes by
         target = await gateway.router.resolve(gateway.plan, body.model, gen, header=request.headers.get("x-cohort"),
                                               metadata=body.metadata)
         outcome["cohort"] = target.cohort
@@ -132,7 +136,8 @@ async def _handle(request: Request, operation: Operation):
                 **_route_headers(target, start.model, start.attempt, start.skipped, request_id),
                 "cache-control": "no-cache"})
         answer = await _unless_disconnected(request, gateway.dispatcher.complete(target, gen, parent=span))
-        outcome.update(model=answer.model, status=200)
+        outcome.update(model=answer.model, status=200, text=answer.completion.text,
+                       skipped=[(s.model, s.reason) for s in answer.skipped])
         gateway.mirror.submit(candidate=gateway.plan.candidate, target=target, request_id=request_id, request=gen,
                               primary_model=answer.model, primary_text=answer.completion.text,
                               primary_checks=answer.checks)
@@ -177,7 +182,7 @@ async def _sse(gateway, target: Target, gen: GenRequest, request_id: str, start:
                                         type="server_error", code="stream_interrupted"))
             yield writer.done()
             return
-        outcome["status"] = 200
+        outcome.update(status=200, text=final.text, skipped=[(s.model, s.reason) for s in start.skipped])
         yield writer.finish(final.finish_reason)
         if include_usage:
             yield writer.usage(final)

@@ -25,6 +25,8 @@ from .dispatch import Dispatcher
 from .ensembles import run_strategy
 from .errors import APIError
 from .hops import new_hop_id
+from .live import LiveController
+from .live import router as live_router
 from .metrics import Metrics
 from .mirror import Mirror
 from .routing import Router
@@ -32,6 +34,7 @@ from .telemetry import Telemetry
 
 if TYPE_CHECKING:  # annotations only: importing the evaluation stack would load torch
     from ..evaluate.suite import Suite
+    from ..gate import Policy
     from ..registry import Registry
 
 log = logging.getLogger("mergegate.gateway")
@@ -41,10 +44,11 @@ class Gateway:
     """Everything one running gateway holds: the live plan, backends and their breakers, router, dispatcher,
     mirror, metrics and telemetry."""
 
-    def __init__(self, plan: RolloutPlan, *, registry, config: GatewayConfig | None = None, suite=None,
+    def __init__(  # noqa: PLR0913  (the gateway's parts, each optional and keyword-only, as create_app's)
+            self, plan: RolloutPlan, *, registry, config: GatewayConfig | None = None, suite=None,
                  admin_token: str | None = None, traces_path: str | Path | None = None,
                  otlp_endpoint: str | None = None, plan_path: str | Path | None = None,
-                 backends: dict[str, Backend] | None = None, embed: Embed | None = None):
+                 backends: dict[str, Backend] | None = None, embed: Embed | None = None, policy: Policy | None = None):
         self.config = config or GatewayConfig()
         self.registry, self.admin_token = registry, admin_token
         self.started_at = int(time.time())
@@ -58,11 +62,19 @@ class Gateway:
             raise ValueError(f"no backend for plan model(s): {', '.join(sorted(missing))}")
         self.breakers = {name: CircuitBreaker(self.config.breaker_failures, self.config.breaker_cooldown)
                          for name in self.backends}
+        if isinstance(suite, (str, Path)):
+            from ..evaluate.suite import load_suite
+
+            suite = load_suite(suite)
         self.router = Router(self._classifier(suite, plan, embed))
         self.dispatcher = Dispatcher(self.backends, self.breakers, self.telemetry, self.metrics, self.config,
                                      run_strategy=run_strategy)
         self.mirror = Mirror(registry=registry, backends=self.backends, telemetry=self.telemetry, metrics=self.metrics,
                              limit=self.config.mirror_concurrency, timeout=self.config.mirror_timeout)
+        # the live loop (live.py): decides held cohorts from live traffic, with the policy the plan was gated with
+        self.live = LiveController(self.store, registry, policy, self.metrics, suite=suite) if policy else None
+        if self.live is not None:
+            self.mirror.on_pair = self.live.on_pair
         self.metrics.gauge("mergegate_breaker_state", "Circuit breaker state per backend: 0 closed, 1 half-open "
                            "(a probe may go through), 2 open.", ("backend",),
                            lambda: {(n, ): STATE_VALUES[b.snapshot()["state"]] for n, b in self.breakers.items()})
@@ -74,10 +86,6 @@ class Gateway:
     def _classifier(self, suite, plan: RolloutPlan, embed: Embed | None) -> CohortClassifier | None:
         if suite is None:
             return None
-        if isinstance(suite, (str, Path)):
-            from ..evaluate.suite import load_suite
-
-            suite = load_suite(suite)
         return CohortClassifier.from_suite(suite, self.config.classifier_threshold, embed, cohorts=list(plan.routes))
 
     @property
@@ -87,9 +95,13 @@ class Gateway:
     async def start(self) -> None:
         for backend in self.backends.values():  # one at a time: bounded memory, and no concurrent lazy imports
             await backend.start()
+        if self.live is not None:
+            await self.live.start()
 
     async def stop(self) -> None:
         await self.mirror.drain(timeout=5.0)
+        if self.live is not None:
+            await self.live.stop()
         await asyncio.gather(*(backend.close() for backend in self.backends.values()), return_exceptions=True)
         self.telemetry.shutdown()
 
@@ -104,17 +116,20 @@ class Gateway:
         return (503 if status == "unavailable" else 200), {"status": status, "backends": backends}
 
 
-def create_app(plan: RolloutPlan, *, registry: Registry, suite: Suite | str | Path | None = None, admin_token: str | None = None,
+def create_app(  # noqa: PLR0913  (the gateway's parts, each optional and keyword-only)
+        plan: RolloutPlan, *, registry: Registry, suite: Suite | str | Path | None = None, admin_token: str | None = None,
                traces_path: str | Path | None = None, otlp_endpoint: str | None = None,
                config: GatewayConfig | None = None, plan_path: str | Path | None = None,
-               backends: dict[str, Backend] | None = None, embed: Embed | None = None) -> FastAPI:
+               backends: dict[str, Backend] | None = None, embed: Embed | None = None,
+               policy: Policy | None = None) -> FastAPI:
     """The gateway as an ASGI app. Models load when the app starts (its lifespan), not here.
 
     `suite` (a Suite or a JSONL path) turns on the cohort classifier; `embed` replaces MiniLM for it.
-    `backends` replaces the backends built from the plan (name → Backend)."""
+    `backends` replaces the backends built from the plan (name → Backend). `policy` (the gate's) turns on the live
+    loop (live.py): held cohorts decided from live traffic."""
     gateway = Gateway(plan, registry=registry, config=config, suite=suite, admin_token=admin_token,
                       traces_path=traces_path, otlp_endpoint=otlp_endpoint, plan_path=plan_path, backends=backends,
-                      embed=embed)
+                      embed=embed, policy=policy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -128,6 +143,7 @@ def create_app(plan: RolloutPlan, *, registry: Registry, suite: Suite | str | Pa
     app.state.gateway = gateway
     app.include_router(api_router)
     app.include_router(admin_router)
+    app.include_router(live_router)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Callable
 
 from .checks import run_checks
 from .errors import BackendError
@@ -32,11 +33,16 @@ class Mirror:
         self.registry, self.backends, self.telemetry, self.metrics = registry, backends, telemetry, metrics
         self.limit, self.timeout = limit, timeout
         self.in_flight = 0
+        # called with each recorded pair (the gateway's live controller, when there is one)
+        self.on_pair: Callable[..., None] | None = None
         self._tasks: set[asyncio.Task] = set()
 
     def submit(self, *, candidate: str, target: Target, request_id: str, request: GenRequest, primary_model: str,
                primary_text: str, primary_checks: dict) -> str | None:
-        """Start a mirrored call if this request is sampled; returns "sent", "dropped" or None (not mirrored)."""
+        """Start a mirrored call if this request is sampled; returns "sent", "dropped" or None (not mirrored).
+        The call goes to the route's `mirror_to` when it names a model (a live test's reverse shadow), else to
+        `candidate`."""
+        candidate = target.route.mirror_to or candidate
         if target.pinned or primary_model == candidate or candidate not in self.backends:
             return None
         if not sampled(request_id, target.route.mirror):
@@ -71,6 +77,8 @@ class Mirror:
             await asyncio.to_thread(self.registry.record_mirror, request_id, target.cohort, primary_model,
                                     primary_text, primary_checks, candidate, output, checks, error)
             self.metrics.mirrors.inc(target.cohort, "error" if error else "recorded")
+            if self.on_pair is not None and output is not None:  # both answers in: the live tests score the pair
+                self.on_pair(target, request_id, request, primary_model, primary_text, candidate, output)
         finally:
             self.in_flight -= 1
 

@@ -13,6 +13,7 @@ ignored and the next signal decides.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from ..rollout import RolloutPlan, Route
@@ -33,6 +34,7 @@ class Target:
     chain: tuple[str, ...]  # models to try, in order
     pinned: bool = False
     score: float | None = None  # the classifier's cosine, when it decided
+    arm: str | None = None  # on a route with a live canary: "candidate" or "served", drawn for this request
 
     def is_fallback(self, attempt: int) -> bool:
         """Whether the chain's `attempt`-th model answers as a fallback: on a route with a strategy, only a model of
@@ -80,6 +82,12 @@ class Router:
     def _target(plan: RolloutPlan, cohort: str, source: str, score: float | None = None) -> Target:
         route = plan.route(cohort)
         chain = tuple(dict.fromkeys([*route.strategy_models(), route.model, *route.fallback]))
+        if route.canary and route.strategy is None and plan.candidate != route.model:
+            # a canary: the candidate answers a random share, falling back along the route's chain
+            if random.random() < route.canary:
+                return Target(cohort, source, route, tuple(dict.fromkeys([plan.candidate, *chain])), score=score,
+                              arm="candidate")
+            return Target(cohort, source, route, chain, score=score, arm="served")
         return Target(cohort, source, route, chain, score=score)
 
 
