@@ -47,7 +47,8 @@ def test_importing_mergegate_and_merge_pulls_no_extra(tmp_path):
 
 
 # a missing uvicorn is found only after the gateway (and torch) imported: the slow case
-@pytest.mark.parametrize("module", ["fastapi", pytest.param("uvicorn", marks=pytest.mark.slow), "opentelemetry"])
+@pytest.mark.parametrize("module", ["fastapi", pytest.param("uvicorn", marks=pytest.mark.slow), "opentelemetry",
+                                    "prometheus_client"])
 def test_serve_without_the_serve_extra_exits_2_with_one_line(tmp_path, module):
     code = (f"import sys; sys.modules[{module!r}] = None; sys.argv = ['mergegate', 'serve', 'rollout.yaml']; "
             "from mergegate.cli import main; main()")

@@ -5,7 +5,7 @@ from __future__ import annotations
 # The top-level modules each extra installs (starlette comes with fastapi). Core code imports them only
 # inside the functions that need them, so `import mergegate` never pulls them.
 EXTRA_MODULES = {
-    "serve": ("fastapi", "starlette", "uvicorn", "httpx", "opentelemetry"),
+    "serve": ("fastapi", "starlette", "uvicorn", "httpx", "opentelemetry", "prometheus_client"),
     "report": ("matplotlib",),
     "ray": ("ray",),
     "search": ("optuna",),

@@ -28,3 +28,21 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def samples(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """The samples named `name` in a /metrics text whose labels include `labels`: [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name and labels.items() <= s.labels.items()]
+
+
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples `samples` finds (0 when there are none)."""
+    return sum(value for _, value in samples(text, name, **labels))
+
+
+def buckets(text: str, name: str, **labels: str) -> dict[float, float]:
+    """A histogram series' cumulative bucket counts: upper bound (le) → observations at or below it."""
+    return {float(found["le"]): value for found, value in samples(text, f"{name}_bucket", **labels)}

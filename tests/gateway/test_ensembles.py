@@ -15,7 +15,7 @@ import yaml
 from mergegate.gateway import GatewayConfig
 from mergegate.rollout import RolloutPlan, load_plan
 
-from .helpers import MESSAGES, route_of, wait_for
+from .helpers import MESSAGES, route_of, sample_sum, samples, wait_for
 
 pytestmark = [pytest.mark.one_torch_thread, pytest.mark.slow]
 
@@ -68,9 +68,8 @@ def client_spans(gw, response) -> list[dict]:
     return [s for s in gw.spans() if s["kind"] == "CLIENT" and s["parent_span_id"] == parent]
 
 
-def counter(gw, line_start: str) -> float:
-    lines = [line for line in gw.metrics().splitlines() if line.startswith(line_start)]
-    return sum(float(line.split()[-1]) for line in lines)
+def counter(gw, name: str, **labels: str) -> float:
+    return sample_sum(gw.metrics(), name, **labels)
 
 
 # -- schema ---------------------------------------------------------------------------------------------------------
@@ -113,8 +112,8 @@ def test_race_the_fast_model_wins_and_the_slow_ones_are_cancelled(gw, stub):
     assert attributes["mergegate.strategy.cancelled"] == 2
     assert dict(zip(attributes["mergegate.strategy.models"], attributes["mergegate.strategy.outcomes"])) == \
         {"a": "cancelled", "b": "won", "c": "cancelled"}
-    assert counter(gw, 'mergegate_strategy_calls_total{cohort="raced",strategy="race",model="a",outcome="cancelled"}') \
-        >= 1
+    assert counter(gw, "mergegate_strategy_calls_total", cohort="raced", strategy="race", model="a",
+                   outcome="cancelled") >= 1
 
 
 def test_hedge_asks_the_next_model_only_after_the_delay(gw, stub):
@@ -149,8 +148,8 @@ def test_cascade_escalates_when_the_small_models_check_fails(gw, stub):
     attributes = request_span(gw, response)["attributes"]
     assert attributes["mergegate.strategy.outcomes"] == ["rejected", "won"]
     assert attributes["mergegate.strategy.extra_output_tokens"] == 4  # "not json at all": 4 stub tokens
-    assert counter(gw, 'mergegate_strategy_extra_tokens_total{cohort="cascaded",strategy="cascade",type="output"}') \
-        == 4
+    assert counter(gw, "mergegate_strategy_extra_tokens_total", cohort="cascaded", strategy="cascade",
+                   type="output") == 4
 
     stub.set("b", reply="still not json")
     stub.set("d", reply='{"fallback": true}')
@@ -202,7 +201,7 @@ def test_a_member_down_still_answers(gw, stub):
     stub.set("b", mode="ok", reply="b answers")
     response, answer = ask(gw, "hedged")
     assert answer.model == "b" and route_of(response.headers)["skipped"] == "a:http_error"
-    assert counter(gw, 'mergegate_fallbacks_total{cohort="hedged",model="a",reason="http_error"}') == 1
+    assert counter(gw, "mergegate_fallbacks_total", cohort="hedged", model="a", reason="http_error") == 1
 
 
 def test_a_stream_on_a_strategy_route_gets_the_chosen_answer(gw, stub):
@@ -239,12 +238,12 @@ def test_a_burst_with_a_member_down_and_one_slow_is_answered_and_counted(stub, l
     assert {r.json()["model"] for r in responses[:per_route]} <= {"a", "c"}  # the race: the first good answer
     for cohort, kind in (("raced", "race"), ("voted", "vote")):
         calls = outcomes(gw, cohort, kind)
-        assert counter(gw, f'mergegate_strategy_requests_total{{cohort="{cohort}",strategy="{kind}",') == per_route
+        assert counter(gw, "mergegate_strategy_requests_total", cohort=cohort, strategy=kind) == per_route
         assert calls.get(("a", "won"), 0) + calls.get(("c", "won"), 0) == per_route  # one winner a request
         for model in ("a", "c"):  # asked by every request, once each
             assert sum(n for (m, _), n in calls.items() if m == model) == per_route, (cohort, model, calls)
         # b is down: each request either called it (failed) or skipped it with its breaker open (no call made)
-        skipped_b = counter(gw, f'mergegate_fallbacks_total{{cohort="{cohort}",model="b",reason="circuit_open"}}')
+        skipped_b = counter(gw, "mergegate_fallbacks_total", cohort=cohort, model="b", reason="circuit_open")
         assert {o for (m, o) in calls if m == "b"} == {"failed"}
         assert calls[("b", "failed")] + skipped_b == per_route, (cohort, calls, skipped_b)
     raced, voted = outcomes(gw, "raced", "race"), outcomes(gw, "voted", "vote")
@@ -261,13 +260,8 @@ def test_a_burst_with_a_member_down_and_one_slow_is_answered_and_counted(stub, l
 
 def outcomes(gw, cohort: str, kind: str) -> dict[tuple[str, str], float]:
     """mergegate_strategy_calls_total for one route: (model, outcome) → calls."""
-    found = {}
-    prefix = f'mergegate_strategy_calls_total{{cohort="{cohort}",strategy="{kind}",'
-    for line in gw.metrics().splitlines():
-        if line.startswith(prefix):
-            labels = dict(part.split("=", 1) for part in line[len(prefix):line.index("}")].split(","))
-            found[(labels["model"].strip('"'), labels["outcome"].strip('"'))] = float(line.split()[-1])
-    return found
+    return {(labels["model"], labels["outcome"]): value
+            for labels, value in samples(gw.metrics(), "mergegate_strategy_calls_total", cohort=cohort, strategy=kind)}
 
 
 def test_a_route_without_a_strategy_makes_one_call_and_records_no_strategy_cost(gw, stub):
@@ -306,7 +300,7 @@ def test_vote_beats_each_member_through_the_endpoint_runner(gw, stub, tmp_path):
     score = {name: sum(r.score for r in run.results) / len(run.results) for name, run in runs.items()}
     assert score["vote"] == 1.0
     assert all(score[name] == pytest.approx(16 / 24) for name in MEMBERS)
-    assert counter(gw, 'mergegate_strategy_requests_total{cohort="voted",strategy="vote"') >= 24
+    assert counter(gw, "mergegate_strategy_requests_total", cohort="voted", strategy="vote") >= 24
 
     # the gate releases the vote like any candidate: `mergegate gate --candidate NAME=URL#cohort/ROUTE`
     from typer.testing import CliRunner

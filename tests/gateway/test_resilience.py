@@ -13,7 +13,7 @@ import pytest
 from mergegate.gateway import GatewayConfig
 from mergegate.gateway.mirror import sampled
 
-from .helpers import MESSAGES, route_of, wait_for
+from .helpers import MESSAGES, route_of, sample_sum, wait_for
 
 pytestmark = pytest.mark.one_torch_thread
 
@@ -50,9 +50,8 @@ def ask(gw, cohort: str, **kw):
         model="mergegate", messages=MESSAGES, max_tokens=4, extra_headers={"X-Cohort": cohort}, **kw)
 
 
-def metric(gw, prefix: str) -> float:
-    lines = [l for l in gw.metrics().splitlines() if l.startswith(prefix)]
-    return float(lines[0].split()[-1]) if lines else 0.0
+def metric(gw, name: str, **labels: str) -> float:
+    return sample_sum(gw.metrics(), name, **labels)
 
 
 # -- fallback ----------------------------------------------------------------------------------------------------
@@ -71,7 +70,7 @@ def test_upstream_failure_falls_back_to_the_next_model(gw, stub, mode, reason, e
     assert stub.calls["primary"] == 1
     route = route_of(response.headers)
     assert (route["fallback"], route["attempt"], route["skipped"]) == ("true", "1", f"remote:{reason}")
-    assert metric(gw, f'mergegate_fallbacks_total{{cohort="ops",model="remote",reason="{reason}"}}') == 1
+    assert metric(gw, "mergegate_fallbacks_total", cohort="ops", model="remote", reason=reason) == 1
     failed = [s for s in gw.spans() if s["name"] == "chat remote"][-1]
     assert failed["attributes"]["error.type"] == error_type and failed["status"] == "ERROR"
     assert "gen_ai.usage.output_tokens" not in failed["attributes"]
@@ -134,12 +133,12 @@ def test_circuit_breaker_opens_skips_during_cooldown_then_recovers(gw, stub):
         assert stub.calls["primary"] == n
     health = httpx.get(gw.url + "/healthz", timeout=10).json()
     assert health["backends"]["remote"]["state"] == "open" and health["status"] == "degraded"
-    assert 'mergegate_breaker_state{backend="remote"} 2' in gw.metrics()
+    assert metric(gw, "mergegate_breaker_state", backend="remote") == 2
     skipped = ask(gw, "ops")  # open: skipped without a call
     assert route_of(skipped.headers)["skipped"] == "remote:circuit_open"
     assert stub.calls["primary"] == 2
-    assert metric(gw, 'mergegate_fallbacks_total{cohort="ops",model="remote",reason="circuit_open"}') == 1
-    assert metric(gw, 'mergegate_breaker_opened_total{backend="remote"}') == 1
+    assert metric(gw, "mergegate_fallbacks_total", cohort="ops", model="remote", reason="circuit_open") == 1
+    assert metric(gw, "mergegate_breaker_opened_total", backend="remote") == 1
 
     clock.now += COOLDOWN  # cooldown over: one probe goes through; it fails, so the breaker opens again
     assert route_of(ask(gw, "ops").headers)["skipped"] == "remote:http_error"
@@ -153,7 +152,7 @@ def test_circuit_breaker_opens_skips_during_cooldown_then_recovers(gw, stub):
     assert recovered.parse().model == "remote" and recovered.parse().choices[0].message.content == "back"
     assert httpx.get(gw.url + "/healthz", timeout=10).json()["backends"]["remote"]["state"] == "closed"
     assert ask(gw, "ops").parse().model == "remote"
-    assert 'mergegate_breaker_state{backend="remote"} 0' in gw.metrics()
+    assert metric(gw, "mergegate_breaker_state", backend="remote") == 0
 
 
 # -- mirroring ---------------------------------------------------------------------------------------------------
@@ -176,8 +175,8 @@ def test_mirrored_requests_record_both_outputs_and_checks(gw, stub):
     assert stub.calls["candidate"] == 1
     assert ask(gw, "ops").parse().model == "remote"  # mirror 0 on this route: nothing more mirrored
     # a mirrored call is started before the caller is answered: none was for this one
-    assert metric(gw, 'mergegate_mirror_total{cohort="ops",outcome="sent"}') == 0
-    assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="sent"}') == 1
+    assert metric(gw, "mergegate_mirror_total", cohort="ops", outcome="sent") == 0
+    assert metric(gw, "mergegate_mirror_total", cohort="mirrored", outcome="sent") == 1
     mirror_span = [s for s in gw.spans() if s["attributes"].get("mergegate.mirror")][-1]
     assert mirror_span["name"] == "chat cand"
 
@@ -189,7 +188,7 @@ def test_mirror_failures_are_recorded_not_seen_by_the_caller(gw, stub):
     assert ask(gw, "mirrored").parse().model == "remote"
     row = wait_for(lambda: gw.registry.mirror_results())[0]
     assert row["mirror_output"] is None and "HTTP 500" in row["mirror_error"]
-    assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="error"}') == 1
+    assert metric(gw, "mergegate_mirror_total", cohort="mirrored", outcome="error") == 1
 
 
 @pytest.mark.slow
@@ -199,8 +198,8 @@ def test_mirroring_is_bounded_and_drops_when_saturated(family, stub, launch_each
     stub.set("candidate", delay=10.0, reply='{"n": 2}')
     for _ in range(4):
         assert ask(gw, "mirrored").parse().model == "remote"
-    assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="sent"}') == 1
-    assert metric(gw, 'mergegate_mirror_total{cohort="mirrored",outcome="dropped"}') == 3
+    assert metric(gw, "mergegate_mirror_total", cohort="mirrored", outcome="sent") == 1
+    assert metric(gw, "mergegate_mirror_total", cohort="mirrored", outcome="dropped") == 3
     assert metric(gw, "mergegate_mirror_in_flight") == 1  # every caller was answered while the mirror still ran
     rows = wait_for(lambda: gw.registry.mirror_results(), timeout=60)
     assert len(rows) == 1 and rows[0]["mirror_output"] == '{"n": 2}'

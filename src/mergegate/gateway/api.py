@@ -17,7 +17,7 @@ import time
 from typing import Any, Awaitable, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry.trace import Status, StatusCode
 
 from .answers import Skip, StreamStart
@@ -88,8 +88,8 @@ async def healthz(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    return PlainTextResponse(request.app.state.gateway.metrics.render(),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+    body, content_type = request.app.state.gateway.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 # -- completions ---------------------------------------------------------------------------------------------

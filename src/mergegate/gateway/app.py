@@ -54,7 +54,7 @@ class Gateway:
         self.started_at = int(time.time())
         self.hop_id = new_hop_id()  # marks the requests this gateway sends upstream (hops.py)
         self.store = PlanStore(plan, registry=registry, path=plan_path, persist=self.config.persist_plan)
-        self.metrics = Metrics(self.config.quantile_window)
+        self.metrics = Metrics()  # this gateway's own registry
         self.telemetry = Telemetry(self.metrics, traces_path=traces_path, otlp_endpoint=otlp_endpoint)
         self.backends = backends or build_backends(plan, self.config)
         missing = set(plan.models) - set(self.backends)
@@ -77,11 +77,12 @@ class Gateway:
             self.mirror.on_pair = self.live.on_pair
         self.metrics.gauge("mergegate_breaker_state", "Circuit breaker state per backend: 0 closed, 1 half-open "
                            "(a probe may go through), 2 open.", ("backend",),
-                           lambda: {(n, ): STATE_VALUES[b.snapshot()["state"]] for n, b in self.breakers.items()})
+                           collect=lambda: {(n, ): STATE_VALUES[b.snapshot()["state"]]
+                                            for n, b in self.breakers.items()})
         self.metrics.gauge("mergegate_mirror_in_flight", "Mirrored calls to the candidate in flight.", (),
-                           lambda: {(): self.mirror.in_flight})
+                           collect=lambda: {(): self.mirror.in_flight})
         self.metrics.gauge("mergegate_mirror_capacity", "Mirrored calls allowed in flight.", (),
-                           lambda: {(): self.mirror.limit})
+                           collect=lambda: {(): self.mirror.limit})
 
     def _classifier(self, suite, plan: RolloutPlan, embed: Embed | None) -> CohortClassifier | None:
         if suite is None:

@@ -39,5 +39,3 @@ class GatewayConfig:
     fallback_on_refusal: bool = False  # a refusal on a `refusal`-checked route is recorded; fall over only if True
     # admin
     persist_plan: bool = False  # write admin route changes back to the plan file (needs plan_path)
-    # metrics
-    quantile_window: int = 2048  # p50/p99 are over the last N observations per series

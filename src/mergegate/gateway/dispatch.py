@@ -109,6 +109,7 @@ class Dispatcher:
                 events = backend.stream(request, slot=slot)
                 started = time.monotonic()
                 first = await asyncio.wait_for(anext(events), self.config.backend_timeout)
+                call.first_chunk()
             except (BackendError, asyncio.TimeoutError, StopAsyncIteration) as exc:
                 await self._abandon(events, slot)
                 self._failed(target, name, self._as_backend_error(name, exc, "first"), call, skipped)

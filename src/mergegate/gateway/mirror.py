@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from typing import Callable
 
 from .checks import run_checks
@@ -63,6 +64,7 @@ class Mirror:
             backend = self.backends[candidate]
             call = self.telemetry.call(request, backend, cohort=target.cohort, route=target.cohort, mirror=True)
             output = checks = error = None
+            started = time.perf_counter()
             try:
                 completion = await asyncio.wait_for(backend.generate(request), self.timeout)
             except (BackendError, asyncio.TimeoutError) as exc:
@@ -74,6 +76,7 @@ class Mirror:
             else:
                 output, checks = completion.text, run_checks(target.route, completion.text)
                 call.succeed(completion, checks)
+            self.metrics.mirror_duration.observe(time.perf_counter() - started, target.cohort, candidate)
             await asyncio.to_thread(self.registry.record_mirror, request_id, target.cohort, primary_model,
                                     primary_text, primary_checks, candidate, output, checks, error)
             self.metrics.mirrors.inc(target.cohort, "error" if error else "recorded")

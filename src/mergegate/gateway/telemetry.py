@@ -8,9 +8,10 @@ OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variables) and 
 when `traces_path` is given; with neither, no span is made (a request gets OpenTelemetry's non-recording
 INVALID_SPAN) and no span attribute is computed: tracing costs nothing when nothing would export it.
 
-The histograms `gen_ai.client.operation.duration` (s) and `gen_ai.client.token.usage` (by gen_ai.token.type)
-are recorded through an OpenTelemetry meter when OTLP is configured (nothing else reads it) and, for /metrics,
-always into the in-process summaries of `Metrics`.
+The histograms `gen_ai.client.operation.duration` (s), `gen_ai.client.operation.time_to_first_chunk` (s, streamed
+calls) and `gen_ai.client.token.usage` (by gen_ai.token.type) are recorded through an OpenTelemetry meter when OTLP
+is configured (nothing else reads it) and, for /metrics, always into the Prometheus histograms of `Metrics`, with
+the same bucket bounds.
 """
 
 from __future__ import annotations
@@ -29,11 +30,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from .metrics import Metrics
+from .metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, Metrics
 from .protocol import Completion, GenRequest
-
-DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
-TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
 
 
 class JsonlSpanExporter(SpanExporter):
@@ -101,10 +99,13 @@ class Telemetry:
         meter = self.meter_provider.get_meter("mergegate.gateway")
         self.duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
                                                description="GenAI operation duration",
-                                               explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+                                               explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS))
+        self.first_chunk = meter.create_histogram("gen_ai.client.operation.time_to_first_chunk", unit="s",
+                                                  description="Time to receive the first chunk of a streamed call",
+                                                  explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS))
         self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
                                              description="Measures number of input and output tokens used",
-                                             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+                                             explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS))
 
     def request_span(self, method: str, path: str, request_id: str) -> trace.Span:
         if not self.exporting:
@@ -183,6 +184,15 @@ class CallRecord:
             span.set_attribute("error.type", "check_failed")
             span.set_status(Status(StatusCode.ERROR, f"online check '{failed_check}' failed"))
         self._end(completion)
+
+    def first_chunk(self) -> None:
+        """A streamed call's first chunk arrived: its time since the call started (its wait for a slot included)."""
+        t = self.telemetry
+        seconds = time.perf_counter() - self.started
+        if t.otlp:
+            t.first_chunk.record(seconds, {"gen_ai.operation.name": self.operation, "gen_ai.request.model":
+                                           self.backend.name, "mergegate.cohort": self.cohort})
+        t.metrics.time_to_first_chunk.observe(seconds, self.operation, self.backend.name, self.cohort)
 
     def fail(self, error_type: str, message: str) -> None:
         if self.ended:
