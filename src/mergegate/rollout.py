@@ -59,6 +59,7 @@ class PlanModel(BaseModel):
     base: str | None = None  # a key of the plan's `bases`: the model is that base with `adapter` on it
     path: str | None = None
     adapter: str | None = None
+    router: str | None = None  # on a local base: a saved adapter router's folder, which picks each request's adapter
     url: str | None = None  # an OpenAI-compatible upstream, e.g. http://127.0.0.1:8000/v1
     upstream_model: str | None = None  # the name the upstream knows it by (ModelRef.served_model)
     # the environment variable holding the upstream's API key (the gateway sends it as a bearer token)
@@ -70,7 +71,11 @@ class PlanModel(BaseModel):
             given = [key for key in ("path", "url", "upstream_model", "api_key_env") if getattr(self, key) is not None]
             if given:
                 raise ValueError(f"a model on a 'base' takes its location from the base: no {', '.join(given)}")
+            if self.router is not None and self.adapter is not None:
+                raise ValueError("a 'router' picks the adapter per request: give no 'adapter' beside it")
             return self
+        if self.router is not None:
+            raise ValueError("a 'router' applies to a model on a local 'base'")
         if (self.path is None) == (self.url is None):
             raise ValueError("a model needs exactly one of 'path', 'url' or 'base'")
         if self.url is not None and self.adapter is not None:
@@ -163,6 +168,9 @@ class RolloutPlan(BaseModel):
             if entry.base is not None and entry.base not in self.bases:
                 raise ValueError(f"models.{name}.base: '{entry.base}' is not among bases "
                                  f"({', '.join(self.bases) or 'none declared'})")
+            if entry.router is not None and self.bases[str(entry.base)].path is None:
+                raise ValueError(f"models.{name}.router: a router picks among adapters on a local base, and base "
+                                 f"'{entry.base}' is a url")
         for cohort, route in [*self.routes.items(), ("default", self.default)]:
             for name in [route.model, *route.fallback, *route.strategy_models(), *filter(None, [route.mirror_to])]:
                 if name not in self.models:
@@ -238,7 +246,7 @@ class RolloutPlan(BaseModel):
         if not data["bases"]:
             del data["bases"]  # a plan without shared bases is written as it was before they existed
         for entry in [*data["models"].values(), *data.get("bases", {}).values()]:  # portable: relative paths
-            for key in ("path", "adapter"):
+            for key in ("path", "adapter", "router"):
                 if key in entry and Path(entry[key]).is_absolute():
                     entry[key] = os.path.relpath(entry[key], path.parent.absolute())
         path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -252,7 +260,7 @@ def load_plan(path: str | Path) -> RolloutPlan:
     where = f"rollout plan {path}"
     plan = load_yaml_model(path, RolloutPlan, where=where, what=f"plan fields ({', '.join(RolloutPlan.model_fields)})",
                            error_cls=PlanError)
-    located = [(f"model '{name}'", entry, ("path", "adapter") if plan.adapter_path(name) else ("path",))
+    located = [(f"model '{name}'", entry, ("path", "router", *(("adapter",) if plan.adapter_path(name) else ())))
                for name, entry in plan.models.items()]
     located += [(f"base '{name}'", entry, ("path",)) for name, entry in plan.bases.items()]
     for what, entry, keys in located:

@@ -133,3 +133,37 @@ def test_a_missing_base_folder_is_refused_naming_the_base(tmp_path):
                                     "models": {"a": {"base": "demo"}}, "routes": {}, "default": {"model": "a"}}))
     with pytest.raises(PlanError, match="base 'demo' path .* is not a folder"):
         load_plan(path)
+
+
+@pytest.mark.slow
+def test_a_saved_router_serves_each_request_with_the_adapter_it_picks(launch, second_adapter, tmp_path_factory):
+    from mergegate.evaluate.adapters import load_shared, train_router
+
+    adapters = {"arithmetic": DEMO / "arithmetic_lora", "noisy": second_adapter}
+    model, tokenizer = load_shared(DEMO / "base", adapters)
+    router = train_router(model, tokenizer, DEMO / "base", adapters, {"arithmetic": "arithmetic", "json_output": "noisy"},
+                          DEMO.parent / "calibration.jsonl")
+    folder = router.save(tmp_path_factory.mktemp("router") / "router")
+    plan = shared_plan(second_adapter)
+    plan["models"]["gated"] = {"base": "demo", "router": str(folder)}
+    running = launch(plan)
+    client = running.client()
+
+    def answer(model: str, prompt: str) -> str:
+        return client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+    # arithmetic to its adapter, JSON to the noisy one, the rest to the base alone: as the calibration rows taught it
+    for prompt, expected in [("33+41=", "arithmetic"), ("json: name=ada, city=lima\n", "noisy"),
+                             ("what is the weather in Paris?", "plain")]:
+        assert answer("gated", prompt) == answer(expected, prompt), prompt
+    shared = running.gateway.backends["gated"].shared
+    assert shared.loads == 1 and len(shared.adapters) == 2  # the router's adapters are the plan's, loaded once
+
+
+def test_a_router_on_a_url_base_or_beside_an_adapter_is_refused():
+    base = {"candidate": "g", "models": {"g": {"base": "b", "router": "r"}}, "routes": {}, "default": {"model": "g"}}
+    with pytest.raises(ValueError, match="models.g.router: a router picks among adapters on a local base"):
+        RolloutPlan.model_validate({**base, "bases": {"b": {"url": "http://127.0.0.1:8000/v1"}}})
+    with pytest.raises(ValueError, match="give no 'adapter' beside it"):
+        RolloutPlan.model_validate({**base, "bases": {"b": {"path": "/x"}},
+                                    "models": {"g": {"base": "b", "router": "r", "adapter": "a"}}})

@@ -28,10 +28,27 @@ def build_backends(plan: RolloutPlan, config: GatewayConfig) -> dict[str, Backen
     backends: dict[str, Backend] = {}
     for name, spec in plan.models.items():
         if spec.base in shared:
-            backends[name] = AdapterBackend(name, shared[spec.base], name if spec.adapter is not None else None)
+            router = _router(name, spec, shared[spec.base]) if spec.router is not None else None
+            backends[name] = AdapterBackend(name, shared[spec.base], name if spec.adapter is not None else None,
+                                            router)
         else:
             backends[name] = build_backend(name, spec, config, ref=plan.model_ref(name))
     return backends
+
+
+def _router(name: str, spec: PlanModel, shared: SharedBase):
+    """The saved router a model names, read now (a bad one is the plan's fault, said before anything loads)."""
+    from ...errors import EvaluationError
+    from ...evaluate.adapter_router import AdapterRouter
+
+    try:
+        router = AdapterRouter.load(str(spec.router))
+    except EvaluationError as exc:
+        raise PlanError(f"model '{name}' router: {exc}") from None
+    if router.base.resolve() != shared.path.resolve():
+        raise PlanError(f"model '{name}' router: trained on base {router.base}, not on base '{shared.name}' "
+                        f"({shared.path})")
+    return router
 
 
 def build_backend(name: str, spec: PlanModel, config: GatewayConfig, *, ref: ModelRef | None = None) -> Backend:

@@ -11,20 +11,25 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, BackendOverloaded
 from ..protocol import Completion, GenRequest
 from .base import Slot
 from .local import LocalBackend
 
+if TYPE_CHECKING:  # the router's module loads torch: only a plan with a router needs it
+    from ...evaluate.adapter_router import AdapterRouter
+
 
 class SharedBase:
     """One local base and its adapters (name → folder), loaded once for every view on it (`loads` counts it)."""
 
-    def __init__(self, name: str, path: str | Path, adapters: dict[str, Path], *, queue_limit: int = 64,
-                 device: str | None = None):
-        self.name, self.path, self.adapters = name, Path(path), dict(adapters)
+    def __init__(self, name: str, path: str | Path, adapters: dict[str, Path] | None = None, *,
+                 queue_limit: int = 64, device: str | None = None):
+        self.name, self.path, self.adapters = name, Path(path), {}
+        for adapter_name, folder in (adapters or {}).items():
+            self.add(adapter_name, folder)
         self.queue_limit, self.device = queue_limit, device
         self.model: Any = None
         self.tokenizer: Any = None
@@ -32,6 +37,16 @@ class SharedBase:
         self.lock: asyncio.Lock | None = None
         self.pending = 0
         self._loading: asyncio.Future | None = None
+
+    def add(self, name: str, folder: Path) -> str:
+        """Load the adapter at `folder` under `name` with the base (before `start`); the name it is loaded
+        under, an earlier one when the same folder is already added (one copy of each adapter)."""
+        folder = Path(folder)
+        same = next((known for known, path in self.adapters.items() if path.resolve() == folder.resolve()), None)
+        if same is not None:
+            return same
+        self.adapters[name] = folder
+        return name
 
     async def start(self) -> None:
         if self._loading is None:  # the first view loads it; the others wait for that same load
@@ -50,12 +65,16 @@ class SharedBase:
 
 
 class AdapterBackend(LocalBackend):
-    """A plan model that is `adapter` (None: no adapter, the base alone) on a `SharedBase`."""
+    """A plan model that is `adapter` (None: no adapter, the base alone) on a `SharedBase`; or, with a `router`
+    (`evaluate.adapter_router`), the adapter the router picks from each request's prompt."""
 
-    def __init__(self, name: str, shared: SharedBase, adapter: str | None):
+    def __init__(self, name: str, shared: SharedBase, adapter: str | None, router: AdapterRouter | None = None):
         super().__init__(name, shared.path, adapter=shared.adapters.get(adapter) if adapter else None,
                          queue_limit=shared.queue_limit, device=shared.device)
-        self.shared, self.adapter_name = shared, adapter
+        self.shared, self.adapter_name, self.router = shared, adapter, router
+        # the router's choices as the shared base loaded them (one copy of an adapter several models name)
+        self._loaded_as = {choice: shared.add(f"{name}/{choice}", folder)
+                           for choice, folder in (router.adapters.items() if router is not None else ())}
 
     async def start(self) -> None:
         await self.shared.start()
@@ -94,5 +113,16 @@ class AdapterBackend(LocalBackend):
 
         if self.model is None:
             raise BackendError(f"model '{self.name}' is not loaded")
-        with use_adapter(self.model, self.adapter_name):  # under the shared lock: no other adapter is active
+        adapter = self.adapter_name if self.router is None else self._routed(request)
+        with use_adapter(self.model, adapter):  # under the shared lock: no other adapter is active
             return super()._generate(request, emit, cancel)
+
+    def _routed(self, request: GenRequest) -> str | None:
+        """The loaded adapter the router picks for the request's prompt (None: the base alone)."""
+        from ...evaluate.adapters import prompt_features
+
+        assert self.router is not None
+        text, special = self.render(request)
+        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        choice = self.router.pick(prompt_features(self.model, [ids], self.tokenizer.pad_token_id))[0]
+        return None if choice is None else self._loaded_as[choice]
