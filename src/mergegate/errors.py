@@ -82,3 +82,7 @@ class SearchError(MergegateError):
 
 class AddressError(MergegateError, ValueError):
     """A url or a port is refused: not http(s), no host, a port out of range, a port already in use."""
+
+
+class GGUFImportError(MergegateError):
+    """A GGUF file cannot be turned into a model folder: unreadable, or an architecture transformers cannot load."""
