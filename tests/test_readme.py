@@ -141,7 +141,8 @@ def test_every_readme_shell_line_is_a_mergegate_command_or_one_of_the_two_make_c
     others = [line for line in lines if argv_of(line)[:1] != ["mergegate"]]
     assert [argv_of(line) for line in others] == [["make", "demo"], ["make", "test"]]
     stages = {argv_of(line)[1] for line in lines if line not in others}
-    assert stages == {"release", "methods", "merge", "evaluate", "gate", "serve", "search", "moe", "export-gguf"}
+    assert stages == {"release", "methods", "merge", "evaluate", "gate", "serve", "live", "search", "moe",
+                      "export-gguf"}
 
 
 @pytest.mark.slow

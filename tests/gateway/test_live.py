@@ -8,7 +8,9 @@ import json
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from mergegate.cli import app
 from mergegate.gate import load_policy
 from mergegate.gateway import GatewayConfig
 from mergegate.gateway.live import experiment_id, plan_digest
@@ -94,6 +96,13 @@ def test_a_better_candidate_goes_shadow_canary_full_done_each_step_a_recorded_pl
     assert {r["arm"] for r in canary} == {"candidate", "served"}
     assert all(r["model"] == ("cand" if r["arm"] == "candidate" else "src") for r in canary)
     assert sample_sum(gw.metrics(), "mergegate_live_plan_version") == 3
+    # what a person reads: the terminal table and the page, from the registry
+    shown = CliRunner().invoke(app, ["live", "status", str(gw.registry.path), "--plan", str(gw.plan_path)])
+    assert shown.exit_code == 0, shown.output
+    assert "held" in shown.output and "done" in shown.output and "plan version 3" in shown.output
+    page = gw.plan_path.parent / "live.html"
+    assert CliRunner().invoke(app, ["live", "page", str(gw.registry.path), str(page)]).exit_code == 0
+    assert "Plan steps" in page.read_text() and "held:shadow" in page.read_text()
 
 
 def test_a_worse_candidate_is_rolled_back_in_shadow_and_no_longer_mirrored(stub, launch_each):

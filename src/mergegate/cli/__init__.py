@@ -2,6 +2,7 @@
 
 from .compare import register as _register_compare
 from .export import register as _register_export
+from .live import register as _register_live
 from .lora import register as _register_lora
 from .main import app, main
 from .moe import register as _register_moe
@@ -10,6 +11,7 @@ from .serve import register as _register_serve
 
 _register_compare(app)
 _register_export(app)
+_register_live(app)
 _register_lora(app)
 _register_moe(app)
 _register_search(app)

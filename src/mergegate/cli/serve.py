@@ -110,6 +110,9 @@ def register(app: typer.Typer) -> None:
         classifier_threshold: float = typer.Option(0.35, help="Cosine below which the classifier picks the default "
                                                               "route."),
         persist_plan: bool = typer.Option(False, help="Write admin route changes back to PLAN."),
+        policy: Optional[Path] = typer.Option(None, help="The gate's policy YAML: turns on the live loop, which "
+                                                         "decides each held cohort from live traffic "
+                                                         "(docs/live.md)."),
         torch_threads: Optional[int] = typer.Option(None, help="torch intra-op threads for local models."),
         device: Optional[str] = typer.Option(None, help="Where local models run: cpu, cuda or cuda:N (default: cuda "
                                                       "when a GPU is available, else cpu; bf16 on CUDA)."),
@@ -141,6 +144,11 @@ def register(app: typer.Typer) -> None:
 
                 check_device(device, MergegateError)
             token = (admin_token or "").strip()  # "" says no token: the environment is not read again
+            live_policy = None
+            if policy is not None:
+                from ..gate import load_policy
+
+                live_policy = load_policy(policy)  # refused (one line, exit 2) before any model loads
 
             def bound(url: str) -> None:
                 typer.echo(f"mergegate: serve: loading {plan}'s models; it answers at {url}/v1 once loaded",
@@ -152,7 +160,7 @@ def register(app: typer.Typer) -> None:
 
             serve(plan, host=host, port=port, registry=registry, suite=suite, admin_token=token,
                   traces_path=traces, otlp_endpoint=otlp_endpoint, config=config, log_level=log_level,
-                  torch_threads=torch_threads, on_bound=bound,
+                  torch_threads=torch_threads, on_bound=bound, policy=live_policy,
                   on_ready=lambda url: typer.echo(f"mergegate: serve: ready: {plan} at {url}/v1", err=True))
         except MergegateError as exc:
             typer.echo(f"mergegate: {exc}", err=True)

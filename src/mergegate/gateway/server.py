@@ -15,7 +15,8 @@ def serve(  # noqa: PLR0913  (the Python twin of `mergegate serve`: a keyword pe
           registry: str | Path = "mergegate-registry.sqlite", suite: str | Path | None = None,
           admin_token: str | None = None, traces_path: str | Path | None = None, otlp_endpoint: str | None = None,
           config: GatewayConfig | None = None, log_level: str = "info", torch_threads: int | None = None,
-          on_bound: Callable[[str], None] | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+          on_bound: Callable[[str], None] | None = None, on_ready: Callable[[str], None] | None = None,
+          policy=None) -> None:
     """Load the plan, build the gateway and serve it until interrupted.
 
     The plan and the OTLP endpoint are checked and the port taken (`addresses.bind_port`) before any model
@@ -24,7 +25,8 @@ def serve(  # noqa: PLR0913  (the Python twin of `mergegate serve`: a keyword pe
     $MERGEGATE_ADMIN_TOKEN; an empty or blank one is none (the admin API is off). The OTLP endpoint falls back to
     the standard OTEL_* variables.
     `torch_threads` sets this process's torch intra-op threads (1 is fastest for small models on busy hosts); it is
-    ignored when the plan has no local model, so that torch is never imported."""
+    ignored when the plan has no local model, so that torch is never imported. `policy` (the gate's, a loaded
+    `mergegate.gate.Policy`) turns on the live loop (live.py)."""
     from ..addresses import bind_port
     from ..registry import Registry
     from ..rollout import load_plan
@@ -44,7 +46,8 @@ def serve(  # noqa: PLR0913  (the Python twin of `mergegate serve`: a keyword pe
         given = admin_token if admin_token is not None else os.environ.get("MERGEGATE_ADMIN_TOKEN")
         token = (given or "").strip() or None
         app = create_app(plan, registry=Registry(registry), suite=suite, admin_token=token,
-                         traces_path=traces_path, otlp_endpoint=otlp_endpoint, config=config, plan_path=plan_path)
+                         traces_path=traces_path, otlp_endpoint=otlp_endpoint, config=config, plan_path=plan_path,
+                         policy=policy)
         run_app(app, listener, log_level=log_level, graceful_s=10, on_ready=on_ready)
     finally:
         listener.close()
