@@ -27,7 +27,7 @@ from .costs import cohort_cost
 from .errors import MergegateError
 from .evaluate import EvalOptions, ModelRun, Suite, evaluate_models, load_suite
 from .gate import GateResult, Policy, decide, load_policy
-from .model_ref import ModelRef
+from .model_ref import ModelRef, Role
 from .registry import Registry, RowResult
 from .report_page import html_page, html_table, markdown_table
 
@@ -83,7 +83,7 @@ def compare_adapters(  # noqa: PLR0913  (the lineup, the rows, the rule, where, 
     routes = {cohort: cohort for cohort in adapters}
     separate = [ModelRef(cohort, base.path, adapter=path) for cohort, path in adapters.items()]
     eval = eval if eval is not None else EvalOptions()
-    lineup = [(base, "base"), *((ref, "source") for ref in [*separate, *sources]),
+    lineup: list[tuple[ModelRef, Role]] = [(base, "base"), *((ref, "source") for ref in [*separate, *sources]),
               *((ref, "candidate") for ref in merges)]
     # every input checked before anything is evaluated or written: a typo should not cost an evaluation
     check_models([ref for ref, _ in lineup], eval.endpoint)
@@ -188,10 +188,10 @@ def comparison_tables(gates: Mapping[str, GateResult],
     cost_rows = []
     for cost in costs:
         gate = gates.get(cost.plan)
-        kept = (f"{sum(d.decision == 'promote' for d in gate.decisions)} of {len(gate.decisions)}"
-                if gate is not None else "all (each cohort on its own model)")
+        keeps = (f"{sum(d.decision == 'promote' for d in gate.decisions)} of {len(gate.decisions)}"
+                 if gate is not None else "all (each cohort on its own model)")
         cost_rows.append([cost.plan, cost.holds, _mib(cost.parameter_bytes), f"{cost.latency_p50_ms:.1f}",
-                          f"{cost.latency_p99_ms:.1f}", kept])
+                          f"{cost.latency_p99_ms:.1f}", keeps])
     return (header, rows), (cost_header, cost_rows)
 
 

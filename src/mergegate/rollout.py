@@ -260,6 +260,7 @@ def load_plan(path: str | Path) -> RolloutPlan:
     where = f"rollout plan {path}"
     plan = load_yaml_model(path, RolloutPlan, where=where, what=f"plan fields ({', '.join(RolloutPlan.model_fields)})",
                            error_cls=PlanError)
+    located: list[tuple[str, PlanModel | PlanBase, tuple[str, ...]]]
     located = [(f"model '{name}'", entry, ("path", "router", *(("adapter",) if plan.adapter_path(name) else ())))
                for name, entry in plan.models.items()]
     located += [(f"base '{name}'", entry, ("path",)) for name, entry in plan.bases.items()]

@@ -27,7 +27,8 @@ class SharedBase:
 
     def __init__(self, name: str, path: str | Path, adapters: dict[str, Path] | None = None, *,
                  queue_limit: int = 64, device: str | None = None):
-        self.name, self.path, self.adapters = name, Path(path), {}
+        self.name, self.path = name, Path(path)
+        self.adapters: dict[str, Path] = {}
         for adapter_name, folder in (adapters or {}).items():
             self.add(adapter_name, folder)
         self.queue_limit, self.device = queue_limit, device
