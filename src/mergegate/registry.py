@@ -9,6 +9,8 @@ of the suite; an interrupted run resumes from the rows it has.
 
 Each row result records when it was stored and by which session (one opening of the registry: one command), so a
 report can say when each model's latencies were measured and which were measured together (`measurements`).
+A url model's row also keeps the server's own timing of it where the server reports one (`server_ms`, beside
+`latency_ms`, the request's wall time); opening a file without that column adds it, NULL for the rows it holds.
 
 Schema versions (`PRAGMA user_version`): 1 had no config hash; opening such a file adds the `config_hash` and
 `config` columns, and its old runs (config hash NULL) are kept but never served or resumed. 2 had no measurement
@@ -45,7 +47,7 @@ CREATE TABLE IF NOT EXISTS row_results (
     run_id INTEGER NOT NULL REFERENCES eval_runs(id), row_id TEXT NOT NULL, cohort TEXT NOT NULL,
     model_name TEXT NOT NULL, model_hash TEXT NOT NULL, output TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, latency_ms REAL NOT NULL, score REAL NOT NULL, passed INTEGER NOT NULL,
-    details TEXT NOT NULL, session TEXT, measured REAL, PRIMARY KEY (run_id, row_id));
+    details TEXT NOT NULL, session TEXT, measured REAL, server_ms REAL, PRIMARY KEY (run_id, row_id));
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, candidate_hash TEXT NOT NULL, suite_hash TEXT NOT NULL,
     policy_hash TEXT NOT NULL, cohort TEXT NOT NULL, decision TEXT NOT NULL, model TEXT NOT NULL,
@@ -106,6 +108,10 @@ class RowResult:
     score: float  # the lowest of the row's evaluator scores: a row is only as good as its weakest check
     passed: bool  # every evaluator passed
     details: dict[str, Any]  # evaluator → {score, passed, reason}
+    # A url model's row as its server timed it (llama.cpp's `timings`: prompt_ms + predicted_ms): its work on the
+    # row without its queue or the network, beside `latency_ms`, the wall time of the request, which has both.
+    # None where no timing is reported (vLLM, transformers serve, in process).
+    server_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,7 @@ class Registry:
             raise RegistryError(f"registry {self.path}: schema version {version} is newer than this mergegate "
                                 f"understands ({SCHEMA_VERSION})")
         for table, added in (("eval_runs", {"config_hash": "TEXT", "config": "TEXT"}),
-                             ("row_results", {"session": "TEXT", "measured": "REAL"})):
+                             ("row_results", {"session": "TEXT", "measured": "REAL", "server_ms": "REAL"})):
             columns = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             for column, kind in added.items():
                 if column not in columns:
@@ -296,13 +302,14 @@ class Registry:
         """Store results as they are measured, stamped with this session and the time."""
         now = time.time()
         rows = [(run_id, r.row_id, r.cohort, r.model_name, r.model_hash, r.output, r.prompt_tokens,
-                 r.completion_tokens, r.latency_ms, r.score, int(r.passed), json.dumps(r.details), self.session, now)
+                 r.completion_tokens, r.latency_ms, r.score, int(r.passed), json.dumps(r.details), self.session, now,
+                 r.server_ms)
                 for r in results]
         with self._lock, self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO row_results (run_id, row_id, cohort, model_name, model_hash, output, "
-                "prompt_tokens, completion_tokens, latency_ms, score, passed, details, session, measured) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                "prompt_tokens, completion_tokens, latency_ms, score, passed, details, session, measured, server_ms) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
     def measurements(self, run_id: int) -> dict[str, Measurement]:
         """cohort → when the run's rows there were measured, and by which session(s)."""
@@ -323,7 +330,7 @@ class Registry:
         for r in self._read("SELECT * FROM row_results WHERE run_id=? ORDER BY rowid", (run_id,)):
             out.append(RowResult(r["row_id"], r["cohort"], model_name or r["model_name"], r["model_hash"],
                                  r["output"], r["prompt_tokens"], r["completion_tokens"], r["latency_ms"],
-                                 r["score"], bool(r["passed"]), json.loads(r["details"])))
+                                 r["score"], bool(r["passed"]), json.loads(r["details"]), r["server_ms"]))
         return out
 
     # -- decisions and plan changes -------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Helpers for tests and benchmarks: a scriptable OpenAI-compatible upstream (`StubUpstream`) that can answer,
-fail, hang or send invalid JSON — per model name — served on 127.0.0.1 by `ServerThread` (from `serving.launcher`,
-importable from here too)."""
+fail, hang or send invalid JSON — per model name — and speak the dialect of vLLM, llama.cpp's server or
+`transformers serve`, served on 127.0.0.1 by `ServerThread` (from `serving.launcher`, importable from here too)."""
 
 from __future__ import annotations
 
@@ -34,15 +34,34 @@ class Behavior:
     interval: float = 0.0  # seconds between two streamed chunks
     # a reply per prompt (a chat's last user message, or a completion's prompt); other prompts get `reply`
     replies: dict[str, str] | None = None
+    listed: bool = True  # in GET /v1/models (False: answered, never listed)
+    card: dict | None = None  # more fields of its /v1/models entry (llama.cpp's `meta`)
 
 
 class StubUpstream:
     """An OpenAI-compatible upstream whose answers a test scripts per model name (`set`) or for all (`set(None)`).
 
     Tokens are counted as 4-character chunks: the reply streams in such chunks and max_tokens cuts it.
-    `calls` counts requests per model; `hung_up` counts those whose caller left during a delay or a hang."""
+    `calls` counts requests per model; `hung_up` counts those whose caller left during a delay or a hang.
 
-    def __init__(self, default: Behavior = Behavior()):
+    `dialect` imitates a server's own ways (None: none of them, POST /tokenize refused):
+    - "vllm": /tokenize reads `prompt` (400 without) and answers `{count, max_model_len, tokens}`; each
+      /v1/models entry is stamped per call (`created`, and a `permission` with a random id), as vLLM's are.
+    - "llama.cpp": /tokenize reads `content` only (without it: `{"tokens": []}`, HTTP 200); /v1/models entries
+      carry `created` per call and the model's `card` (its `meta`); a completion carries `timings` (`prompt_ms`,
+      `predicted_ms`: PROMPT_MS and PREDICTED_MS per token); GET /props answers `props` when set.
+    - "transformers" (`transformers serve`): no /tokenize; a model is listed (with a `status`) only once a
+      request has named it, as that server loads a model on its first request.
+    `tokenize_answer`, when set, is what /tokenize answers whatever it is asked (a dialect gone wrong)."""
+
+    PROMPT_MS, PREDICTED_MS = 0.5, 2.0  # the llama.cpp dialect's reported milliseconds per token
+
+    def __init__(self, default: Behavior = Behavior(), dialect: str | None = None):
+        if dialect not in (None, "vllm", "llama.cpp", "transformers"):
+            raise ValueError(f"unknown dialect {dialect!r}")
+        self.dialect = dialect
+        self.props: dict | None = None
+        self.tokenize_answer: dict | None = None
         self.default = default
         self.behaviors: dict[str, Behavior] = {}
         self.calls: Counter[str] = Counter()
@@ -67,6 +86,7 @@ class StubUpstream:
             self.default = Behavior()
             self.calls.clear()
             self.hung_up.clear()
+            self.props = self.tokenize_answer = None
 
     def _build(self):
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -74,8 +94,16 @@ class StubUpstream:
 
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "stub"}
-                                               for m in stub.behaviors]}
+            with stub._lock:
+                listed = [(m, b) for m, b in stub.behaviors.items()
+                          if b.listed and (stub.dialect != "transformers" or stub.calls[m])]
+            return {"object": "list", "data": [stub._card(m, b) for m, b in listed]}
+
+        @app.get("/props")
+        async def props():
+            if stub.dialect == "llama.cpp" and stub.props is not None:
+                return stub.props
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
 
         async def answer(request: Request, operation: str):
             body = await request.json()
@@ -119,8 +147,13 @@ class StubUpstream:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
-            return {"id": rid, "object": "chat.completion" if operation == "chat" else "text_completion",
-                    "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
+            answer = {"id": rid, "object": "chat.completion" if operation == "chat" else "text_completion",
+                      "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
+            if stub.dialect == "llama.cpp":
+                prompt_n, predicted_n = usage["prompt_tokens"], usage["completion_tokens"]
+                answer["timings"] = {"prompt_n": prompt_n, "prompt_ms": prompt_n * stub.PROMPT_MS,
+                                     "predicted_n": predicted_n, "predicted_ms": predicted_n * stub.PREDICTED_MS}
+            return answer
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
@@ -131,13 +164,35 @@ class StubUpstream:
             return await answer(request, "text_completion")
 
         @app.post("/tokenize")
-        async def tokenize(request: Request):  # only to refuse: the stub has no tokenizer
+        async def tokenize(request: Request):  # 4-character chunks, as the replies are cut
             body = await request.json()
             if stub.behavior(body.get("model", "")).mode == "unauthorized":
                 return stub._unauthorized(request)
+            if stub.tokenize_answer is not None:
+                return stub.tokenize_answer
+            if stub.dialect == "vllm":
+                if not isinstance(body.get("prompt"), str):
+                    return JSONResponse({"error": {"message": "prompt: Field required"}}, status_code=400)
+                tokens = _chunk_ids(body["prompt"])
+                return {"count": len(tokens), "max_model_len": 2048, "tokens": tokens}
+            if stub.dialect == "llama.cpp":
+                return {"tokens": _chunk_ids(str(body["content"])) if "content" in body else []}
             return JSONResponse({"detail": "Not Found"}, status_code=404)
 
         return app
+
+    def _card(self, model: str, behavior: Behavior) -> dict:
+        """A model's /v1/models entry, as the dialect's server writes it."""
+        entry = {"id": model, "object": "model", "owned_by": "stub", **(behavior.card or {})}
+        now = int(time.time())
+        if self.dialect == "vllm":
+            entry.update(created=now, root=model, max_model_len=2048, permission=[
+                {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": now}])
+        elif self.dialect == "llama.cpp":
+            entry.update(created=now, owned_by="llamacpp")
+        elif self.dialect == "transformers":
+            entry.update(created=0, status={"value": "loaded"})
+        return entry
 
     @staticmethod
     async def _wait(request: Request, seconds: float) -> bool:
@@ -178,6 +233,10 @@ class StubUpstream:
             await asyncio.sleep(interval if not last else 0)
         yield event([], usage=usage)
         yield "data: [DONE]\n\n"
+
+
+def _chunk_ids(text: str) -> list[int]:
+    return list(range((len(text) + 3) // 4))
 
 
 def _quoted_token(request: Request) -> str:
