@@ -74,7 +74,8 @@ def main() -> None:
     size = held_parameter_bytes(shared)
     _timed(shared, tokenizer, prompts[:1], 2, lambda cohort, ids: use_adapter(shared, cohort))  # warm-up
     times = _timed(shared, tokenizer, prompts, args.tokens, lambda cohort, ids: use_adapter(shared, cohort))
-    table.append(_row("adapters on a shared base", f"1 base + {len(adapters)} adapters", size, times))
+    count = f"{len(adapters)} adapter{'s' if len(adapters) != 1 else ''}"
+    table.append(_row("adapters on a shared base", f"1 base + {count}", size, times))
     if args.router is not None:
         router = AdapterRouter.load(args.router)
 
@@ -84,7 +85,7 @@ def main() -> None:
 
         extra = sum(t.numel() * t.element_size() for t in (router.weight, router.bias, router.mean, router.scale))
         times = _timed(shared, tokenizer, prompts, args.tokens, routed)
-        table.append(_row("learned router among the adapters", f"1 base + {len(adapters)} adapters + router",
+        table.append(_row("learned router among the adapters", f"1 base + {count} + router",
                           size + extra, times))
     shared = None  # freed before the next plan loads
     gc.collect()
@@ -106,7 +107,8 @@ def main() -> None:
         times += _timed(model, tokenizer, mine, args.tokens, lambda c, ids: nullcontext())
         del model
         gc.collect()
-    table.append(_row("separate full models", f"{len(adapters)} models", full_size, times))
+    table.append(_row("separate full models", f"{len(adapters)} model{'s' if len(adapters) != 1 else ''}",
+                      full_size, times))
     print(f"{len(prompts)} requests ({args.rows} per cohort), batch 1, {args.tokens} new tokens each, "
           f"{args.threads} torch thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}")
     print("\n".join(table))
