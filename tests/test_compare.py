@@ -89,3 +89,16 @@ def test_the_cli_refuses_an_adapter_without_its_cohort_in_one_line(tmp_path):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "expected COHORT=PATH" in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_router_trained_for_other_adapters_is_refused_before_anything_is_written(tmp_path, small_suite):
+    import torch
+
+    from mergegate.evaluate.adapter_router import AdapterRouter
+
+    folder = AdapterRouter(("maths", "(base)"), torch.zeros(2, 4), torch.zeros(2), torch.zeros(4), torch.ones(4),
+                           MODELS / "base", {"maths": MODELS / "arithmetic_lora"}, {}).save(tmp_path / "router")
+    with pytest.raises(MergegateError, match="router .* not on this base with these adapters"):
+        compare_adapters(ModelRef("base", MODELS / "base"), {"arithmetic": MODELS / "arithmetic_lora"}, small_suite,
+                         POLICY, tmp_path / "out", router=folder)
+    assert not (tmp_path / "out").exists()

@@ -63,7 +63,7 @@ def compare_adapters(  # noqa: PLR0913  (the lineup, the rows, the rule, where, 
     """Evaluate and gate the merges, the adapter routes and (with `calibration` or a saved `router`) the learned
     router, and write the comparison page to `out` (module docstring). `adapters` maps a cohort to the adapter
     that serves it (the adapter is named by its cohort)."""
-    from .evaluate.adapter_router import AdapterRouter, load_labelled_calibration
+    from .evaluate.adapter_router import BASE_CHOICE, AdapterRouter, load_labelled_calibration
     from .evaluate.adapters import AdapterCandidate, evaluate_adapter_candidate, load_shared, train_router
     from .evaluate.runner import check_models
 
@@ -88,6 +88,11 @@ def compare_adapters(  # noqa: PLR0913  (the lineup, the rows, the rule, where, 
     # every input checked before anything is evaluated or written: a typo should not cost an evaluation
     check_models([ref for ref, _ in lineup], eval.endpoint)
     learned = AdapterRouter.load(router) if router is not None else None
+    if learned is not None:
+        unknown = sorted(set(learned.choices) - set(adapters) - {BASE_CHOICE})
+        if unknown or learned.base.resolve() != base.path.resolve():
+            raise MergegateError(f"compare: router {router} was trained on base {learned.base} with adapters "
+                                 f"{', '.join(learned.adapters)}, not on this base with these adapters")
     if calibration is not None:
         load_labelled_calibration(calibration)
     out.mkdir(parents=True, exist_ok=True)

@@ -167,3 +167,18 @@ def test_a_router_on_a_url_base_or_beside_an_adapter_is_refused():
     with pytest.raises(ValueError, match="give no 'adapter' beside it"):
         RolloutPlan.model_validate({**base, "bases": {"b": {"path": "/x"}},
                                     "models": {"g": {"base": "b", "router": "r", "adapter": "a"}}})
+
+
+def test_models_on_a_shared_base_have_their_own_fingerprints(tmp_path, second_adapter):
+    import torch
+
+    from mergegate.evaluate.adapter_router import AdapterRouter
+    from mergegate.gateway.api import fingerprints
+
+    router = AdapterRouter(("noisy", "(base)"), torch.zeros(2, 4), torch.zeros(2), torch.zeros(4), torch.ones(4),
+                           DEMO / "base", {"noisy": second_adapter}, {}).save(tmp_path / "router")
+    plan = shared_plan(second_adapter)
+    plan["models"]["gated"] = {"base": "demo", "router": str(router)}
+    found = fingerprints(RolloutPlan.model_validate(plan))
+    assert found["arithmetic"] == found["arithmetic_full"] and found["plain"] == found["plain_full"]
+    assert len({found["arithmetic"], found["noisy"], found["plain"], found["gated"]}) == 4

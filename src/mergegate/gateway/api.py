@@ -259,6 +259,8 @@ def fingerprints(plan) -> dict[str, str]:
     size, mtime and inode, so an unchanged folder is not re-read). /v1/models reports it: the endpoint runner keys
     its cache on that entry, so a folder re-merged in place under the same name is a new model to it, never a
     stale cached one. Url models have none here (their upstream reports its own identity)."""
+    from pathlib import Path
+
     from ..io.hashing import folder_hash
 
     found = {}
@@ -267,7 +269,8 @@ def fingerprints(plan) -> dict[str, str]:
         if ref.path is None:
             continue
         try:
-            found[name] = folder_hash(ref.path, ref.adapter)
+            router = plan.models[name].router  # a router's weights decide which adapter answers
+            found[name] = folder_hash(ref.path, ref.adapter, *([Path(router)] if router else []))
         except Exception as exc:  # noqa: BLE001 — a folder that cannot be read: a fingerprint that matches nothing
             found[name] = f"unreadable: {type(exc).__name__}"
     return found
