@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .config import GatewayConfig
+
+if TYPE_CHECKING:  # the gateway never imports the gate at run time: the caller loads the policy
+    from ..gate import Policy
 
 
 def serve(  # noqa: PLR0913  (the Python twin of `mergegate serve`: a keyword per flag, all but three keyword-only)
@@ -16,7 +19,7 @@ def serve(  # noqa: PLR0913  (the Python twin of `mergegate serve`: a keyword pe
           admin_token: str | None = None, traces_path: str | Path | None = None, otlp_endpoint: str | None = None,
           config: GatewayConfig | None = None, log_level: str = "info", torch_threads: int | None = None,
           on_bound: Callable[[str], None] | None = None, on_ready: Callable[[str], None] | None = None,
-          policy=None) -> None:
+          policy: Policy | None = None) -> None:
     """Load the plan, build the gateway and serve it until interrupted.
 
     The plan and the OTLP endpoint are checked and the port taken (`addresses.bind_port`) before any model
