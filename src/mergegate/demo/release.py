@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..costs import cohort_costs
+from ..errors import MergegateError
 from ..gate import Policy, load_policy
 from ..model_ref import ModelRef
 from ..pipeline import ReleaseResult, release, release_rank
@@ -25,20 +26,26 @@ from ..rollout import load_plan
 from .cascade import cascade_section
 from .gguf_section import gguf_section
 from .moe_section import moe_section
+from .real_model import ensure_base, retention_rows, retention_section, served_chat_section
 from .sections import MergedDemo, Section, dumps, section_html, section_markdown
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 
 
-def find_demo_folder(start: Path | None = None) -> Path:
-    """examples/demo in the working directory or in the source checkout this package runs from."""
-    candidates = [Path.cwd() / "examples" / "demo", Path(__file__).resolve().parents[3] / "examples" / "demo"]
+EXAMPLES = ("demo", "smollm2")  # examples/<name>: the tiny demo, and the real pretrained model (demo.real_model)
+
+
+def find_demo_folder(start: Path | None = None, example: str = "demo") -> Path:
+    """examples/<example> in the working directory or in the source checkout this package runs from."""
+    if example not in EXAMPLES:
+        raise MergegateError(f"--model {example!r}: the demos are {', '.join(EXAMPLES)}")
+    candidates = [Path.cwd() / "examples" / example, Path(__file__).resolve().parents[3] / "examples" / example]
     if start is not None:
         candidates.insert(0, Path(start))
     for folder in candidates:
         if (folder / "suite.jsonl").is_file():
             return folder
-    raise FileNotFoundError("the demo models were not found (expected examples/demo with suite.jsonl); "
+    raise FileNotFoundError(f"the demo models were not found (expected examples/{example} with suite.jsonl); "
                             "run from a mergegate checkout or pass --models")
 
 
@@ -49,17 +56,26 @@ RANKING = ("ranked by cohorts promoted, then by worst-cohort retention (the lowe
 SEARCH_PARALLEL = 2  # the demo search's trials in flight (each trial takes one core)
 
 
-def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_trials: int = 0, beyond: bool = False
-             ) -> dict[str, ReleaseResult]:
+def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_trials: int = 0, beyond: bool = False,
+             example: str = "demo") -> dict[str, ReleaseResult]:
     """Release the demo with each hand-written method; with `search_trials`, also run that many trials of the
     merge search (examples/demo/search/space.yaml, scored on dev.jsonl) into OUT/search and release its winner on
     the same suite, reported beside the hand-written methods. With `beyond`, also gate a mixture of the experts
-    and a cascade served by the gateway beside the merges, and export the best merge to GGUF (`demo.sections`)."""
+    and a cascade served by the gateway beside the merges, and export the best merge to GGUF (`demo.sections`).
+
+    `example="smollm2"` runs the same loop on the real pretrained model and its LoRA specialists
+    (examples/smollm2, `demo.real_model`), prints each merge's retention per cohort, serves the best release's
+    plan and sends it one chat per cohort through the OpenAI client, and exports the best merge to GGUF."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    demo = find_demo_folder(models)
+    demo = find_demo_folder(models, example)
+    if example == EXAMPLES[1]:
+        if beyond:
+            raise MergegateError("--beyond runs on the tiny demo only (the real-model demo serves its best release "
+                                 "and exports it to GGUF by itself)")
+        ensure_base(demo, say=console.print)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     registry = Registry(out / "registry.sqlite")
@@ -67,7 +83,7 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_tria
     # The LoRA specialist is not merged (adapter merging is a later stage) but is a source the gate may hold
     # a cohort on, served as base + adapter.
     adapters = [ModelRef(p.name, demo / "models" / "base", adapter=p) for p in sorted((demo / "models").iterdir())
-                if (p / "adapter_config.json").is_file()]
+                if (p / "adapter_config.json").is_file()] if (demo / "models").is_dir() else []
     results = {}
     for method in methods:
         console.print(f"[bold]{method}[/]: merge → evaluate (base and every source) → gate")
@@ -91,7 +107,18 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_tria
     best = max(methods, key=lambda m: release_rank(results[m].gate))  # max keeps the first of equals
     searched = _run_search(demo, out, search_trials, console, (best, *release_rank(results[best].gate))) \
         if search_trials else None
-    extra = _run_sections(demo, out, results, best, registry, adapters, console) if beyond else []
+    header, rows = retention_rows(results, methods)
+    retention = Table(title="retention: each merge's mean over the cohort's best source's (its specialist)")
+    for name in header:
+        retention.add_column(name, justify="left" if name == "cohort" else "right")
+    for row in rows:
+        retention.add_row(*row)
+    console.print(retention)
+    if example == EXAMPLES[1]:
+        extra = _run_sections(demo, out, results, best, registry, adapters, console,
+                              parts=(retention_section, served_chat_section, gguf_section))
+    else:
+        extra = _run_sections(demo, out, results, best, registry, adapters, console) if beyond else []
     _write_summary(out, results, best, load_policy(demo / "policy.yaml"), searched, extra)
     console.print(f"best release: [bold]{best}[/] ({RANKING}) Reports: {out / 'report.html'}, "
                   f"{out / 'report.md'}, rollout plan {out / 'rollout.yaml'}; per method in {out}/<method>/. "
@@ -100,7 +127,8 @@ def run_demo(out: Path, models: Path | None = None, methods=METHODS, search_tria
 
 
 def _run_sections(demo: Path, out: Path, results: dict[str, ReleaseResult], best: str, registry: Registry,
-                  adapters: list[ModelRef], console) -> list[Section]:
+                  adapters: list[ModelRef], console, parts=(moe_section, cascade_section, gguf_section)
+                  ) -> list[Section]:
     """The sections past one merged model (a mixture of experts, a cascade at the gateway, a GGUF export), in
     order, against the same base and sources as the merges (the first recipe's, plus the adapters); each one's wall
     time is in its section. They also go to OUT/beyond.json."""
@@ -113,7 +141,7 @@ def _run_sections(demo: Path, out: Path, results: dict[str, ReleaseResult], best
     sources = [ref for ref, role in models if role == "source"] + list(adapters)
     merged = MergedDemo(demo, out, results, best, registry, base, sources, console)
     sections = []
-    for part in (moe_section, cascade_section, gguf_section):
+    for part in parts:
         started = time.perf_counter()
         section = part(merged)
         section.seconds = time.perf_counter() - started
