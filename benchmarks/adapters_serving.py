@@ -2,7 +2,8 @@
 multi-adapter, the request's adapter set per request), N full models (each `base+adapter` folded), plus the learned
 router among the adapters when one is given. Per plan: bytes of parameters held by the loaded modules (each storage
 once) and per-request latency (batch 1, greedy, exactly --tokens new tokens, so every plan does the same work),
-over --rows prompts of each adapter's cohort from the suite, each request served as that plan serves its cohort.
+over --rows prompts of each adapter's cohort from the suite, each request served as that plan serves its cohort,
+by every plan in turn (all plans loaded at once, so they share the machine's load alike).
 
     .venv/bin/python benchmarks/adapters_serving.py --base examples/smollm2/base \
         --adapter arithmetic=examples/smollm2/adapters/arithmetic ... --merge merged/ties \
@@ -13,11 +14,12 @@ Prints a Markdown table (benchmarks/README.md has the measured one)."""
 from __future__ import annotations
 
 import argparse
-import gc
 import platform
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -35,22 +37,32 @@ def _args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _timed(model, tokenizer, prompts: list[tuple[str, list[int]]], tokens: int, serve) -> list[float]:
-    """ms per request: `serve(model, cohort, ids)` sets up the request (its adapter), then generation."""
-    times = []
-    for cohort, ids in prompts:
-        started = time.perf_counter()
-        with serve(cohort, ids):
-            model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+@dataclass
+class Plan:
+    """One way of serving: what it holds, its bytes, and `serve(cohort, ids)`: a context in which `model` answers."""
+
+    name: str
+    holds: str
+    size: int
+    model: Callable[[str], Any]  # cohort → the module that generates for it
+    serve: Callable[[str, list[int]], Any]
+    times: list[float] = field(default_factory=list)
 
 
-def _row(plan: str, holds: str, size: int, times: list[float]) -> str:
+def _generate(model, ids: list[int], tokens: int, pad: int) -> None:
+    model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                   max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad)
+
+
+def _row(plan: Plan) -> str:
+    times = plan.times
     p99 = statistics.quantiles(times, n=100)[98] if len(times) > 1 else times[0]
-    return f"| {plan} | {holds} | {size / 2**20:,.1f} MiB | {statistics.median(times):.1f} | {p99:.1f} |"
+    return (f"| {plan.name} | {plan.holds} | {plan.size / 2**20:,.1f} MiB | {statistics.median(times):.1f} | "
+            f"{p99:.1f} |")
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'s' if count != 1 else ''}"
 
 
 def main() -> None:
@@ -67,51 +79,46 @@ def main() -> None:
     adapters = {text.partition("=")[0]: Path(text.partition("=")[2]) for text in args.adapter}
     suite = load_suite(args.suite)
     rows = [row for cohort in adapters for row in suite.by_cohort(cohort)[:args.rows]]
-    table = ["| plan | holds | parameters held | p50 ms / request | p99 ms / request |", "|---|---|---|---|---|"]
 
     shared, tokenizer = load_shared(args.base, adapters)
+    shared_size = held_parameter_bytes(shared)
     prompts = [(row.cohort, _prompt_ids(tokenizer, row, "bench")) for row in rows]
-    size = held_parameter_bytes(shared)
-    _timed(shared, tokenizer, prompts[:1], 2, lambda cohort, ids: use_adapter(shared, cohort))  # warm-up
-    times = _timed(shared, tokenizer, prompts, args.tokens, lambda cohort, ids: use_adapter(shared, cohort))
-    count = f"{len(adapters)} adapter{'s' if len(adapters) != 1 else ''}"
-    table.append(_row("adapters on a shared base", f"1 base + {count}", size, times))
+    held = f"1 base + {_plural(len(adapters), 'adapter')}"
+    plans = [Plan("adapters on a shared base", held, shared_size, lambda cohort: shared,
+                  lambda cohort, ids: use_adapter(shared, cohort))]
     if args.router is not None:
         router = AdapterRouter.load(args.router)
 
         def routed(cohort, ids):
-            picked = router.pick(prompt_features(shared, [ids], tokenizer.pad_token_id))[0]
-            return use_adapter(shared, picked)
+            return use_adapter(shared, router.pick(prompt_features(shared, [ids], tokenizer.pad_token_id))[0])
 
         extra = sum(t.numel() * t.element_size() for t in (router.weight, router.bias, router.mean, router.scale))
-        times = _timed(shared, tokenizer, prompts, args.tokens, routed)
-        table.append(_row("learned router among the adapters", f"1 base + {count} + router",
-                          size + extra, times))
-    shared = None  # freed before the next plan loads
-    gc.collect()
-
+        plans.append(Plan("learned router among the adapters", held + " + router", shared_size + extra,
+                          lambda cohort: shared, routed))
     if args.merge is not None:
         merged, _ = load_model(ModelRef("merge", args.merge), "cpu")
-        _timed(merged, tokenizer, prompts[:1], 2, lambda cohort, ids: nullcontext())
-        times = _timed(merged, tokenizer, prompts, args.tokens, lambda cohort, ids: nullcontext())
-        table.append(_row("one merge", "1 model", held_parameter_bytes(merged), times))
-        del merged
-        gc.collect()
+        plans.append(Plan("one merge", "1 model", held_parameter_bytes(merged), lambda cohort: merged,
+                          lambda cohort, ids: nullcontext()))
+    full = {cohort: load_model(ModelRef(cohort, args.base, adapter=path), "cpu")[0] for cohort, path in adapters.items()}
+    plans.append(Plan("separate full models", _plural(len(full), "model"), held_parameter_bytes(*full.values()),
+                      full.__getitem__, lambda cohort, ids: nullcontext()))
 
-    full_size, times = 0, []
-    for cohort, path in adapters.items():  # one full model at a time: its own requests, then freed
-        model, _ = load_model(ModelRef(cohort, args.base, adapter=path), "cpu")
-        full_size += held_parameter_bytes(model)
-        mine = [p for p in prompts if p[0] == cohort]
-        _timed(model, tokenizer, mine[:1], 2, lambda c, ids: nullcontext())
-        times += _timed(model, tokenizer, mine, args.tokens, lambda c, ids: nullcontext())
-        del model
-        gc.collect()
-    table.append(_row("separate full models", f"{len(adapters)} model{'s' if len(adapters) != 1 else ''}",
-                      full_size, times))
+    # Each request served by every plan in turn, the order rotated: the plans share the machine's load alike.
+    for plan in plans:  # warm-up
+        with plan.serve(prompts[0][0], prompts[0][1]):
+            _generate(plan.model(prompts[0][0]), prompts[0][1], 2, tokenizer.pad_token_id)
+    for i, (cohort, ids) in enumerate(prompts):
+        for plan in plans[i % len(plans):] + plans[:i % len(plans)]:
+            started = time.perf_counter()
+            with plan.serve(cohort, ids):
+                _generate(plan.model(cohort), ids, args.tokens, tokenizer.pad_token_id)
+            plan.times.append((time.perf_counter() - started) * 1000)
     print(f"{len(prompts)} requests ({args.rows} per cohort), batch 1, {args.tokens} new tokens each, "
           f"{args.threads} torch thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}")
-    print("\n".join(table))
+    print("| plan | holds | parameters held | p50 ms / request | p99 ms / request |")
+    print("|---|---|---|---|---|")
+    for plan in plans:
+        print(_row(plan))
 
 
 if __name__ == "__main__":
