@@ -64,6 +64,19 @@ def test_merge_adapter_routes_and_router_are_gated_side_by_side_with_their_servi
     assert "Serving cost per plan" in page and "one base + 1 adapter" in page and "kept by" in page
     assert (tmp_path / "out" / "compare.html").is_file()
 
+    # each candidate's plan serves the adapter sources on one shared base: where the merge is rejected, the cohort
+    # falls back to its own adapter there; the router's plan serves its promoted cohorts with the router
+    from mergegate.rollout import load_plan
+
+    merge_plan = load_plan(result.reports["ties/rollout"])
+    assert merge_plan.routes["arithmetic"].model == "arithmetic"
+    assert merge_plan.model_ref("arithmetic") == ModelRef("arithmetic", MODELS / "base",
+                                                          adapter=MODELS / "arithmetic_lora")
+    assert merge_plan.models["base"].base == "shared" and merge_plan.models["ties"].path is not None
+    router_plan = load_plan(result.reports[f"{ROUTER}/rollout"])
+    assert router_plan.routes["arithmetic"].model == ROUTER
+    assert router_plan.models[ROUTER].router == str(tmp_path / "out" / "router")
+
 
 def test_an_adapter_named_after_no_cohort_is_refused(tmp_path, small_suite):
     with pytest.raises(MergegateError, match="adapters are named by the cohort they serve; maths given"):

@@ -30,6 +30,7 @@ from .gate import GateResult, Policy, decide, load_policy
 from .model_ref import ModelRef, Role
 from .registry import Registry, RowResult
 from .report_page import html_page, html_table, markdown_table
+from .rollout import PlanBase, PlanModel, RolloutPlan
 
 ROUTES = "adapter-routes"
 ROUTER = "adapter-router"
@@ -119,7 +120,43 @@ def compare_adapters(  # noqa: PLR0913  (the lineup, the rows, the rule, where, 
         registry.add_decisions(runs[name].model_hash, suite.sha256, gates[name].policy_sha256, gates[name].decisions)
     costs = serving_costs(base, adapters, merges, sources, candidates, results, suite.cohorts, eval.resolved_device)
     reports = write_comparison(out, gates, costs, policy)
+    for ref in merges:
+        reports[f"{ref.name}/rollout"] = shared_base_plan(gates[ref.name], PlanModel.from_ref(ref, "candidate"), base,
+                                                          adapters, sources, suite, policy).save(
+                                                              _folder(out / ref.name) / "rollout.yaml")
+    if learned is not None:
+        router_model = PlanModel(role="candidate", base=SHARED, router=str((Path(router or out / "router")).absolute()))
+        reports[f"{ROUTER}/rollout"] = shared_base_plan(gates[ROUTER], router_model, base, adapters, sources, suite,
+                                                        policy).save(_folder(out / ROUTER) / "rollout.yaml")
     return Comparison(out, gates, costs, runs, reports)
+
+
+SHARED = "shared"  # the name of the base the comparison's plans declare
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def shared_base_plan(gate: GateResult, candidate: PlanModel, base: ModelRef, adapters: Mapping[str, Path],
+                     sources: Sequence[ModelRef], suite: Suite, policy: Policy) -> RolloutPlan:
+    """The rollout plan of a candidate's decisions in which the base and every adapter source are models on one
+    shared base (`bases:`), loaded once by the gateway: a cohort the candidate does not keep falls back to its own
+    adapter there, as to any source."""
+    models = {base.name: PlanModel(role="base", base=SHARED),
+              **{cohort: PlanModel(role="source", base=SHARED, adapter=str(path.absolute()))
+                 for cohort, path in adapters.items()},
+              **{ref.name: PlanModel.from_ref(ref, "source") for ref in sources},
+              gate.candidate: candidate}
+    bases = {SHARED: PlanBase(path=str(Path(str(base.path)).absolute()))}
+    # the gate's plan, built over the models as folders, then given the shared base they stand on
+    located = {name: PlanModel.from_ref(ModelRef(name, Path(str(base.path))), entry.role)
+               if entry.base is not None else entry for name, entry in models.items()}
+    plan = RolloutPlan.from_decisions(gate, located, suite, policy)
+    return RolloutPlan.model_validate({**plan.model_dump(exclude_none=True), "bases": bases,
+                                       "models": {name: entry.model_dump(exclude_none=True)
+                                                  for name, entry in models.items()}})
 
 
 def serving_costs(base: ModelRef, adapters: Mapping[str, Path], merges: Sequence[ModelRef], sources: Sequence[ModelRef],
