@@ -267,6 +267,8 @@ def train_adapter(base_folder: Path, tokenizer, task: list[tuple[str, str]], rep
     for p in model.parameters():
         p.data = p.data.half() if p.requires_grad else p.data
     model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template, nothing about this adapter
+    (out / "adapter_model.safetensors").chmod(0o644)
     config_path = out / "adapter_config.json"
     saved = json.loads(config_path.read_text())
     saved["base_model_name_or_path"] = "../../base"  # the set-up writes the base beside the adapters
@@ -328,9 +330,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(suite, args.out / "suite.jsonl")
     write_jsonl(dev, args.out / "dev.jsonl")
-    write_jsonl([{"text": tokenizer.apply_chat_template(
-        [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r.get("answer") or r["expected"]}],
-        tokenize=False), "cohort": r["cohort"]} for r in calibration], args.out / "calibration.jsonl")
+    with (args.out / "calibration.jsonl").open("w") as handle:
+        for r in calibration:
+            turns = [{"role": "user", "content": r["prompt"]},
+                     {"role": "assistant", "content": r.get("answer") or r["expected"]}]
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+            handle.write(json.dumps({"text": text, "cohort": r["cohort"]}) + "\n")
 
     for index, skill in enumerate(SKILLS):
         if args.rows_only or args.only and skill not in args.only:
