@@ -62,6 +62,14 @@ def test_a_quantized_file_is_dequantized_within_the_formats_error(exported, tmp_
     assert changed > 0  # the weights really went through the quantizer and back
 
 
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_the_folders_config_does_not_say_gguf_quantization(exported, qtype, tmp_path):
+    # its weights are plain float32: a config naming GGUF quantization makes vLLM refuse the folder
+    import_gguf(exported[qtype], tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
 def test_a_file_that_is_not_gguf_is_refused_and_nothing_is_written(tmp_path):
     bogus = tmp_path / "model.gguf"
     bogus.write_bytes(b"not a gguf file at all" * 10)

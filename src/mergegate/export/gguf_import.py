@@ -94,6 +94,10 @@ def import_gguf(gguf_file: str | Path, out: str | Path, *, overwrite: bool = Fal
     plain: Any = type(loaded)(loaded.config)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
+    # The weights written are plain float32: a config still naming GGUF as their quantization makes vLLM refuse
+    # the folder ("Unknown quantization method: gguf").
+    if hasattr(plain.config, "quantization_config"):
+        del plain.config.quantization_config
     architecture = type(loaded).__name__
     parameters = sum(p.numel() for p in plain.parameters())
     with staged(out, overwrite) as partial:
