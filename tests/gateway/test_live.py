@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.one_torch_thread, pytest.mark.slow]
 
 FAST = GatewayConfig(backend_timeout=5.0, max_tokens_limit=64)
 SHORT, LONG = "ok", "a long answer that breaks the length bound"
+JSON_ANSWER = '{"ok": true}'
 TOKEN = "secret-admin-token"
 
 
@@ -139,6 +140,29 @@ def test_a_failing_candidate_in_its_canary_is_rolled_back_by_the_guardrail_at_on
     after = [r for r in gw.registry.live_requests(gw.gateway.live.experiment)
              if r["cohort"] == "held" and r["plan_version"] >= version]
     assert len(after) == 5 and {r["model"] for r in after} == {"src"}
+
+
+@pytest.mark.parametrize("phase_under_test", ["canary", "full"])
+def test_a_candidate_answer_that_fails_the_routes_check_counts_as_its_loss_though_the_source_answered(
+        stub, launch_each, phase_under_test):
+    """In a canary or full phase the candidate answers first and falls back to the source when its answer fails the
+    route's check: that request's candidate score is the failed check's 0, not the source's answer standing in for
+    it (a candidate whose every answer fell back would otherwise tie the source and be promoted)."""
+    stub.set("primary", reply=JSON_ANSWER)
+    stub.set("candidate", reply=JSON_ANSWER)
+    checked = plan(stub, held={"model": "src", "mirror": 1.0, "check": "json_valid"})
+    gw = launch_each(checked, config=FAST, policy=policy(max_answer_chars=None), admin_token=TOKEN)
+    for _ in range(2 if phase_under_test == "full" else 1):
+        httpx.post(gw.url + "/admin/live/held", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10,
+                   json={"action": "promote", "reason": "skip ahead to the phase under test"})
+    assert phase(gw) == phase_under_test
+    stub.set("candidate", reply="not json")  # fails json_valid: every request the candidate takes falls back
+    drive(gw, lambda: phase(gw) != phase_under_test, limit=80)
+    last = steps(gw)[-1]
+    assert (last["phase_before"], last["phase_after"], last["action"]) == (phase_under_test, "rolled_back",
+                                                                            "rollback")
+    assert json.loads(last["evidence"])["decision"]["diff_high"] <= -0.1
+    assert gw.gateway.plan.routes["held"].model == "src"
 
 
 def test_a_restart_resumes_the_evidence_and_the_plan_version(stub, launch_each):

@@ -56,6 +56,7 @@ from ..rollout import RolloutPlan, Route
 from .admin import PlanStore, authorize
 from .bodies import load_json, read_body
 from .errors import APIError
+from .mirror import sampled
 from .online_scores import PairwiseJudge, Scorer, scorer_for
 from .routing import DEFAULT
 
@@ -414,14 +415,34 @@ class LiveController:
                 return
         if text is None or status >= 400 or info["model"] is None:
             return
-        score, sources = self.scorer(cohort).score(text, latency_ms)
+        scorer = self.scorer(cohort)
+        score, sources = scorer.score(text, latency_ms)
         if score is None:
             return
-        if current and state.phase == "canary" and info["arm"] in ("candidate", "served") and state.canary:
+        failed = _failed_scored_check(scorer, target.route, candidate, skipped) if candidate_first else None
+        if current and failed is not None and info["model"] != candidate:
+            await self._on_candidate_failed(target, state, request_id, info, failed, score, sources)
+        elif current and state.phase == "canary" and info["arm"] in ("candidate", "served") and state.canary:
             state.canary = record_canary(state.canary, info["arm"], score)
             await self._row(cohort, state, request_id, score if info["arm"] == "candidate" else math.nan,
                             score if info["arm"] == "served" else math.nan, {info["arm"]: sources})
         await self._drift(info["model"], cohort, score)
+
+    async def _on_candidate_failed(self, target, state: CohortLive, request_id: str, info: dict, check: str,
+                                   score: float, sources: dict) -> None:
+        """The candidate's own answer failed the route's check (a score source) and another model answered: the
+        candidate scores that check's 0 for this request, never the answer that stood in for its own. In a canary
+        it is the candidate arm's score; in a full phase, on a request the reverse shadow samples (which mirrors
+        nothing here: the source already answered), it pairs with the source's answer."""
+        failed = {check: 0.0, "fell_back_to": info["model"]}
+        if state.phase == "canary" and info["arm"] == "candidate" and state.canary is not None:
+            state.canary = record_canary(state.canary, "candidate", 0.0)
+            await self._row(target.cohort, state, request_id, 0.0, math.nan, {"candidate": failed})
+        elif state.phase == "full" and state.evidence is not None and info["model"] == target.route.mirror_to \
+                and sampled(request_id, target.route.mirror):
+            state.evidence = update(state.evidence, 0.0, score)
+            await self._row(target.cohort, state, request_id, 0.0, score,
+                            {"candidate": failed, "served": sources, "served_model": info["model"]})
 
     async def _on_feedback(self, cohort: str, stage: int, arm: str, value: float) -> None:
         state = self.cohorts[cohort]
@@ -521,6 +542,16 @@ class LiveController:
 
     def _save_states(self, cohorts: list[str]) -> None:
         self.registry.save_live_state(self.experiment, {f"cohort:{c}": self.cohorts[c].to_json() for c in cohorts})
+
+
+def _failed_scored_check(scorer: Scorer, route: Route, candidate: str, skipped: list) -> str | None:
+    """The route's check the candidate's answer failed (it was skipped for it), when that check is one of the
+    scorer's sources — its failure then scores 0 — else None."""
+    scored = {"json_valid": scorer.json or scorer.schema_row is not None, "tool_selection": scorer.tools is not None}
+    check = route.check
+    if check is None or not scored.get(check):
+        return None
+    return check if (candidate, f"check:{check}") in {tuple(s) for s in skipped} else None
 
 
 def _sources(scorer: Scorer, judged: bool) -> list[str]:
