@@ -63,6 +63,16 @@ def test_the_workflow_is_in_the_public_api():
         assert stage in mergegate.__all__, stage
 
 
+def test_the_live_stage_is_in_the_public_api():
+    """Deciding from live traffic: the policy's live block and the sequential test's evidence and parameters."""
+    from mergegate import gate, live
+
+    for name, module in (("LivePolicy", gate), ("SequentialParams", live), ("CohortEvidence", live),
+                         ("CanaryEvidence", live)):
+        assert name in mergegate.__all__, name
+        assert getattr(mergegate, name) is getattr(module, name)
+
+
 def test_every_error_class_and_the_builders_are_in_the_public_api():
     """What a user calls (build_moe, export_gguf, the search) and every error class they may catch."""
     from mergegate import errors

@@ -58,6 +58,11 @@ _EXPORTS = {
     "load_plan": "rollout",
     "create_app": "gateway",  # needs mergegate[serve]
     "serve": "gateway",
+    # decide from live traffic (the gateway's live loop; its sequential test on paired scores)
+    "LivePolicy": "gate",
+    "SequentialParams": "live",
+    "CohortEvidence": "live",
+    "CanaryEvidence": "live",
     # errors
     "MergegateError": "errors",
     "RecipeError": "errors",
@@ -120,9 +125,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from .evaluate import EvalOptions, Suite, evaluate_models, load_suite
     from .export import export_gguf
-    from .gate import GateResult, Policy, decide, load_policy
+    from .gate import GateResult, LivePolicy, Policy, decide, load_policy
     from .gateway import create_app, serve
     from .io.read import Checkpoint
+    from .live import CanaryEvidence, CohortEvidence, SequentialParams
     from .lora import combine_adapters, extract_adapter, merge_adapter
     from .methods import available_methods, get_method, register
     from .model_ref import ModelRef
