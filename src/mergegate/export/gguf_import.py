@@ -14,6 +14,7 @@ memory-mapped binary.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections import Counter
@@ -91,7 +92,10 @@ def import_gguf(gguf_file: str | Path, out: str | Path, *, overwrite: bool = Fal
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GGUFImportError(f"{gguf_file}: transformers cannot load it ({first_line})") from None
     # A model loaded from GGUF refuses save_pretrained: copy its state into a plain model of the same class.
-    plain: Any = type(loaded)(loaded.config)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):  # it would say "gguf": the folder holds plain float32 weights
+        delattr(config, "quantization_config")
+    plain: Any = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
     # The weights written are plain float32: a config still naming GGUF as their quantization makes vLLM refuse
