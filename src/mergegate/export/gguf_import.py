@@ -93,15 +93,13 @@ def import_gguf(gguf_file: str | Path, out: str | Path, *, overwrite: bool = Fal
         raise GGUFImportError(f"{gguf_file}: transformers cannot load it ({first_line})") from None
     # A model loaded from GGUF refuses save_pretrained: copy its state into a plain model of the same class.
     config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):  # it would say "gguf": the folder holds plain float32 weights
+    # The weights written are plain float32: a config still naming GGUF as their quantization makes vLLM refuse
+    # the folder ("Unknown quantization method: gguf").
+    if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     plain: Any = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
-    # The weights written are plain float32: a config still naming GGUF as their quantization makes vLLM refuse
-    # the folder ("Unknown quantization method: gguf").
-    if hasattr(plain.config, "quantization_config"):
-        del plain.config.quantization_config
     architecture = type(loaded).__name__
     parameters = sum(p.numel() for p in plain.parameters())
     with staged(out, overwrite) as partial:
