@@ -280,14 +280,13 @@ def test_a_partial_file_of_a_killed_export_is_removed_by_the_next(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["base.gguf"]
 
 
-def test_byte_level_bpe_untied_and_padded_vocabulary(tmp_path):
-    """A byte-level BPE (GPT-2 / Llama 3 style) becomes tokenizer.ggml.model "gpt2" with its merges; an untied lm_head
-    becomes output.weight; embedding rows past the tokenizer are named [PADn] and typed UNUSED."""
+def _bpe_model(folder: Path, pre_tokenizer=None):
+    """A one-layer Llama with a byte-level BPE tokenizer (`pre_tokenizer`: GPT-2's by default) written directly
+    (transformers' import alone takes seconds); the tokenizer."""
     import torch
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    folder = tmp_path / "bpe"  # a one-layer Llama written directly (transformers' import alone takes seconds)
     folder.mkdir()
     config = json.loads((BASE / "config.json").read_text())
     config.update(vocab_size=320, hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=1,
@@ -303,16 +302,24 @@ def test_byte_level_bpe_untied_and_padded_vocabulary(tmp_path):
               str(folder / "model.safetensors"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(["the weather in Oslo is cold", "search the weather"] * 20, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer.save(str(folder / "tokenizer.json"))
+    return tokenizer
+
+
+def test_byte_level_bpe_untied_and_padded_vocabulary(tmp_path):
+    """A byte-level BPE (GPT-2 style) becomes tokenizer.ggml.model "gpt2" with its merges; an untied lm_head
+    becomes output.weight; embedding rows past the tokenizer are named [PADn] and typed UNUSED."""
+    folder = tmp_path / "bpe"
+    tokenizer = _bpe_model(folder)
     exported = export_gguf(folder, tmp_path / "bpe.gguf", "q8_0")
     assert exported.tokenizer_model == "gpt2" and exported.tensors["output.weight"] == ("lm_head.weight", "Q8_0")
     value = {name: field.contents() for name, field in gguf.GGUFReader(exported.path).fields.items()}
-    assert value["tokenizer.ggml.model"] == "gpt2" and value["tokenizer.ggml.pre"] == "default"
+    assert value["tokenizer.ggml.model"] == "gpt2" and value["tokenizer.ggml.pre"] == "gpt-2"
     spec = json.loads((folder / "tokenizer.json").read_text())
     assert value["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -321,3 +328,34 @@ def test_byte_level_bpe_untied_and_padded_vocabulary(tmp_path):
     assert tokens[len(vocab):] == [f"[PAD{i}]" for i in range(len(vocab), 320)]
     assert set(value["tokenizer.ggml.token_type"][len(vocab):]) == {gguf.TokenType.UNUSED}
     assert value["tokenizer.ggml.token_type"][1] == gguf.TokenType.CONTROL
+
+
+def _gpt2_byte_level():
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+def _digits_then_gpt2():
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_byte_level()])
+
+
+@pytest.mark.parametrize("pre_tokenizer, name", [(_gpt2_byte_level, "gpt-2"), (_digits_then_gpt2, "smollm")],
+                         ids=["gpt-2", "digits-then-gpt-2"])
+def test_a_byte_level_bpe_is_pre_split_by_llama_cpp_as_by_its_own_tokenizer(pre_tokenizer, name, tmp_path):
+    # llama.cpp reads the pre-tokenization by name: its "default" splits " +" into " " and "+", which GPT-2's
+    # regex (and SmolLM2's tokenizer) keep whole, so a prompt with a sum reached the model as other tokens
+    _bpe_model(tmp_path / "bpe", pre_tokenizer())
+    exported = export_gguf(tmp_path / "bpe", tmp_path / "bpe.gguf")
+    assert gguf.GGUFReader(exported.path).fields["tokenizer.ggml.pre"].contents() == name
+
+
+def test_a_byte_level_bpe_split_in_a_way_llama_cpp_has_no_name_for_is_refused(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    _bpe_model(tmp_path / "bpe", pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), _gpt2_byte_level()]))
+    with pytest.raises(GGUFExportError, match=r"tokenizer.json: its pre-tokenizer \(Punctuation, ByteLevel\)"):
+        export_gguf(tmp_path / "bpe", tmp_path / "bpe.gguf")
+    assert not (tmp_path / "bpe.gguf").exists()

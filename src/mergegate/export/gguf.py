@@ -17,7 +17,10 @@ Tokenizer, as far as GGUF's metadata can say it:
   characters and merges a pair only into a token of the vocabulary, so a character vocabulary tokenizes one
   token per character, as the WordLevel model does. (GPT-2's byte-level BPE would need merges, which a
   WordLevel model has none of, and would respell every token.)
-- a byte-level BPE (GPT-2, Llama 3 style) becomes `"gpt2"` with its merges and `tokenizer.ggml.pre = "default"`.
+- a byte-level BPE becomes `"gpt2"` with its merges, and `tokenizer.ggml.pre` names how llama.cpp is to pre-split
+  text (it reads a name, not the regex): `"gpt-2"` for GPT-2's own split (a ByteLevel step with its regex),
+  `"smollm"` for digits split one by one first (SmolLM's). llama.cpp's `"default"` splits otherwise (" +" into " "
+  and "+"), so a pre-tokenizer without a name here is refused rather than written as it.
 - anything else is refused: its GGUF form needs a conversion this exporter does not do.
 Special tokens become CONTROL (the unknown token UNKNOWN), other added tokens USER_DEFINED; bos/eos/unk/pad ids
 come from tokenizer_config.json / config.json, and whether a BOS (EOS) is added from what the tokenizer itself
@@ -178,6 +181,30 @@ class _Vocabulary:
     types: list[int]
     merges: list[str]
     scores: list[float] | None
+    pre: str | None = None  # llama.cpp's name of a byte-level BPE's pre-tokenization
+
+
+def _gpt2_split(step: Any) -> bool:
+    """A ByteLevel step that splits with GPT-2's regex (tokenizers' default when `use_regex` is not written)."""
+    return isinstance(step, dict) and step.get("type") == "ByteLevel" and step.get("use_regex", True) is True
+
+
+def _pre_tokenizer_name(path: Path, pre_tokenizer: Any) -> str:
+    """llama.cpp's name for how the byte-level BPE of `path` pre-splits text (GGUFExportError when it has none
+    here): GPT-2's regex alone is "gpt-2"; each digit on its own first, then GPT-2's regex, is "smollm"."""
+    steps = pre_tokenizer.get("pretokenizers") if isinstance(pre_tokenizer, dict) and \
+        pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    steps = steps if isinstance(steps, list) else [steps]
+    if len(steps) == 1 and _gpt2_split(steps[0]):
+        return "gpt-2"
+    digits_first = bool(steps) and isinstance(steps[0], dict) and steps[0].get("type") == "Digits" and \
+        steps[0].get("individual_digits") is True
+    if len(steps) == 2 and digits_first and _gpt2_split(steps[1]):
+        return "smollm"
+    kinds = ", ".join(str(step.get("type")) if isinstance(step, dict) else repr(step) for step in steps)
+    raise GGUFExportError(f"{path}: its pre-tokenizer ({kinds}) is not one llama.cpp knows by a name this exporter "
+                          "writes (GPT-2's ByteLevel split, or digits one by one and then it): llama.cpp would split "
+                          "the text otherwise than the model's tokenizer")
 
 
 def _vocabulary(folder: Path, vocab_size: int) -> tuple[_Vocabulary, Any]:
@@ -218,11 +245,12 @@ def _vocabulary(folder: Path, vocab_size: int) -> tuple[_Vocabulary, Any]:
         else:
             tokens.append(text.replace(" ", SPM_SPACE) if model == "llama" else text)
             types.append(int(TokenType.UNKNOWN if text == unk else TokenType.NORMAL))
-    merges = []
+    merges, pre = [], None
     if model == "gpt2":
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+        pre = _pre_tokenizer_name(path, spec.get("pre_tokenizer"))
     scores = [0.0] * vocab_size if model == "llama" else None
-    return _Vocabulary(model, tokens, types, merges, scores), tokenizer
+    return _Vocabulary(model, tokens, types, merges, scores, pre), tokenizer
 
 
 def _adds_special(tokenizer: Any, token_id: int | None, at_start: bool) -> bool:
@@ -323,8 +351,8 @@ def _write_gguf(gguf: Any, checkpoint: Checkpoint, partial: Path, qtype: str, na
     writer.add_vocab_size(vocab_size)
 
     writer.add_tokenizer_model(vocabulary.model)
-    if vocabulary.model == "gpt2":
-        writer.add_tokenizer_pre("default")
+    if vocabulary.pre is not None:
+        writer.add_tokenizer_pre(vocabulary.pre)
         writer.add_token_merges(vocabulary.merges)
     else:
         writer.add_add_space_prefix(False)
