@@ -33,8 +33,8 @@ def tiny_suite(tmp_path, evaluators=("exact_match",)):
 
 
 class Scripted:
-    """A tiny OpenAI-compatible server: /v1/models reports `identity`; the first `busy` completions answer 429
-    with Retry-After, the rest the reply."""
+    """A tiny OpenAI-compatible server: /v1/models reports `identity`; a completion naming another model is a 404
+    (as vLLM answers it); the first `busy` completions answer 429 with Retry-After, the rest the reply."""
 
     def __init__(self):
         from fastapi import FastAPI
@@ -50,6 +50,9 @@ class Scripted:
 
         @app.post("/v1/completions")
         def completions(body: dict):
+            if body.get("model") != self.identity["id"]:
+                return JSONResponse({"error": {"message": f"The model `{body.get('model')}` does not exist."}},
+                                    status_code=404)
             with self.lock:
                 self.calls += 1
                 busy = self.busy > 0
