@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint setup bench clean
+.PHONY: demo test lint setup bench clean servers integration
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: lint
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || echo "chromium not installed: the layout test skips"; \
 	fi
 	$(BIN)/python -m pytest -q
+
+# The real model (examples/smollm2/base) through vLLM CPU, llama.cpp's server and `transformers serve`, against
+# in-process evaluation: not part of `make test`. `make servers` installs the first two under .servers/ (an hour:
+# llama.cpp is built from source); a test whose server or model is missing skips, saying why.
+servers:
+	scripts/setup-servers.sh
+
+integration: setup
+	$(BIN)/python -m pytest -q -s -m integration tests/serving/test_real_servers.py
 
 bench: setup
 	$(BIN)/python benchmarks/merge_vs_mergekit.py
