@@ -21,10 +21,9 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .._yaml import error_message
 from ..rollout import RolloutPlan
 from .bodies import load_json, read_body
-from .errors import APIError
+from .errors import APIError, validation_error
 from .routing import DEFAULT
 
 router = APIRouter(prefix="/admin")
@@ -117,13 +116,7 @@ async def set_route(cohort: str, request: Request) -> dict:
     try:
         change = RouteChange.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(map(str, first["loc"])) or None
-        if first["type"] == "missing":
-            raise APIError(400, f"Missing required parameter: '{param}'.", param=param,
-                           code="missing_required_parameter") from None
-        raise APIError(400, f"Invalid value for '{param}': {error_message(first)}.", param=param,
-                       code="invalid_value") from None
+        raise validation_error(exc) from None
     gateway = request.app.state.gateway
     before = gateway.store.plan
     changed = await gateway.store.set_route(cohort, change)

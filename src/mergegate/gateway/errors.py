@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class APIError(Exception):
     """A request the gateway answers with `{"error": {"message", "type", "param", "code"}}`."""
@@ -14,6 +19,21 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(exc: ValidationError, messages: dict[str, str] | None = None) -> APIError:
+    """A body that failed its schema as OpenAI's 400: the first problem's parameter and what is wrong with it
+    (`messages` replaces the wording for a parameter), and how many more there are."""
+    from .._yaml import error_message
+
+    errors = exc.errors()
+    first = errors[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    if first["type"] == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    message = (messages or {}).get(param or "", error_message(first))
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return APIError(400, f"Invalid value for '{param}': {message}{more}.", param=param, code="invalid_value")
 
 
 class BackendError(Exception):

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .._yaml import error_message
 from ..live.sequential import (
     CanaryEvidence,
     CohortEvidence,
@@ -55,7 +54,7 @@ from ..live.sequential import (
 from ..rollout import RolloutPlan, Route
 from .admin import PlanStore, authorize
 from .bodies import load_json, read_body
-from .errors import APIError
+from .errors import APIError, validation_error
 from .mirror import sampled
 from .online_scores import PairwiseJudge, Scorer, scorer_for
 from .routing import DEFAULT
@@ -590,13 +589,7 @@ def parse_feedback(raw: bytes) -> Feedback:
     try:
         body = Feedback.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(map(str, first["loc"])) or None
-        if first["type"] == "missing":
-            raise APIError(400, f"Missing required parameter: '{param}'.", param=param,
-                           code="missing_required_parameter") from None
-        raise APIError(400, f"Invalid value for '{param}': {error_message(first)}.", param=param,
-                       code="invalid_value") from None
+        raise validation_error(exc) from None
     value = body.value
     if not isinstance(value, bool) and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):  # not NaN
         raise APIError(400, f"Invalid value for 'value': {value!r} is not a boolean or a number in [0, 1].",
@@ -644,10 +637,7 @@ async def post_override(cohort: str, request: Request) -> dict:
     try:
         body = Override.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(map(str, first["loc"])) or None
-        raise APIError(400, f"Invalid value for '{param}': {error_message(first)}.", param=param,
-                       code="invalid_value") from None
+        raise validation_error(exc) from None
     if not body.reason.strip():
         raise APIError(400, "An override needs a non-empty 'reason'.", param="reason", code="invalid_value")
     return await live.override(cohort, body.action, body.reason.strip(), body.actor)

@@ -18,9 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .._yaml import error_message
 from .bodies import load_json
-from .errors import APIError
+from .errors import APIError, validation_error
 
 Operation = Literal["chat", "text_completion"]
 
@@ -159,19 +158,12 @@ def parse_body(raw: bytes, kind: Operation) -> ChatRequest | CompletionRequest:
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise request_error(exc) from None
 
 
-def _validation_error(exc: ValidationError) -> APIError:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    if first["type"] == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    message = error_message(first)
-    if param == "n":
-        message = "Only n=1 is supported."
-    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-    return APIError(400, f"Invalid value for '{param}': {message}{more}.", param=param, code="invalid_value")
+def request_error(exc: ValidationError) -> APIError:
+    """A chat/completions body that failed its schema, as OpenAI's 400 (n is always 1 here)."""
+    return validation_error(exc, {"n": "Only n=1 is supported."})
 
 
 def check_prompt_chars(characters: int, config, param: str) -> None:

@@ -28,7 +28,7 @@ from .backends import Backend, LocalBackend, RemoteBackend
 from .bodies import load_json
 from .errors import APIError
 from .hops import HOP_HEADER, hop_header
-from .protocol import Bool, ChatMessage, Str, _validation_error, check_prompt_chars
+from .protocol import Bool, ChatMessage, Str, check_prompt_chars, request_error
 
 
 class TokenizeRequest(BaseModel):
@@ -55,7 +55,7 @@ def parse_tokenize(raw: bytes, config) -> TokenizeRequest:
     try:
         body = TokenizeRequest.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise request_error(exc) from None
     if body.messages is not None:
         check_prompt_chars(sum(len(m.text()) for m in body.messages), config, "messages")
     else:
