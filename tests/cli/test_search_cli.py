@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from ..helpers import assert_refused, write_jsonl
 from .helpers import DEMO, MERGEGATE, run_in_terminal
 
 pytestmark = pytest.mark.slow
+TRIALS = 2  # the interrupted one, re-run, and one after it: one folder kept, one removed
 
 
 def _inputs(folder: Path) -> tuple[Path, Path, Path, Path]:
@@ -33,17 +35,6 @@ def _inputs(folder: Path) -> tuple[Path, Path, Path, Path]:
         "models": [{"model": str(models / "tool_required"), "parameters": {"weight": {"range": [0.5, 1.0]}}}],
         "parameters": {"lambda": 1.0}, "dtype": "float32"}))
     return dev, held, policy, space
-
-
-def test_search_in_a_terminal_shows_its_bar_and_writes_the_report(tmp_path):
-    dev, held, policy, space = _inputs(tmp_path)
-    code, screen = run_in_terminal("search", space, "--suite", dev, "--held-out", held, "--policy", policy,
-                                   "--trials", "2", "--keep", "1", "--out", tmp_path / "out", "--batch-size", "4",
-                                   "--max-new-tokens", "24", cwd=tmp_path)
-    assert code == 0, screen[-3000:]
-    assert "Traceback" not in screen and "searching" in screen
-    assert "2 trials: 2 complete" in screen
-    assert (tmp_path / "out" / "search.html").is_file() and (tmp_path / "out" / "best.yaml").is_file()
 
 
 def test_search_refuses_a_held_out_suite_that_overlaps_the_dev_rows(tmp_path):
@@ -66,7 +57,8 @@ def test_search_refuses_a_bad_space_naming_the_field(tmp_path):
 
 def _search(space: Path, dev: Path, held: Path, policy: Path, out: Path, *extra: str) -> list[str]:
     return [MERGEGATE, "search", str(space), "--suite", str(dev), "--held-out", str(held), "--policy", str(policy),
-            "--out", str(out), "--trials", "3", "--keep", "1", "--batch-size", "4", "--max-new-tokens", "8", *extra]
+            "--out", str(out), "--trials", str(TRIALS), "--keep", "1", "--batch-size", "4", "--max-new-tokens", "8",
+            *extra]
 
 
 def test_search_refuses_an_out_folder_another_search_holds_and_leaves_it_alone(tmp_path):
@@ -113,12 +105,28 @@ def _study_states(out: Path) -> list[str]:
         return []
 
 
-def test_ctrl_c_says_how_to_resume_and_the_resumed_search_leaves_only_the_kept_folders(tmp_path):
-    dev, held, policy, space = _inputs(tmp_path)
-    out = tmp_path / "out"
+@dataclass(frozen=True)
+class InterruptedThenResumed:
+    out: Path
+    interrupted_code: int
+    interrupted_stderr: str
+    resumed_code: int
+    resumed_screen: str
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(tmp_path_factory) -> InterruptedThenResumed:
+    """One search as a user runs it: Ctrl-C once its first trial is being merged, then the same command again in a
+    terminal (its progress bar on). Each full search is a fresh interpreter, a local Ray and its workers: one pair
+    of runs serves every test below."""
+    folder = tmp_path_factory.mktemp("search")
+    dev, held, policy, space = _inputs(folder)
+    out = folder / "out"
     command = _search(space, dev, held, policy, out)
+    # as in a terminal's foreground, Ctrl-C is delivered: a suite started in the background (`make test &`, nohup)
+    # ignores SIGINT, and a child inherits that
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and process.poll() is None:  # Ctrl-C once a trial is being merged
@@ -129,12 +137,25 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_search_leaves_only_the_kept_f
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
         _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0] and "run the same command again" in lines[0], stderr
-    assert "Traceback" not in stderr
+    code, screen = run_in_terminal(*command[1:], cwd=folder)
+    return InterruptedThenResumed(out, process.returncode, stderr, code, screen)
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert again.returncode == 0, again.stderr[-2000:]
-    kept = sorted(p.name for p in (out / "trials").iterdir())
+
+def test_ctrl_c_says_how_to_resume_and_the_resumed_search_leaves_only_the_kept_folders(interrupted_then_resumed):
+    runs = interrupted_then_resumed
+    assert runs.interrupted_code == 130, runs.interrupted_stderr[-2000:]
+    lines = runs.interrupted_stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "run the same command again" in lines[0], lines
+    assert "Traceback" not in runs.interrupted_stderr
+
+    assert runs.resumed_code == 0, runs.resumed_screen[-3000:]
+    kept = sorted(p.name for p in (runs.out / "trials").iterdir())
     assert len(kept) == 1 and kept[0].startswith("trial-"), kept  # --keep 1: its folder, and no scratch registry
+
+
+def test_search_in_a_terminal_shows_its_bar_and_writes_the_report(interrupted_then_resumed):
+    runs = interrupted_then_resumed
+    assert runs.resumed_code == 0, runs.resumed_screen[-3000:]
+    assert "Traceback" not in runs.resumed_screen and "searching" in runs.resumed_screen
+    assert f"{TRIALS} trials: {TRIALS} complete" in runs.resumed_screen  # the interrupted trial's re-run counted once
+    assert (runs.out / "search.html").is_file() and (runs.out / "best.yaml").is_file()

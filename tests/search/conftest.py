@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,14 @@ def suites(tmp_path_factory) -> tuple[Path, Path]:
     write_jsonl(dev, [r for c in COHORTS for r in picked[c][:4]])
     write_jsonl(held, [r for c in COHORTS for r in picked[c][4:8]])
     return dev, held
+
+
+@pytest.fixture(scope="package")
+def local_ray():
+    """The local Ray (2 CPUs) of tests/conftest.py, started once for the whole search package instead of once a
+    module: its workers, once they have imported torch and loaded the demo models, serve every module's trials."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
