@@ -244,8 +244,9 @@ def test_a_burst_with_a_member_down_and_one_slow_is_answered_and_counted(stub, l
             assert sum(n for (m, _), n in calls.items() if m == model) == per_route, (cohort, model, calls)
         # b is down: each request either called it (failed) or skipped it with its breaker open (no call made)
         skipped_b = counter(gw, "mergegate_fallbacks_total", cohort=cohort, model="b", reason="circuit_open")
-        assert {o for (m, o) in calls if m == "b"} == {"failed"}
-        assert calls[("b", "failed")] + skipped_b == per_route, (cohort, calls, skipped_b)
+        # (the breaker is b's, not a route's: the other route's failures may open it before this one calls b)
+        assert {o for (m, o) in calls if m == "b"} <= {"failed"}
+        assert calls.get(("b", "failed"), 0) + skipped_b == per_route, (cohort, calls, skipped_b)
     raced, voted = outcomes(gw, "raced", "race"), outcomes(gw, "voted", "vote")
     assert {o for (m, o) in raced} <= {"won", "answered", "cancelled", "failed"}
     assert voted[("a", "won")] == per_route and voted[("c", "answered")] == per_route
