@@ -96,27 +96,27 @@ def test_interrupted_run_resumes_without_redoing_rows(family, suite_file, tmp_pa
     suite = load_suite(suite_file)
     registry = Registry(tmp_path / "registry.sqlite")
     spec = (ModelRef("ft2", family["ft2"]), "source")
-    original = local_module._run_batch
-    seen: list[list[str]] = []
+    original = local_module._answer_rows
+    recorded: list[str] = []
     crashed = []
 
-    def crash_on_second_batch(model, tokenizer, name, model_hash, rows, max_new_tokens):
-        seen.append([r.id for r in rows])
-        if len(seen) == 2 and not crashed:
-            crashed.append(True)
-            raise RuntimeError("interrupted")
-        return original(model, tokenizer, name, model_hash, rows, max_new_tokens)
+    def crash_after_first_results(model, tokenizer, name, model_hash, rows, batch_size, max_new_tokens):
+        for results in original(model, tokenizer, name, model_hash, rows, batch_size, max_new_tokens):
+            if recorded and not crashed:
+                crashed.append(True)
+                raise RuntimeError("interrupted")
+            recorded.extend(r.row_id for r in results)
+            yield results
 
-    monkeypatch.setattr(local_module, "_run_batch", crash_on_second_batch)
+    monkeypatch.setattr(local_module, "_answer_rows", crash_after_first_results)
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate_models([spec], suite, registry, EvalOptions(batch_size=4, max_new_tokens=4, progress=False))
-    first_batch = set(seen[0])
-    seen.clear()
+    first = set(recorded)
+    recorded.clear()
     run = evaluate_models([spec], suite, registry, EvalOptions(batch_size=4, max_new_tokens=4, progress=False))["ft2"]
-    redone = {row_id for batch in seen for row_id in batch}
-    assert not redone & first_batch and redone | first_batch == {r["id"] for r in ROWS}
+    redone = set(recorded)
+    assert first and not redone & first and redone | first == {r["id"] for r in ROWS}
     assert len(run.results) == 10 and not run.cached
-
 
 
 # --- per-row latency (issue 13) -------------------------------------------------------------------------------
@@ -132,6 +132,12 @@ def _ticking(monkeypatch):
     monkeypatch.setattr(local_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
 
 
+def _answer(model, tokenizer, rows) -> list:
+    """Every row's result, all rows generated together (max_new_tokens 20)."""
+    return [r for results in local_module._answer_rows(model, tokenizer, "base", "h", list(rows), len(rows), 20)
+            for r in results]
+
+
 def test_each_rows_latency_ends_when_its_own_answer_was_complete(family, tmp_path, monkeypatch):
     rows = [{"id": f"r{i}", "cohort": "echo", "prompt": f"say {i}:", "expected": "7" * (i % 4 + 1),
              "evaluators": ["exact_match"]} for i in range(8)]
@@ -141,35 +147,35 @@ def test_each_rows_latency_ends_when_its_own_answer_was_complete(family, tmp_pat
     model, tokenizer = local_module.load_model(ModelRef("base", family["base"]))
     _ticking(monkeypatch)
     # the tiny model never says EOS: every row's answer is final at its own budget, not when the batch ends
-    results = local_module._run_batch(model, tokenizer, "base", "h", suite.rows, 20)
+    results = _answer(model, tokenizer, suite.rows)
     assert {r.row_id: r.latency_ms for r in results} == {i: 1000.0 * b for i, b in budgets.items()}
     # a row that ends early (its EOS) is answered at that step, while the rest of its batch runs on
     stop = results[0].output[2]
     assert stop not in results[0].output[:2]
     tokenizer.eos_token = stop
     _ticking(monkeypatch)
-    stopped = {r.row_id: r for r in local_module._run_batch(model, tokenizer, "base", "h", suite.rows, 20)}
+    stopped = {r.row_id: r for r in _answer(model, tokenizer, suite.rows)}
     assert stopped["r0"].completion_tokens == 3 and stopped["r0"].latency_ms == 3000.0
     assert max(r.latency_ms for r in stopped.values()) == 16000.0
     for r in stopped.values():  # never before its last token, never after its budget
         assert 1000.0 * r.completion_tokens <= r.latency_ms <= 1000.0 * budgets[r.row_id]
 
 
-def test_latency_is_per_row_within_the_batchs_wall_time(family, suite_file, tmp_path, monkeypatch):
+def test_latency_is_per_row_within_the_runs_wall_time(family, suite_file, tmp_path, monkeypatch):
     import time
 
     walls = []
-    original = local_module._run_batch
+    original = local_module._answer_rows
 
     def timed(*args):
         started = time.perf_counter()
-        results = original(*args)
+        results = [r for batch in original(*args) for r in batch]
         walls.append(((time.perf_counter() - started) * 1000, results))
-        return results
+        yield results
 
-    monkeypatch.setattr(local_module, "_run_batch", timed)
+    monkeypatch.setattr(local_module, "_answer_rows", timed)
     evaluate_models([(ModelRef("base", family["base"]), "base")], load_suite(suite_file),
-                    Registry(tmp_path / "r.sqlite"), EvalOptions(batch_size=10, max_new_tokens=12, progress=False))
+                    Registry(tmp_path / "r.sqlite"), EvalOptions(batch_size=4, max_new_tokens=12, progress=False))
     (wall, results), = walls
     assert len(results) == 10 and all(0 < r.latency_ms <= wall for r in results)
 

@@ -100,10 +100,11 @@ class RowResult:
     output: str
     prompt_tokens: int
     completion_tokens: int
-    # Milliseconds from the start of the row's batch (tokenizing included) until the generation step that completed
-    # its answer (its EOS, or its own token budget), plus its own likelihood pass if it has one (perplexity).
-    # Rows share their batch's prefill and steps, so it depends on the batch size and the machine: a cost measure
-    # (runner format 3 on; earlier runs recorded the whole batch's wall time and are not served).
+    # Milliseconds from when the row entered its batch (its prefill) until the generation step that completed its
+    # answer (its EOS, or its own token budget), plus its own likelihood pass if it has one (perplexity).
+    # Rows share the batch's steps, so it depends on the batch size and the machine: a cost measure (runner format
+    # 3 on; earlier runs recorded the whole batch's wall time and are not served; format 4 on, rows enter the batch
+    # as others leave it, and a row's time starts when it enters).
     latency_ms: float
     score: float  # the lowest of the row's evaluator scores: a row is only as good as its weakest check
     passed: bool  # every evaluator passed

@@ -15,6 +15,7 @@ EVALUATE = Path(mergegate.evaluate.__file__).parent
 NEVER = {
     "sharded": {"runner"},
     "local": {"runner", "sharded", "endpoint"},
+    "decoding": {"runner", "sharded", "local", "endpoint", "suite", "evaluators", "options"},
     "endpoint": {"runner", "sharded", "local"},
     "options": {"runner", "sharded", "local", "endpoint"},
     "evaluators": {"suite", "runner", "sharded", "local", "endpoint"},
@@ -53,6 +54,7 @@ def test_the_runner_and_its_shards_import_downwards_only():
     for module, forbidden in NEVER.items():
         assert not _imported(module) & forbidden, (module, _imported(module) & forbidden)
     assert {"sharded", "local"} <= _imported("runner") and {"local", "endpoint"} <= _imported("sharded")
+    assert "decoding" in _imported("local")
 
 
 def test_the_suite_imports_the_evaluators_and_not_the_other_way():

@@ -134,7 +134,7 @@ def run_candidate_rows(candidate: AdapterCandidate, model_hash: str, rows: list[
     """The base loaded once with the candidate's adapters; rows grouped by the adapter that answers them, each
     group generated in batches with that adapter active. A router's pick is timed and its share (the mean per
     row) added to each row's latency: routing is part of answering."""
-    from .local import _batches, _prompt_ids, _run_batch
+    from .local import _answer_rows, _prompt_ids
 
     model, tokenizer = load_shared(candidate.base, candidate.adapters, device)
     started = time.perf_counter()
@@ -145,8 +145,8 @@ def run_candidate_rows(candidate: AdapterCandidate, model_hash: str, rows: list[
         groups.setdefault(adapter, []).append(row)
     for adapter, group in groups.items():
         with use_adapter(model, adapter):
-            for batch in _batches(group, batch_size):
-                results = _run_batch(model, tokenizer, candidate.name, model_hash, batch, max_new_tokens)
+            for results in _answer_rows(model, tokenizer, candidate.name, model_hash, group, batch_size,
+                                        max_new_tokens):
                 on_results([replace(r, latency_ms=r.latency_ms + routing_ms) for r in results])
 
 

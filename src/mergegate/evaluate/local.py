@@ -1,15 +1,19 @@
-"""One local model on suite rows: loaded from its folder (with its adapter, if any) on a device, batched greedy
-generation, scores and per-row latency, the likelihood of `expected` for perplexity rows; and the run config (the
-cache key's part besides the model files and the suite) its answers depend on. `evaluate.runner` decides which rows
-run; `evaluate.sharded` runs them, here or in Ray workers.
+"""One local model on suite rows: loaded from its folder (with its adapter, if any) on a device, greedy
+generation (`evaluate.decoding`: finished rows leave the batch and waiting rows take their places, shared prompt
+prefixes computed once), scores and per-row latency, the likelihood of `expected` for perplexity rows; and the run
+config (the cache key's part besides the model files and the suite) its answers depend on. `evaluate.runner`
+decides which rows run; `evaluate.sharded` runs them, here or in Ray workers.
 
 Batch size and thread count are not in the key: each row's answer does not depend on the rows it is batched
-with (its token budget is its own, prompts are left-padded under an attention mask, greedy decoding), so they
-change only the speed. Padding can in principle move a logit by float rounding; on the demo models greedy
-outputs are identical across batch sizes (tests/test_registry_runner.py checks it).
+with (its token budget is its own, its prompt and answer sit in the cache under an attention mask at the positions
+they would have alone, greedy decoding), so they change only the speed. Batching can in principle move a logit
+by float rounding; on the demo models and SmolLM2-135M-Instruct greedy outputs are identical to `model.generate`
+on each row alone, across batch sizes (tests/evaluate/test_decoding.py checks the demo's). A model that
+`decoding.supports` does not cover (a sliding-window cache, a generation config that adds logits processors)
+runs through `model.generate` in left-padded, length-bucketed batches instead.
 
-Each row's latency is its own: from its batch's start until the generation step that completed its answer (a
-per-step timestamp from a stopping criterion that never stops), plus its own likelihood pass if any (see
+Each row's latency is its own: from when it entered the batch (its prefill; with `model.generate`, its batch's
+start) until the generation step that completed its answer, plus its own likelihood pass if any (see
 RowResult.latency_ms). It is measured, not part of the answer, so it depends on batch size and machine.
 
 The device picks where models run: "cpu" (float32) or "cuda"/"cuda:N" (bfloat16); the default is "cuda" when
@@ -31,17 +35,20 @@ from ..devices import check_device, default_device
 from ..errors import EvaluationError
 from ..model_ref import ModelRef
 from ..registry import RowResult
+from . import decoding
 from .evaluators import Observation, evaluator_identity, needs_likelihood, score_row
 from .suite import Suite, SuiteRow
 
 # The runner's prompt format and generation procedure: the raw prompt through the model's own tokenizer
 # (its special tokens, no chat template applied; a chat row's messages through the chat template, whose text
-# holds any BOS itself: `_prompt_ids`), left padding, fp32 on the CPU (bf16 on CUDA), greedy decoding with
-# GENERATION (merged by transformers with the model's generation_config.json, which the model hash covers),
-# each row cut at its own budget min(max_new_tokens, 2 * tokens of `expected` + 8), decoded without special
-# tokens; NLL computed row by row. Bump it with any change to `_run_batch`/`_mean_nll` that can change an answer
-# or what a recorded measure means (3: latency_ms is per row, no longer the batch's wall time).
-RUNNER_FORMAT = "3"
+# holds any BOS itself: `_prompt_ids`), fp32 on the CPU (bf16 on CUDA), greedy decoding as `model.generate` with
+# GENERATION does it (merged by transformers with the model's generation_config.json, which the model hash
+# covers), each row cut at its own budget min(max_new_tokens, 2 * tokens of `expected` + 8), decoded without
+# special tokens; NLL computed row by row. Bump it with any change to the generation (`decoding`,
+# `_generate_batch`) or `_mean_nll` that can change an answer or what a recorded measure means (3: latency_ms is
+# per row, no longer the batch's wall time; 4: rows enter and leave the batch as others finish and share their
+# prompts' prefix cache, which can move a logit by float rounding, and a row's latency starts when it enters).
+RUNNER_FORMAT = "4"
 GENERATION = {"do_sample": False, "num_beams": 1}
 
 
@@ -119,11 +126,11 @@ def run_config(ref: ModelRef, suite: Suite, *, max_new_tokens: int, device: str 
 
 def run_rows(ref: ModelRef, model_hash: str, rows: list[SuiteRow], *, batch_size: int, max_new_tokens: int,
              device: str, on_results: Callable[[list[RowResult]], None]) -> None:
-    """Load the model on `device` and generate `rows` in length-bucketed batches; `on_results` gets each batch's
-    results as it is done."""
+    """Load the model on `device` and answer `rows`, at most `batch_size` of them generated together;
+    `on_results` gets results as rows are done."""
     model, tokenizer = load_model(ref, device)
-    for batch in _batches(rows, batch_size):
-        on_results(_run_batch(model, tokenizer, ref.name, model_hash, batch, max_new_tokens))
+    for results in _answer_rows(model, tokenizer, ref.name, model_hash, rows, batch_size, max_new_tokens):
+        on_results(results)
     del model
 
 
@@ -144,11 +151,57 @@ def length_order(row: SuiteRow) -> tuple[int, str]:
     return len(row.asked), row.id
 
 
-def _batches(rows: list[SuiteRow], size: int):
-    """Similar prompt lengths together (less padding), in a deterministic order."""
-    ordered = sorted(rows, key=length_order)
+def _batches(rows: list[SuiteRow], size: int) -> Iterator[list[int]]:
+    """The indices of `rows` in batches of `size`: similar prompt lengths together (less padding), in a
+    deterministic order."""
+    ordered = sorted(range(len(rows)), key=lambda i: length_order(rows[i]))
     for start in range(0, len(ordered), size):
         yield ordered[start:start + size]
+
+
+def _answer_rows(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow], batch_size: int,
+                 max_new_tokens: int) -> Iterator[list[RowResult]]:
+    """Every row's result, in lists as rows are done. A chat for a model without a template is refused before
+    anything is generated. Likelihood rows come last, after generation, each with its own likelihood pass."""
+    prompt_ids = [_prompt_ids(tokenizer, row, name) for row in rows]
+    # A correct answer is about as long as the expected one: twice that, plus slack, bounds a row's generation
+    # without cutting an answer that could still be right. Each row is cut at its own budget, so its answer
+    # does not depend on which rows share its batch.
+    budgets = [min(max_new_tokens, 2 * len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]) + 8)
+               for row in rows]
+    if not decoding.supports(model, prompt_ids, tokenizer.eos_token_id):
+        for batch in _batches(rows, batch_size):
+            yield _generate_batch(model, tokenizer, name, model_hash, [rows[i] for i in batch],
+                                  [prompt_ids[i] for i in batch], [budgets[i] for i in batch])
+        return
+    likelihood_rows: list[tuple[int, list[int], float]] = []
+    for answers in decoding.greedy_answers(model, prompt_ids, budgets, eos=tokenizer.eos_token_id, slots=batch_size,
+                                           clock=time.perf_counter):
+        done = []
+        for answer in answers:
+            waited_ms = (answer.done - answer.started) * 1000
+            if needs_likelihood(rows[answer.index]):
+                likelihood_rows.append((answer.index, answer.tokens, waited_ms))
+            else:
+                done.append(_result(tokenizer, name, model_hash, rows[answer.index], len(prompt_ids[answer.index]),
+                                    answer.tokens, waited_ms, None))
+        if done:
+            yield done
+    for index, tokens, waited_ms in likelihood_rows:  # after generation: a row's likelihood pass delays no other row
+        nll_started = time.perf_counter()
+        nll = _mean_nll(model, tokenizer, rows[index], prompt_ids[index])
+        latency_ms = waited_ms + (time.perf_counter() - nll_started) * 1000
+        yield [_result(tokenizer, name, model_hash, rows[index], len(prompt_ids[index]), tokens, latency_ms, nll)]
+
+
+def _result(tokenizer, name: str, model_hash: str, row: SuiteRow, prompt_tokens: int, tokens: list[int],
+            latency_ms: float, nll: float | None) -> RowResult:
+    """A row's result from its new tokens (its EOS last, where it said one)."""
+    output = tokenizer.decode(tokens, skip_special_tokens=True)
+    scores = score_row(row, Observation(output=output, mean_nll=nll))
+    details = {k: {"score": v.score, "passed": v.passed, "reason": v.reason} for k, v in scores.items()}
+    return RowResult(row.id, row.cohort, name, model_hash, output, prompt_tokens, len(tokens), latency_ms,
+                     min(v.score for v in scores.values()), all(v.passed for v in scores.values()), details)
 
 
 class _StepClock:
@@ -164,28 +217,19 @@ class _StepClock:
 
 
 @torch.no_grad()
-def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow], max_new_tokens: int):
+def _generate_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow], prompt_ids: list[list[int]],
+                    budgets: list[int]) -> list[RowResult]:
+    """One left-padded batch through `model.generate` (for models `decoding.supports` does not cover), run to
+    its longest budget; each row cut at its own budget or its EOS."""
     from transformers import StoppingCriteriaList
 
-    prompt_ids = [_prompt_ids(tokenizer, row, name) for row in rows]  # refuses a chat without a template first
     started = time.perf_counter()
     encoded = _left_padded(prompt_ids, tokenizer.pad_token_id).to(model.device)
-    # A correct answer is about as long as the expected one: twice that, plus slack, bounds a row's generation
-    # without cutting an answer that could still be right. Each row is cut at its own budget, so its answer
-    # does not depend on which rows share its batch.
-    budgets = [min(max_new_tokens, 2 * len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]) + 8)
-               for row in rows]
     clock = _StepClock()
     generated = model.generate(**encoded, max_new_tokens=max(budgets), **GENERATION,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                stopping_criteria=StoppingCriteriaList([clock]))
     new_tokens = generated[:, encoded["input_ids"].shape[1]:].cpu()
-    nlls, nll_ms = {}, {}
-    for row in rows:
-        if needs_likelihood(row):  # timed per row: a row's own likelihood pass is part of its latency
-            nll_started = time.perf_counter()
-            nlls[row.id] = _mean_nll(model, tokenizer, row, prompt_ids[rows.index(row)])
-            nll_ms[row.id] = (time.perf_counter() - nll_started) * 1000
     results = []
     for i, row in enumerate(rows):
         completion = new_tokens[i, :budgets[i]]
@@ -194,13 +238,14 @@ def _run_batch(model, tokenizer, name: str, model_hash: str, rows: list[SuiteRow
         # The step that completed this row's answer: its EOS, or else its own budget (the batch may run on for
         # longer rows, but this row's answer was final by then).
         done_step = min(length if len(ended) else budgets[i], len(clock.stamps))
-        latency_ms = (clock.stamps[done_step - 1] - started) * 1000 + nll_ms.get(row.id, 0.0)
-        output = tokenizer.decode(completion[:length], skip_special_tokens=True)
-        scores = score_row(row, Observation(output=output, mean_nll=nlls.get(row.id)))
-        details = {k: {"score": v.score, "passed": v.passed, "reason": v.reason} for k, v in scores.items()}
-        results.append(RowResult(
-            row.id, row.cohort, name, model_hash, output, int(encoded["attention_mask"][i].sum()), length,
-            latency_ms, min(v.score for v in scores.values()), all(v.passed for v in scores.values()), details))
+        latency_ms = (clock.stamps[done_step - 1] - started) * 1000
+        nll = None
+        if needs_likelihood(row):  # timed per row: a row's own likelihood pass is part of its latency
+            nll_started = time.perf_counter()
+            nll = _mean_nll(model, tokenizer, row, prompt_ids[i])
+            latency_ms += (time.perf_counter() - nll_started) * 1000
+        results.append(_result(tokenizer, name, model_hash, row, len(prompt_ids[i]), completion[:length].tolist(),
+                               latency_ms, nll))
     return results
 
 
@@ -248,6 +293,7 @@ def _left_padded(prompt_ids: list[list[int]], pad_token_id: int):
     return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})  # moves `.to` a device
 
 
+@torch.no_grad()
 def _mean_nll(model, tokenizer, row: SuiteRow, prompt_ids: list[int]) -> float:
     """Mean negative log-likelihood per token of `expected` given what the row asks (`_prompt_ids`)."""
     prompt = torch.tensor([prompt_ids], dtype=torch.long)
