@@ -161,7 +161,9 @@ def smollm2_rows(n: int | None):
 
 
 def row_budget(tokenizer, row, max_new_tokens: int) -> int:
-    return min(max_new_tokens, 2 * len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]) + 8)
+    from mergegate.evaluate.suite import answer_budget
+
+    return answer_budget(len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]), max_new_tokens)
 
 
 @torch.no_grad()

@@ -364,16 +364,5 @@ def _with_room(current: torch.Tensor | None, like: torch.Tensor, size: int) -> t
 
 
 def _left_pad_cat(first: torch.Tensor, second: torch.Tensor, width: int) -> torch.Tensor:
-    """`first` and `second` stacked on dim 0, each left-padded with zeros along its sequence dim to `width` (dim 1
-    of a mask, dim 2 of a cache's keys or values)."""
-    dim = 1 if first.dim() == 2 else 2
-
-    def padded(tensor: torch.Tensor) -> torch.Tensor:
-        missing = width - tensor.shape[dim]
-        if not missing:
-            return tensor
-        shape = list(tensor.shape)
-        shape[dim] = missing
-        return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-    return torch.cat([padded(first), padded(second)])
+    """Two attention masks stacked, each left-padded with zeros to `width` columns."""
+    return torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for mask in (first, second)])

@@ -53,7 +53,7 @@ from ..registry import RowResult
 from ..serving.bounds import AnswerTooLarge, answer_limit, redacted, usage_counts
 from ..serving.client import MODELS, MODELS_BYTES, Client, Reply, Request, Settings, Unanswered, model_entries
 from .evaluators import Observation, needs_likelihood, score_row
-from .suite import SuiteRow
+from .suite import SuiteRow, answer_budget
 
 ENDPOINT_FORMAT = "2"  # bump with any change to the request sent or to how an answer is read
 # Fields of a /models entry a server stamps anew: vLLM's `created` and `permission` (a random id and the time, at
@@ -222,7 +222,7 @@ async def _budget(client: Client, ref: ModelRef, row: SuiteRow, max_new_tokens: 
         count = _token_count(response.json(), row.expected)
     except ValueError as exc:
         return str(exc)
-    return min(max_new_tokens, 2 * count + 8)
+    return answer_budget(count, max_new_tokens)
 
 
 def _token_count(answer: Any, text: str) -> int:

@@ -37,7 +37,7 @@ from ..model_ref import ModelRef
 from ..registry import RowResult
 from . import decoding
 from .evaluators import Observation, evaluator_identity, needs_likelihood, score_row
-from .suite import Suite, SuiteRow
+from .suite import Suite, SuiteRow, answer_budget
 
 # The runner's prompt format and generation procedure: the raw prompt through the model's own tokenizer
 # (its special tokens, no chat template applied; a chat row's messages through the chat template, whose text
@@ -164,10 +164,7 @@ def _answer_rows(model, tokenizer, name: str, model_hash: str, rows: list[SuiteR
     """Every row's result, in lists as rows are done. A chat for a model without a template is refused before
     anything is generated. Likelihood rows come last, after generation, each with its own likelihood pass."""
     prompt_ids = [_prompt_ids(tokenizer, row, name) for row in rows]
-    # A correct answer is about as long as the expected one: twice that, plus slack, bounds a row's generation
-    # without cutting an answer that could still be right. Each row is cut at its own budget, so its answer
-    # does not depend on which rows share its batch.
-    budgets = [min(max_new_tokens, 2 * len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]) + 8)
+    budgets = [answer_budget(len(tokenizer(row.expected, add_special_tokens=False)["input_ids"]), max_new_tokens)
                for row in rows]
     if not decoding.supports(model, prompt_ids, tokenizer.eos_token_id):
         for batch in _batches(rows, batch_size):

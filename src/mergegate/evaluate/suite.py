@@ -171,6 +171,14 @@ class SuiteRow(BaseModel):
         return self.schema_
 
 
+def answer_budget(expected_tokens: int, max_new_tokens: int) -> int:
+    """The new tokens a row may generate, given the token count of its `expected`: a correct answer is about as
+    long as the expected one, so twice that plus slack bounds the generation without cutting an answer that
+    could still be right; never more than `max_new_tokens`. Each row has its own, so its answer does not
+    depend on which rows share its batch or the server's queue."""
+    return min(max_new_tokens, 2 * expected_tokens + 8)
+
+
 @dataclass(frozen=True)
 class Suite:
     path: Path | None
